@@ -1,0 +1,14 @@
+"""Stable Diffusion 2.1-base (512x512, epsilon prediction)."""
+
+import ml_collections
+
+from configs import sd21
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = sd21.get_config()
+    config.unet.sample_size = 64
+    config.unet.upcast_attention = False  # only the 768-v model needs fp32 attention
+    config.vae.sample_size = 512
+    config.schedule.prediction_type = "epsilon"
+    return config

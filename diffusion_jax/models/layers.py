@@ -1,0 +1,181 @@
+"""Building blocks shared by the U-Net and the VAE.
+
+Layout is NHWC throughout (XLA's native convolution layout on every backend). Parameters are
+float32; `dtype` is the compute dtype. Submodule names follow the diffusers PyTorch modules,
+with a list index `i` written as `name_i` (`resnets_0`, `to_out_0`, `net_2`), so converting
+weights is a mechanical rename (see `convert/torch_params.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense(features: int, *, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def conv(features: int, kernel: int, *, name: str, dtype: Dtype, stride: int = 1,
+         padding: Any = None) -> nn.Conv:
+    # Explicit symmetric padding: 'SAME' pads (0, 1) for stride 2, PyTorch pads (1, 1).
+    if padding is None:
+        padding = ((kernel // 2, kernel // 2),) * 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
+                   dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def group_norm(groups: int, eps: float, *, name: str, dtype: Dtype) -> nn.GroupNorm:
+    # Two-pass variance: the fast E[x^2]-E[x]^2 form loses digits against PyTorch.
+    return nn.GroupNorm(num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim], float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, name="linear_1", dtype=self.dtype)(x)
+        return dense(self.features, name="linear_2", dtype=self.dtype)(nn.silu(x))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int,
+                          upcast: bool = False, is_causal: bool = False,
+                          implementation: str | None = None) -> jax.Array:
+    """Multi-head attention on [B, T, heads * d] projections, through jax.nn.dot_product_attention.
+
+    `implementation=None` lets JAX pick (cuDNN flash attention on GPU for bf16/fp16 inputs).
+    `upcast` runs the softmax in float32, as SD 2.x's `upcast_attention` asks.
+    """
+    out_dtype = q.dtype
+    split = lambda x: x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+    q, k, v = split(q), split(k), split(v)
+    if upcast:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
+    return out.reshape(*out.shape[:-2], -1).astype(out_dtype)
+
+
+class Attention(nn.Module):
+    """diffusers `Attention`: to_q/to_k/to_v projections, attention, to_out.0 projection.
+
+    Self-attention when `context` is None, cross-attention on `context` otherwise.
+    """
+
+    heads: int
+    dim_head: int
+    out_features: int
+    qkv_bias: bool = False
+    upcast: bool = False
+    dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+        context = x if context is None else context
+        inner = self.heads * self.dim_head
+        proj = functools.partial(dense, inner, dtype=self.dtype, use_bias=self.qkv_bias)
+        q = proj(name="to_q")(x)
+        k = proj(name="to_k")(context)
+        v = proj(name="to_v")(context)
+        out = dot_product_attention(q, k, v, heads=self.heads, upcast=self.upcast,
+                                    implementation=self.attention_impl)
+        return dense(self.out_features, name="to_out_0", dtype=self.dtype)(out)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU input projection of the transformer feed-forward (Shazeer 2020)."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden, gate = jnp.split(dense(2 * self.features, name="proj", dtype=self.dtype)(x), 2, -1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward` with GEGLU: net.0 (GEGLU), net.1 (dropout, absent), net.2 (out)."""
+
+    features: int
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = GEGLU(self.features * self.mult, dtype=self.dtype, name="net_0")(x)
+        return dense(self.features, name="net_2", dtype=self.dtype)(x)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added between (U-Net only)."""
+
+    out_channels: int
+    groups: int = 32
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm1", dtype=self.dtype)(x))
+        h = conv(self.out_channels, 3, name="conv1", dtype=self.dtype)(h)
+        if temb is not None:
+            t = dense(self.out_channels, name="time_emb_proj", dtype=self.dtype)(nn.silu(temb))
+            h = h + t[:, None, None, :]
+        h = nn.silu(group_norm(self.groups, self.eps, name="norm2", dtype=self.dtype)(h))
+        h = conv(self.out_channels, 3, name="conv2", dtype=self.dtype)(h)
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, name="conv_shortcut", dtype=self.dtype)(x)
+        return x.astype(h.dtype) + h
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv. The VAE pads (0, 1) on each spatial axis, the U-Net (1, 1)."""
+
+    out_channels: int
+    asymmetric_padding: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        padding = ((0, 1), (0, 1)) if self.asymmetric_padding else ((1, 1), (1, 1))
+        return conv(self.out_channels, 3, stride=2, padding=padding, name="conv",
+                    dtype=self.dtype)(x)
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
+
+    out_channels: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+        return conv(self.out_channels, 3, name="conv", dtype=self.dtype)(x)

@@ -1,0 +1,50 @@
+"""diffusion_jax: latent diffusion (Stable Diffusion family) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2",
+    "flax>=0.12",
+    "optax>=0.2.5",
+    "orbax-checkpoint>=0.11",
+    "chex>=0.1.90",
+    "ml-collections>=1.0",
+    "safetensors>=0.5",
+    "grain>=0.2.10",
+    "tokenizers>=0.21",
+    "numpy>=1.26",
+    "pillow>=10",
+]
+
+EXTRAS_REQUIRE = {
+    # PyTorch references for parity tests. torch is pinned to the CPU wheel the
+    # development machines carry; a looser pin pulls a multi-GB CUDA build.
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "torch==2.13.0",
+        "diffusers>=0.36",
+        "transformers>=4.50",
+        "scipy>=1.11",
+    ],
+    # Reading .ckpt single-file checkpoints (torch.load(weights_only=True)) and
+    # .bin diffusers weights needs torch; safetensors files do not.
+    "torch": ["torch==2.13.0"],
+    "tpu": ["jax[tpu]>=0.10.2"],
+    "cuda": ["jax[cuda12]>=0.10.2"],
+}
+
+setup(
+    name="diffusion-jax",
+    version="0.1.0",
+    description="Latent diffusion (Stable Diffusion family) in JAX/Flax: models, samplers, training, FID.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    package_data={"diffusion_jax": ["assets/*"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.cli:main"]},
+    license="Apache-2.0",
+)
