@@ -21,9 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.text_encoder.num_hidden_layers = 23
     config.text_encoder.num_attention_heads = 16
     config.text_encoder.hidden_act = "gelu"
-    config.text_encoder.bos_token_id = 49406
-    config.text_encoder.eos_token_id = 49407
-    config.text_encoder.pad_token_id = 0
     config.schedule.prediction_type = "v_prediction"
     config.schedule.timestep_spacing = "leading"
     config.tokenizer.pad_token = "!"  # OpenCLIP pads with token 0

@@ -1,0 +1,219 @@
+"""CLIP BPE tokenizer over the bundled vocabulary, equal to transformers' `CLIPTokenizer`.
+
+The vocabulary is openai/CLIP's `bpe_simple_vocab_16e6.txt.gz`, shipped in `assets/`; it is
+turned into a 49408-entry vocab and 48894 merges exactly as openai/CLIP's `simple_tokenizer`
+does. The pipeline is built on the `tokenizers` library with the same components as
+transformers 5's `CLIPTokenizer` (a BPE model with the `</w>` end-of-word suffix over GPT-2's
+byte-to-unicode alphabet), so the ids are those a diffusers pipeline feeds its text encoder.
+
+Text cleaning is what transformers 5 does (it has no ftfy-dependent slow tokenizer any more):
+NFC, whitespace runs collapsed to one space, per-character lowercase. openai/CLIP also runs
+`ftfy.fix_text` (straightens curly quotes, narrows full-width characters, drops control
+characters, repairs mojibake) and `html.unescape`; transformers does neither, so neither do we:
+`it’s` and `&amp;` are tokenized as written, as in every diffusers pipeline.
+
+The padding token follows the checkpoint: SD 1.x pads with `<|endoftext|>`, SD 2.x with "!"
+(id 0). Like transformers, the padding token is a special token, so with "!" padding a "!"
+in a prompt becomes id 0 (the bare "!"), not 256 ("!" ending a word) as openai/CLIP would
+give; that is what a diffusers SD 2.x pipeline feeds its text encoder.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+BUNDLED_VOCAB = Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+END_OF_WORD = "</w>"
+DEFAULT_MAX_LENGTH = 77
+# openai/CLIP keeps the first 49152 - 256 - 2 merges of the file: 256 byte symbols, their 256
+# end-of-word forms, the merges and BOS/EOS make the text encoder's 49408 embeddings.
+NUM_MERGES = 49152 - 256 - 2
+# openai/CLIP's word splitting (special tokens, contractions, letter runs, single digits,
+# other-symbol runs), as transformers writes it.
+_CLIP_SPLIT = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+# transformers writes model_max_length = int(1e30) when none is set: that large means unset.
+_UNSET_MAX_LENGTH = int(1e20)
+
+
+@functools.lru_cache(maxsize=None)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + n for n in range(len(others))]
+    return dict(zip(printable + others, map(chr, chars)))
+
+
+def read_bpe_vocab(
+        path: str | os.PathLike = BUNDLED_VOCAB) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) from a `bpe_simple_vocab_16e6.txt.gz`, as openai/CLIP builds them."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]  # line 0: version header
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str) -> Tokenizer:
+    """The `tokenizers` pipeline of transformers' CLIPTokenizer, component for component."""
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="",
+                            end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=EOS_TOKEN))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    # The byte-level step keeps its GPT-2 regex (use_regex=True) as transformers does: it
+    # splits nothing openai's split produced, except an upper-case "<|ENDOFTEXT|>" that
+    # lowercasing turned into a special-token lookalike.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    # transformers registers the padding token as special too: with "!" padding a "!" in the
+    # text is matched before BPE and becomes id 0.
+    special_tokens = dict.fromkeys([pad_token, BOS_TOKEN, EOS_TOKEN])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    return backend
+
+
+def _token_content(entry) -> str | None:
+    """A special token as tokenizer_config.json / special_tokens_map.json write it."""
+    return entry["content"] if isinstance(entry, dict) else entry
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_folder_vocab(directory: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """vocab and merges from vocab.json + merges.txt, or from a tokenizer.json alone (what
+    transformers 5's save_pretrained writes)."""
+    if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        vocab = _read_json(directory / "vocab.json")
+        with open(directory / "merges.txt", encoding="utf-8") as f:
+            lines = f.read().split("\n")
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        return vocab, merges
+    if (directory / "tokenizer.json").exists():
+        model = _read_json(directory / "tokenizer.json")["model"]
+        merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in model["merges"]]
+        return model["vocab"], merges
+    raise FileNotFoundError(f"{directory} holds neither vocab.json + merges.txt nor tokenizer.json")
+
+
+class CLIPTokenizer:
+    """Prompts -> int32 ids [B, max_length]: BOS, BPE tokens, EOS, then padding."""
+
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]],
+                 pad_token: str = EOS_TOKEN, max_length: int = DEFAULT_MAX_LENGTH):
+        for token in (BOS_TOKEN, EOS_TOKEN, pad_token):
+            if token not in vocab:
+                raise ValueError(f"token {token!r} is not in the vocabulary: not a CLIP vocabulary")
+        if max_length < 2:
+            raise ValueError(f"max_length={max_length}: needs room for BOS and EOS")
+        self.vocab = dict(vocab)
+        self.merges = [tuple(m) for m in merges]
+        self.pad_token = pad_token
+        self.max_length = max_length
+        self.bos_token_id = self.vocab[BOS_TOKEN]
+        self.eos_token_id = self.vocab[EOS_TOKEN]
+        self.pad_token_id = self.vocab[pad_token]
+        self._backend = _build_backend(self.vocab, self.merges, pad_token)
+
+    @classmethod
+    def bundled(cls, pad_token: str = EOS_TOKEN,
+                max_length: int = DEFAULT_MAX_LENGTH) -> CLIPTokenizer:
+        """The shipped openai/CLIP vocabulary; pad_token "<|endoftext|>" for SD 1.x, "!" for SD 2.x."""
+        if pad_token not in (EOS_TOKEN, "!"):
+            raise ValueError(f"pad_token={pad_token!r}: supported are {EOS_TOKEN!r} (SD 1.x) and '!' (SD 2.x)")
+        vocab, merges = read_bpe_vocab()
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, max_length: int | None = None) -> CLIPTokenizer:
+        """Reads a transformers / diffusers tokenizer folder (e.g. a checkpoint's `tokenizer/`).
+
+        The padding token is taken as transformers takes it: special_tokens_map.json over
+        tokenizer_config.json (SD 2.x folders disagree between the two, and "!" wins).
+        max_length defaults to the folder's model_max_length, else 77.
+        """
+        directory = Path(directory)
+        config = _read_json(directory / "tokenizer_config.json")
+        special = _read_json(directory / "special_tokens_map.json")
+        pad_token = _token_content(special.get("pad_token", config.get("pad_token"))) or EOS_TOKEN
+        if max_length is None:
+            folder_length = config.get("model_max_length", _UNSET_MAX_LENGTH)
+            max_length = DEFAULT_MAX_LENGTH if folder_length >= _UNSET_MAX_LENGTH else int(folder_length)
+        vocab, merges = _read_folder_vocab(directory)
+        return cls(vocab, merges, pad_token=pad_token, max_length=max_length)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Writes the four files of an SD checkpoint's `tokenizer/` folder (vocab.json, merges.txt,
+        tokenizer_config.json, special_tokens_map.json): a diffusers pipeline folder loads it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(directory / "vocab.json", "w", encoding="utf-8") as f:
+            json.dump(self.vocab, f, indent=2, sort_keys=True, ensure_ascii=False)
+        with open(directory / "merges.txt", "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        special = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN,
+                   "pad_token": self.pad_token}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special}
+        for name, content in (("special_tokens_map.json", special), ("tokenizer_config.json", config)):
+            with open(directory / name, "w", encoding="utf-8") as f:
+                json.dump(content, f, indent=2)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """int32 [B, max_length]. A prompt too long keeps its first max_length - 2 tokens and
+        its EOS (as transformers truncates), with a warning naming what was dropped."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        room = self.max_length - 2
+        ids = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int32)
+        for row, encoding in enumerate(self._backend.encode_batch(list(prompts), add_special_tokens=False)):
+            tokens = encoding.ids
+            if len(tokens) > room:
+                dropped = tokens[room:]
+                warnings.warn(
+                    f"prompt {row} is {len(tokens)} tokens, CLIP takes {room}: dropped the last "
+                    f"{len(dropped)} tokens ({self.decode(dropped)!r})", stacklevel=2)
+                tokens = tokens[:room]
+            ids[row, :len(tokens) + 2] = [self.bos_token_id, *tokens, self.eos_token_id]
+        return ids
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str | list[str]:
+        """Text of one id sequence (a str) or of a batch [B, L] (a list). A leading BOS is
+        dropped and the sequence ends at its first EOS, so padding never shows."""
+        ids = np.asarray(ids)
+        if ids.ndim == 2:
+            return [self.decode(row) for row in ids]
+        tokens = [int(i) for i in ids]
+        if tokens and tokens[0] == self.bos_token_id:
+            tokens = tokens[1:]
+        if self.eos_token_id in tokens:
+            tokens = tokens[:tokens.index(self.eos_token_id)]
+        text = self._backend.decode(tokens, skip_special_tokens=False)
+        return text.replace(END_OF_WORD, " ").strip()
