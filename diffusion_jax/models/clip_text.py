@@ -1,0 +1,258 @@
+"""The CLIP text tower that conditions Stable Diffusion: transformers `CLIPTextModel`.
+
+A pre-LayerNorm causal transformer over token ids: SD 1.x uses OpenAI's ViT-L/14 text tower
+(12 layers, quick_gelu), SD 2.x OpenCLIP ViT-H/14's without its last block (23 layers, gelu).
+Submodule names follow transformers (`encoder/layers_3/self_attn/q_proj`, ...). Released SD
+text encoders (saved by transformers 4) prefix every key with `text_model.` and may hold a
+`position_ids` buffer; transformers 5 keeps and saves the keys without the prefix:
+
+    state_dict_to_params(sd, template, prefix="text_model.", ignore=[r"position_ids$"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import dense, dot_product_attention
+
+Dtype = Any
+
+# transformers names of the supported activations (ACT2FN): OpenAI CLIP's sigmoid
+# approximation, and the exact erf GELU of OpenCLIP.
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+# Before transformers PR #24773 CLIP configs carried eos_token_id=2 (SD 1.x and 2.x still do);
+# for those, transformers pools at argmax(input_ids), which is the EOS id 49407 in CLIP's vocab.
+LEGACY_EOS_TOKEN_ID = 2
+
+# Dropout keys must be zero: this model has no dropout (SD keeps its text tower frozen).
+_ZERO_KEYS = ("dropout", "attention_dropout")
+_MODEL_TYPES = ("clip_text_model", "clip")
+
+
+@jax.tree_util.register_static  # a pytree without leaves: passes through jit / eval_shape
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """transformers `CLIPTextConfig` (defaults: SD 1.x, OpenAI CLIP ViT-L/14)."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    bos_token_id: int = 0
+    eos_token_id: int = LEGACY_EOS_TOKEN_ID
+    pad_token_id: int = 1
+    projection_dim: int = 768  # only CLIPTextModelWithProjection uses it; kept for export
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIPTextConfig: hidden_act={self.hidden_act!r} is not supported; "
+                             f"supported: {sorted(ACTIVATIONS)}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"CLIPTextConfig: hidden_size={self.hidden_size} is not divisible "
+                             f"by num_attention_heads={self.num_attention_heads}.")
+        if not isinstance(self.eos_token_id, int):
+            raise ValueError(f"CLIPTextConfig: eos_token_id={self.eos_token_id!r} is not "
+                             "supported; supported: a single int.")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
+        """From a transformers `text_encoder/config.json` dict: a `CLIPTextModel` config, or a
+        `CLIPConfig` with the text tower under `text_config`. Keys that do not change the
+        network (`architectures`, `initializer_range`, `torch_dtype`, ...) are ignored."""
+        if "text_config" in d:
+            d = d["text_config"]
+        model_type = d.get("model_type", "clip_text_model")
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(f"CLIPTextConfig: model_type={model_type!r} is not supported; "
+                             f"supported: {list(_MODEL_TYPES)}.")
+        for key in _ZERO_KEYS:
+            if d.get(key, 0.0):
+                raise ValueError(f"CLIPTextConfig: {key}={d[key]!r} is not supported; "
+                                 "supported: 0.0 (no dropout).")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@flax.struct.dataclass
+class CLIPTextOutput:
+    """As transformers' `BaseModelOutputWithPooling` with `output_hidden_states=True`.
+
+    last_hidden_state: [B, T, D], after final_layer_norm.
+    pooler_output: [B, D], last_hidden_state at each sequence's EOS token.
+    hidden_states: num_hidden_layers + 1 arrays [B, T, D]: the embeddings, then each layer's
+      output, none with final_layer_norm (so hidden_states[-1] != last_hidden_state).
+    """
+
+    last_hidden_state: jax.Array
+    pooler_output: jax.Array
+    hidden_states: tuple[jax.Array, ...]
+
+
+def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype) -> nn.LayerNorm:
+    # Two-pass variance, as PyTorch: the E[x^2]-E[x]^2 form loses digits on the residual stream.
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
+                        use_fast_variance=False, name=name)
+
+
+class CLIPTextEmbeddings(nn.Module):
+    """Token embedding plus learned absolute position embedding."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        seq_len = input_ids.shape[-1]
+        if seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"CLIPTextModel: sequence length {seq_len} exceeds "
+                             f"max_position_embeddings={cfg.max_position_embeddings}.")
+        embed = functools.partial(nn.Embed, features=cfg.hidden_size, dtype=self.dtype,
+                                  param_dtype=jnp.float32)
+        tokens = embed(cfg.vocab_size, name="token_embedding")(input_ids)
+        positions = embed(cfg.max_position_embeddings, name="position_embedding")(
+            jnp.arange(seq_len))
+        return tokens + positions[None]
+
+
+class CLIPAttention(nn.Module):
+    """Causal multi-head self-attention with biased q/k/v/out projections."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        proj = functools.partial(dense, self.config.hidden_size, dtype=self.dtype)
+        q, k, v = proj(name="q_proj")(x), proj(name="k_proj")(x), proj(name="v_proj")(x)
+        # No padding mask: SD conditions on all 77 positions, padding included, and the causal
+        # mask already keeps every token before the first EOS blind to the padding.
+        out = dot_product_attention(q, k, v, heads=self.config.num_attention_heads,
+                                    is_causal=True)
+        return proj(name="out_proj")(out)
+
+
+class CLIPMLP(nn.Module):
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = dense(cfg.intermediate_size, name="fc1", dtype=self.dtype)(x)
+        return dense(cfg.hidden_size, name="fc2", dtype=self.dtype)(ACTIVATIONS[cfg.hidden_act](x))
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        x = x + CLIPAttention(cfg, self.dtype, name="self_attn")(
+            _layer_norm(cfg, "layer_norm1", self.dtype)(x))
+        return x + CLIPMLP(cfg, self.dtype, name="mlp")(
+            _layer_norm(cfg, "layer_norm2", self.dtype)(x))
+
+
+class CLIPEncoder(nn.Module):
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        # A list attribute: Flax names the entries `layers_0`, `layers_1`, ...
+        self.layers = [CLIPEncoderLayer(self.config, self.dtype)
+                       for _ in range(self.config.num_hidden_layers)]
+
+    def __call__(self, x: jax.Array, num_layers: int | None = None) -> tuple[jax.Array, ...]:
+        """The input and the output of each of the first `num_layers` layers (default: all)."""
+        states = [x]
+        for layer in self.layers[:num_layers]:
+            states.append(layer(states[-1]))
+        return tuple(states)
+
+
+class CLIPTextModel(nn.Module):
+    """transformers `CLIPTextModel` (the `text_model` inside it). Outputs are float32
+    whatever the compute dtype: they are small and feed the U-Net's cross-attention."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
+        self.encoder = CLIPEncoder(self.config, self.dtype)
+        self.final_layer_norm = _layer_norm(self.config, "final_layer_norm", self.dtype)
+
+    def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
+        """input_ids: [B, T] int, T <= max_position_embeddings."""
+        hidden_states = self.encoder(self.embeddings(input_ids))
+        last = self.final_layer_norm(hidden_states[-1])
+        batch = jnp.arange(input_ids.shape[0])
+        pooled = last[batch, eos_positions(input_ids, self.config.eos_token_id)]
+        f32 = lambda x: x.astype(jnp.float32)
+        return CLIPTextOutput(last_hidden_state=f32(last), pooler_output=f32(pooled),
+                              hidden_states=tuple(map(f32, hidden_states)))
+
+    def layer_output_with_final_norm(self, input_ids: jax.Array, layer: int) -> jax.Array:
+        """`final_layer_norm(hidden_states[layer])`, [B, T, D] float32: the clip-skip
+        conditioning. `layer` indexes `CLIPTextOutput.hidden_states` (0: embeddings,
+        num_hidden_layers: last layer; negative counts from the end), so diffusers'
+        `clip_skip=n` is `layer=-(n + 1)` and `layer=-1` equals `last_hidden_state`. Layers
+        after `layer` are not run.
+
+        (SD 2.x's "penultimate layer" is already built into its 23-layer diffusers text
+        encoder: it uses `last_hidden_state`, i.e. layer=-1.)
+        """
+        num_layers = self.config.num_hidden_layers
+        index = layer + num_layers + 1 if layer < 0 else layer
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"CLIPTextModel: layer={layer} is out of range for "
+                             f"{num_layers} layers (valid: {-num_layers - 1}..{num_layers}).")
+        hidden = self.encoder(self.embeddings(input_ids), num_layers=index)[-1]
+        return self.final_layer_norm(hidden).astype(jnp.float32)
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """Index of the token the pooled output is taken at, per sequence: [B] int.
+
+    transformers' rule: for the legacy eos_token_id=2, the position of the largest id (EOS is
+    the largest id in CLIP's vocabulary); otherwise the first position holding eos_token_id
+    (0 when there is none). Both take the first occurrence, so EOS-padded prompts pool at the
+    real end of text.
+    """
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax(input_ids == eos_token_id, axis=-1)
+
+
+@jax.jit  # one compiled init: op-by-op initialisation dispatches thousands of ops
+def init_params(config: CLIPTextConfig, rng: jax.Array) -> dict:
+    """Freshly initialised params; `jax.eval_shape(init_params, config, rng)` gives the shapes."""
+    input_ids = jnp.zeros((1, 1), jnp.int32)
+    return CLIPTextModel(config).init(rng, input_ids)["params"]
