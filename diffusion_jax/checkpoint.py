@@ -1,0 +1,208 @@
+"""The one checkpoint format: an Orbax `CheckpointManager` directory.
+
+    DIR/
+      0/                 one step directory per saved step (converted weights are step 0)
+        unet/            one Orbax pytree item per model's params ...
+        vae/
+        text_encoder/
+        unet_ema/        ... EMA copies are items of their own
+        config/          JSON: model configs, schedule, tokenizer, format_version
+      1000/ ...
+
+The `config` item holds `unet`, `vae`, `text_encoder` (diffusers / transformers config.json
+key names, as `configs/*.py` write them), `schedule` (diffusers scheduler config names),
+`tokenizer` (`pad_token`, `max_length`) and `format_version`. Other pytree items (optimizer
+state, ...) can sit beside the params in a step: `save` writes any pytree item, `load` reads
+the model items unless asked for others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from diffusion_jax.models import COMPONENTS
+
+FORMAT_VERSION = 1
+CONFIG_ITEM = "config"
+EMA_SUFFIX = "_ema"
+CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "schedule", "tokenizer")
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a (readable) diffusion_jax checkpoint, or a missing step/item."""
+
+
+def _not_a_checkpoint(directory: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{directory} is not a diffusion_jax checkpoint: {why}; create one with "
+        "`diffusion-jax convert --from diffusers|single-file SRC --out DIR` or by training")
+
+
+def is_model_item(name: str) -> bool:
+    """Whether an item holds a model's params: `unet`, `vae`, `text_encoder`, or their `_ema`."""
+    base = name[:-len(EMA_SUFFIX)] if name.endswith(EMA_SUFFIX) else name
+    return base in COMPONENTS
+
+
+def _manager(directory: Path, item_names: Iterable[str]) -> ocp.CheckpointManager:
+    handlers = {name: ocp.StandardCheckpointHandler() for name in item_names}
+    handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()
+    return ocp.CheckpointManager(directory.absolute(), item_handlers=handlers)
+
+
+def _to_json(value: Any) -> Any:
+    """Config values as JSON types (tuples -> lists, numpy scalars -> Python)."""
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def validate_config(config: Mapping[str, Any]) -> None:
+    """The config item must describe every model the checkpoint can hold."""
+    missing = [s for s in CONFIG_SECTIONS if s not in config]
+    if missing:
+        raise CheckpointError(f"checkpoint config lacks section(s) {missing}; "
+                              f"it needs {list(CONFIG_SECTIONS)}")
+
+
+def save(directory: str | os.PathLike, step: int, items: Mapping[str, Any],
+         config: Mapping[str, Any]) -> None:
+    """Writes `items` (name -> pytree of arrays, e.g. {"unet": params, "unet_ema": ...}) and the
+    config as step `step` of the checkpoint at `directory` (created if needed). Orbax writes
+    each step to a temporary directory and renames it, so a step is never half-written."""
+    directory = Path(directory)
+    if CONFIG_ITEM in items:
+        raise ValueError(f"`{CONFIG_ITEM}` is the config item's name, not a params item's")
+    validate_config(config)
+    config = {**_to_json(config), "format_version": FORMAT_VERSION}
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    with _manager(directory, items) as manager:
+        manager.save(step, args=ocp.args.Composite(**args, **{CONFIG_ITEM: ocp.args.JsonSave(config)}))
+        manager.wait_until_finished()
+
+
+def steps(directory: str | os.PathLike) -> list[int]:
+    """The saved steps, ascending; a CheckpointError when the directory is not a checkpoint."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        why = "it is a file, not a directory" if directory.exists() else "no such directory"
+        raise _not_a_checkpoint(directory, why)
+    with _manager(directory, ()) as manager:
+        found = sorted(manager.all_steps())
+    if not found:
+        raise _not_a_checkpoint(directory, "it holds no checkpoint step directories")
+    return found
+
+
+def _resolve_step(directory: Path, step: int | None) -> int:
+    available = steps(directory)
+    if step is None:
+        return available[-1]
+    if step not in available:
+        raise CheckpointError(f"checkpoint {directory} has no step {step}; steps: {available}")
+    return step
+
+
+def item_names(directory: str | os.PathLike, step: int | None = None) -> list[str]:
+    """Names of the pytree items saved at `step` (default: the latest), config excluded."""
+    directory = Path(directory)
+    step_dir = directory / str(_resolve_step(directory, step))
+    return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name != CONFIG_ITEM)
+
+
+def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
+    """The config item of `step` (default: the latest)."""
+    directory = Path(directory)
+    step = _resolve_step(directory, step)
+    if not (directory / str(step) / CONFIG_ITEM).is_dir():
+        raise _not_a_checkpoint(directory, f"step {step} has no `{CONFIG_ITEM}` item")
+    with _manager(directory, ()) as manager:
+        config = manager.restore(step, args=ocp.args.Composite(
+            **{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+    version = config.get("format_version") if isinstance(config, dict) else None
+    if version is None:
+        raise _not_a_checkpoint(directory, f"the `{CONFIG_ITEM}` item of step {step} has no "
+                                           "format_version")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {directory} has format_version {version}; this "
+                              f"diffusion_jax reads up to {FORMAT_VERSION}: upgrade it")
+    validate_config(config)
+    return config
+
+
+def load(directory: str | os.PathLike, step: int | None = None,
+         items: Iterable[str] | None = None) -> tuple[dict[str, Any], dict]:
+    """(items, config) of `step` (default: the latest). `items` defaults to every model-params
+    item saved (`unet`, `vae`, `text_encoder`, EMA copies); arrays come back as host numpy
+    arrays, shaped by what was saved (no template needed)."""
+    directory = Path(directory)
+    step = _resolve_step(directory, step)
+    config = read_config(directory, step)
+    saved = item_names(directory, step)
+    wanted = [n for n in saved if is_model_item(n)] if items is None else list(items)
+    absent = [n for n in wanted if n not in saved]
+    if absent:
+        raise CheckpointError(f"checkpoint {directory} step {step} has no item(s) {absent}; "
+                              f"it holds {saved}")
+    with _manager(directory, wanted) as manager:
+        metadata = manager.item_metadata(step)
+        # A numpy template restores onto the host; np.empty reserves no pages until written.
+        templates = {name: _numpy_template(metadata[name].tree) for name in wanted}
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{name: ocp.args.StandardRestore(t) for name, t in templates.items()}))
+    return {name: restored[name] for name in wanted}, config
+
+
+def _numpy_template(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _numpy_template(v) for k, v in tree.items()}
+    return np.empty(tree.shape, tree.dtype)
+
+
+def check_new_directory(path: str | os.PathLike) -> None:
+    """Raises unless `path` can become a new output directory: absent or empty, parent present."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"output {path} already exists and is not empty; choose a new "
+                              "path or remove it")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output {path}: parent directory {path.parent} does not exist")
+
+
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling of `path` to fill; renames it to `path` when the block ends
+    without an exception, else deletes it. Refuses a `path` that exists and is not empty, so
+    an output is either complete or absent."""
+    path = Path(path)
+    check_new_directory(path)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()  # an empty directory: replaced
+        tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def create(directory: str | os.PathLike, items: Mapping[str, Any],
+           config: Mapping[str, Any]) -> None:
+    """A new checkpoint directory holding `items` and `config` as step 0 (converted weights).
+    `directory` must not exist or be empty; it appears complete or not at all."""
+    with new_directory(directory) as tmp:
+        save(tmp, 0, items, config)

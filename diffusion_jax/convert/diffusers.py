@@ -1,0 +1,318 @@
+"""diffusers pipeline folders <-> Flax params and the checkpoint config.
+
+A Stable Diffusion folder as `StableDiffusionPipeline.save_pretrained` writes it:
+
+    model_index.json                  (optional when reading)
+    unet/          config.json + diffusion_pytorch_model[.fp16].safetensors | .bin | sharded
+    vae/           config.json + diffusion_pytorch_model[...]
+    text_encoder/  config.json (transformers CLIPTextModel) + model[...] | pytorch_model[...]
+    scheduler/     scheduler_config.json (optional when reading: SD's schedule is the default)
+    tokenizer/     (optional when reading: only its padding token and length are kept; the
+                   vocabulary must be CLIP's, which diffusion_jax ships)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from diffusion_jax import checkpoint
+from diffusion_jax.convert import read_weights_file
+from diffusion_jax.convert.torch_params import (ConversionError, params_to_state_dict,
+                                                state_dict_to_params)
+from diffusion_jax.models import COMPONENTS
+
+# The diffusers release whose folder layout and config keys the exported files follow.
+DIFFUSERS_FORMAT_VERSION = "0.36.0"
+
+# (library, class) of each component, as model_index.json lists them.
+COMPONENT_CLASSES = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+}
+_WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+                 "text_encoder": "model"}
+# Full precision first; .bin only where no safetensors file of that precision exists.
+_WEIGHTS_PREFERENCE = (("safetensors", None), ("bin", None), ("safetensors", "fp16"), ("bin", "fp16"))
+_WEIGHTS_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+# Scheduler config keys that describe the noise schedule (the sampler-specific ones, like
+# PNDM's skip_prk_steps, are the sampler's business); diffusers' defaults where a file lacks one.
+SCHEDULE_DEFAULTS = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+_OPTIONAL_SCHEDULE_KEYS = ("rescale_betas_zero_snr",)
+
+# Old diffusers VAE files name the mid-block attention's projections like this.
+_LEGACY_VAE_ATTENTION = re.compile(
+    r"^((?:encoder|decoder)\.mid_block\.attentions\.0)\.(query|key|value|proj_attn)\.(weight|bias)$")
+_LEGACY_VAE_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+SD_PAD_TOKEN, OPENCLIP_PAD_TOKEN = "<|endoftext|>", "!"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _write_json(path: Path, content: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def weights_files(component_dir: Path) -> list[Path]:
+    """The file(s) holding a component's weights: one file, or the shards an index lists."""
+    for ext, variant in _WEIGHTS_PREFERENCE:
+        for stem in _WEIGHTS_STEMS:
+            name = f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}"
+            if (component_dir / name).is_file():
+                return [component_dir / name]
+            index = component_dir / (f"{stem}.{ext}.index.{variant}.json" if variant
+                                     else f"{stem}.{ext}.index.json")
+            if index.is_file():
+                weight_map = _read_json(index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{index} has no weight_map: not a sharded-weights index")
+                return [component_dir / shard for shard in sorted(set(weight_map.values()))]
+    raise FileNotFoundError(
+        f"{component_dir} holds no weights: expected diffusion_pytorch_model.safetensors, "
+        "model.safetensors, a .bin, an .fp16. variant or a *.index.json of shards")
+
+
+def read_state_dict(component_dir: Path) -> dict[str, np.ndarray]:
+    state_dict = {}
+    for path in weights_files(component_dir):
+        if not path.is_file():
+            raise FileNotFoundError(f"weights shard {path} (listed in the index) does not exist")
+        state_dict.update(read_weights_file(path))
+    return state_dict
+
+
+def rename_legacy_vae_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """query/key/value/proj_attn (diffusers < 0.14 VAE files) -> to_q/to_k/to_v/to_out.0."""
+    renamed = {}
+    for key, value in state_dict.items():
+        match = _LEGACY_VAE_ATTENTION.match(key)
+        if match:
+            key = f"{match[1]}.{_LEGACY_VAE_NAMES[match[2]]}.{match[3]}"
+        renamed[key] = value
+    return renamed
+
+
+def _check_class(name: str, config_json: Mapping[str, Any], path: Path) -> None:
+    library, expected = COMPONENT_CLASSES[name]
+    if library == "diffusers":
+        found = config_json.get("_class_name", expected)
+        ok = found == expected
+    else:
+        found = config_json.get("architectures") or [expected]
+        ok = expected in found
+    if not ok:
+        raise ValueError(f"{path} describes a {found}, not a {expected}: only Stable Diffusion "
+                         "1.x / 2.x components are supported")
+
+
+def read_component(folder: Path, name: str) -> tuple[dict, dict]:
+    """(params, normalized config dict) of the component `name` of a pipeline folder."""
+    component = COMPONENTS[name]
+    component_dir = folder / name
+    config_path = component_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a Stable Diffusion diffusers folder: "
+                                f"{config_path} does not exist")
+    config_json = _read_json(config_path)
+    _check_class(name, config_json, config_path)
+    try:
+        config = component.config_from_dict(config_json)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{config_path}: {e}") from None
+    state_dict = read_state_dict(component_dir)
+    if name == "vae":
+        state_dict = rename_legacy_vae_keys(state_dict)
+    prefix = component.torch_prefix
+    if prefix and not any(key.startswith(prefix) for key in state_dict):
+        prefix = ""  # transformers 5 saves CLIPTextModel without its `text_model.` level
+    params = state_dict_to_params(state_dict, component.param_shapes(config),
+                                  prefix=prefix, ignore=component.torch_ignore,
+                                  source=f"weights in {component_dir}")
+    return params, config.to_dict()
+
+
+def read_schedule(folder: Path) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(path) if path.is_file() else {}
+    if scheduler.get("trained_betas") is not None:
+        raise ValueError(f"{path}: trained_betas (an explicit beta list) is not supported; "
+                         f"supported beta schedules are named by beta_schedule")
+    schedule = {key: scheduler.get(key, default) for key, default in SCHEDULE_DEFAULTS.items()}
+    schedule.update({key: scheduler[key] for key in _OPTIONAL_SCHEDULE_KEYS if key in scheduler})
+    return schedule
+
+
+def default_pad_token(text_config: Mapping[str, Any]) -> str:
+    """SD 2.x's OpenCLIP tower (the gelu one) was trained with "!" padding, SD 1.x with EOS."""
+    return OPENCLIP_PAD_TOKEN if text_config.get("hidden_act") == "gelu" else SD_PAD_TOKEN
+
+
+def read_tokenizer(folder: Path, text_config: Mapping[str, Any]) -> dict:
+    """The checkpoint's tokenizer section: the folder's padding token and length, after
+    checking its vocabulary is the CLIP vocabulary diffusion_jax ships."""
+    from diffusion_jax.tokenizer import CLIPTokenizer
+
+    directory = folder / "tokenizer"
+    if not directory.is_dir():
+        return {"pad_token": default_pad_token(text_config),
+                "max_length": text_config["max_position_embeddings"]}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(directory)
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{directory}: {e}") from None
+    bundled = CLIPTokenizer.bundled()
+    if tokenizer.vocab != bundled.vocab or tokenizer.merges != bundled.merges:
+        raise ValueError(f"{directory} holds a vocabulary other than CLIP's "
+                         f"({len(tokenizer.vocab)} tokens, {len(tokenizer.merges)} merges); "
+                         "diffusion_jax checkpoints use the bundled CLIP vocabulary only")
+    return {"pad_token": tokenizer.pad_token, "max_length": tokenizer.max_length}
+
+
+def _check_model_index(folder: Path) -> None:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        return
+    index = _read_json(path)
+    for name, (library, cls) in COMPONENT_CLASSES.items():
+        entry = index.get(name)
+        if entry is not None and list(entry)[1:] != [cls]:
+            raise ValueError(f"{path}: {name} is {entry}, expected [{library!r}, {cls!r}]: only "
+                             "Stable Diffusion 1.x / 2.x pipelines are supported")
+
+
+def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+    """(params by item, checkpoint config) of a diffusers Stable Diffusion folder."""
+    folder = Path(src)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"diffusers folder {folder} does not exist")
+    _check_model_index(folder)
+    items, config = {}, {}
+    for name in COMPONENTS:
+        items[name], config[name] = read_component(folder, name)
+    config["schedule"] = read_schedule(folder)
+    config["tokenizer"] = read_tokenizer(folder, config["text_encoder"])
+    return items, config
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def component_config_json(name: str, config: Mapping[str, Any]) -> dict:
+    """config.json of a component, as diffusers / transformers write it."""
+    normalized = COMPONENTS[name].config_from_dict(config).to_dict()
+    library, cls = COMPONENT_CLASSES[name]
+    if library == "diffusers":
+        return {"_class_name": cls, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **normalized}
+    return {"architectures": [cls], "model_type": "clip_text_model", **normalized}
+
+
+def scheduler_class(schedule: Mapping[str, Any]) -> str:
+    # As the SD releases ship: PNDM with the epsilon models, DDIM with the 768-v ones.
+    return "DDIMScheduler" if schedule.get("prediction_type") == "v_prediction" else "PNDMScheduler"
+
+
+def scheduler_config_json(schedule: Mapping[str, Any]) -> dict:
+    return {"_class_name": scheduler_class(schedule),
+            "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+            "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+            "trained_betas": None, **schedule}
+
+
+def model_index_json(config: Mapping[str, Any]) -> dict:
+    inpainting = config["unet"]["in_channels"] == 9  # latents, mask and masked-image latents
+    return {
+        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
+        "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+        **{name: list(classes) for name, classes in COMPONENT_CLASSES.items()},
+        "scheduler": ["diffusers", scheduler_class(config["schedule"])],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "feature_extractor": [None, None],
+        "safety_checker": [None, None],
+        "requires_safety_checker": False,
+    }
+
+
+def _check_params(name: str, params: Any, config: Mapping[str, Any], source: str) -> None:
+    """The params must be exactly the tree the config's model has."""
+    component = COMPONENTS[name]
+    expected = traverse_util.flatten_dict(component.param_shapes(component.config_from_dict(config)))
+    found = traverse_util.flatten_dict(params)
+    problems = sorted("/".join(p) + (" missing" if p not in found else
+                                     f" {tuple(found[p].shape)} != {tuple(expected[p].shape)}")
+                      for p in expected if p not in found or found[p].shape != expected[p].shape)
+    problems += sorted("/".join(p) + " unexpected" for p in found if p not in expected)
+    if problems:
+        raise ConversionError(f"{source}: the {name} params do not fit its config: "
+                              + ", ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+
+
+def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Writes a diffusers StableDiffusionPipeline folder into the (existing) `folder`."""
+    import safetensors.numpy
+
+    from diffusion_jax.tokenizer import CLIPTokenizer
+
+    for name, component in COMPONENTS.items():
+        directory = folder / name
+        directory.mkdir()
+        _write_json(directory / "config.json", component_config_json(name, config[name]))
+        state_dict = params_to_state_dict(items[name], prefix=component.torch_prefix)
+        weights = directory / f"{_WEIGHTS_STEM[name]}.safetensors"
+        safetensors.numpy.save_file(state_dict, weights, metadata={"format": "pt"})
+    (folder / "scheduler").mkdir()
+    _write_json(folder / "scheduler" / "scheduler_config.json",
+                scheduler_config_json(config["schedule"]))
+    tokenizer = config["tokenizer"]
+    CLIPTokenizer.bundled(pad_token=tokenizer["pad_token"],
+                          max_length=tokenizer["max_length"]).save_pretrained(folder / "tokenizer")
+    _write_json(folder / "model_index.json", model_index_json(config))
+
+
+def export_pipeline(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *,
+                    step: int | None = None, use_ema: bool = False) -> None:
+    """Checkpoint -> new diffusers folder `out` (written to a temporary sibling, then renamed).
+    `use_ema` exports the `*_ema` params where the checkpoint has them."""
+    checkpoint.check_new_directory(out)
+    items, config = checkpoint.load(checkpoint_dir, step)
+    if use_ema:
+        if not any(f"{name}_ema" in items for name in COMPONENTS):
+            raise ValueError(f"checkpoint {checkpoint_dir} has no EMA params (items: "
+                             f"{sorted(items)}); export without --ema")
+        items = {name: items.get(f"{name}_ema", items.get(name)) for name in COMPONENTS}
+    absent = [name for name in COMPONENTS if items.get(name) is None]
+    if absent:
+        raise ValueError(f"checkpoint {checkpoint_dir} lacks {absent}: a diffusers pipeline "
+                         "needs the U-Net, the VAE and the text encoder")
+    for name in COMPONENTS:
+        _check_params(name, items[name], config[name], f"checkpoint {checkpoint_dir}")
+    with checkpoint.new_directory(out) as tmp:
+        write_pipeline(tmp, items, config)
+

@@ -1,0 +1,446 @@
+"""Single-file Stable Diffusion checkpoints (the CompVis LDM layout A1111 and ComfyUI use).
+
+One state dict holds the whole system under LDM names:
+
+    model.diffusion_model.*          U-Net (input_blocks / middle_block / output_blocks)
+    first_stage_model.*              VAE (encoder.down.i.block.j, mid.attn_1 as 1x1 convs, ...)
+    cond_stage_model.transformer.*   SD 1.x text tower: a transformers CLIPTextModel
+    cond_stage_model.model.*         SD 2.x text tower: OpenCLIP ViT-H (fused in_proj q/k/v)
+    model_ema.*                      EMA copy of the U-Net (dots removed from the names)
+    betas, alphas_cumprod, ...       the training schedule, as buffers
+
+Each diffusers param name maps to one LDM key (plus a slice or a squeeze), so the loader walks
+the params the config's models have and fetches each from the file: a missing key, a key
+left over and a wrong shape are all reported with the file's own names.
+
+The architecture comes from the weights: SD 1.x or 2.x from the text tower, channels, depths,
+attention placement, 4 or 9 input channels and the cross-attention width from shapes. What
+weights cannot tell (head counts, prediction type, resolution, attention upcast) defaults to
+the family's released model (SD 1.5; SD 2.1 768-v, as diffusers assumes) unless the caller's
+config gives it. SD 2.x conditions on OpenCLIP's penultimate layer, so its last block is
+dropped, as diffusers' 23-layer text encoder does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from flax import traverse_util
+
+from diffusion_jax.convert import read_weights_file
+from diffusion_jax.convert.diffusers import (OPENCLIP_PAD_TOKEN, SCHEDULE_DEFAULTS,
+                                             SD_PAD_TOKEN)
+from diffusion_jax.convert.torch_params import ConversionError, state_dict_to_params, torch_key
+from diffusion_jax.models import COMPONENTS
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+EMA_PREFIX = "model_ema."
+
+# LatentDiffusion's schedule buffers (the config's schedule re-derives them) and EMA counters.
+IGNORED_KEYS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "logvar", "model_ema.decay", "model_ema.num_updates",
+    CLIP_PREFIX + "text_model.embeddings.position_ids",
+    # OpenCLIP's contrastive head; SD conditions on the hidden states.
+    OPENCLIP_PREFIX + "text_projection", OPENCLIP_PREFIX + "logit_scale",
+})
+
+# What the weights cannot say, per family: the released SD 1.5 and SD 2.1 (768, v) models.
+FAMILY_DEFAULTS = {
+    "SD 1.x": {
+        "unet": {"sample_size": 64, "attention_head_dim": 8, "upcast_attention": False},
+        "vae": {"sample_size": 512, "scaling_factor": 0.18215, "norm_num_groups": 32},
+        "text_encoder": {"hidden_act": "quick_gelu", "bos_token_id": 0, "eos_token_id": 2,
+                         "pad_token_id": 1},
+        "schedule": {**SCHEDULE_DEFAULTS, "prediction_type": "epsilon"},
+        "tokenizer": {"pad_token": SD_PAD_TOKEN},
+    },
+    "SD 2.x": {
+        "unet": {"sample_size": 96, "upcast_attention": True},  # 64-channel heads, below
+        "vae": {"sample_size": 768, "scaling_factor": 0.18215, "norm_num_groups": 32},
+        "text_encoder": {"hidden_act": "gelu", "bos_token_id": 49406, "eos_token_id": 49407,
+                         "pad_token_id": 0},
+        "schedule": {**SCHEDULE_DEFAULTS, "prediction_type": "v_prediction"},
+        "tokenizer": {"pad_token": OPENCLIP_PAD_TOKEN},
+    },
+}
+HEAD_CHANNELS = 64  # SD 2.x U-Nets and both CLIP towers use 64-channel attention heads
+
+Source = tuple[str, Callable[[np.ndarray], np.ndarray]]  # (LDM key, value transform)
+
+
+def _identity(value: np.ndarray) -> np.ndarray:
+    return value
+
+
+def _conv_1x1_to_linear(value: np.ndarray) -> np.ndarray:
+    # The LDM VAE's mid attention projects with 1x1 convs (O, I, 1, 1); diffusers with Linear.
+    if value.ndim > 2 and all(size == 1 for size in value.shape[2:]):
+        return value.reshape(value.shape[:2])
+    return value
+
+
+def _third(index: int, value: np.ndarray) -> np.ndarray:
+    # OpenCLIP's fused in_proj stacks q, k, v along the output axis.
+    size = value.shape[0] // 3
+    return value[index * size:(index + 1) * size]
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+def _indices(state_dict: Mapping[str, Any], prefix: str) -> list[int]:
+    """The integers i of keys `prefix + "i." + ...`."""
+    found = {int(m[1]) for key in state_dict
+             if (m := re.match(re.escape(prefix) + r"(\d+)\.", key))}
+    return sorted(found)
+
+
+def _shape(state_dict: Mapping[str, Any], key: str, path: Path) -> tuple[int, ...]:
+    if key not in state_dict:
+        raise ConversionError(f"{path}: unknown architecture: key {key} is missing, which every "
+                              "Stable Diffusion 1.x / 2.x checkpoint has")
+    return tuple(state_dict[key].shape)
+
+
+def detect_family(state_dict: Mapping[str, Any], path: Path) -> str:
+    """"SD 1.x" or "SD 2.x", from the text tower's keys; a clear error for anything else."""
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in state_dict)
+
+    unknown = f"{path}: unknown architecture, not a Stable Diffusion 1.x / 2.x single file"
+    if has("conditioner.embedders."):
+        raise ConversionError(f"{unknown}: conditioner.embedders.* is the SDXL / SD 3 layout, "
+                              "which diffusion_jax does not support")
+    if not has(UNET_PREFIX):
+        sample = ", ".join(sorted(state_dict)[:3])
+        raise ConversionError(f"{unknown}: it has no U-Net weights ({UNET_PREFIX}*); its keys "
+                              f"start {sample} ... (a diffusers folder converts with --from diffusers)")
+    if has(UNET_PREFIX + "label_emb."):
+        raise ConversionError(f"{unknown}: its U-Net is class-conditioned (label_emb: SDXL, "
+                              "upscaler), which diffusion_jax does not support")
+    if not has(VAE_PREFIX):
+        raise ConversionError(f"{unknown}: it has no VAE weights ({VAE_PREFIX}*)")
+    clip, openclip = has(CLIP_PREFIX), has(OPENCLIP_PREFIX)
+    if clip == openclip:
+        raise ConversionError(f"{unknown}: it needs exactly one text tower, {CLIP_PREFIX}* "
+                              f"(SD 1.x) or {OPENCLIP_PREFIX}* (SD 2.x)")
+    return "SD 1.x" if clip else "SD 2.x"
+
+
+def infer_unet(sd: Mapping[str, Any], path: Path) -> dict:
+    """The U-Net config fields the shapes determine."""
+    shape = lambda key: _shape(sd, UNET_PREFIX + key, path)
+    inputs = _indices(sd, UNET_PREFIX + "input_blocks.")
+    downsamplers = [i for i in inputs if f"{UNET_PREFIX}input_blocks.{i}.0.op.weight" in sd]
+    levels = len(downsamplers) + 1
+    layers_per_block, rest = divmod(len(inputs) - 1 - len(downsamplers), levels)
+    if rest or layers_per_block < 1:
+        raise ConversionError(f"{path}: unknown architecture: {len(inputs)} U-Net input blocks "
+                              f"do not make {levels} levels of equal depth")
+    if f"{UNET_PREFIX}middle_block.1.transformer_blocks.1.norm1.weight" in sd:
+        raise ConversionError(f"{path}: unknown architecture: U-Net transformers deeper than "
+                              "one block (SDXL-style) are not supported")
+    firsts = [1 + level * (layers_per_block + 1) for level in range(levels)]
+    has_attention = lambda block: f"{UNET_PREFIX}{block}.1.proj_in.weight" in sd
+    down_attention = [has_attention(f"input_blocks.{b}") for b in firsts]
+    up_attention = [has_attention(f"output_blocks.{i * (layers_per_block + 1)}")
+                    for i in range(levels)]
+    return {
+        "in_channels": shape("input_blocks.0.0.weight")[1],
+        "out_channels": shape("out.2.weight")[0],
+        "block_out_channels": [shape(f"input_blocks.{b}.0.out_layers.3.weight")[0] for b in firsts],
+        "layers_per_block": layers_per_block,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
+        "cross_attention_dim": shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
+        "use_linear_projection": len(shape("middle_block.1.proj_in.weight")) == 2,
+    }
+
+
+def infer_vae(sd: Mapping[str, Any], path: Path) -> dict:
+    shape = lambda key: _shape(sd, VAE_PREFIX + key, path)
+    levels = _indices(sd, VAE_PREFIX + "encoder.down.")
+    return {
+        "in_channels": shape("encoder.conv_in.weight")[1],
+        "out_channels": shape("decoder.conv_out.weight")[0],
+        "block_out_channels": [shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in levels],
+        "layers_per_block": len(_indices(sd, VAE_PREFIX + "encoder.down.0.block.")),
+        "down_block_types": ["DownEncoderBlock2D"] * len(levels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(levels),
+        "latent_channels": shape("quant_conv.weight")[0] // 2,
+    }
+
+
+def infer_text_encoder(sd: Mapping[str, Any], family: str, path: Path) -> dict:
+    if family == "SD 1.x":
+        prefix = CLIP_PREFIX + "text_model."
+        shape = lambda key: _shape(sd, prefix + key, path)
+        vocab_size, hidden_size = shape("embeddings.token_embedding.weight")
+        return {
+            "vocab_size": vocab_size, "hidden_size": hidden_size,
+            "max_position_embeddings": shape("embeddings.position_embedding.weight")[0],
+            "num_hidden_layers": len(_indices(sd, prefix + "encoder.layers.")),
+            "intermediate_size": shape("encoder.layers.0.mlp.fc1.weight")[0],
+        }
+    shape = lambda key: _shape(sd, OPENCLIP_PREFIX + key, path)
+    vocab_size, hidden_size = shape("token_embedding.weight")
+    return {
+        "vocab_size": vocab_size, "hidden_size": hidden_size,
+        "max_position_embeddings": shape("positional_embedding")[0],
+        # The last block is dropped: SD 2.x conditions on the penultimate layer.
+        "num_hidden_layers": len(_indices(sd, OPENCLIP_PREFIX + "transformer.resblocks.")) - 1,
+        "intermediate_size": shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+    }
+
+
+def _family_defaults(name: str, family: str, inferred: Mapping[str, Any], path: Path) -> dict:
+    defaults = dict(FAMILY_DEFAULTS[family][name])
+    if name == "text_encoder":
+        defaults["num_attention_heads"] = inferred["hidden_size"] // HEAD_CHANNELS
+    if name == "unet" and family == "SD 2.x":
+        channels = inferred["block_out_channels"]
+        if any(c % HEAD_CHANNELS for c in channels):
+            raise ConversionError(f"{path}: U-Net widths {channels} are not multiples of "
+                                  f"{HEAD_CHANNELS}, so SD 2.x's head count does not apply; "
+                                  "give the unet section with --config")
+        defaults["attention_head_dim"] = [c // HEAD_CHANNELS for c in channels]
+    return defaults
+
+
+def _as_config_value(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def model_config(name: str, family: str, inferred: Mapping[str, Any],
+                 given: Mapping[str, Any] | None, path: Path):
+    """The component's config: the caller's section checked against the weights, or the
+    family defaults completed by what the weights show."""
+    component = COMPONENTS[name]
+    if given is None:
+        return component.config_from_dict({**_family_defaults(name, family, inferred, path),
+                                           **inferred})
+    config = component.config_from_dict(given)
+    for key, value in inferred.items():
+        if _as_config_value(getattr(config, key)) != _as_config_value(value):
+            raise ConversionError(f"{path}: the weights have {name}.{key}={value!r} but the "
+                                  f"config says {getattr(config, key)!r}")
+    return config
+
+
+# ----------------------------------------------------------------------------- key mapping
+
+_RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def _unet_resnet(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    return f"{_RESNET_NAMES.get(head, head)}.{tail}"
+
+
+def unet_ldm_key(key: str, config) -> str:
+    """LDM name (without prefix) of a diffusers U-Net state-dict key."""
+    step = config.layers_per_block + 1
+    module, _, leaf = key.rpartition(".")
+    if module in _UNET_FIXED:
+        return f"{_UNET_FIXED[module]}.{leaf}"
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block = 1 + int(m[1]) * step + int(m[3])
+        return (f"input_blocks.{block}.0.{_unet_resnet(m[4])}" if m[2] == "resnets"
+                else f"input_blocks.{block}.1.{m[4]}")
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"input_blocks.{(int(m[1]) + 1) * step}.0.op.{m[2]}"
+    if m := re.fullmatch(r"mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"middle_block.{2 * int(m[1])}.{_unet_resnet(m[2])}"
+    if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+        return f"middle_block.1.{m[1]}"
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        block = int(m[1]) * step + int(m[3])
+        return (f"output_blocks.{block}.0.{_unet_resnet(m[4])}" if m[2] == "resnets"
+                else f"output_blocks.{block}.1.{m[4]}")
+    if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        i = int(m[1])
+        # The upsampler follows the last resnet, and its attention when the block has one.
+        index = 2 if config.up_block_types[i] == "CrossAttnUpBlock2D" else 1
+        return f"output_blocks.{i * step + config.layers_per_block}.{index}.conv.{m[2]}"
+    raise ConversionError(f"no LDM name for U-Net parameter {key}")
+
+
+_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                        "to_out.0": "proj_out"}
+
+
+def vae_ldm_source(key: str, config) -> Source:
+    n = len(config.block_out_channels)
+    resnet = lambda rest: rest.replace("conv_shortcut", "nin_shortcut")
+    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(.+)", key):
+        return f"{m[1]}.norm_out.{m[2]}", _identity
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"encoder.down.{m[1]}.block.{m[2]}.{resnet(m[3])}", _identity
+    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}", _identity
+    # The decoder's up blocks run deepest first in diffusers, LDM numbers them by resolution.
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+        return f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{resnet(m[3])}", _identity
+    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+        return f"decoder.up.{n - 1 - int(m[1])}.upsample.conv.{m[2]}", _identity
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)", key):
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{resnet(m[3])}", _identity
+    if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+        return f"{m[1]}.mid.attn_1.{_VAE_ATTENTION_NAMES[m[2]]}.{m[3]}", _conv_1x1_to_linear
+    return key, _identity  # conv_in, conv_out, quant_conv, post_quant_conv: same names
+
+
+_OPENCLIP_LAYER_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                         "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+_OPENCLIP_FIXED = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                   "embeddings.position_embedding.weight": "positional_embedding",
+                   "final_layer_norm.weight": "ln_final.weight",
+                   "final_layer_norm.bias": "ln_final.bias"}
+
+
+def openclip_source(key: str) -> Source:
+    """OpenCLIP name (without prefix) of a transformers CLIP key (without `text_model.`)."""
+    if key in _OPENCLIP_FIXED:
+        return _OPENCLIP_FIXED[key], _identity
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if m is None:
+        raise ConversionError(f"no OpenCLIP name for text encoder parameter {key}")
+    block = f"transformer.resblocks.{m[1]}"
+    if qkv := re.fullmatch(r"self_attn\.([qkv])_proj", m[2]):
+        return f"{block}.attn.in_proj_{m[3]}", functools.partial(_third, "qkv".index(qkv[1]))
+    return f"{block}.{_OPENCLIP_LAYER_NAMES[m[2]]}.{m[3]}", _identity
+
+
+def ema_key(key: str) -> str:
+    """LDM's name for the EMA copy of a U-Net weight: dots dropped after `model_ema.`."""
+    return EMA_PREFIX + key[len("model."):].replace(".", "")
+
+
+def _sources(name: str, config, family: str, use_ema: bool) -> dict[tuple[str, ...], Source]:
+    """Flax param path -> (file key, transform) for every param of the component."""
+    component = COMPONENTS[name]
+    sources = {}
+    for path in traverse_util.flatten_dict(component.param_shapes(config)):
+        key = torch_key(path)
+        if name == "unet":
+            ldm = UNET_PREFIX + unet_ldm_key(key, config)
+            sources[path] = (ema_key(ldm) if use_ema else ldm), _identity
+        elif name == "vae":
+            ldm, transform = vae_ldm_source(key, config)
+            sources[path] = VAE_PREFIX + ldm, transform
+        elif family == "SD 1.x":
+            sources[path] = CLIP_PREFIX + "text_model." + key, _identity
+        else:
+            ldm, transform = openclip_source(key)
+            sources[path] = OPENCLIP_PREFIX + ldm, transform
+    return sources
+
+
+def _describe(items: list[str], limit: int = 10) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
+        return shape[3], shape[2], shape[0], shape[1]
+    if path[-1] == "kernel" and len(shape) == 2:
+        return shape[::-1]
+    return tuple(shape)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _ignored(key: str, family: str, text_layers: int, use_ema: bool) -> bool:
+    if key in IGNORED_KEYS:
+        return True
+    if key.startswith(EMA_PREFIX if not use_ema else UNET_PREFIX):
+        return True  # the U-Net copy not taken
+    return family == "SD 2.x" and key.startswith(
+        f"{OPENCLIP_PREFIX}transformer.resblocks.{text_layers}.")  # the dropped last block
+
+
+def _gather(state_dict: Mapping[str, np.ndarray], configs: Mapping[str, Any], family: str,
+            use_ema: bool, path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Each component's diffusers-named state dict, fetched from the file by the LDM names;
+    one ConversionError listing every missing, unexpected and mis-shaped key."""
+    used, missing, mismatched, converted = set(), set(), [], {}
+    for name, config in configs.items():
+        component = COMPONENTS[name]
+        template = traverse_util.flatten_dict(component.param_shapes(config))
+        converted[name] = {}
+        for param_path, (key, transform) in _sources(name, config, family, use_ema).items():
+            if key not in state_dict:
+                missing.add(key)
+                continue
+            used.add(key)
+            value = transform(np.asarray(state_dict[key]))
+            expected = _torch_shape(param_path, template[param_path].shape)
+            if tuple(value.shape) != expected:
+                mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
+                                  f"expects {expected}")
+                continue
+            converted[name][torch_key(param_path, component.torch_prefix)] = value
+    text_layers = configs["text_encoder"].num_hidden_layers
+    unexpected = sorted(k for k in state_dict if k not in used
+                        and not _ignored(k, family, text_layers, use_ema))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {_describe(sorted(missing))}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {_describe(sorted(mismatched))}")
+    if problems:
+        raise ConversionError(f"{path} does not match a {family} model: " + "; ".join(problems))
+    return converted
+
+
+def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any] | None,
+                           path: Path, use_ema: bool = False) -> tuple[dict, dict]:
+    """(params by item, checkpoint config) from an LDM state dict."""
+    given = dict(config or {})
+    family = detect_family(state_dict, path)
+    if use_ema and not any(k.startswith(EMA_PREFIX) and k not in IGNORED_KEYS for k in state_dict):
+        raise ConversionError(f"{path} has no EMA weights ({EMA_PREFIX}*): convert without "
+                              "--ema (an 'emaonly' file already stores the EMA U-Net as the model)")
+    inferred = {"unet": infer_unet(state_dict, path), "vae": infer_vae(state_dict, path),
+                "text_encoder": infer_text_encoder(state_dict, family, path)}
+    configs = {name: model_config(name, family, inferred[name], given.get(name), path)
+               for name in COMPONENTS}
+    converted = _gather(state_dict, configs, family, use_ema, path)
+    items = {name: state_dict_to_params(converted[name], component.param_shapes(configs[name]),
+                                        prefix=component.torch_prefix, source=str(path))
+             for name, component in COMPONENTS.items()}
+    checkpoint_config = {name: configs[name].to_dict() for name in COMPONENTS}
+    checkpoint_config["schedule"] = dict(given.get("schedule") or FAMILY_DEFAULTS[family]["schedule"])
+    checkpoint_config["tokenizer"] = dict(
+        given.get("tokenizer") or {**FAMILY_DEFAULTS[family]["tokenizer"],
+                                   "max_length": configs["text_encoder"].max_position_embeddings})
+    return items, checkpoint_config
+
+
+def read_single_file(src: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
+                     use_ema: bool = False) -> tuple[dict, dict]:
+    """(params by item, checkpoint config) of a single-file SD 1.x / 2.x checkpoint.
+
+    `config` holds configs/*.py sections (unet, vae, text_encoder, schedule, tokenizer); each
+    one given replaces the family default and must agree with the weights. `use_ema` takes
+    the U-Net from the EMA copy (`model_ema.*`)."""
+    path = Path(src)
+    return params_from_state_dict(read_weights_file(path), config, path, use_ema=use_ema)

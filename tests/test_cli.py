@@ -1,0 +1,89 @@
+"""The `diffusion-jax` command line: help, the params subcommand, one-line errors."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from diffusion_jax import cli
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD15_CONFIG = os.path.join(REPO_ROOT, "configs", "sd15.py")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    ([], ["convert", "export", "params"]),
+    (["convert"], ["--from {diffusers,single-file}", "--out", "--config", "--ema",
+                   "configs/sd21_base.py", "v-prediction"]),
+    (["export"], ["--checkpoint", "--to {diffusers}", "--out", "--step", "--ema"]),
+    (["params"], ["--config"]),
+])
+def test_help(capsys, argv, needles):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--help"])
+    assert info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for needle in needles:
+        assert needle in out, needle
+
+
+def test_params_prints_the_sd15_counts(capsys):
+    assert cli.main(["params", "--config", SD15_CONFIG]) == 0
+    lines = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
+    assert lines == {"unet": "859,520,964", "vae": "83,653,863", "text_encoder": "123,060,480",
+                     "total": "1,066,235,307"}
+
+
+def test_config_files_import_each_other_by_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing relies on the working directory
+    config = cli.load_config_file(os.path.join(REPO_ROOT, "configs", "sd21_base.py"))
+    assert config.schedule.prediction_type == "epsilon"
+    assert config.text_encoder.num_hidden_layers == 23
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["params", "--config", "no/such/config.py"], ["config file no/such/config.py does not exist"]),
+    (["convert", "--from", "diffusers", "x", "--out", "y", "--config", SD15_CONFIG],
+     ["--config and --ema apply to --from single-file only"]),
+    (["convert", "--from", "single-file", "no/such/file.safetensors", "--out", "y"],
+     ["weights file no/such/file.safetensors does not exist"]),
+])
+def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, monkeypatch, argv, needles):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("diffusion-jax: error: ")
+    for needle in needles:
+        assert needle in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_without_models_is_an_error(capsys, tmp_path):
+    config = tmp_path / "other.py"
+    config.write_text("import ml_collections\n\ndef get_config():\n"
+                      "    return ml_collections.ConfigDict({'seed': 0})\n")
+    assert cli.main(["params", "--config", str(config)]) == 1
+    assert "has none of the sections" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["convert", "--from", "onnx", "x", "--out", "y"])
+    assert info.value.code == 2
+    assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_the_installed_entry_point_exits_1_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; from diffusion_jax.cli import main; sys.exit(main())",
+         "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"diffusion-jax: error: {tmp_path} is not a diffusion_jax checkpoint: it holds no "
+        "checkpoint step directories; create one with `diffusion-jax convert --from "
+        "diffusers|single-file SRC --out DIR` or by training")
+    assert not (tmp_path / "out").exists()
