@@ -1,0 +1,244 @@
+"""End-to-end sampling against diffusers' own pipelines on the same tiny random weights.
+
+A tiny `StableDiffusionPipeline` is saved to disk, converted with `diffusion-jax convert`, and
+sampled with `diffusion-jax sample --init-latents`; its pixels must equal diffusers' output
+from the same starting latents.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusion_jax import cli, pipeline  # noqa: E402
+from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
+
+PROMPT = "a photo of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+SIZE = 32  # 4x4 latents: the tiny VAE downsamples 8x
+PIXEL_TOLERANCE = 2e-3
+
+SCHEDULERS = {
+    "ddim": diffusers.DDIMScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+}
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                beta_end=0.012, prediction_type="epsilon", timestep_spacing="leading",
+                steps_offset=1, set_alpha_to_one=False)
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+    """Random weights everywhere: norms and biases too, so no parameter is trivially 0 or 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def _diffusers_pipeline(tokenizer_dir) -> "diffusers.StableDiffusionPipeline":
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4), norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    for seed, module in enumerate((unet, vae, text_encoder)):
+        _perturb(module, seed)
+    CLIPTokenizer.bundled().save_pretrained(tokenizer_dir)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tokenizer_dir)
+    return diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=diffusers.PNDMScheduler(**SCHEDULE, skip_prk_steps=True),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def systems(tmp_path_factory):
+    """(diffusers pipeline, converted checkpoint dir, work dir)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    reference = _diffusers_pipeline(root / "tokenizer")
+    reference.save_pretrained(root / "diffusers")
+    assert cli.main(["convert", "--from", "diffusers", str(root / "diffusers"),
+                     "--out", str(root / "ckpt")]) == 0
+    return reference, root / "ckpt", root
+
+
+def _latents(seed: int, count: int = 2) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, 4, SIZE // 8, SIZE // 8)).astype(np.float32)
+
+
+def _sample_cli(root, ckpt, name, latents, *extra):
+    np.save(root / f"{name}_latents.npy", latents)
+    out = root / f"{name}.npy"
+    argv = ["sample", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+            "--steps", "5", "--guidance", "7.5", "--num-images", str(len(latents)),
+            "--height", str(SIZE), "--width", str(SIZE),
+            "--init-latents", str(root / f"{name}_latents.npy"), "--out", str(out), *extra]
+    assert cli.main(argv) == 0
+    return np.load(out)
+
+
+@pytest.mark.parametrize("sampler", sorted(SCHEDULERS))
+def test_txt2img_matches_diffusers(systems, sampler):
+    reference, ckpt, root = systems
+    latents = _latents(1)
+    ours = _sample_cli(root, ckpt, f"txt2img_{sampler}", latents, "--sampler", sampler)
+
+    # SD's scheduler_config.json says clip_sample=false; DDIMScheduler's default is true.
+    reference.scheduler = SCHEDULERS[sampler].from_config(reference.scheduler.config,
+                                                          clip_sample=False)
+    expected = reference(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=5,
+                         guidance_scale=7.5, num_images_per_prompt=2, height=SIZE, width=SIZE,
+                         latents=torch.from_numpy(latents), output_type="np").images
+    assert ours.shape == expected.shape == (2, SIZE, SIZE, 3) and ours.dtype == np.float32
+    assert np.abs(expected - 0.5).max() > 0.05, "reference images are flat: the test would be weak"
+    error = np.abs(ours - expected).max()
+    print(f"{sampler}: max pixel error {error:.2e}")
+    assert error <= PIXEL_TOLERANCE, f"{sampler}: max pixel error {error:.2e}"
+
+
+def test_img2img_matches_diffusers(systems, monkeypatch):
+    reference, ckpt, root = systems
+    image = (np.random.default_rng(3).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(root / "init.png")
+    latents = _latents(2, count=1)
+    ours = _sample_cli(root, ckpt, "img2img", latents, "--sampler", "ddim",
+                       "--init-image", str(root / "init.png"), "--strength", "0.6")
+
+    # diffusers draws the img2img noise and a posterior sample from its generator; give it our
+    # noise and the posterior mode, which is what we use.
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**reference.components)
+    img2img.scheduler = diffusers.DDIMScheduler.from_config(reference.scheduler.config,
+                                                            clip_sample=False)
+    module = sys.modules[type(img2img).__module__]
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
+    expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE, strength=0.6,
+                       num_inference_steps=5, guidance_scale=7.5, output_type="np").images
+    error = np.abs(ours - expected).max()
+    print(f"img2img: max pixel error {error:.2e}")
+    assert error <= PIXEL_TOLERANCE, f"img2img: max pixel error {error:.2e}"
+
+
+def test_png_output_records_the_run(systems):
+    _, ckpt, root = systems
+    out = root / "grid.png"
+    assert cli.main(["sample", "--checkpoint", str(ckpt), "--prompt", "a cat", "--sampler", "ddim",
+                     "--steps", "5", "--seed", "7", "--num-images", "2", "--height", str(SIZE),
+                     "--width", str(SIZE), "--out", str(out)]) == 0
+    png = Image.open(out)
+    assert png.size == (2 * SIZE, SIZE)
+    info = png.text
+    assert info["prompt"] == "a cat" and info["sampler"] == "ddim" and info["steps"] == "5"
+    assert json.loads(info["seeds"]) == [7, 8] and float(info["guidance"]) == 7.5
+    assert "negative_prompt" in info
+
+
+def test_one_compile_per_shape_and_per_image_seeds(systems):
+    _, ckpt, _ = systems
+    pipe = pipeline.load(ckpt, cache_dir=None)
+    options = dict(sampler="euler_ancestral", steps=3, height=SIZE, width=SIZE)
+    batch = pipe.txt2img(["a cat", "a dog"], seed=[10, 11], **options)
+    again = pipe.txt2img(["a cat", "a dog"], seed=[10, 11], **options)
+    other = pipe.txt2img(["a dog", "a cat"], seed=[11, 10], **options)
+    assert pipe.num_compilations == 1  # new prompts and seeds reuse the compiled program
+    np.testing.assert_array_equal(batch, again)
+    np.testing.assert_array_equal(batch, other[::-1])  # an image depends on its own seed only
+    assert not np.array_equal(batch[0], batch[1])
+
+
+def test_bad_input_is_rejected_before_compiling(systems, tmp_path):
+    _, ckpt, root = systems
+    pipe = pipeline.load(ckpt, cache_dir=None)
+    image = np.zeros((SIZE, SIZE, 3), np.uint8)
+    cases = [
+        (dict(prompt="x", sampler="dpm_fast"), "unknown sampler 'dpm_fast'; valid samplers: ddpm"),
+        (dict(prompt="x", height=36, width=SIZE), "multiples of"),
+        (dict(prompt=[]), "empty prompt list"),
+        (dict(prompt="x", init_latents=np.zeros((1, 4, 3, 3))), "init_latents has shape"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            pipe.txt2img(**{"height": SIZE, "width": SIZE, **kwargs})
+    with pytest.raises(ValueError, match=r"strength=1.5: must be in \[0, 1\]"):
+        pipe.img2img("x", image, strength=1.5, height=SIZE, width=SIZE)
+    with pytest.raises(ValueError, match="mask is 16x16"):
+        pipe.inpaint("x", image, np.ones((16, 16)), height=SIZE, width=SIZE)
+    assert pipe.num_compilations == 0
+    with pytest.raises(Exception, match="is not a diffusion_jax checkpoint"):
+        pipeline.load(tmp_path)
+    # The CLI prints one line and exits non-zero.
+    assert cli.main(["sample", "--checkpoint", str(ckpt), "--prompt", "x", "--sampler", "nope",
+                     "--out", str(root / "x.png")]) != 0
+
+
+def test_inpaint_matches_diffusers(systems, monkeypatch):
+    """Standard 4-channel U-Net: latent blending after every step, as diffusers does it."""
+    reference, ckpt, root = systems
+    image = (np.random.default_rng(4).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2 - 3:] = 255  # repaint the right part; the seam is not on the latent grid
+    Image.fromarray(image).save(root / "inpaint_init.png")
+    Image.fromarray(mask).save(root / "inpaint_mask.png")
+    latents = _latents(5, count=1)
+    ours = _sample_cli(root, ckpt, "inpaint", latents, "--sampler", "euler",
+                       "--init-image", str(root / "inpaint_init.png"),
+                       "--mask", str(root / "inpaint_mask.png"))
+
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**reference.components)
+    inpaint.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    module = sys.modules[type(inpaint).__module__]
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
+    expected = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+                       negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=5,
+                       guidance_scale=7.5, height=SIZE, width=SIZE,
+                       latents=torch.from_numpy(latents), output_type="np").images
+    error = np.abs(ours - expected).max()
+    print(f"inpaint: max pixel error {error:.2e}")
+    assert error <= PIXEL_TOLERANCE, f"inpaint: max pixel error {error:.2e}"
+
+
+DEVICE_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, jax
+    from diffusion_jax import pipeline
+    assert len(jax.devices()) == 8
+    pipe8 = pipeline.load(sys.argv[1], cache_dir=None)
+    pipe1 = pipeline.load(sys.argv[1], cache_dir=None, devices=jax.devices()[:1])
+    options = dict(sampler="dpmpp_2m_sde", steps=3, seed=5, num_images=3, height=32, width=32,
+                   output_type="float32")
+    a, b = pipe8.txt2img("a cat", **options), pipe1.txt2img("a cat", **options)
+    print("max difference", np.abs(a - b).max())
+    np.testing.assert_allclose(a, b, atol=1e-5)
+""")
+
+
+def test_same_images_on_one_and_eight_devices(systems):
+    _, ckpt, _ = systems
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(ckpt)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
