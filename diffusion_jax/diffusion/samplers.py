@@ -333,10 +333,13 @@ def _plan_dpmpp(config, n, start, eta, karras, *, sde):
 
 
 def _plan_unipc(config, n, start, eta, karras):
+    """UniPC-bh2, data prediction, order 2 (first order on its first and last step): each
+    step first corrects the previous step's result with the new prediction (UniC), then
+    predicts the next state (UniP). Both are linear in the state and the predictions."""
     t, s = _solver_schedule(config, n, karras, True)
     alpha, sigma = _vp(s)
     lam = _log_snr(alpha, sigma)
-    order = {i: 1 if i in (start,) else 2 for i in range(start, n)}
+    order = {i: 1 if i in (start, n - 1) else 2 for i in range(start, n)}
     cols = {k: [] for k in ("corrector", "c_x", "c_cur", "c_prev", "c_prev2",
                             "p_x", "p_cur", "p_prev")}
     for i in range(start, n):
@@ -387,7 +390,7 @@ def _plan_lcm(config, n, start, eta, karras):
     i = np.arange(start, n)
     last = i == n - 1
     abar_next = abar[t[np.minimum(i + 1, n - 1)]]
-    scaled = t[i] * LCM_TIMESTEP_SCALING
+    scaled = t[i] * LCM_TIMESTEP_SCALING  # boundary scalings with sigma_data^2 = 0.25
     rows = _rows(timestep=t[i], input_scale=np.ones(n - start), alpha=np.sqrt(abar[t[i]]),
                  sigma=np.sqrt(1 - abar[t[i]]), level=i + 1,
                  c_skip=0.25 / (scaled**2 + 0.25), c_out=scaled / np.sqrt(scaled**2 + 0.25),
