@@ -63,6 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
         prediction_type="epsilon",
         timestep_spacing="leading",
         steps_offset=1,
+        set_alpha_to_one=False,  # DDIM/PNDM: the final step ends at abar_0, as SD ships
     )
     # Tokenizer: SD 1.x pads with the end-of-text token.
     config.tokenizer = dict(max_length=77, pad_token="<|endoftext|>")

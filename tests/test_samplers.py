@@ -20,6 +20,7 @@ import torch
 import diffusers
 from diffusers import StableDiffusionImg2ImgPipeline
 from diffusion_jax.diffusion import samplers
+from diffusion_jax.diffusion.schedule import Schedule
 
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-5
@@ -256,6 +257,15 @@ def test_loop_is_one_compiled_scan():
     jaxpr = jax.make_jaxpr(lambda x: samplers.sample("unipc", model_jax, x, SD15, 10))(noise)
     assert [e.primitive.name for e in jaxpr.eqns].count("scan") == 1
     assert not any(e.primitive.name == "while" for e in jaxpr.eqns)
+
+
+def test_schedule_can_be_a_traced_argument():
+    # Plans read only the schedule's static config, so a Schedule passed through jit works.
+    schedule = Schedule.from_config(SD15)
+    noise = jnp.ones(SHAPE)
+    traced = jax.jit(lambda s, x: samplers.sample("dpmpp_2m", model_jax, x, s, 5))(schedule, noise)
+    eager = samplers.sample("dpmpp_2m", model_jax, noise, SD15, 5)
+    np.testing.assert_allclose(traced, eager, rtol=1e-6, atol=1e-6)  # jit fuses differently
 
 
 def test_stochastic_samplers_draw_from_rng():
