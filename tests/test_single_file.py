@@ -28,7 +28,7 @@ from diffusion_jax.convert.torch_params import ConversionError  # noqa: E402
 
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                 beta_end=0.012, prediction_type="epsilon", timestep_spacing="leading",
-                steps_offset=1)
+                steps_offset=1, set_alpha_to_one=False)
 TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=1, max_position_embeddings=77, layer_norm_eps=1e-5,
             projection_dim=768)

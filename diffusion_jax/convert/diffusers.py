@@ -53,6 +53,7 @@ SCHEDULE_DEFAULTS = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
     "steps_offset": 1,
+    "set_alpha_to_one": False,  # DDIM/PNDM's final step; SD's scheduler configs say False
 }
 _OPTIONAL_SCHEDULE_KEYS = ("rescale_betas_zero_snr",)
 
