@@ -42,7 +42,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
-    package_data={"diffusion_jax": ["assets/*"]},
+    package_data={"diffusion_jax": ["assets/*", "assets/fashion_mnist/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.cli:main"]},

@@ -221,9 +221,43 @@ def run_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} image(s) to {out}")
 
 
+# ----------------------------------------------------------------------------- bench
+
+
+def add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="measure speed against diffusers PyTorch on the same weights",
+        description="Benchmarks on random weights built from a config. `sample`: txt2img "
+                    "seconds per image (median after a warm-up), compile time and compile "
+                    "count; with --compare torch, the same run through diffusers' "
+                    "StableDiffusionPipeline (same weights, latents, sampler, steps) and the "
+                    "ratio (above 1: we are faster). Needs the [test] extra for --compare.")
+    parser.add_argument("what", choices=["sample"], help="what to measure")
+    parser.add_argument("--config", default=None,
+                        help="configs/*.py file describing the models (default: configs/tiny.py)")
+    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
+    parser.add_argument("--steps", type=int, default=20, help="inference steps (default: 20)")
+    parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (default: 3)")
+    parser.add_argument("--compare", choices=["torch"], help="also run the PyTorch reference")
+    parser.add_argument("--json", help="write the figures to this JSON file")
+    parser.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from diffusion_jax import bench
+
+    path = args.config or Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
+    config = _config_sections(str(path))
+    result = bench.bench_sample(config, sampler=args.sampler, steps=args.steps,
+                                batch=args.batch, repeats=args.repeats,
+                                compare_torch=args.compare == "torch")
+    bench.print_result(result, args.json)
+
+
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = (add_convert, add_export, add_params, add_sample)
+SUBCOMMANDS = (add_convert, add_export, add_params, add_sample, add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
