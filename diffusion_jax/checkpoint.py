@@ -168,6 +168,10 @@ def load(directory: str | os.PathLike, step: int | None = None,
 def _numpy_template(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _numpy_template(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):  # optimizer states: optax's tuples come back as lists
+        return [_numpy_template(v) for v in tree]
+    if tree is None:
+        return None
     return np.empty(tree.shape, tree.dtype)
 
 

@@ -285,8 +285,10 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = load_config_file(args.config)
     apply_overrides(config, args.config_overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+    # force: absl (imported by grain) has already set up a handler; INFO for our loggers only.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    logging.getLogger("diffusion_jax").setLevel(logging.INFO)
     try:
         trainer.train(config, args.workdir)
     except trainer.Preempted as e:

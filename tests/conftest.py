@@ -6,6 +6,8 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Two xdist workers on two cores: multi-threaded OpenBLAS eigh (FID) is 10-20x slower then.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `configs/` lives at the repository root

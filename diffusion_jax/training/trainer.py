@@ -328,8 +328,9 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
     sampler = run.sampler() if stage == "diffusion" and run.is_main else None
     while stage_step < num_steps:
         if run.stop.requested or run.checkpointer.reached_preemption(first + stage_step):
-            run.towers.update(_towers_from_state(stage, state))
-            run.save(first + stage_step, stage, stage_step, state, iterator.get_state())
+            if run.checkpointer.latest_step() != first + stage_step:
+                run.towers.update(_towers_from_state(stage, state))
+                run.save(first + stage_step, stage, stage_step, state, iterator.get_state())
             run.checkpointer.wait()
             raise Preempted(f"stopped at step {first + stage_step} after writing a checkpoint; "
                             "rerun the same command to resume")
@@ -544,23 +545,44 @@ def _final(run: Run) -> None:
         run.summary["fid"] = _fid(run, sampler, final.fid_samples)
 
 
+def _load_inception():
+    """The FID Inception; converts its weights once when missing and torch is there to read
+    the TorchScript file (`diffusion-jax fid --setup` does the same by hand)."""
+    import importlib.util
+
+    from diffusion_jax.eval import fid, inception
+
+    try:
+        return fid.load_inception()
+    except fid.WeightsMissing:
+        if importlib.util.find_spec("torch") is None:
+            raise
+        log.info("FID Inception weights are not set up: fetching and converting them once")
+        inception.setup_weights()
+        return fid.load_inception()
+
+
 def _fid(run: Run, sampler: _Sampler, count: int) -> float | str:
     from diffusion_jax.data import fashion_mnist
     from diffusion_jax.eval import fid
 
     try:
-        features = fid.load_inception()
-    except (FileNotFoundError, fid.WeightsMissing) as e:  # FID needs weights set up once
+        features = _load_inception()
+    except (fid.WeightsMissing, OSError, RuntimeError) as e:  # e.g. no torch, no network
         log.warning("FID skipped: %s", e)
-        return f"skipped: {e}"
+        return f"skipped: {' '.join(str(e).split())}"
     labels = [i % len(fashion_mnist.CLASS_NAMES) for i in range(count)]
     images = sampler.generate([fashion_mnist.caption(c) for c in labels],
                               [100_000 + i for i in range(count)])
     mu, sigma, n = fid.statistics([images[i:i + 100] for i in range(0, count, 100)], features)
-    ref_mu, ref_sigma = fid.reference_statistics_fashion_mnist(split="test")
+    reference = run.config.final_eval.fid_reference_examples
+    ref_mu, ref_sigma = fid.reference_statistics_fashion_mnist(
+        split="test", num_examples=reference, image_size=run.config.data.image_size,
+        features=features)
     value = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
-    log.info("FID (%d samples vs Fashion-MNIST test): %.2f", n, value)
+    log.info("FID (%d samples vs %d Fashion-MNIST test images): %.2f", n, reference, value)
     run.summary["fid_samples"] = n
+    run.summary["fid_reference_examples"] = reference
     return round(value, 3)
 
 

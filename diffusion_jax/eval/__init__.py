@@ -1,0 +1,1 @@
+"""Evaluation: FID (`fid.py`) with the FID Inception network (`inception.py`)."""
