@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- stage 1: VAE
     config.vae_training = dict(
-        steps=600,  # 0 skips the stage (a VAE from --config.init_from is kept as it is)
+        steps=500,  # 0 skips the stage (a VAE from --config.init_from is kept as it is)
         batch_size=32,  # global; the U-Net stage uses data.batch_size
         learning_rate=2e-3,
         warmup_steps=50,
@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # ---------------------------------------------------------------- stage 2: diffusion
     config.training = dict(
-        steps=1500,  # U-Net optimizer steps x gradient_accumulation
+        steps=1300,  # U-Net optimizer steps x gradient_accumulation
         learning_rate=1e-3,
         warmup_steps=200,
         lr_schedule="cosine",  # cosine | constant (after warm-up)
@@ -109,7 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     # from fewer than 2048 samples is biased upward: compare runs at equal counts only).
     config.final_eval = dict(
         samples_per_class=50,
-        fid_samples=500,
-        fid_reference_examples=1000,  # test-split images in the (cached) reference statistics
+        fid_samples=250,
+        fid_reference_examples=500,  # test-split images in the (cached) reference statistics
     )
     return config

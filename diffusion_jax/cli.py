@@ -138,9 +138,18 @@ def run_params(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- sample
 
 
-def add_sample(subparsers) -> None:
+def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --guidance: shared by the commands that generate."""
     from diffusion_jax.pipeline import SAMPLER_NAMES
 
+    parser.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
+                        help=f"one of: {', '.join(SAMPLER_NAMES)} (default: dpmpp_2m)")
+    parser.add_argument("--steps", type=int, default=25, help="inference steps (default: 25)")
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale; 1 disables it (default: 7.5)")
+
+
+def add_sample(subparsers) -> None:
     parser = subparsers.add_parser(
         "sample", help="generate images from a checkpoint (txt2img, img2img, inpaint)",
         description="Generate images with a diffusion_jax checkpoint. With --init-image it "
@@ -151,11 +160,7 @@ def add_sample(subparsers) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
-    parser.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
-                        help=f"one of: {', '.join(SAMPLER_NAMES)} (default: dpmpp_2m)")
-    parser.add_argument("--steps", type=int, default=25, help="inference steps (default: 25)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale; 1 disables it (default: 7.5)")
+    _add_sampler_args(parser)
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="guidance rescale (Lin et al. 2023), 0..1 (default: 0)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
@@ -304,8 +309,6 @@ FID_REF_DATASET = "fashion_mnist"
 
 
 def add_fid(subparsers) -> None:
-    from diffusion_jax.pipeline import SAMPLER_NAMES
-
     parser = subparsers.add_parser(
         "fid", help="FID of a checkpoint's samples or an image folder against reference stats",
         description="Fréchet Inception Distance with the FID Inception (TF inception-2015-12-05) "
@@ -335,11 +338,7 @@ def add_fid(subparsers) -> None:
     parser.add_argument("--prompts", metavar="FILE",
                         help="one prompt per line, cycled (default with --ref fashion_mnist: "
                              "the ten class captions, cycled)")
-    parser.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
-                        help=f"one of: {', '.join(SAMPLER_NAMES)} (default: dpmpp_2m)")
-    parser.add_argument("--steps", type=int, default=25, help="inference steps (default: 25)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale (default: 7.5)")
+    _add_sampler_args(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of sample 0; sample i uses "
                                                             "seed + i (default: 0)")
     parser.add_argument("--batch-size", type=int, default=16,

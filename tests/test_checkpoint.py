@@ -125,3 +125,18 @@ def test_new_checkpoints_are_complete_or_absent(tmp_path):
     with pytest.raises(FileNotFoundError, match="parent directory"):
         checkpoint.create(tmp_path / "no" / "such" / "parent", {"unet": _params(0)}, _config())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_training_checkpointer_keeps_the_latest_and_the_best_by_eval_loss(tmp_path):
+    config = {name: {} for name in checkpoint.CONFIG_SECTIONS}
+    manager = checkpoint.TrainingCheckpointer(tmp_path / "ckpt", pytree_items=("unet",),
+                                              json_items=("trainer",), keep=1, keep_best=1)
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 4.0}
+    for step, loss in losses.items():
+        manager.save(step, {"unet": {"w": np.full((2,), step, np.float32)}}, {"trainer": {"s": step}},
+                     config, None if loss is None else {"eval_loss": loss})
+    manager.wait()
+    assert checkpoint.steps(tmp_path / "ckpt") == [2, 5]
+    restored = manager.restore(2, {"unet": {"w": np.zeros((2,), np.float32)}}, ["trainer"])
+    assert restored["trainer"] == {"s": 2} and restored["unet"]["w"].tolist() == [2.0, 2.0]
+    manager.close()

@@ -312,3 +312,22 @@ def test_one_and_eight_devices_give_the_same_loss_curve(uninterrupted, tmp_path)
     params = _final_params(workdir)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
                  params["unet"], _final_params(uninterrupted)["unet"])
+
+
+def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(uninterrupted, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "partial"
+    shutil.copytree(uninterrupted, workdir)
+    ckpts = workdir / "checkpoints"
+    # What a process killed mid-save leaves: Orbax's temporary step directory, never renamed.
+    partial = ckpts / "18.orbax-checkpoint-tmp-1700000000000000"
+    shutil.copytree(ckpts / "14", partial)
+    (partial / "unet" / "_METADATA").unlink(missing_ok=True)
+    assert checkpoint.steps(ckpts)[-1] == 14
+    manager = checkpoint.TrainingCheckpointer(ckpts, pytree_items=("unet",), json_items=())
+    assert manager.latest_step() == 14
+    manager.close()
+    from diffusion_jax import pipeline
+
+    pipeline.load(ckpts, cache_dir=None)

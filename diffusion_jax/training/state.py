@@ -61,7 +61,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
         rng = jax.random.fold_in(state.rng, state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, frozen, batch, rng)
-        grad_norm = optax.global_norm(grads)  # NaN/Inf in any gradient makes it non-finite
+        grad_norm = optax.tree.norm(grads)  # NaN/Inf in any gradient makes it non-finite
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(_):
