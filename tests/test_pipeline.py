@@ -221,6 +221,41 @@ def test_inpaint_matches_diffusers(systems, monkeypatch):
     assert error <= PIXEL_TOLERANCE, f"inpaint: max pixel error {error:.2e}"
 
 
+def test_nine_channel_inpainting_unet_matches_diffusers(systems, monkeypatch):
+    """The inpainting U-Net: latents + mask + masked-image latents as 9 input channels."""
+    reference, _, root = systems
+    torch.manual_seed(1)
+    unet = diffusers.UNet2DConditionModel(**{**reference.unet.config, "in_channels": 9})
+    _perturb(unet, 7)
+    inpaint = diffusers.StableDiffusionInpaintPipeline(
+        **{**reference.components, "unet": unet,
+           "scheduler": diffusers.DDIMScheduler(**SCHEDULE, clip_sample=False)})
+    inpaint.save_pretrained(root / "diffusers_inpaint")
+    assert cli.main(["convert", "--from", "diffusers", str(root / "diffusers_inpaint"),
+                     "--out", str(root / "ckpt_inpaint")]) == 0
+    image = (np.random.default_rng(8).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[SIZE // 3:, :] = 255
+    Image.fromarray(image).save(root / "inpaint9_init.png")
+    Image.fromarray(mask).save(root / "inpaint9_mask.png")
+    latents = _latents(9, count=1)
+    ours = _sample_cli(root, root / "ckpt_inpaint", "inpaint9", latents, "--sampler", "ddim",
+                       "--init-image", str(root / "inpaint9_init.png"),
+                       "--mask", str(root / "inpaint9_mask.png"))
+
+    module = sys.modules[type(inpaint).__module__]
+    original = module.retrieve_latents  # ours encodes with the posterior mode
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
+    expected = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+                       negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=5,
+                       guidance_scale=7.5, height=SIZE, width=SIZE,
+                       latents=torch.from_numpy(latents), output_type="np").images
+    error = np.abs(ours - expected).max()
+    print(f"9-channel inpaint: max pixel error {error:.2e}")
+    assert error <= PIXEL_TOLERANCE, f"9-channel inpaint: max pixel error {error:.2e}"
+
+
 DEVICE_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, jax
     from diffusion_jax import pipeline
