@@ -193,6 +193,18 @@ def test_bad_input_is_rejected_before_compiling(systems, tmp_path):
                      "--out", str(root / "x.png")]) != 0
 
 
+def _diffusers_inpaint(inpaint, monkeypatch, image, mask, latents) -> np.ndarray:
+    """diffusers' inpainting output, encoding images with the posterior mode as ours does."""
+    module = sys.modules[type(inpaint).__module__]
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
+    return inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+                   negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=5,
+                   guidance_scale=7.5, height=SIZE, width=SIZE,
+                   latents=torch.from_numpy(latents), output_type="np").images
+
+
 def test_inpaint_matches_diffusers(systems, monkeypatch):
     """Standard 4-channel U-Net: latent blending after every step, as diffusers does it."""
     reference, ckpt, root = systems
@@ -208,14 +220,7 @@ def test_inpaint_matches_diffusers(systems, monkeypatch):
 
     inpaint = diffusers.StableDiffusionInpaintPipeline(**reference.components)
     inpaint.scheduler = diffusers.EulerDiscreteScheduler.from_config(reference.scheduler.config)
-    module = sys.modules[type(inpaint).__module__]
-    original = module.retrieve_latents
-    monkeypatch.setattr(module, "retrieve_latents",
-                        lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
-    expected = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
-                       negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=5,
-                       guidance_scale=7.5, height=SIZE, width=SIZE,
-                       latents=torch.from_numpy(latents), output_type="np").images
+    expected = _diffusers_inpaint(inpaint, monkeypatch, image, mask, latents)
     error = np.abs(ours - expected).max()
     print(f"inpaint: max pixel error {error:.2e}")
     assert error <= PIXEL_TOLERANCE, f"inpaint: max pixel error {error:.2e}"
@@ -243,14 +248,7 @@ def test_nine_channel_inpainting_unet_matches_diffusers(systems, monkeypatch):
                        "--init-image", str(root / "inpaint9_init.png"),
                        "--mask", str(root / "inpaint9_mask.png"))
 
-    module = sys.modules[type(inpaint).__module__]
-    original = module.retrieve_latents  # ours encodes with the posterior mode
-    monkeypatch.setattr(module, "retrieve_latents",
-                        lambda output, generator=None, sample_mode="sample": original(output, sample_mode="argmax"))
-    expected = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
-                       negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=5,
-                       guidance_scale=7.5, height=SIZE, width=SIZE,
-                       latents=torch.from_numpy(latents), output_type="np").images
+    expected = _diffusers_inpaint(inpaint, monkeypatch, image, mask, latents)
     error = np.abs(ours - expected).max()
     print(f"9-channel inpaint: max pixel error {error:.2e}")
     assert error <= PIXEL_TOLERANCE, f"9-channel inpaint: max pixel error {error:.2e}"
