@@ -18,31 +18,31 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- models
     config.vae.update(dict(
         down_block_types=("DownEncoderBlock2D",) * 3,  # 3 levels: 4x downsampling
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=32,
+        up_block_types=("UpDecoderBlock2D",) * 3,  # the decoder's mirror
+        block_out_channels=(16, 32, 32),  # encoder channels per level (decoder: reversed)
+        layers_per_block=1,  # ResNets per encoder level; the decoder has one more
+        norm_num_groups=8,  # GroupNorm groups; divides every block_out_channels entry
+        sample_size=32,  # the training image side (= data.image_size)
         scaling_factor=1.0,  # replaced after stage 1 by 1/std of the training latents
     ))
     config.unet.update(dict(
         sample_size=8,  # latent side
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),  # 8x8, 4x4
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),  # the mirror, 4x4 first
+        block_out_channels=(32, 64),  # channels per level
+        layers_per_block=1,  # ResNet + attention layers per level; the up path has one more
         attention_head_dim=(4, 4),  # heads per block
         cross_attention_dim=64,  # = text_encoder.hidden_size
-        norm_num_groups=8,
+        norm_num_groups=8,  # GroupNorm groups; divides every block_out_channels entry
     ))
     config.text_encoder.update(dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=64,  # token width (= unet.cross_attention_dim)
+        intermediate_size=128,  # MLP hidden width
+        num_hidden_layers=2,  # transformer layers
+        num_attention_heads=4,  # 16 channels per head
         max_position_embeddings=16,  # class captions are <= 8 tokens
     ))
-    config.tokenizer.max_length = 16
+    config.tokenizer.max_length = 16  # ids per caption (<= text_encoder.max_position_embeddings)
 
     # ---------------------------------------------------------------- data
     config.data = default_data_config()  # bundled Fashion-MNIST, 32x32, batch 64
@@ -52,20 +52,20 @@ def get_config() -> ml_collections.ConfigDict:
     config.vae_training = dict(
         steps=500,  # 0 skips the stage (a VAE from --config.init_from is kept as it is)
         batch_size=32,  # global; the U-Net stage uses data.batch_size
-        learning_rate=2e-3,
-        warmup_steps=50,
+        learning_rate=2e-3,  # peak AdamW learning rate, then cosine decay to 0 at the last step
+        warmup_steps=50,  # linear warm-up from 0
         reconstruction_loss="l1",  # l1 | l2, per pixel
         kl_weight=1e-4,  # per latent element relative to per-pixel reconstruction
     )
     # ---------------------------------------------------------------- stage 2: diffusion
     config.training = dict(
         steps=1300,  # U-Net optimizer steps x gradient_accumulation
-        learning_rate=1e-3,
-        warmup_steps=200,
+        learning_rate=1e-3,  # peak AdamW learning rate (reached after warmup_steps)
+        warmup_steps=200,  # linear warm-up from 0, in optimizer steps
         lr_schedule="cosine",  # cosine | constant (after warm-up)
-        weight_decay=0.0,
-        adam_b1=0.9,
-        adam_b2=0.999,
+        weight_decay=0.0,  # AdamW's decoupled weight decay, on every trained param
+        adam_b1=0.9,  # AdamW first-moment (momentum) decay
+        adam_b2=0.999,  # AdamW second-moment decay
         grad_clip_norm=1.0,  # global-norm clipping; 0 disables
         gradient_accumulation=1,  # micro-batches per optimizer step (optax.MultiSteps)
         ema_decay=0.999,  # max EMA decay; warm-up min(decay, (1+n)/(10+n)) as diffusers
@@ -74,42 +74,43 @@ def get_config() -> ml_collections.ConfigDict:
         # No pretrained CLIP exists on this machine: a frozen random text tower still maps
         # each caption to a distinct fixed embedding that cross-attention learns to read;
         # training it too costs time and buys nothing for ten class captions.
-        train_text_encoder=False,
+        train_text_encoder=False,  # True: the optimizer updates the text tower too
     )
     config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     config.remat_policy = ""  # "" (none) or a jax.checkpoint_policies name, per U-Net block
-    config.seed = 0
+    config.seed = 0  # param init, training noise and timesteps (data order: data.seed)
     config.init_from = ""  # a checkpoint DIR whose model params start the run
 
     # ---------------------------------------------------------------- parallelism
-    config.mesh = default_mesh_config()
+    config.mesh = default_mesh_config()  # data x fsdp device mesh; default: pure data parallel
 
     # ---------------------------------------------------------------- checkpoints and logs
     config.checkpoint = dict(
-        every_steps=250,
+        every_steps=250,  # steps between checkpoints, counted per stage; each stage's end too
         keep=2,  # the last K checkpoints ...
         keep_best=1,  # ... plus the best K by eval loss
     )
-    config.log_every_steps = 50
-    config.eval_every_steps = 500
+    config.log_every_steps = 50  # steps between train logs (TensorBoard, metrics.jsonl), NaN checks
+    config.eval_every_steps = 500  # steps between held-out losses (also at each stage's end)
     config.eval_examples = 512  # held-out examples for the eval loss
     config.sample_every_steps = 1000  # U-Net stage; 0: only at the end
     config.sample = dict(
+        # The grid's rows: one caption per Fashion-MNIST class.
         prompts=tuple(f"a photo of {a} {name}" for a, name in (
             ("a", "t-shirt"), ("a", "trouser"), ("a", "pullover"), ("a", "dress"), ("a", "coat"),
             ("a", "sandal"), ("a", "shirt"), ("a", "sneaker"), ("a", "bag"), ("an", "ankle boot"))),
-        seeds_per_prompt=8,
-        sampler="dpmpp_2m",
-        steps=20,
-        guidance=3.0,
+        seeds_per_prompt=8,  # the grid's columns: seeds 0 .. n-1
+        sampler="dpmpp_2m",  # a samplers.SAMPLERS name, optionally + "_karras"
+        steps=20,  # denoising steps
+        guidance=3.0,  # classifier-free guidance scale (1: conditional only); negative prompt ""
     )
     # Final evaluation (0 disables each): class accuracy of samples by a Fashion-MNIST
     # classifier (a CPU stand-in for CLIP score) and FID against the held-out split. The
     # Inception runs at ~5 images/s on 2 CPU cores, hence small FID sample counts here (FID
     # from fewer than 2048 samples is biased upward: compare runs at equal counts only).
     config.final_eval = dict(
-        samples_per_class=50,
-        fid_samples=250,
+        samples_per_class=50,  # samples per class (10 classes) scored by the classifier
+        fid_samples=250,  # generated images for FID, captions cycling through the classes
         fid_reference_examples=500,  # test-split images in the (cached) reference statistics
     )
     return config

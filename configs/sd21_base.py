@@ -7,8 +7,8 @@ from configs import sd21
 
 def get_config() -> ml_collections.ConfigDict:
     config = sd21.get_config()
-    config.unet.sample_size = 64
+    config.unet.sample_size = 64  # latent side at the native 512x512 resolution
     config.unet.upcast_attention = False  # only the 768-v model needs fp32 attention
-    config.vae.sample_size = 512
-    config.schedule.prediction_type = "epsilon"
+    config.vae.sample_size = 512  # the training image side
+    config.schedule.prediction_type = "epsilon"  # the base model predicts the noise
     return config

@@ -45,7 +45,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     """The `data` section of a training config, set for the bundled Fashion-MNIST."""
     c = ml_collections.ConfigDict()
     c.source = "fashion_mnist"   # fashion_mnist (bundled) | folder | tfds | latents (precompute.py)
-    c.path = ""                  # folder: image directory; tfds: dataset name; latents: write_latents' folder
+    c.path = ""                  # folder: image dir; tfds: dataset name; latents: precomputed dir
     c.split = "train"            # training split (folder: every image not held out)
     c.eval_split = "test"        # held-out split for eval loss (folder: the eval_fraction held out)
     c.eval_fraction = 0.05       # folder only: fraction of images held out, chosen by path hash
