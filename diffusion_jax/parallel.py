@@ -220,6 +220,11 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str,
 
 def shard_params(params: Any, shardings: Any) -> Any:
     """Params (host or device arrays, the same on every process) placed onto `shardings`."""
+    if jax.process_count() > 1:
+        # From host copies: jax.device_put of an uncommitted device array (what init under
+        # jit returns) onto a sharding spanning processes yields arrays whose shards cannot
+        # be read back (jax 0.10.2), so Orbax fails to save them.
+        params = jax.device_get(params)
     return jax.device_put(params, shardings)
 
 

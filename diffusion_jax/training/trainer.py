@@ -89,12 +89,32 @@ class _StopSignal:
 
     def __init__(self):
         self.requested = False
-        if threading.current_thread() is threading.main_thread():
+        # Several processes: jax.distributed's preemption service catches SIGTERM and
+        # checkpointer.reached_preemption(step) stops every process at the same step. A
+        # Python handler would replace its C handler, and processes signalled a moment apart
+        # would stop at different steps, one saving while another waits in a collective.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM: writing a checkpoint, then stopping")
         self.requested = True
+
+
+def _every_process(value: Any) -> list:
+    """[process 0's value, process 1's, ...] of a JSON value on every process. Orbax writes
+    JSON items from process 0 only, so per-process state (the data iterators) goes in as a
+    list that each process indexes on restore."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([data.size])).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)  # allgather takes one shape everywhere
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
 
 
 # ----------------------------------------------------------------------------- the run
@@ -140,7 +160,7 @@ class Run:
             raise self.diverged(stage, nonfinite)
         pytrees = dict(self.towers)
         pytrees[OPT_ITEM] = {"opt_state": state.opt_state, "rng": state.rng}
-        trainer = {"stage": stage, "stage_step": stage_step, "data": data_state,
+        trainer = {"stage": stage, "stage_step": stage_step, "data": _every_process(data_state),
                    "scaling_factor": self.ckpt_config["vae"]["scaling_factor"]}
         self.checkpointer.save(step, pytrees, {TRAINER_ITEM: trainer}, self.ckpt_config, metrics)
 
@@ -292,12 +312,19 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
         ema = {"unet": run.towers["unet_ema"]} if ema_max_decay is not None else None
         if ema is not None and "text_encoder" in trained:
             ema["text_encoder"] = trained["text_encoder"]
-        state = TrainState(step=jnp.asarray(resume["stage_step"], jnp.int32), params=trained,
+        # Host scalars: device_put of uncommitted device arrays onto shardings that span
+        # processes gives unreadable arrays (see parallel.shard_params).
+        state = TrainState(step=np.asarray(resume["stage_step"], np.int32), params=trained,
                            opt_state=restored[OPT_ITEM]["opt_state"],
                            ema_params=ema, rng=restored[OPT_ITEM]["rng"],
-                           nonfinite_step=jnp.asarray(-1, jnp.int32))
+                           nonfinite_step=np.asarray(-1, np.int32))
         state = jax.device_put(state, state_sharding)
-        stage_step, data_state = resume["stage_step"], resume["data"]
+        states = resume["data"]
+        if len(states) != jax.process_count():
+            raise ValueError(f"the checkpoint at step {resume['step']} holds the data iterator "
+                             f"states of {len(states)} processes, this run has "
+                             f"{jax.process_count()}: resume with as many or start a new workdir")
+        stage_step, data_state = resume["stage_step"], states[jax.process_index()]
     if stage_step >= num_steps:
         _finish_stage(run, stage, state)
         return

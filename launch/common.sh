@@ -1,0 +1,96 @@
+# Helpers shared by the launch/ scripts (sourced, not run): dry-run printing with shell
+# quoting, errors, --help from a script's header comment, and the train arguments every
+# script forwards to `diffusion-jax train` (--config, --workdir, --config.KEY=VALUE).
+# shellcheck shell=bash
+# shellcheck disable=SC2034  # CONSUMED, TRAIN, ...: set here, read by the sourcing script
+
+# DRY_RUN=1 in the environment or --dry-run: print each command instead of running it.
+DRY_RUN="${DRY_RUN:-0}"
+
+die() {
+  printf '%s: error: %s\n' "${0##*/}" "$*" >&2
+  exit 1
+}
+
+note() {  # progress messages go to stderr, so stdout holds only commands in a dry run
+  printf '%s: %s\n' "${0##*/}" "$*" >&2
+}
+
+usage() {  # the header comment of the running script: from line 2 to the first blank line
+  sed -n '2,/^$/{/^#!/d;s/^# \{0,1\}//p;}' "$0"
+}
+
+dry_run() {
+  [[ $DRY_RUN == 1 ]]
+}
+
+quote() {  # one word for a POSIX shell: bare when safe, else single-quoted (as shlex.quote)
+  local word=$1
+  if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\"\'\"\'}"
+  fi
+}
+
+quote_command() {  # the words of a command as one line a shell reads back as those words
+  local words=() word
+  for word in "$@"; do
+    words+=("$(quote "$word")")
+  done
+  printf '%s\n' "${words[*]}"
+}
+
+run() {  # run a command, or print it in a dry run
+  if dry_run; then
+    quote_command "$@"
+  else
+    "$@"
+  fi
+}
+
+run_exec() {  # replace this shell by a command (signals reach it directly), or print it
+  if dry_run; then
+    quote_command "$@"
+  else
+    exec "$@"
+  fi
+}
+
+# ------------------------------------------------------------------ train arguments
+
+CONFIG=""
+WORKDIR=""
+OVERRIDES=()
+CONSUMED=0
+
+take_train_option() {  # consumes --config/--workdir/--config.KEY[=]VALUE; CONSUMED = words used
+  CONSUMED=0
+  case $1 in
+    --config | --workdir)
+      (($# >= 2)) || die "$1 needs a value"
+      if [[ $1 == --config ]]; then CONFIG=$2; else WORKDIR=$2; fi
+      CONSUMED=2 ;;
+    --config=*) CONFIG=${1#*=}; CONSUMED=1 ;;
+    --workdir=*) WORKDIR=${1#*=}; CONSUMED=1 ;;
+    --config.*=*) OVERRIDES+=("$1"); CONSUMED=1 ;;
+    --config.*)
+      (($# >= 2)) || die "$1 needs a value"
+      OVERRIDES+=("$1=$2")  # one word from here on: `--config.KEY=VALUE`
+      CONSUMED=2 ;;
+  esac
+}
+
+require_train_options() {
+  [[ -n $CONFIG ]] || die "--config CONFIG is required (a configs/*.py file)"
+  [[ -n $WORKDIR ]] || die "--workdir DIR is required"
+}
+
+train_command() {  # sets TRAIN to `diffusion-jax train ...` with the parsed train arguments
+  local program=(diffusion-jax)
+  # DIFFUSION_JAX_PYTHON: run through this interpreter (a venv not on PATH, tests).
+  if [[ -n ${DIFFUSION_JAX_PYTHON:-} ]]; then
+    program=("$DIFFUSION_JAX_PYTHON" -m diffusion_jax.cli)
+  fi
+  TRAIN=("${program[@]}" train --config "$CONFIG" --workdir "$WORKDIR" "${OVERRIDES[@]}")
+}
