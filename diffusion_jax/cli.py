@@ -229,35 +229,62 @@ def run_sample(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- bench
 
 
+BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.py"
+BENCHMARKS = ("unet", "train", "vae", "sample", "compile")  # diffusion_jax.bench.BENCHMARKS
+# Options that only some benchmarks take; the others reject them rather than ignore them.
+BENCH_ONLY_OPTIONS = {"remat": ("train",), "compare": ("unet", "train", "vae", "sample"),
+                      "sampler": ("sample", "compile"), "steps": ("sample", "compile")}
+
+
 def add_bench(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure speed against diffusers PyTorch on the same weights",
-        description="Benchmarks on random weights built from a config. `sample`: txt2img "
-                    "seconds per image (median after a warm-up), compile time and compile "
-                    "count; with --compare torch, the same run through diffusers' "
-                    "StableDiffusionPipeline (same weights, latents, sampler, steps) and the "
-                    "ratio (above 1: we are faster). Needs the [test] extra for --compare.")
-    parser.add_argument("what", choices=["sample"], help="what to measure")
-    parser.add_argument("--config", default=None,
-                        help="configs/*.py file describing the models (default: configs/tiny.py)")
-    parser.add_argument("--sampler", default="dpmpp_2m", help="sampler (default: dpmpp_2m)")
-    parser.add_argument("--steps", type=int, default=20, help="inference steps (default: 20)")
-    parser.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs (default: 3)")
+        description="Benchmarks on random weights built from a config: `unet` (forward), "
+                    "`train` (one AdamW step), `vae` (encode + decode), `sample` (txt2img "
+                    "seconds per image), `compile` (first vs second process with the "
+                    "persistent compilation cache). Each prints the median time after a "
+                    "warm-up, images/s, achieved FLOP/s (XLA cost analysis) against a matmul "
+                    "peak measured in the same run, peak memory, compile time and the device; "
+                    "with --compare torch, the same work through diffusers PyTorch on the same "
+                    "weights and ratio_vs_torch (our throughput over PyTorch's: above 1, we "
+                    "are faster). Needs the [test] extra for --compare.")
+    parser.add_argument("what", choices=BENCHMARKS, help="what to measure")
+    parser.add_argument("--config", default=str(BENCH_CONFIG),
+                        help="configs/*.py file describing the models (default: configs/bench.py)")
+    parser.add_argument("--batch", type=int,
+                        help="batch size (default: unet 8, train 8, vae 4, sample 1, compile 1)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        help="compute dtype; params stay float32 (default: float32)")
+    parser.add_argument("--remat", help="train: jax.checkpoint_policies policy for each U-Net "
+                                        "block, e.g. nothing_saveable (default: no remat)")
+    parser.add_argument("--sampler", help="sample, compile: sampler (default: dpmpp_2m)")
+    parser.add_argument("--steps", type=int,
+                        help="sample, compile: inference steps (default: sample 20, compile 4)")
+    parser.add_argument("--repeats", type=int,
+                        help="timed runs after the warm-up (default: 5; sample and compile 3)")
     parser.add_argument("--compare", choices=["torch"], help="also run the PyTorch reference")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.set_defaults(run=run_bench)
 
 
 def run_bench(args: argparse.Namespace) -> None:
+    for option, applies in BENCH_ONLY_OPTIONS.items():
+        if getattr(args, option) is not None and args.what not in applies:
+            raise ValueError(f"--{option} applies to bench {', '.join(applies)} only")
+    for option in ("batch", "steps", "repeats"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            raise ValueError(f"--{option} must be at least 1")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise FileNotFoundError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+    config = _config_sections(args.config)
     from diffusion_jax import bench
 
-    path = args.config or Path(__file__).resolve().parent.parent / "configs" / "tiny.py"
-    config = _config_sections(str(path))
-    result = bench.bench_sample(config, sampler=args.sampler, steps=args.steps,
-                                batch=args.batch, repeats=args.repeats,
-                                compare_torch=args.compare == "torch")
-    bench.print_result(result, args.json)
+    options = {name: getattr(args, name) for name in ("batch", "dtype", "remat", "sampler",
+                                                      "steps", "repeats")
+               if getattr(args, name) is not None}
+    if args.compare:
+        options["compare_torch"] = True
+    bench.print_result(bench.run(args.what, config, **options), args.json)
 
 
 # ----------------------------------------------------------------------------- train

@@ -1,0 +1,257 @@
+"""Model benchmarks: the U-Net forward, one U-Net training step, VAE encode + decode.
+
+Each draws random weights for a config (`weights.random_params`), compiles the function
+once, times the compiled executable and, with `compare_torch`, runs the same work through
+diffusers' PyTorch model holding the same weights (`convert.torch_params`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffusion_jax.bench import measure
+from diffusion_jax.bench.weights import random_params
+from diffusion_jax.convert.torch_params import params_to_state_dict
+from diffusion_jax.models import COMPONENTS
+from diffusion_jax.models import unet as unet_lib
+from diffusion_jax.models import vae as vae_lib
+from diffusion_jax.training.state import TrainState, make_train_step
+
+TEXT_TOKENS = 77  # CLIP context length, as the pipeline and training feed the U-Net
+# AdamW as both sides run it (optax's and torch's defaults differ in weight decay only).
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 1e-2
+
+
+def _unet_inputs(config: unet_lib.UNetConfig, batch: int) -> dict[str, np.ndarray]:
+    if not config.sample_size:
+        raise ValueError("the config's unet section has no sample_size (the latent side)")
+    rng = np.random.default_rng(0)
+    side = config.sample_size
+    return dict(
+        sample=rng.standard_normal((batch, side, side, config.in_channels), np.float32),
+        timesteps=rng.integers(0, 1000, batch).astype(np.float32),
+        context=rng.standard_normal((batch, TEXT_TOKENS, config.cross_attention_dim),
+                                    np.float32))
+
+
+def _result(name: str, *, batch: int, dtype: str, repeats: int, compiled, compile_s: float,
+            median_s: float, **details) -> dict:
+    """The figures every model benchmark reports, read right after our timed runs (before
+    any PyTorch model exists, so the peak RSS is ours)."""
+    return dict(benchmark=name, batch=batch, dtype=dtype, repeats=repeats, **details,
+                **measure.throughput(batch, median_s, measure.xla_flops(compiled)),
+                compile_s=compile_s, **measure.xla_memory(compiled), **measure.peak_memory(),
+                **measure.environment())
+
+
+def bench_unet(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32",
+               repeats: int = 5, compare_torch: bool = False) -> dict:
+    """The U-Net forward on [batch, side, side, C] latents, timesteps and a 77-token context."""
+    cfg = unet_lib.UNetConfig.from_dict(config["unet"])
+    model = unet_lib.UNet2DConditionModel(cfg, dtype=measure.DTYPES[dtype])
+    params = random_params("unet", config["unet"], seed=0)
+    inputs = _unet_inputs(cfg, batch)
+    forward = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
+    args = jax.device_put((params, inputs["sample"], inputs["timesteps"], inputs["context"]))
+    compiled, compile_s = measure.compile_timed(forward, *args)
+    ours, median_s = measure.warm_median(lambda: compiled(*args), repeats)
+    result = _result("unet", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
+                     compile_s=compile_s, median_s=median_s,
+                     latent_shape=list(inputs["sample"].shape))
+    if compare_torch:
+        import torch
+
+        module = _torch_model("UNet2DConditionModel", cfg, params)
+        sample, timesteps, context = (torch.from_numpy(_nchw(inputs["sample"])),
+                                      torch.from_numpy(inputs["timesteps"]),
+                                      torch.from_numpy(inputs["context"]))
+
+        def run():
+            with _autocast(dtype):
+                return module(sample, timesteps, context).sample
+
+        reference, torch_s = _torch_warm_median(run, repeats, grad=False)
+        result.update(_torch_figures(batch, median_s, torch_s))
+        result.update(measure.output_difference(ours, _nhwc(reference)))
+    return result
+
+
+def _epsilon_loss(model: unet_lib.UNet2DConditionModel):
+    """MSE of the predicted noise against the noise given in the batch: the work of a
+    diffusion training step without the sampling of noise and timesteps around it."""
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen, rng
+        prediction = model.apply({"params": params}, batch["noisy_latents"], batch["timesteps"],
+                                 batch["context"])
+        return jnp.mean(jnp.square(prediction - batch["noise"])), {}
+
+    return loss_fn
+
+
+def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32",
+                remat: str | None = None, repeats: int = 5, compare_torch: bool = False) -> dict:
+    """One U-Net training step: forward, epsilon MSE, gradients, AdamW update; the project's
+    `make_train_step` (no EMA), jitted with the state donated."""
+    if remat is not None and remat not in unet_lib.REMAT_POLICIES:
+        raise ValueError(f"--remat {remat!r}: valid policies are {list(unet_lib.REMAT_POLICIES)}")
+    cfg = unet_lib.UNetConfig.from_dict(config["unet"])
+    model = unet_lib.UNet2DConditionModel(cfg, dtype=measure.DTYPES[dtype], remat_policy=remat)
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    train_step = make_train_step(_epsilon_loss(model), optimizer, lambda _: LEARNING_RATE,
+                                 ema_max_decay=None)
+    inputs = _unet_inputs(cfg, batch)
+    noise = np.random.default_rng(1).standard_normal(inputs["sample"].shape).astype(np.float32)
+    batch_arrays = jax.device_put(dict(noisy_latents=inputs["sample"], noise=noise,
+                                       timesteps=inputs["timesteps"], context=inputs["context"]))
+    create_state = lambda params: TrainState.create(
+        params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
+    # Compiled from shapes before the state exists: the compiler's memory is free again
+    # when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB).
+    state_shapes = jax.eval_shape(create_state, COMPONENTS["unet"].param_shapes(cfg))
+    compiled, compile_s = measure.compile_timed(train_step, state_shapes, {}, batch_arrays,
+                                                donate_argnums=(0,))
+    state = create_state(random_params("unet", config["unet"], seed=0))
+    current, losses = [state], []
+
+    def step():
+        current[0], metrics = compiled(current[0], {}, batch_arrays)
+        losses.append(metrics["loss"])
+        return current[0]
+
+    _, median_s = measure.warm_median(step, repeats)
+    # Losses before the first update and after the last: equal on both sides when the
+    # gradients and AdamW are (the steps repeat one batch).
+    losses = [float(losses[0]), float(losses[-1])]
+    result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
+                     compile_s=compile_s, median_s=median_s, remat=remat,
+                     latent_shape=list(inputs["sample"].shape), first_loss=losses[0],
+                     last_loss=losses[1])
+    if compare_torch:
+        del current, state  # our params were donated: the reference draws the same ones again
+        params = random_params("unet", config["unet"], seed=0)
+        result.update(_torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch,
+                                   median_s, losses))
+    return result
+
+
+def _torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch, median_s,
+                 losses: list[float]) -> dict:
+    """diffusers' U-Net and torch.optim.AdamW: forward, MSE, backward, step, zero_grad."""
+    import torch
+
+    module = _torch_model("UNet2DConditionModel", cfg, params).train()
+    if remat is not None:
+        module.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    sample, noise = (torch.from_numpy(_nchw(np.asarray(batch_arrays[k])))
+                     for k in ("noisy_latents", "noise"))
+    timesteps, context = (torch.tensor(np.asarray(batch_arrays[k]))
+                          for k in ("timesteps", "context"))
+    torch_losses = []
+
+    def step():
+        # Autocast the forward only, as AMP does: with optimizer.step() under CPU autocast
+        # too, the bfloat16 updates were lost (the loss barely moved).
+        with _autocast(dtype):
+            prediction = module(sample, timesteps, context).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch_losses.append(loss.item())
+
+    _, torch_s = _torch_warm_median(step, repeats, grad=True)
+    torch_losses = [torch_losses[0], torch_losses[-1]]
+    return dict(**_torch_figures(batch, median_s, torch_s), torch_first_loss=torch_losses[0],
+                torch_last_loss=torch_losses[1],
+                loss_difference=max(abs(a - b) for a, b in zip(losses, torch_losses)))
+
+
+def bench_vae(config: Mapping[str, Any], *, batch: int = 4, dtype: str = "float32",
+              repeats: int = 5, compare_torch: bool = False) -> dict:
+    """VAE encode (the posterior mean) then decode, on images at the config's sample_size."""
+    cfg = vae_lib.AutoencoderKLConfig.from_dict(config["vae"])
+    model = vae_lib.AutoencoderKL(cfg, dtype=measure.DTYPES[dtype])
+    params = random_params("vae", config["vae"], seed=1)
+    side = cfg.sample_size
+    images = np.random.default_rng(0).uniform(
+        -1, 1, (batch, side, side, cfg.in_channels)).astype(np.float32)
+
+    def encode_decode(p, x):
+        mean = model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode).mean
+        return model.apply({"params": p}, mean, method=vae_lib.AutoencoderKL.decode)
+
+    args = jax.device_put((params, images))
+    compiled, compile_s = measure.compile_timed(encode_decode, *args)
+    ours, median_s = measure.warm_median(lambda: compiled(*args), repeats)
+    result = _result("vae", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
+                     compile_s=compile_s, median_s=median_s, image_shape=list(images.shape))
+    if compare_torch:
+        import torch
+
+        module = _torch_model("AutoencoderKL", cfg, params)
+        x = torch.from_numpy(_nchw(images))
+
+        def run():
+            with _autocast(dtype):
+                return module.decode(module.encode(x).latent_dist.mean).sample
+
+        reference, torch_s = _torch_warm_median(run, repeats, grad=False)
+        result.update(_torch_figures(batch, median_s, torch_s))
+        result.update(measure.output_difference(ours, _nhwc(reference)))
+    return result
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+
+def _nchw(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def _nhwc(x) -> np.ndarray:
+    return x.detach().float().numpy().transpose(0, 2, 3, 1)
+
+
+def _torch_model(class_name: str, config, params):
+    """The diffusers model of our config, holding our params."""
+    import diffusers
+    import torch
+
+    module = getattr(diffusers, class_name)(**config.to_dict())
+    state_dict = {k: torch.tensor(v) for k, v in params_to_state_dict(params).items()}
+    module.load_state_dict(state_dict, strict=True)
+    return module.eval()
+
+
+def _autocast(dtype: str):
+    """Our bfloat16 is a compute dtype over float32 params, as torch's autocast is."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def _torch_warm_median(fn, repeats: int, *, grad: bool):
+    """(the warm-up call's result, median seconds after it)."""
+    import torch
+
+    with contextlib.nullcontext() if grad else torch.inference_mode():
+        first = fn()
+        return first, statistics.median(measure.timed(fn, repeats))
+
+
+def _torch_figures(batch: int, median_s: float, torch_s: float) -> dict:
+    import torch
+
+    return dict(torch_median_s=torch_s, torch_images_per_s=batch / torch_s,
+                torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
+                ratio_vs_torch=torch_s / median_s)

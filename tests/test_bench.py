@@ -1,0 +1,149 @@
+"""`diffusion-jax bench`: every benchmark end to end on configs/tiny.py, the PyTorch
+comparisons doing the same work (outputs within 1e-4 relative: max|ours - torch| /
+max(1, max|torch|)), XLA's FLOP counts against analytic ones, and usage errors."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from diffusion_jax import bench, cli
+from diffusion_jax.bench import measure
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO_ROOT, "configs", "tiny.py")
+COMMON_KEYS = {"median_s", "images_per_s", "flops", "flops_source", "flop_per_s",
+               "matmul_peak_flop_per_s", "fraction_of_matmul_peak", "compile_s",
+               "peak_rss_bytes", "xla_total_bytes", "platform", "device_kind", "jax_version",
+               "cpu_count"}
+TORCH_KEYS = {"torch_median_s", "torch_images_per_s", "torch_threads", "ratio_vs_torch"}
+
+
+def _bench(capsys, tmp_path, *argv) -> dict:
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", *argv, "--config", TINY, "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    for key in result:  # the table shows every figure the JSON holds
+        assert key in printed
+    return result
+
+
+def _check_common(result: dict, batch: int) -> None:
+    assert COMMON_KEYS <= set(result)
+    assert result["batch"] == batch and result["flops_source"] == "xla_cost_analysis"
+    assert result["median_s"] > 0 and result["compile_s"] > 0 and result["flops"] > 0
+    assert result["images_per_s"] == pytest.approx(batch / result["median_s"])
+    assert result["flop_per_s"] == pytest.approx(result["flops"] / result["median_s"])
+    assert 0 < result["fraction_of_matmul_peak"] < 1.5
+    assert result["peak_rss_bytes"] > 100 * 2 ** 20 and result["xla_total_bytes"] > 0
+
+
+def _check_torch(result: dict) -> None:
+    assert TORCH_KEYS <= set(result)
+    assert result["ratio_vs_torch"] == pytest.approx(
+        result["images_per_s"] / result["torch_images_per_s"])
+
+
+@pytest.mark.parametrize("what, shape_key", [("unet", "latent_shape"), ("vae", "image_shape")])
+def test_forward_benchmarks_match_torch(capsys, tmp_path, what, shape_key):
+    result = _bench(capsys, tmp_path, what, "--batch", "2", "--compare", "torch")
+    _check_common(result, batch=2)
+    _check_torch(result)
+    assert result["benchmark"] == what and result[shape_key][0] == 2
+    print(f"{what}: relative difference {result['relative_difference']:.2e}")
+    assert 0 < result["relative_difference"] < 1e-4
+
+
+def test_train_step_matches_torch(capsys, tmp_path):
+    result = _bench(capsys, tmp_path, "train", "--batch", "2", "--compare", "torch")
+    _check_common(result, batch=2)
+    _check_torch(result)
+    # A real step: the loss moved, the same way as torch's AdamW moved it.
+    assert abs(result["last_loss"] - result["first_loss"]) > 1e-3
+    print(f"train: loss difference {result['loss_difference']:.2e}")
+    assert result["loss_difference"] < 1e-4 * max(1.0, result["torch_first_loss"])
+    assert result["xla_alias_bytes"] > 0  # the donated state is updated in place
+
+
+def test_sample_benchmark(capsys, tmp_path):
+    result = _bench(capsys, tmp_path, "sample", "--steps", "2")
+    assert result["benchmark"] == "sample" and result["compilations"] == 1
+    assert result["seconds_per_image"] > 0 and result["peak_rss_bytes"] > 0
+
+
+def test_compile_benchmark_hits_the_cache_in_a_second_process(capsys, tmp_path):
+    result = _bench(capsys, tmp_path, "compile", "--steps", "2")
+    for process in ("first", "second"):
+        assert result[f"{process}_process_traces"] == 1
+        assert result[f"{process}_process_warm_call_s"] > 0
+    assert result["first_process_cache_misses"] >= 1 and result["first_process_cache_hits"] == 0
+    assert result["second_process_cache_hits"] >= 1 and result["second_process_cache_misses"] == 0
+    assert result["cache_entries"] >= 1
+    print(f"compile: first {result['first_process_compile_s']:.2f} s, "
+          f"second {result['second_process_compile_s']:.2f} s")
+    assert 0 < result["second_over_first_compile"] < 1
+
+
+def _flops(fn, *args) -> float:
+    return measure.xla_flops(jax.jit(fn).lower(*args).compile())
+
+
+def test_xla_flop_counts_match_analytic_counts():
+    a, b = jnp.ones((64, 96)), jnp.ones((96, 40))
+    assert _flops(jnp.matmul, a, b) == 2 * 64 * 96 * 40
+
+    n, h, w, cin, cout, k = 2, 16, 12, 8, 32, 3
+    x, kernel = jnp.ones((n, h, w, cin)), jnp.ones((k, k, cin, cout))
+
+    def conv(padding):
+        return lambda x, kernel: jax.lax.conv_general_dilated(
+            x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    valid = _flops(conv("VALID"), x, kernel)
+    assert valid == 2 * n * (h - k + 1) * (w - k + 1) * cout * k * k * cin
+    # With padding XLA counts only the taps that land inside the image: per axis, an output
+    # row sees 3 taps except the two border rows (2 each), 3h - 2 in all.
+    same = _flops(conv("SAME"), x, kernel)
+    assert same == 2 * n * cout * cin * (k * h - 2) * (k * w - 2)
+    assert same < 2 * n * h * w * cout * k * k * cin
+
+
+def test_the_cli_knows_every_benchmark_and_defaults_to_the_bench_config():
+    assert set(cli.BENCHMARKS) == set(bench.BENCHMARKS)
+    for what in cli.BENCHMARKS:
+        args = cli.build_parser().parse_args(["bench", what])
+        assert args.config == os.path.join(REPO_ROOT, "configs", "bench.py")
+
+
+def test_config_without_the_models_is_an_error(capsys, tmp_path):
+    config = tmp_path / "other.py"
+    config.write_text("import ml_collections\n\ndef get_config():\n"
+                      "    return ml_collections.ConfigDict({'vae': {}})\n")
+    assert cli.main(["bench", "train", "--config", str(config)]) == 1
+    assert "bench train needs the config sections ['unet']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["unet", "--config", "no/such/config.py"], "config file no/such/config.py does not exist"),
+    (["unet", "--config", TINY, "--remat", "nothing_saveable"],
+     "--remat applies to bench train only"),
+    (["compile", "--config", TINY, "--compare", "torch"], "--compare applies to bench unet"),
+    (["train", "--config", TINY, "--remat", "everything"], "valid policies are"),
+    (["vae", "--config", TINY, "--batch", "0"], "--batch must be at least 1"),
+    (["vae", "--config", TINY, "--json", "no/such/dir/out.json"], "does not exist"),
+])
+def test_bad_input_is_one_line_on_stderr(capsys, argv, needle):
+    assert cli.main(["bench", *argv]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("diffusion-jax: error: ") and needle in err
+
+
+def test_unknown_benchmark_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "clip"])
+    assert info.value.code == 2
+    assert "invalid choice: 'clip'" in capsys.readouterr().err
