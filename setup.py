@@ -18,8 +18,11 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "scipy>=1.11",  # FID: symmetric eigendecompositions (scipy.linalg.eigh)
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+    "etils[epath]>=1.7",  # local and gs:// paths alike (Orbax uses it too)
     "tqdm>=4.66",
 ]
+
+GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]
 
 EXTRAS_REQUIRE = {
     # PyTorch references for parity tests. torch is pinned to the CPU wheel the
@@ -40,7 +43,10 @@ EXTRAS_REQUIRE = {
     # Reading .ckpt single-file checkpoints (torch.load(weights_only=True)) and
     # .bin diffusers weights needs torch; safetensors files do not.
     "torch": ["torch==2.13.0"],
-    "tpu": ["jax[tpu]>=0.10.2"],
+    # gs:// workdirs and checkpoints: gcsfs for files (etils.epath, Orbax, the XLA compilation
+    # cache); google-cloud-storage for tensorboardX's event files and Orbax's step deletion.
+    "gcs": GCS,
+    "tpu": ["jax[tpu]>=0.10.2", *GCS],  # TPU VMs share no disk: the workdir is on GCS
     "cuda": ["jax[cuda12]>=0.10.2"],
 }
 

@@ -14,6 +14,9 @@ key names, as `configs/*.py` write them), `schedule` (diffusers scheduler config
 `tokenizer` (`pad_token`, `max_length`) and `format_version`. Other pytree items (optimizer
 state, ...) can sit beside the params in a step: `save` writes any pytree item, `load` reads
 the model items unless asked for others.
+
+DIR may be local or a gs:// URI (TPU pods): paths are `etils.epath` paths, whose files go
+through gcsfs and whose arrays Orbax writes with TensorStore's GCS driver.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from diffusion_jax.models import COMPONENTS
 
@@ -40,7 +44,31 @@ class CheckpointError(ValueError):
     """A directory that is not a (readable) diffusion_jax checkpoint, or a missing step/item."""
 
 
-def _not_a_checkpoint(directory: Path, why: str) -> CheckpointError:
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a URI (gs://bucket/...) rather than a local path."""
+    return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """`path` as an epath.Path, which keeps a URI a URI (pathlib turns gs://b/run into the
+    local gs:/b/run); a clear error when the filesystem package for the URI is missing."""
+    path = epath.Path(path)
+    if is_remote(path):
+        import fsspec
+
+        try:  # epath reaches gs:// through fsspec, which needs gcsfs
+            fsspec.get_filesystem_class(os.fspath(path).split("://")[0])
+        except ImportError as e:
+            raise ValueError(f"{path}: {e}; pip install 'diffusion-jax[gcs]'") from None
+    return path
+
+
+def _orbax_path(path: epath.Path) -> epath.Path:
+    """Orbax wants absolute local paths; `absolute()` would mangle a URI."""
+    return path if is_remote(path) else path.absolute()
+
+
+def _not_a_checkpoint(directory: epath.Path, why: str) -> CheckpointError:
     return CheckpointError(
         f"{directory} is not a diffusion_jax checkpoint: {why}; create one with "
         "`diffusion-jax convert --from diffusers|single-file SRC --out DIR` or by training")
@@ -52,10 +80,10 @@ def is_model_item(name: str) -> bool:
     return base in COMPONENTS
 
 
-def _manager(directory: Path, item_names: Iterable[str]) -> ocp.CheckpointManager:
+def _manager(directory: epath.Path, item_names: Iterable[str]) -> ocp.CheckpointManager:
     handlers = {name: ocp.StandardCheckpointHandler() for name in item_names}
     handlers[CONFIG_ITEM] = ocp.JsonCheckpointHandler()
-    return ocp.CheckpointManager(directory.absolute(), item_handlers=handlers)
+    return ocp.CheckpointManager(_orbax_path(directory), item_handlers=handlers)
 
 
 def _to_json(value: Any) -> Any:
@@ -82,7 +110,7 @@ def save(directory: str | os.PathLike, step: int, items: Mapping[str, Any],
     """Writes `items` (name -> pytree of arrays, e.g. {"unet": params, "unet_ema": ...}) and the
     config as step `step` of the checkpoint at `directory` (created if needed). Orbax writes
     each step to a temporary directory and renames it, so a step is never half-written."""
-    directory = Path(directory)
+    directory = as_path(directory)
     if CONFIG_ITEM in items:
         raise ValueError(f"`{CONFIG_ITEM}` is the config item's name, not a params item's")
     validate_config(config)
@@ -95,7 +123,7 @@ def save(directory: str | os.PathLike, step: int, items: Mapping[str, Any],
 
 def steps(directory: str | os.PathLike) -> list[int]:
     """The saved steps, ascending; a CheckpointError when the directory is not a checkpoint."""
-    directory = Path(directory)
+    directory = as_path(directory)
     if not directory.is_dir():
         why = "it is a file, not a directory" if directory.exists() else "no such directory"
         raise _not_a_checkpoint(directory, why)
@@ -106,7 +134,7 @@ def steps(directory: str | os.PathLike) -> list[int]:
     return found
 
 
-def _resolve_step(directory: Path, step: int | None) -> int:
+def _resolve_step(directory: epath.Path, step: int | None) -> int:
     available = steps(directory)
     if step is None:
         return available[-1]
@@ -117,14 +145,14 @@ def _resolve_step(directory: Path, step: int | None) -> int:
 
 def item_names(directory: str | os.PathLike, step: int | None = None) -> list[str]:
     """Names of the pytree items saved at `step` (default: the latest), config excluded."""
-    directory = Path(directory)
+    directory = as_path(directory)
     step_dir = directory / str(_resolve_step(directory, step))
     return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name != CONFIG_ITEM)
 
 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     """The config item of `step` (default: the latest)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     step = _resolve_step(directory, step)
     if not (directory / str(step) / CONFIG_ITEM).is_dir():
         raise _not_a_checkpoint(directory, f"step {step} has no `{CONFIG_ITEM}` item")
@@ -147,7 +175,7 @@ def load(directory: str | os.PathLike, step: int | None = None,
     """(items, config) of `step` (default: the latest). `items` defaults to every model-params
     item saved (`unet`, `vae`, `text_encoder`, EMA copies); arrays come back as host numpy
     arrays, shaped by what was saved (no template needed)."""
-    directory = Path(directory)
+    directory = as_path(directory)
     step = _resolve_step(directory, step)
     config = read_config(directory, step)
     saved = item_names(directory, step)
@@ -176,7 +204,11 @@ def _numpy_template(tree: Any) -> Any:
 
 
 def check_new_directory(path: str | os.PathLike) -> None:
-    """Raises unless `path` can become a new output directory: absent or empty, parent present."""
+    """Raises unless `path` can become a new output directory: absent or empty, parent present.
+    Local only: a GCS "directory" cannot be renamed into place, so it could appear half-written."""
+    if is_remote(path):
+        raise ValueError(f"output {os.fspath(path)}: new directories are written locally only; "
+                         "write it to a local path, then copy it (gcloud storage cp -r)")
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"output {path} already exists and is not empty; choose a new "
@@ -190,8 +222,8 @@ def new_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary sibling of `path` to fill; renames it to `path` when the block ends
     without an exception, else deletes it. Refuses a `path` that exists and is not empty, so
     an output is either complete or absent."""
-    path = Path(path)
     check_new_directory(path)
+    path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -224,7 +256,7 @@ class TrainingCheckpointer:
 
     def __init__(self, directory: str | os.PathLike, *, pytree_items: Iterable[str],
                  json_items: Iterable[str], keep: int = 2, keep_best: int = 1):
-        self.directory = Path(directory).absolute()
+        self.directory = _orbax_path(as_path(directory))
         self.pytree_items, self.json_items = tuple(pytree_items), tuple(json_items)
         handlers = {name: ocp.StandardCheckpointHandler() for name in self.pytree_items}
         handlers.update({name: ocp.JsonCheckpointHandler()

@@ -356,7 +356,8 @@ def _rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) ->
 def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any],
               columns: int | None = None) -> None:
     """Images [N, H, W, 3] (uint8, or float in [0, 1]) as one PNG grid; `metadata` goes into
-    its text chunks (str values as they are, others as JSON) so the picture says how it was made."""
+    its text chunks (str values as they are, others as JSON) so the picture says how it was made.
+    `path` may be local or a gs:// URI."""
     import json
 
     from PIL import Image, PngImagePlugin
@@ -374,7 +375,8 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    Image.fromarray(grid).save(path, pnginfo=info)
+    with checkpoint.as_path(path).open("wb") as f:
+        Image.fromarray(grid).save(f, format="PNG", pnginfo=info)
 
 
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,

@@ -12,15 +12,17 @@ Generated images arrive at the demo's resolution (32x32 RGB uint8); `prepare` br
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import traverse_util
 
 from diffusion_jax.data import fashion_mnist
@@ -143,24 +145,28 @@ def train_classifier(seed: int = 0, steps: int = DEFAULT_STEPS, batch_size: int 
     return params
 
 
-def save(params: dict, path: str | Path, seed: int) -> None:
-    from safetensors.numpy import save_file
+def save(params: dict, path: str | os.PathLike, seed: int) -> None:
+    """The params as a safetensors file at `path` (local or gs://)."""
+    from safetensors.numpy import save as to_bytes
 
     flat = traverse_util.flatten_dict(jax.device_get(params), sep="/")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.asarray(v) for k, v in flat.items()}, str(path),
-              metadata={"format": CACHE_FORMAT, "seed": str(seed)})
+    path = epath.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(to_bytes({k: np.asarray(v) for k, v in flat.items()},
+                              metadata={"format": CACHE_FORMAT, "seed": str(seed)}))
 
 
-def _load_cached(path: Path, seed: int) -> dict | None:
+def _load_cached(path: epath.Path, seed: int) -> dict | None:
     """The cached params, or None (with the reason logged) if they cannot be used."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.numpy import load as from_bytes
 
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            flat = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as e:
+    try:  # bytes, not safe_open: the file may be on GCS
+        data = path.read_bytes()
+        flat = from_bytes(data)
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        metadata = header.get("__metadata__") or {}
+    except (SafetensorError, OSError, ValueError) as e:
         log.warning("classifier cache %s is unreadable (%s); retraining", path, e)
         return None
     if metadata.get("format") != CACHE_FORMAT or metadata.get("seed") != str(seed):
@@ -176,11 +182,12 @@ def _load_cached(path: Path, seed: int) -> dict | None:
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
 
 
-def load_or_train(cache_path: str | Path | None, seed: int = 0) -> dict:
-    """Classifier params from `cache_path` (safetensors), training and writing them if the file
-    is missing, unreadable, or from another seed or architecture. None: train, cache nothing."""
+def load_or_train(cache_path: str | os.PathLike | None, seed: int = 0) -> dict:
+    """Classifier params from `cache_path` (safetensors, local or gs://), training and writing
+    them if the file is missing, unreadable, or from another seed or architecture. None: train,
+    cache nothing."""
     if cache_path is not None:
-        cache_path = Path(cache_path)
+        cache_path = epath.Path(cache_path)
         if cache_path.exists():
             params = _load_cached(cache_path, seed)
             if params is not None:

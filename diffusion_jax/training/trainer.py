@@ -5,6 +5,9 @@ stage takes steps 1..N1, the U-Net stage N1+1..N1+N2); every step directory is a
 diffusion_jax checkpoint (all three towers + config) plus what resuming needs (optimizer
 state, the `trainer` JSON with the stage and the data iterator state). A restarted run picks
 up from the newest step and sees exactly the batches and randomness it would have seen.
+
+WORKDIR may be a gs:// URI (TPU pods, whose VMs share no disk): every file goes through
+`etils.epath`, checkpoint arrays through TensorStore's GCS driver.
 """
 
 from __future__ import annotations
@@ -12,17 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import resource
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from diffusion_jax import checkpoint, parallel
 from diffusion_jax.data import pipeline as data_pipeline
@@ -125,7 +129,7 @@ class Run:
     """Everything one `train` call shares between stages."""
 
     config: ml_collections.ConfigDict
-    workdir: Path
+    workdir: epath.Path
     mesh: Any
     tokenizer: CLIPTokenizer
     checkpointer: checkpoint.TrainingCheckpointer
@@ -194,11 +198,23 @@ def _init_towers(config: ml_collections.ConfigDict, cfg: Mapping[str, Any]) -> d
             for i, name in enumerate(TOWERS)}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Runs (or resumes) both stages in `workdir`; returns the summary it also prints."""
+def _check_remote_workdir(workdir: epath.Path) -> None:
+    """On GCS, tensorboardX writes events and Orbax deletes old steps with google-cloud-storage
+    (gcsfs, which epath needs, is checked by checkpoint.as_path)."""
+    from tensorboardX import record_writer
+
+    if checkpoint.is_remote(workdir) and not record_writer.GCS_ENABLED:
+        raise ValueError(f"workdir {workdir}: TensorBoard events and checkpoint cleanup on GCS "
+                         "need google-cloud-storage; pip install 'diffusion-jax[gcs]'")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Runs (or resumes) both stages in `workdir` (local or gs://); returns the summary it
+    also prints."""
     from diffusion_jax.pipeline import enable_compilation_cache
 
-    workdir = Path(workdir)
+    workdir = checkpoint.as_path(workdir)
+    _check_remote_workdir(workdir)
     parallel.initialize_distributed()
     enable_compilation_cache()  # a restarted run skips most compilation
     workdir.mkdir(parents=True, exist_ok=True)
@@ -227,8 +243,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             _run_stage(run, stage, resume if resume and resume["stage"] == stage else None)
             resume = None
         checkpointer.wait()
-        if run.is_main:
-            _final(run)
+        _final(run)
     finally:
         checkpointer.wait()
         checkpointer.close()
@@ -352,7 +367,6 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
              parallel.describe(state.params, state_sharding.params))
     progress = _Progress(run, stage, stage_step, num_steps, data_config.batch_size)
     pending: list = []
-    sampler = run.sampler() if stage == "diffusion" and run.is_main else None
     while stage_step < num_steps:
         if run.stop.requested or run.checkpointer.reached_preemption(first + stage_step):
             if run.checkpointer.latest_step() != first + stage_step:
@@ -378,9 +392,11 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
             run.summary[f"{stage}_eval_loss"] = round(eval_loss, 6)
             if stage == "diffusion":
                 metrics_for_best = {"eval_loss": eval_loss}
-        if sampler is not None and config.sample_every_steps and (
+        if stage == "diffusion" and config.sample_every_steps and (
                 stage_step % config.sample_every_steps == 0) and not last:
-            sampler.grid(step, _ema_or_params(state))
+            towers = _host_towers(run, _ema_or_params(state)["unet"])  # on every process
+            if run.is_main:
+                run.sampler().grid(step, towers)
         if stage_step % config.checkpoint.every_steps == 0 or last:
             run.towers.update(_towers_from_state(stage, state))
             run.save(step, stage, stage_step, state, iterator.get_state(), metrics_for_best)
@@ -441,8 +457,11 @@ def _set_scaling_factor(run: Run) -> None:
     batches = data_pipeline.make_eval_batches(
         _stage_data_config(run.config, "vae"), run.tokenizer, num_examples=1024,
         batch_size=run.config.vae_training.batch_size)
+    # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
+    # and a host reads only whole (or fully replicated) arrays.
     encode = jax.jit(lambda p, x, r: losses.encode_latents(
-        dataclasses.replace(models, scaling_factor=1.0), p, x, r))
+        dataclasses.replace(models, scaling_factor=1.0), p, x, r),
+        out_shardings=parallel.replicated(run.mesh))
     rng = jax.random.key(run.config.seed + 31)
     latents = [np.asarray(encode(run.towers["vae"], b["image"], jax.random.fold_in(rng, i)))
                for i, b in enumerate(batches)]
@@ -482,8 +501,8 @@ class _Progress:
         self.last_time, self.last_step = now, step - self.run.first_step(self.stage)
         self.run.scalars(step, values, f"{self.stage}/train")
         if self.run.is_main:  # the curve as JSON lines too: easy to diff and plot
-            with open(self.run.workdir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+            _append_line(self.run.workdir / "metrics.jsonl",
+                         json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
         self.bar.update(steps)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_second']:.0f}")
         skipped = _skipped(iterator)
@@ -496,6 +515,25 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _append_line(path: epath.Path, line: str) -> None:
+    if checkpoint.is_remote(path):  # a GCS object cannot grow: gcsfs opens "a" as "w"
+        path.write_text((path.read_text() if path.exists() else "") + line)
+    else:
+        with open(path, "a") as f:
+            f.write(line)
+
+
+def _host_towers(run: Run, unet: Any) -> dict:
+    """Whole host (numpy) copies of the three towers, `unet` as the U-Net's params. Every
+    process must call it: params sharded over several hosts' devices are whole on none, so
+    they are gathered with a collective (leaf by leaf: one leaf's copy on each device at a
+    time)."""
+    from jax.experimental import multihost_utils
+
+    towers = {**run.towers, "unet": unet}
+    return multihost_utils.process_allgather({n: towers[n] for n in TOWERS}, tiled=True)
 
 
 class _Sampler:
@@ -512,10 +550,9 @@ class _Sampler:
         self.replicated = jax.sharding.NamedSharding(self.pipe.mesh, jax.sharding.PartitionSpec())
         (run.workdir / "samples").mkdir(exist_ok=True)
 
-    def set_params(self, unet_params: Any) -> None:
-        towers = {**self.run.towers, "unet": unet_params}
-        host = {n: jax.device_get(towers[n]) for n in TOWERS}
-        self.pipe.params = jax.device_put(host, self.replicated)
+    def set_params(self, host_towers: Mapping[str, Any]) -> None:
+        """`host_towers` from _host_towers."""
+        self.pipe.params = jax.device_put(dict(host_towers), self.replicated)
 
     def generate(self, prompts: list[str], seeds: list[int], batch: int = 100) -> np.ndarray:
         out = []
@@ -528,10 +565,10 @@ class _Sampler:
             out.append(images[:len(p)])
         return np.concatenate(out)
 
-    def grid(self, step: int, trained: Mapping[str, Any]) -> Path:
+    def grid(self, step: int, host_towers: Mapping[str, Any]) -> epath.Path:
         from diffusion_jax import pipeline
 
-        self.set_params(trained["unet"])
+        self.set_params(host_towers)
         n = self.cfg.seeds_per_prompt
         prompts = [p for p in self.cfg.prompts for _ in range(n)]
         seeds = [i for _ in self.cfg.prompts for i in range(n)]
@@ -546,13 +583,16 @@ class _Sampler:
 
 
 def _final(run: Run) -> None:
-    """Sample grid, class accuracy of samples and FID, with the final EMA U-Net."""
+    """Sample grid, class accuracy of samples and FID, with the final EMA U-Net: every process
+    gathers the params, process 0 uses them."""
     if "unet_ema" not in run.towers and "unet" not in run.towers:
         return
+    towers = _host_towers(run, run.towers.get("unet_ema", run.towers["unet"]))
+    if not run.is_main:
+        return
     sampler = run.sampler()
-    unet = run.towers.get("unet_ema", run.towers["unet"])
     step = run.checkpointer.latest_step()
-    run.summary["samples"] = str(sampler.grid(step, {"unet": unet}))
+    run.summary["samples"] = str(sampler.grid(step, towers))
     final = run.config.final_eval
     if final.samples_per_class:
         from diffusion_jax.data import fashion_mnist
