@@ -467,7 +467,14 @@ SUBCOMMANDS = (add_convert, add_export, add_params, add_sample, add_bench, add_t
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Latent diffusion (Stable Diffusion 1.x / 2.x) in JAX/Flax.")
+        prog=PROG, description="Latent diffusion (Stable Diffusion 1.x / 2.x) in JAX/Flax.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="start here:\n"
+               "  diffusion-jax train --workdir runs/demo        # the CPU demo, ~15 min\n"
+               "  diffusion-jax sample --checkpoint runs/demo/checkpoints \\\n"
+               "      --prompt 'a photo of a sneaker' --out sneaker.png\n"
+               "  diffusion-jax convert --from diffusers SD_FOLDER --out ckpt/sd15\n"
+               "`diffusion-jax COMMAND --help` explains each command.")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for add in SUBCOMMANDS:
         add(subparsers)

@@ -94,3 +94,18 @@ train_command() {  # sets TRAIN to `diffusion-jax train ...` with the parsed tra
   fi
   TRAIN=("${program[@]}" train --config "$CONFIG" --workdir "$WORKDIR" "${OVERRIDES[@]}")
 }
+
+# The scripts that use these set NAME, ZONE and PROJECT from their own options.
+# shellcheck disable=SC2154
+gcloud_tpus() {  # gcloud compute tpus GROUP VERB NAME --zone=... [--project=...] ARGS...
+  local group=$1 verb=$2
+  shift 2
+  local cmd=(gcloud compute tpus "$group" "$verb" "$name" --zone="$zone")
+  [[ -z $project ]] || cmd+=(--project="$project")
+  run "${cmd[@]}" "$@"
+}
+
+require_name_and_zone() {
+  [[ -n $name ]] || die "--name NAME is required"
+  [[ -n $zone ]] || die "--zone ZONE is required"
+}

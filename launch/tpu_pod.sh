@@ -81,17 +81,10 @@ parse_args() {
     esac
     shift 2
   done
-  [[ -n $name ]] || die "--name NAME is required"
-  [[ -n $zone ]] || die "--zone ZONE is required"
+  require_name_and_zone
 }
 
-gcloud_tpu() {  # gcloud compute tpus tpu-vm VERB NAME --zone=... [--project=...] ARGS...
-  local verb=$1
-  shift
-  local cmd=(gcloud compute tpus tpu-vm "$verb" "$name" --zone="$zone")
-  [[ -z $project ]] || cmd+=(--project="$project")
-  run "${cmd[@]}" "$@"
-}
+gcloud_tpu() { gcloud_tpus tpu-vm "$@"; }
 
 on_workers() {  # on_workers WORKERS COMMAND_WORD...: run a command on the workers over ssh
   local workers=$1

@@ -63,17 +63,10 @@ parse_args() {
     pod_args+=("$1")
     shift
   done
-  [[ -n $name ]] || die "--name NAME is required"
-  [[ -n $zone ]] || die "--zone ZONE is required"
+  require_name_and_zone
 }
 
-queued() {  # gcloud compute tpus queued-resources VERB NAME --zone=... [--project=...] ARGS...
-  local verb=$1
-  shift
-  local cmd=(gcloud compute tpus queued-resources "$verb" "$name" --zone="$zone")
-  [[ -z $project ]] || cmd+=(--project="$project")
-  run "${cmd[@]}" "$@"
-}
+queued() { gcloud_tpus queued-resources "$@"; }
 
 state() {  # the queued resource's state; nothing when it does not exist
   queued describe --format='value(state.state)' 2>/dev/null || true

@@ -158,13 +158,16 @@ def test_png_output_records_the_run(systems):
 def test_one_compile_per_shape_and_per_image_seeds(systems):
     _, ckpt, _ = systems
     pipe = pipeline.load(ckpt, cache_dir=None)
-    options = dict(sampler="euler_ancestral", steps=3, height=SIZE, width=SIZE)
+    options = dict(sampler="euler_ancestral", steps=3, height=SIZE, width=SIZE,
+                   output_type="float32")
     batch = pipe.txt2img(["a cat", "a dog"], seed=[10, 11], **options)
     again = pipe.txt2img(["a cat", "a dog"], seed=[10, 11], **options)
     other = pipe.txt2img(["a dog", "a cat"], seed=[11, 10], **options)
     assert pipe.num_compilations == 1  # new prompts and seeds reuse the compiled program
     np.testing.assert_array_equal(batch, again)
-    np.testing.assert_array_equal(batch, other[::-1])  # an image depends on its own seed only
+    # An image depends on its own seed only: the same in either batch position, up to float
+    # rounding (XLA may tile a batched matmul differently for the other row order).
+    np.testing.assert_allclose(batch, other[::-1], atol=1e-5, rtol=0)
     assert not np.array_equal(batch[0], batch[1])
 
 

@@ -214,6 +214,9 @@ def uninterrupted(tmp_path_factory):
 def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
     summary = json.loads((uninterrupted / "summary.json").read_text())
     assert summary["vae_scaling_factor"] > 0
+    # One compile per stage: every step of a stage has the same shapes and shardings.
+    assert summary["vae_train_step_compilations"] == 1
+    assert summary["diffusion_train_step_compilations"] == 1
     steps = checkpoint.steps(uninterrupted / "checkpoints")
     assert steps[-1] == 14  # 6 VAE + 8 U-Net steps
     names = checkpoint.item_names(uninterrupted / "checkpoints")

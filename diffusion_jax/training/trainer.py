@@ -345,9 +345,15 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
         return
 
     batch_sharding = parallel.batch_sharding(mesh)
-    step_fn = jax.jit(make_train_step(loss_fn, optimizer, learning_rate,
-                                      ema_max_decay=ema_max_decay,
-                                      gradient_accumulation=accumulation),
+    train_step = make_train_step(loss_fn, optimizer, learning_rate, ema_max_decay=ema_max_decay,
+                                 gradient_accumulation=accumulation)
+    traces = []
+
+    def traced_train_step(*args):  # runs once per trace: a retrace would mean a recompile
+        traces.append(1)
+        return train_step(*args)
+
+    step_fn = jax.jit(traced_train_step,
                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                       out_shardings=(state_sharding, parallel.replicated(mesh)),
                       donate_argnums=0)
@@ -402,6 +408,7 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
             run.save(step, stage, stage_step, state, iterator.get_state(), metrics_for_best)
     progress.close()
     run.summary[f"{stage}_images_per_second"] = progress.images_per_second()
+    run.summary[f"{stage}_train_step_compilations"] = len(traces)
     run.summary[f"{stage}_skipped_examples"] = _skipped(iterator)
     _finish_stage(run, stage, state)
 
