@@ -186,9 +186,9 @@ def add_sample(subparsers) -> None:
 def run_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from diffusion_jax import pipeline
+    from diffusion_jax import checkpoint, pipeline
 
-    out = Path(args.out)
+    out = checkpoint.as_path(args.out)  # local or gs://
     if out.suffix not in (".png", ".npy"):
         raise ValueError(f"--out {out}: the output must end in .png or .npy")
     if args.mask and not args.init_image:
@@ -215,7 +215,8 @@ def run_sample(args: argparse.Namespace) -> None:
         strength = None
         images = pipe.txt2img(args.prompt, args.negative_prompt, **options)
     if out.suffix == ".npy":
-        np.save(out, images)
+        with out.open("wb") as f:
+            np.save(f, images)
     else:
         metadata = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
                         seeds=[args.seed + i for i in range(len(images))], sampler=args.sampler,

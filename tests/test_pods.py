@@ -206,6 +206,11 @@ def test_training_in_a_gs_workdir_resumes_and_serves_load_and_export(bucket, tmp
     out = tmp_path / "exported"
     assert cli.main(["export", "--checkpoint", "gs://bucket/run/checkpoints", "--out", str(out)]) == 0
     assert (out / "model_index.json").is_file()
+    assert cli.main(["sample", "--checkpoint", "gs://bucket/run/checkpoints", "--prompt",
+                     "a photo of a bag", "--steps", "2", "--out", "gs://bucket/out/bag.png"]) == 0
+    from PIL import Image
+
+    assert Image.open(bucket / "bucket" / "out" / "bag.png").text["prompt"] == "a photo of a bag"
 
 
 def test_gs_without_its_packages_or_as_a_new_output_is_a_one_line_error(bucket, monkeypatch, capsys):
