@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     "etils[epath]>=1.7",  # local and gs:// paths alike (Orbax uses it too)
     "tqdm>=4.66",
+    "flatbuffers>=24.3",  # jax.export serialisation: the exported-program cache (program_cache.py)
 ]
 
 GCS = ["gcsfs>=2024.2", "google-cloud-storage>=2.14"]

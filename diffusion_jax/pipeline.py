@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import checkpoint
+from diffusion_jax import checkpoint, program_cache
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion.schedule import Schedule
 from diffusion_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -40,14 +40,15 @@ KARRAS_SUFFIX = "_karras"
 SAMPLER_NAMES = samplers.SAMPLERS + tuple(s + KARRAS_SUFFIX for s in samplers.KARRAS_SAMPLERS)
 
 
-def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> None:
+def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str | None:
     """Persist compiled programs across processes (`DIFFUSION_JAX_CACHE_DIR` overrides the
-    default; None or "" leaves JAX's setting alone)."""
+    default; None or "" leaves JAX's setting alone). Returns the directory set, if any."""
     cache_dir = os.environ.get("DIFFUSION_JAX_CACHE_DIR", cache_dir)
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return cache_dir or None
 
 
 def parse_sampler(name: str) -> tuple[str, bool]:
@@ -111,8 +112,12 @@ class StableDiffusion:
 
     def __init__(self, params: Mapping[str, Any], config: Mapping[str, Any], *,
                  dtype: Any = jnp.float32, attention_impl: str | None = None,
-                 devices: Sequence[jax.Device] | None = None):
+                 devices: Sequence[jax.Device] | None = None, export_programs: bool = True):
+        """`export_programs`: keep lowered sampling programs beside the persistent compilation
+        cache when one is set (`program_cache`), so later processes skip tracing them."""
         self.config = dict(config)
+        self.export_programs = export_programs
+        self.dtype, self.attention_impl = dtype, attention_impl
         self.unet_config = UNetConfig.from_dict(config["unet"])
         self.vae_config = AutoencoderKLConfig.from_dict(config["vae"])
         self.text_config = CLIPTextConfig.from_dict(config["text_encoder"])
@@ -129,6 +134,7 @@ class StableDiffusion:
         self.params = jax.device_put(
             {name: params[name] for name in ("unet", "vae", "text_encoder")}, replicated)
         self.num_compilations = 0  # traces of the sampling program: one per shape and options
+        self.num_programs_loaded = 0  # programs read from the exported-program cache instead
         self._programs: dict[_Program, Any] = {}
 
     # -- geometry ------------------------------------------------------------------------
@@ -156,20 +162,34 @@ class StableDiffusion:
 
     # -- the compiled program --------------------------------------------------------------
 
-    def _program_fn(self, program: _Program):
-        if program not in self._programs:
+    def _program_fn(self, program: _Program, args: tuple):
+        """The compiled sampling program for `program` on arguments shaped like `args` (params
+        first): traced here once per shape, or read from the exported-program cache
+        (`program_cache`) that a previous process wrote."""
+        key = (program, tuple((a.shape, a.dtype) for a in args[1:]))
+        if key not in self._programs:
             batch = NamedSharding(self.mesh, PartitionSpec("batch"))
             replicated = NamedSharding(self.mesh, PartitionSpec())
             # The plan is host-side numpy, made once per program outside any trace.
             plan = samplers.make_plan(program.sampler, self.schedule, program.steps,
                                       eta=program.eta, karras=program.karras,
                                       start_step=program.start_step)
-            self._programs[program] = jax.jit(
+            fn = jax.jit(
                 functools.partial(self._generate, program, plan),
                 in_shardings=(replicated, batch, batch, batch, batch, replicated, replicated,
                               batch, batch),
                 out_shardings=batch)
-        return self._programs[program]
+            description = dict(program=dataclasses.asdict(program), config=self.config,
+                               dtype=jnp.dtype(self.dtype).name,
+                               attention_impl=self.attention_impl,
+                               mesh=self.mesh.devices.shape)
+            source = "jit"
+            if self.export_programs:
+                fn, source = program_cache.load_or_export(fn, args, description,
+                                                              mesh=self.mesh)
+            self.num_programs_loaded += source == "read"
+            self._programs[key] = fn
+        return self._programs[key]
 
     def _encode_text(self, params, ids):
         return self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
@@ -335,10 +355,10 @@ class StableDiffusion:
         # Pad the batch to a multiple of the device count; padded rows are dropped at the end.
         pad = (-count) % self.mesh.size
         padded = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
-        fn = self._program_fn(program)
-        out = fn(self.params, padded(ids), padded(negative_ids), padded(noise),
-                 padded(step_noise), np.float32(guidance), np.float32(guidance_rescale),
-                 padded(images), padded(masks))
+        args = (self.params, padded(ids), padded(negative_ids), padded(noise),
+                padded(step_noise), np.float32(guidance), np.float32(guidance_rescale),
+                padded(images), padded(masks))
+        out = self._program_fn(program, args)(*args)
         out = np.asarray(out)[:count]
         return _to_uint8(out) if output_type == "uint8" else out
 
@@ -384,7 +404,7 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
          devices: Sequence[jax.Device] | None = None) -> StableDiffusion:
     """The pipeline of a checkpoint directory (converted or trained), EMA U-Net weights when
     the checkpoint has them and `use_ema`."""
-    enable_compilation_cache(cache_dir)
+    cache_dir = enable_compilation_cache(cache_dir)
     names = checkpoint.item_names(directory, step)
     wanted = ["unet", "vae", "text_encoder"]
     ema = "unet" + checkpoint.EMA_SUFFIX
@@ -397,4 +417,5 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
             "U-Net, the VAE and the text encoder")
     items, config = checkpoint.load(directory, step, items=wanted)
     params = {"unet": items[wanted[0]], "vae": items["vae"], "text_encoder": items["text_encoder"]}
-    return StableDiffusion(params, config, dtype=dtype, devices=devices)
+    return StableDiffusion(params, config, dtype=dtype, devices=devices,
+                           export_programs=cache_dir is not None)

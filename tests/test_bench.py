@@ -76,12 +76,15 @@ def test_sample_benchmark(capsys, tmp_path):
 
 def test_compile_benchmark_hits_the_cache_in_a_second_process(capsys, tmp_path):
     result = _bench(capsys, tmp_path, "compile", "--steps", "2")
+    # The first process traces and exports the sampling program; the second reads it.
+    assert (result["first_process_traces"], result["first_process_programs_loaded"]) == (1, 0)
+    assert (result["second_process_traces"], result["second_process_programs_loaded"]) == (0, 1)
+    assert result["second_process_trace_s"] < result["first_process_trace_s"]
     for process in ("first", "second"):
-        assert result[f"{process}_process_traces"] == 1
         assert result[f"{process}_process_warm_call_s"] > 0
     assert result["first_process_cache_misses"] >= 1 and result["first_process_cache_hits"] == 0
     assert result["second_process_cache_hits"] >= 1 and result["second_process_cache_misses"] == 0
-    assert result["cache_entries"] >= 1
+    assert result["cache_entries"] >= 1 and result["exported_programs"] == 1
     print(f"compile: first {result['first_process_compile_s']:.2f} s, "
           f"second {result['second_process_compile_s']:.2f} s")
     assert 0 < result["second_over_first_compile"] < 1

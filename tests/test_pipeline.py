@@ -171,6 +171,52 @@ def test_one_compile_per_shape_and_per_image_seeds(systems):
     assert not np.array_equal(batch[0], batch[1])
 
 
+@pytest.fixture
+def program_cache_dir(tmp_path):
+    """A fresh persistent-cache folder for one test, JAX's setting restored afterwards."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    yield str(tmp_path / "xla")
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_exported_program_is_reused_without_tracing(systems, program_cache_dir, monkeypatch,
+                                                   caplog):
+    """A later pipeline (as a later process would) reads the lowered program instead of
+    tracing the models again, and makes the same pixels; an edit to the code or a torn file
+    means a fresh export, never a stale or broken program."""
+    from diffusion_jax import program_cache
+
+    _, ckpt, _ = systems
+    options = dict(sampler="euler_ancestral", steps=3, height=SIZE, width=SIZE, seed=[3, 4],
+                   output_type="float32")
+    first = pipeline.load(ckpt, cache_dir=program_cache_dir)
+    images = first.txt2img(["a cat", "a dog"], **options)
+    assert (first.num_compilations, first.num_programs_loaded) == (1, 0)
+    files = list((program_cache.directory()).glob("*" + program_cache.SUFFIX))
+    assert len(files) == 1
+
+    second = pipeline.load(ckpt, cache_dir=program_cache_dir)
+    np.testing.assert_array_equal(second.txt2img(["a cat", "a dog"], **options), images)
+    assert (second.num_compilations, second.num_programs_loaded) == (0, 1)
+    # Another shape is another program.
+    second.txt2img("a cat", **options | dict(seed=[3]))
+    assert (second.num_compilations, second.num_programs_loaded) == (1, 1)
+
+    monkeypatch.setattr(program_cache, "code_fingerprint", lambda: "edited source")
+    edited = pipeline.load(ckpt, cache_dir=program_cache_dir)
+    np.testing.assert_array_equal(edited.txt2img(["a cat", "a dog"], **options), images)
+    assert (edited.num_compilations, edited.num_programs_loaded) == (1, 0)
+
+    for path in program_cache.directory().glob("*" + program_cache.SUFFIX):
+        path.write_bytes(path.read_bytes()[:100])  # torn
+    torn = pipeline.load(ckpt, cache_dir=program_cache_dir)
+    np.testing.assert_array_equal(torn.txt2img(["a cat", "a dog"], **options), images)
+    assert (torn.num_compilations, torn.num_programs_loaded) == (1, 0)
+    assert "ignoring unreadable exported program" in caplog.text
+
+
 def test_bad_input_is_rejected_before_compiling(systems, tmp_path):
     _, ckpt, root = systems
     pipe = pipeline.load(ckpt, cache_dir=None)
