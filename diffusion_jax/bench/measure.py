@@ -107,11 +107,12 @@ def peak_memory() -> dict:
 
 
 def environment() -> dict:
-    """Where a figure came from: the device, versions, cores and how busy the machine was."""
+    """Where a figure came from: the device, versions, XLA flags (ours: `xla_defaults`),
+    cores and how busy the machine was."""
     device = jax.devices()[0]
     return dict(platform=device.platform, device_kind=device.device_kind,
-                jax_version=jax.__version__, cpu_count=os.cpu_count(),
-                load_average_1min=round(os.getloadavg()[0], 2))
+                jax_version=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                cpu_count=os.cpu_count(), load_average_1min=round(os.getloadavg()[0], 2))
 
 
 def throughput(batch: int, median_s: float, flops: float) -> dict:
