@@ -19,8 +19,20 @@ import jax.numpy as jnp
 Dtype = Any
 
 
+class TokenDense(nn.Dense):
+    """nn.Dense (same params) applied to the leading axes flattened into one: the kernel
+    gradient of a [B, T, C] input contracts B and T, and XLA CPU lays that dot out badly
+    (the U-Net's GEGLU feed-forward, forward + backward: 79 -> 49 ms at [8, 1024, 64])."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.ndim <= 2:
+            return super().__call__(x)
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.features)
+
+
 def dense(features: int, *, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+    return TokenDense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                      name=name)
 
 
 def conv(features: int, kernel: int, *, name: str, dtype: Dtype, stride: int = 1,
