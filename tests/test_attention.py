@@ -51,6 +51,15 @@ def test_chunked_attention_bfloat16(monkeypatch):
     ref = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
     np.testing.assert_allclose(np.asarray(ours, np.float32), ref, atol=3e-2, rtol=0)
 
+    # The custom VJP of the scores returns cotangents in the inputs' dtype.
+    loss = lambda f: (lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32))))
+    grads = jax.grad(loss(layers.chunked_attention), argnums=(0, 1, 2))(q, k, v)
+    ref_grads = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    for ours_g, ref_g in zip(grads, ref_grads):
+        assert ours_g.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(ours_g, np.float32), ref_g, atol=0.05, rtol=0.02)
+
 
 def test_implementation_choice():
     q = jnp.ones((1, 3, 8))
