@@ -58,7 +58,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["diffusion_jax", "diffusion_jax.*"]),
+    # configs/ (at the repository root, where researchers look for it) installs as
+    # diffusion_jax.configs, so `--config sd15_finetune` works after any install.
+    packages=[*find_packages(include=["diffusion_jax", "diffusion_jax.*"]), "diffusion_jax.configs"],
+    package_dir={"diffusion_jax.configs": "configs"},
     package_data={"diffusion_jax": ["assets/*", "assets/fashion_mnist/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

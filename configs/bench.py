@@ -4,7 +4,7 @@ dispatch, dominates. U-Net blocks (64, 128, 256), 2 layers per block, cross-atte
 
 import ml_collections
 
-from configs import sd15
+from diffusion_jax.configs import sd15
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -7,9 +7,7 @@ Both fit a 2-core CPU in minutes. Every other training config starts from this o
 
 import ml_collections
 
-from configs import sd15
-from diffusion_jax.data.pipeline import default_data_config
-from diffusion_jax.parallel import default_mesh_config
+from diffusion_jax.configs import base_training, sd15
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,22 +41,23 @@ def get_config() -> ml_collections.ConfigDict:
         max_position_embeddings=16,  # class captions are <= 8 tokens
     ))
     config.tokenizer.max_length = 16  # ids per caption (<= text_encoder.max_position_embeddings)
+    base_training.add_training_sections(config)
 
     # ---------------------------------------------------------------- data
-    config.data = default_data_config()  # bundled Fashion-MNIST, 32x32, batch 64
+    # default_data_config()'s values: bundled Fashion-MNIST, 32x32, batch 64
     config.data.random_flip = False  # clothes have a handedness (shoes point left)
 
     # ---------------------------------------------------------------- stage 1: VAE
-    config.vae_training = dict(
+    config.vae_training.update(dict(
         steps=500,  # 0 skips the stage (a VAE from --config.init_from is kept as it is)
         batch_size=32,  # global; the U-Net stage uses data.batch_size
         learning_rate=2e-3,  # peak AdamW learning rate, then cosine decay to 0 at the last step
         warmup_steps=50,  # linear warm-up from 0
         reconstruction_loss="l1",  # l1 | l2, per pixel
         kl_weight=1e-4,  # per latent element relative to per-pixel reconstruction
-    )
+    ))
     # ---------------------------------------------------------------- stage 2: diffusion
-    config.training = dict(
+    config.training.update(dict(
         steps=1300,  # U-Net optimizer steps x gradient_accumulation
         learning_rate=1e-3,  # peak AdamW learning rate (reached after warmup_steps)
         warmup_steps=200,  # linear warm-up from 0, in optimizer steps
@@ -75,26 +74,18 @@ def get_config() -> ml_collections.ConfigDict:
         # each caption to a distinct fixed embedding that cross-attention learns to read;
         # training it too costs time and buys nothing for ten class captions.
         train_text_encoder=False,  # True: the optimizer updates the text tower too
-    )
-    config.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    config.remat_policy = ""  # "" (none) or a jax.checkpoint_policies name, per U-Net block
-    config.seed = 0  # param init, training noise and timesteps (data order: data.seed)
-    config.init_from = ""  # a checkpoint DIR whose model params start the run
-
-    # ---------------------------------------------------------------- parallelism
-    config.mesh = default_mesh_config()  # data x fsdp device mesh; default: pure data parallel
-
+    ))
+    config.dtype = "float32"  # compute dtype: bfloat16 gains nothing on a CPU
     # ---------------------------------------------------------------- checkpoints and logs
-    config.checkpoint = dict(
+    config.checkpoint.update(dict(
         every_steps=250,  # steps between checkpoints, counted per stage; each stage's end too
         keep=2,  # the last K checkpoints ...
         keep_best=1,  # ... plus the best K by eval loss
-    )
-    config.log_every_steps = 50  # steps between train logs (TensorBoard, metrics.jsonl), NaN checks
+    ))
     config.eval_every_steps = 500  # steps between held-out losses (also at each stage's end)
     config.eval_examples = 512  # held-out examples for the eval loss
     config.sample_every_steps = 1000  # U-Net stage; 0: only at the end
-    config.sample = dict(
+    config.sample.update(dict(
         # The grid's rows: one caption per Fashion-MNIST class.
         prompts=tuple(f"a photo of {a} {name}" for a, name in (
             ("a", "t-shirt"), ("a", "trouser"), ("a", "pullover"), ("a", "dress"), ("a", "coat"),
@@ -103,14 +94,14 @@ def get_config() -> ml_collections.ConfigDict:
         sampler="dpmpp_2m",  # a samplers.SAMPLERS name, optionally + "_karras"
         steps=20,  # denoising steps
         guidance=3.0,  # classifier-free guidance scale (1: conditional only); negative prompt ""
-    )
+    ))
     # Final evaluation (0 disables each): class accuracy of samples by a Fashion-MNIST
     # classifier (a CPU stand-in for CLIP score) and FID against the held-out split. The
     # Inception runs at ~5 images/s on 2 CPU cores, hence small FID sample counts here (FID
     # from fewer than 2048 samples is biased upward: compare runs at equal counts only).
-    config.final_eval = dict(
+    config.final_eval.update(dict(
         samples_per_class=50,  # samples per class (10 classes) scored by the classifier
         fid_samples=250,  # generated images for FID, captions cycling through the classes
         fid_reference_examples=500,  # test-split images in the (cached) reference statistics
-    )
+    ))
     return config

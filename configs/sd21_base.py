@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import sd21
+from diffusion_jax.configs import sd21
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from configs import default
+from diffusion_jax.configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:

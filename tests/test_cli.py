@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from diffusion_jax import cli
+from diffusion_jax import cli, config_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15_CONFIG = os.path.join(REPO_ROOT, "configs", "sd15.py")
@@ -37,7 +37,7 @@ def test_params_prints_the_sd15_counts(capsys):
 
 def test_config_files_import_each_other_by_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing relies on the working directory
-    config = cli.load_config_file(os.path.join(REPO_ROOT, "configs", "sd21_base.py"))
+    config = config_files.load(os.path.join(REPO_ROOT, "configs", "sd21_base.py"))
     assert config.schedule.prediction_type == "epsilon"
     assert config.text_encoder.num_hidden_layers == 23
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from configs import sd15, sd21, tiny
+from diffusion_jax.configs import sd15, sd21, tiny
 from diffusion_jax.convert.torch_params import state_dict_to_params
 from diffusion_jax.models import clip_text
 

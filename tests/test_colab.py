@@ -64,7 +64,7 @@ def _tiles(path: Path, size: int) -> np.ndarray:
 def tiny_checkpoint(tmp_path) -> Path:
     """configs/tiny.py with random weights, as a converted checkpoint (drawn from the param
     shapes: Flax's own init would take longer than both notebooks on a busy CPU)."""
-    from configs import tiny
+    from diffusion_jax.configs import tiny
     from diffusion_jax.bench.weights import random_params
 
     config = tiny.get_config().to_dict()

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from configs import tiny  # noqa: E402
+from diffusion_jax.configs import tiny  # noqa: E402
 from diffusion_jax import checkpoint, cli  # noqa: E402
 from diffusion_jax.convert import diffusers as diffusers_convert  # noqa: E402
 from diffusion_jax.convert.torch_params import ConversionError, torch_key  # noqa: E402

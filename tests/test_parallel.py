@@ -27,7 +27,7 @@ GRAD_TOLERANCE = 1e-5  # per array: max|g8 - g1| / max|g1|
 
 
 def _tiny_unet_config():
-    from configs import tiny
+    from diffusion_jax.configs import tiny
     return COMPONENTS["unet"].config_from_dict(tiny.get_config().unet)
 
 
@@ -129,7 +129,7 @@ def test_fsdp_of_one_replicates_everything():
 
 def test_describe_sd15_unet_on_fsdp_8():
     """At real scale the default threshold shards nearly all bytes: per device ~1/8 of params."""
-    from configs import sd15
+    from diffusion_jax.configs import sd15
     component = COMPONENTS["unet"]
     shapes = component.param_shapes(component.config_from_dict(sd15.get_config().unet))
     mesh = AbstractMesh((1, 8), parallel.AXES)

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script (the multi-host workers)
     sys.path.insert(0, str(REPO))
 
-from diffusion_jax import checkpoint, parallel  # noqa: E402
+from diffusion_jax import checkpoint, config_files, parallel  # noqa: E402
 from diffusion_jax.training import trainer  # noqa: E402
 
 
@@ -177,7 +177,7 @@ def test_checkpoints_grids_and_caches_on_gs(bucket, monkeypatch):
 def test_training_in_a_gs_workdir_resumes_and_serves_load_and_export(bucket, tmp_path, caplog):
     from diffusion_jax import cli, pipeline
 
-    config = cli.load_config_file(REPO / "configs" / "tiny_train.py")
+    config = config_files.load(REPO / "configs" / "tiny_train.py")
     config.vae_training.steps = 2
     config.training.steps = 2
     config.checkpoint.every_steps = 2
@@ -220,7 +220,7 @@ def test_gs_without_its_packages_or_as_a_new_output_is_a_one_line_error(bucket, 
     from diffusion_jax import cli
 
     monkeypatch.setattr(record_writer, "GCS_ENABLED", False)
-    config = cli.load_config_file(REPO / "configs" / "tiny_train.py")
+    config = config_files.load(REPO / "configs" / "tiny_train.py")
     with pytest.raises(ValueError, match=r"need google-cloud-storage; pip install 'diffusion-jax\[gcs\]'"):
         trainer.train(config, "gs://bucket/run")
     assert list(bucket.iterdir()) == []

@@ -11,7 +11,7 @@ import torch
 
 import diffusers
 from diffusers.schedulers.scheduling_ddpm import rescale_zero_terminal_snr
-from configs import sd15
+from diffusion_jax.configs import sd15
 from diffusion_jax.diffusion import schedule as sch
 
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]

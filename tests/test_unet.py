@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import sd15, sd21, tiny
+from diffusion_jax.configs import sd15, sd21, tiny
 from diffusion_jax.convert.torch_params import state_dict_to_params
 from diffusion_jax.models.unet import REMAT_POLICIES, UNet2DConditionModel, UNetConfig, init_params
 

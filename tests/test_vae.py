@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from configs import sd15, sd21, tiny
+from diffusion_jax.configs import sd15, sd21, tiny
 from diffusion_jax.convert.torch_params import state_dict_to_params
 from diffusion_jax.models import vae
 
