@@ -8,8 +8,6 @@ Errors in what the user gave (paths, files, configs) print one line to stderr an
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,29 +15,10 @@ from typing import Any, Sequence
 PROG = "diffusion-jax"
 
 
-def load_config_file(path: str | os.PathLike) -> Any:
-    """`get_config()` of a configs/*.py file, loaded by path. The directory holding the file's
-    folder (the repository root for configs/X.py) goes on sys.path, as configs import each
-    other (`from configs import sd15`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    root = str(path.resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    spec = importlib.util.spec_from_file_location(f"_diffusion_jax_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} defines no get_config()")
-    return module.get_config()
+def _config_sections(spec: str | None) -> dict | None:
+    from diffusion_jax import config_files
 
-
-def _config_sections(path: str | None) -> dict | None:
-    if path is None:
-        return None
-    config = load_config_file(path)
-    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return None if spec is None else config_files.as_dict(config_files.load(spec))
 
 
 # ----------------------------------------------------------------------------- convert
@@ -115,7 +94,8 @@ def add_params(subparsers) -> None:
         "params", help="print each model's parameter count for a config",
         description="Print the parameter count of the U-Net, the VAE and the text encoder a "
                     "config describes (shapes only: nothing is initialised).")
-    parser.add_argument("--config", required=True, help="configs/*.py file")
+    parser.add_argument("--config", required=True,
+                        help="a config file or bundled config name (e.g. sd15)")
     parser.set_defaults(run=run_params)
 
 
@@ -230,7 +210,6 @@ def run_sample(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- bench
 
 
-BENCH_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench.py"
 BENCHMARKS = ("unet", "train", "vae", "sample", "compile")  # diffusion_jax.bench.BENCHMARKS
 # Options that only some benchmarks take; the others reject them rather than ignore them.
 BENCH_ONLY_OPTIONS = {"remat": ("train",), "compare": ("unet", "train", "vae", "sample"),
@@ -250,8 +229,9 @@ def add_bench(subparsers) -> None:
                     "weights and ratio_vs_torch (our throughput over PyTorch's: above 1, we "
                     "are faster). Needs the [test] extra for --compare.")
     parser.add_argument("what", choices=BENCHMARKS, help="what to measure")
-    parser.add_argument("--config", default=str(BENCH_CONFIG),
-                        help="configs/*.py file describing the models (default: configs/bench.py)")
+    parser.add_argument("--config", default="bench",
+                        help="a config file or bundled config name describing the models "
+                             "(default: bench, i.e. configs/bench.py)")
     parser.add_argument("--batch", type=int,
                         help="batch size (default: unet 8, train 8, vae 4, sample 1, compile 1)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
@@ -290,7 +270,7 @@ def run_bench(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- train
 
-DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.py"
+DEFAULT_TRAIN_CONFIG = "default"  # configs/default.py, bundled as diffusion_jax.configs.default
 EXIT_PREEMPTED = 3  # a checkpoint was written on SIGTERM/preemption: rerun to resume
 
 
@@ -303,25 +283,69 @@ def add_train(subparsers) -> None:
                     "newest checkpoint. Override any config field with --config.KEY=VALUE "
                     "(e.g. --config.training.steps=200); unknown keys and wrong types are "
                     f"errors. Exit code {EXIT_PREEMPTED}: stopped by SIGTERM/preemption after "
-                    "checkpointing; rerun to resume.")
-    parser.add_argument("--config", default=str(DEFAULT_TRAIN_CONFIG),
-                        help="configs/*.py file (default: configs/default.py, the CPU demo)")
+                    "checkpointing; rerun to resume.",
+        epilog="bundled configs (usable after any install, by name or as configs/NAME.py): "
+               "default (the CPU demo), sd15_finetune, sd21_finetune, "
+               "sd21_base_pretrain:256 / :512, tiny_train; a file of your own can import "
+               "them (`from diffusion_jax.configs import sd15_finetune`).")
+    parser.add_argument("--config", default=DEFAULT_TRAIN_CONFIG,
+                        help="a config file or bundled config name, optionally :ARG for its "
+                             "get_config(ARG) (default: default, the CPU demo)")
     parser.add_argument("--workdir", required=True, help="output and resume directory")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="preflight only: validate the config, data and workdir, compile "
+                             "each stage's train step on abstract shapes and print param "
+                             "counts, per-device memory, batch and step plan; trains nothing")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="with --dry-run: lower the train steps but skip XLA's compile "
+                             "(minutes for a real model on a CPU) and its memory figures")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="with --dry-run: compile for N fake CPU devices, e.g. a pod's chip "
+                             "count (sets XLA_FLAGS=--xla_force_host_platform_device_count=N)")
     parser.set_defaults(run=run_train)
+
+
+def _fake_cpu_devices(count: int) -> None:
+    """N CPU devices for an abstract compile of a pod's program on this machine; must run
+    before JAX starts a backend."""
+    import os
+
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        raise ValueError("--devices: a JAX backend already started in this process")
+    flag = "--xla_force_host_platform_device_count"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={count}"])
+    jax.config.update("jax_platforms", "cpu")
 
 
 def run_train(args: argparse.Namespace) -> None:
     import logging
 
+    from diffusion_jax import config_files
     from diffusion_jax.config_overrides import apply_overrides
-    from diffusion_jax.training import trainer
 
-    config = load_config_file(args.config)
+    if not args.dry_run and not args.compile:
+        raise ValueError("--no-compile applies to --dry-run only")
+    if args.devices is not None:
+        if not args.dry_run:
+            raise ValueError("--devices N fakes CPU devices for --dry-run only")
+        if args.devices < 1:
+            raise ValueError(f"--devices {args.devices}: must be at least 1")
+        _fake_cpu_devices(args.devices)
+    config = config_files.load(args.config)
     apply_overrides(config, args.config_overrides)
     # force: absl (imported by grain) has already set up a handler; INFO for our loggers only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
     logging.getLogger("diffusion_jax").setLevel(logging.INFO)
+    from diffusion_jax.training import preflight, trainer
+
+    if args.dry_run:
+        preflight.preflight(config, args.workdir, compile=args.compile)
+        return
     try:
         trainer.train(config, args.workdir)
     except trainer.Preempted as e:

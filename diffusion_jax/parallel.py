@@ -228,7 +228,7 @@ def shard_params(params: Any, shardings: Any) -> Any:
     return jax.device_put(params, shardings)
 
 
-def _format_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
             return f"{n:.1f} {unit}"
@@ -253,7 +253,7 @@ def describe(params: Any, shardings: Any) -> str:
     mesh = sharding_leaves[0].mesh if sharding_leaves else None
     mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh else "none"
     scalars = sum(math.prod(leaf.shape) for leaf in leaves)
-    return (f"params: {scalars:,} in {len(leaves)} arrays, {_format_bytes(total)}\n"
+    return (f"params: {scalars:,} in {len(leaves)} arrays, {format_bytes(total)}\n"
             f"mesh: {mesh_text}; {sharded} arrays sharded over fsdp, "
             f"{len(leaves) - sharded} replicated\n"
-            f"per device: {_format_bytes(per_device)} of params")
+            f"per device: {format_bytes(per_device)} of params")

@@ -19,7 +19,7 @@ import optax
 import pytest
 
 from diffusion_jax import checkpoint
-from diffusion_jax.cli import load_config_file
+from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.config_overrides import apply_overrides, split_overrides
 from diffusion_jax.diffusion.schedule import Schedule
 from diffusion_jax.training import losses, trainer
@@ -226,7 +226,13 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
     grid = Image.open(summary["samples"])
     assert grid.size == (2 * 32, 2 * 32) and grid.text["sampler"] == "dpmpp_2m"
     curve = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
-    assert [c["step"] for c in curve] == [2, 4, 6, 8, 10, 12, 14]
+    train_lines = [c for c in curve if "loss" in c]
+    assert [c["step"] for c in train_lines] == [2, 4, 6, 8, 10, 12, 14]
+    assert all(c["step_images_per_second"] >= c["images_per_second"] for c in train_lines)
+    # Held-out losses every 4 steps of a stage and at each stage's end, beside the curve.
+    assert [(c["stage"], c["step"]) for c in curve if "eval_loss" in c] == [
+        ("vae", 4), ("vae", 6), ("diffusion", 10), ("diffusion", 14)]
+    assert summary["diffusion_step_images_per_second"] >= summary["diffusion_images_per_second"] > 0
     assert list((uninterrupted / "tensorboard").iterdir())
     from diffusion_jax import pipeline
 

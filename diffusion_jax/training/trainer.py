@@ -12,6 +12,7 @@ WORKDIR may be a gs:// URI (TPU pods, whose VMs share no disk): every file goes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -185,17 +186,20 @@ class Run:
 
 
 def _init_towers(config: ml_collections.ConfigDict, cfg: Mapping[str, Any]) -> dict:
-    if config.init_from:
-        items, saved = checkpoint.load(config.init_from, items=list(TOWERS))
-        for name in TOWERS:
-            if COMPONENTS[name].config_from_dict(saved[name]) != COMPONENTS[name].config_from_dict(cfg[name]):
-                raise ValueError(f"init_from {config.init_from}: its {name} config differs from "
-                                 f"this run's `{name}` section; make them equal")
-        return {name: jax.tree.map(jnp.asarray, items[name]) for name in TOWERS}
+    """The towers a fresh run starts from: those in `init_towers` from the `init_from`
+    checkpoint (architectures checked by the preflight), the others random from `seed`."""
+    loaded = tuple(config.get("init_towers", TOWERS)) if config.init_from else ()
+    towers = {}
+    if loaded:
+        items, _ = checkpoint.load(config.init_from, items=list(loaded))
+        towers = {name: jax.tree.map(jnp.asarray, items[name]) for name in loaded}
     rng = jax.random.key(config.seed)
-    return {name: COMPONENTS[name].init_params(COMPONENTS[name].config_from_dict(cfg[name]),
-                                               jax.random.fold_in(rng, i))
-            for i, name in enumerate(TOWERS)}
+    for i, name in enumerate(TOWERS):
+        if name not in towers:
+            component = COMPONENTS[name]
+            towers[name] = component.init_params(component.config_from_dict(cfg[name]),
+                                                 jax.random.fold_in(rng, i))
+    return towers
 
 
 def _check_remote_workdir(workdir: epath.Path) -> None:
@@ -213,9 +217,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     also prints."""
     from diffusion_jax.pipeline import enable_compilation_cache
 
+    from diffusion_jax.training import preflight
+
     workdir = checkpoint.as_path(workdir)
     _check_remote_workdir(workdir)
     parallel.initialize_distributed()
+    latest = preflight.validate(config, workdir)  # before anything is written or compiled
+    summary_path = workdir / "summary.json"
+    previous = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    total = sum(preflight.stage_steps(config).values())
+    if latest is not None and latest >= total and previous:
+        print(f"training in {workdir} is complete (step {latest} of {total}); its checkpoints, "
+              "samples and summary.json are left as they are. Raise --config.training.steps "
+              "to train further.")
+        return previous
     enable_compilation_cache()  # a restarted run skips most compilation
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh(config.mesh)
@@ -228,10 +243,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         workdir / "checkpoints", pytree_items=(*TOWERS, "unet_ema", OPT_ITEM),
         json_items=(TRAINER_ITEM,), keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best)
+    # An extended run keeps the figures of the stages it does not run again.
     run = Run(config=config, workdir=workdir, mesh=mesh,
               tokenizer=CLIPTokenizer.bundled(**config.tokenizer), checkpointer=checkpointer,
               writer=writer, stop=_StopSignal(), ckpt_config=ckpt_config, towers={},
-              summary={"workdir": str(workdir)})
+              summary={**previous, "workdir": str(workdir)})
     start = time.perf_counter()
     try:
         resume = _resume_point(run)
@@ -285,40 +301,80 @@ def _resume_point(run: Run) -> dict | None:
 # ----------------------------------------------------------------------------- a stage
 
 
-def _stage_setup(run: Run, stage: str):
+@dataclasses.dataclass
+class StageProgram:
+    """A stage's compiled-once train step and the shardings around it. Built from the towers'
+    params or from their shapes alone (the preflight lowers it without any param)."""
+
+    loss_fn: losses.LossFn
+    trained: dict  # the towers the optimizer updates
+    frozen: dict  # the others, an argument of every step, never donated
+    optimizer: Any
+    create: Any  # trained params -> a fresh TrainState
+    state_shapes: TrainState
+    state_sharding: TrainState
+    frozen_sharding: Any
+    batch_sharding: Any
+    step_fn: Any  # jax.jit(train_step) with in/out shardings and the state donated
+    traces: list  # one entry per trace: a retrace would mean a recompile
+    ema_max_decay: float | None
+
+
+def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: str, towers: Mapping[str, Any]):
     """(loss_fn, trained params, frozen params, optimizer section, EMA decay) of a stage."""
-    config = run.config
     dtype = jnp.dtype(config.dtype)
-    models = _models(run.ckpt_config, dtype, config.remat_policy or None)
+    models = _models(ckpt_config, dtype, config.remat_policy or None)
     if stage == "vae":
         cfg = config.vae_training
         loss_fn = losses.vae_loss_fn(models.vae, cfg.reconstruction_loss, cfg.kl_weight)
-        return loss_fn, {"vae": run.towers["vae"]}, {}, cfg, None
+        return loss_fn, {"vae": towers["vae"]}, {}, cfg, None
     cfg = config.training
-    loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(run.ckpt_config["schedule"]),
+    loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(ckpt_config["schedule"]),
                                        min_snr_gamma=cfg.min_snr_gamma,
                                        offset_noise=cfg.offset_noise)
     trained_names = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
-    trained = {n: run.towers[n] for n in trained_names}
-    frozen = {n: run.towers[n] for n in TOWERS if n not in trained_names}
+    trained = {n: towers[n] for n in trained_names}
+    frozen = {n: towers[n] for n in TOWERS if n not in trained_names}
     return loss_fn, trained, frozen, cfg, cfg.ema_decay
 
 
-def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
-    config, mesh = run.config, run.mesh
-    num_steps, first = run.stage_steps(stage), run.first_step(stage)
-    loss_fn, trained, frozen, cfg, ema_max_decay = _stage_setup(run, stage)
+def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
+                  towers: Mapping[str, Any]) -> StageProgram:
+    num_steps = int((config.vae_training if stage == "vae" else config.training).steps)
+    loss_fn, trained, frozen, cfg, ema_max_decay = _stage_setup(config, ckpt_config, stage, towers)
     accumulation = cfg.get("gradient_accumulation", 1)
     optimizer, learning_rate = make_optimizer(cfg, num_steps)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 100 + STAGES.index(stage)))
-
     min_size = config.mesh.fsdp_min_size
     create = lambda params: TrainState.create(params, optimizer, rng, use_ema=ema_max_decay is not None)
     state_shapes = jax.eval_shape(create, trained)
     state_sharding = parallel.param_shardings(state_shapes, mesh, min_size)
     frozen_sharding = parallel.param_shardings(frozen, mesh, min_size)
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_step = make_train_step(loss_fn, optimizer, learning_rate, ema_max_decay=ema_max_decay,
+                                 gradient_accumulation=accumulation)
+    traces = []
+
+    def traced_train_step(*args):  # runs once per trace
+        traces.append(1)
+        return train_step(*args)
+
+    step_fn = jax.jit(traced_train_step,
+                      in_shardings=(state_sharding, frozen_sharding, batch_sharding),
+                      out_shardings=(state_sharding, parallel.replicated(mesh)),
+                      donate_argnums=0)
+    return StageProgram(loss_fn, trained, frozen, optimizer, create, state_shapes, state_sharding,
+                        frozen_sharding, batch_sharding, step_fn, traces, ema_max_decay)
+
+
+def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
+    config, mesh = run.config, run.mesh
+    num_steps, first = run.stage_steps(stage), run.first_step(stage)
+    program = stage_program(config, run.ckpt_config, mesh, stage, run.towers)
+    trained, frozen, state_sharding = program.trained, program.frozen, program.state_sharding
+    ema_max_decay, state_shapes, step_fn = program.ema_max_decay, program.state_shapes, program.step_fn
     if resume is None:
-        state = jax.jit(create, out_shardings=state_sharding)(trained)
+        state = jax.jit(program.create, out_shardings=state_sharding)(trained)
         stage_step, data_state = 0, None
     else:
         restored = run.checkpointer.restore(resume["step"], {OPT_ITEM: _abstract(
@@ -344,20 +400,8 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
         _finish_stage(run, stage, state)
         return
 
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_step = make_train_step(loss_fn, optimizer, learning_rate, ema_max_decay=ema_max_decay,
-                                 gradient_accumulation=accumulation)
-    traces = []
-
-    def traced_train_step(*args):  # runs once per trace: a retrace would mean a recompile
-        traces.append(1)
-        return train_step(*args)
-
-    step_fn = jax.jit(traced_train_step,
-                      in_shardings=(state_sharding, frozen_sharding, batch_sharding),
-                      out_shardings=(state_sharding, parallel.replicated(mesh)),
-                      donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(loss_fn))
+    traces = program.traces
+    eval_fn = jax.jit(make_eval_step(program.loss_fn))
     data_config = _stage_data_config(config, stage)
     iterator = data_pipeline.make_train_iterator(
         data_config, run.tokenizer, process_index=jax.process_index(),
@@ -392,22 +436,27 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
             pending = []
         metrics_for_best = None
         if stage_step % config.eval_every_steps == 0 or last:
-            eval_loss = _eval_loss(run, eval_fn, state, frozen, eval_batches)
+            with progress.outside_steps():
+                eval_loss = _eval_loss(run, eval_fn, state, frozen, eval_batches)
             run.scalars(step, {"loss": eval_loss}, f"{stage}/eval")
+            progress.record(step, {"eval_loss": eval_loss})
             log.info("%s step %d: eval loss %.5f", stage, step, eval_loss)
             run.summary[f"{stage}_eval_loss"] = round(eval_loss, 6)
             if stage == "diffusion":
                 metrics_for_best = {"eval_loss": eval_loss}
         if stage == "diffusion" and config.sample_every_steps and (
                 stage_step % config.sample_every_steps == 0) and not last:
-            towers = _host_towers(run, _ema_or_params(state)["unet"])  # on every process
-            if run.is_main:
-                run.sampler().grid(step, towers)
+            with progress.outside_steps():
+                towers = _host_towers(run, _ema_or_params(state)["unet"])  # on every process
+                if run.is_main:
+                    run.sampler().grid(step, towers)
         if stage_step % config.checkpoint.every_steps == 0 or last:
-            run.towers.update(_towers_from_state(stage, state))
-            run.save(step, stage, stage_step, state, iterator.get_state(), metrics_for_best)
+            with progress.outside_steps():
+                run.towers.update(_towers_from_state(stage, state))
+                run.save(step, stage, stage_step, state, iterator.get_state(), metrics_for_best)
     progress.close()
-    run.summary[f"{stage}_images_per_second"] = progress.images_per_second()
+    for key, value in progress.throughput().items():
+        run.summary[f"{stage}_{key}"] = value
     run.summary[f"{stage}_train_step_compilations"] = len(traces)
     run.summary[f"{stage}_skipped_examples"] = _skipped(iterator)
     _finish_stage(run, stage, state)
@@ -482,7 +531,10 @@ def _set_scaling_factor(run: Run) -> None:
 
 
 class _Progress:
-    """Console progress (tqdm: step, loss, images/s, ETA) and TensorBoard scalars."""
+    """Console progress (tqdm: step, loss, images/s, ETA), TensorBoard scalars and
+    metrics.jsonl. Two throughputs: `images_per_second` over wall time (evals, sample grids
+    and checkpoints included) and `step_images_per_second` over the train steps alone; the
+    first logged interval, which holds the compile, counts in neither."""
 
     def __init__(self, run: Run, stage: str, start: int, total: int, batch_size: int):
         from tqdm import tqdm
@@ -491,34 +543,51 @@ class _Progress:
         self.bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step",
                         disable=not run.is_main, mininterval=2.0, dynamic_ncols=True)
         self.last_time, self.last_step = time.perf_counter(), start
-        self.compiled_at: float | None = None
-        self.timed_steps, self.timed_seconds = 0, 0.0
+        self.compiled = False
+        self.outside = 0.0  # seconds of this interval spent outside train steps
+        self.timed_steps, self.timed_seconds, self.timed_step_seconds = 0, 0.0, 0.0
+
+    @contextlib.contextmanager
+    def outside_steps(self):
+        """Time spent in evals, sample grids and checkpoints, kept out of step throughput."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.outside += time.perf_counter() - start
 
     def log(self, step: int, pending: list, iterator) -> None:
         values = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[-1]}
         now = time.perf_counter()
         steps = step - self.run.first_step(self.stage) - self.last_step
-        seconds = now - self.last_time
-        if self.compiled_at is not None:  # the first interval includes compilation
+        seconds, step_seconds = now - self.last_time, now - self.last_time - self.outside
+        if self.compiled:
             self.timed_steps += steps
             self.timed_seconds += seconds
-        self.compiled_at = now
-        values["step_seconds"] = seconds / max(steps, 1)
+            self.timed_step_seconds += step_seconds
+        self.compiled, self.outside = True, 0.0
+        values["step_seconds"] = step_seconds / max(steps, 1)
         values["images_per_second"] = self.batch_size * steps / max(seconds, 1e-9)
+        values["step_images_per_second"] = self.batch_size * steps / max(step_seconds, 1e-9)
         self.last_time, self.last_step = now, step - self.run.first_step(self.stage)
         self.run.scalars(step, values, f"{self.stage}/train")
-        if self.run.is_main:  # the curve as JSON lines too: easy to diff and plot
-            _append_line(self.run.workdir / "metrics.jsonl",
-                         json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
         self.bar.update(steps)
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_second']:.0f}")
-        skipped = _skipped(iterator)
-        log.debug("%s step %d %s skipped=%s", self.stage, step, values, skipped)
+        self.record(step, values)
+        log.debug("%s step %d %s skipped=%s", self.stage, step, values, _skipped(iterator))
 
-    def images_per_second(self) -> float:
+    def record(self, step: int, values: Mapping[str, float]) -> None:
+        """One metrics.jsonl line: the curves as JSON, easy to diff and plot."""
+        if self.run.is_main:
+            _append_line(self.run.workdir / "metrics.jsonl",
+                         json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
+
+    def throughput(self) -> dict[str, float]:
         if not self.timed_steps:
-            return 0.0
-        return round(self.batch_size * self.timed_steps / self.timed_seconds, 1)
+            return {"images_per_second": 0.0, "step_images_per_second": 0.0}
+        images = self.batch_size * self.timed_steps
+        return {"images_per_second": round(images / self.timed_seconds, 1),
+                "step_images_per_second": round(images / self.timed_step_seconds, 1)}
 
     def close(self) -> None:
         self.bar.close()
@@ -585,6 +654,13 @@ class _Sampler:
             "prompts": list(self.cfg.prompts), "seeds": list(range(n)), "sampler": self.cfg.sampler,
             "steps": self.cfg.steps, "guidance": self.cfg.guidance, "negative_prompt": "",
             "training_step": step}, columns=n)
+        if self.run.writer is not None:
+            from PIL import Image
+
+            with path.open("rb") as f:
+                self.run.writer.add_image("samples", np.asarray(Image.open(f).convert("RGB")),
+                                          step, dataformats="HWC")
+            self.run.writer.flush()
         log.info("sample grid: %s", path)
         return path
 

@@ -1,0 +1,399 @@
+"""The preflight: everything that can be wrong with a training run, found before it costs.
+
+`validate(config, workdir)` checks every choice, range and cross-section constraint of a
+training config, the data and init_from paths, and that a workdir being resumed holds the same
+architecture; each problem is one ValueError line naming the key and the fix. `train()`
+calls it first. `preflight(config, workdir)` (`diffusion-jax train --dry-run`) then builds the
+models abstractly, lowers and compiles each stage's train step on abstract shapes over the
+run's mesh (fake CPU devices stand in for a pod: XLA_FLAGS=--xla_force_host_platform_device_count=N)
+and reports param counts, XLA's per-device memory, the global batch and the step plan, without
+allocating a single param.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from etils import epath
+
+from diffusion_jax import checkpoint, parallel
+from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.data import sources
+from diffusion_jax.models import COMPONENTS, count_params
+from diffusion_jax.models.unet import REMAT_POLICIES
+
+DTYPES = ("float32", "bfloat16")
+ARCHITECTURE_SECTIONS = ("unet", "vae", "text_encoder", "schedule", "tokenizer")
+
+
+def _fail(key: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"--config.{key}={value!r}: {why}")
+
+
+def _check_range(config, key: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise _fail(key, value, f"must be {' and '.join(filter(None, (lo, hi)))}")
+
+
+def _choice(config, key: str, choices) -> None:
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if value not in choices:
+        raise _fail(key, value, f"not one of {', '.join(map(repr, choices))}")
+
+
+def stage_steps(config) -> dict[str, int]:
+    return {"vae": int(config.vae_training.steps), "diffusion": int(config.training.steps)}
+
+
+def _check_choices(config) -> None:
+    from diffusion_jax.pipeline import parse_sampler
+
+    _choice(config, "dtype", DTYPES)
+    if config.remat_policy:
+        _choice(config, "remat_policy", ("",) + REMAT_POLICIES)
+    try:
+        parse_sampler(config.sample.sampler)
+    except ValueError as e:
+        raise _fail("sample.sampler", config.sample.sampler, str(e)) from None
+    _choice(config, "vae_training.reconstruction_loss", ("l1", "l2"))
+    _choice(config, "training.lr_schedule", ("cosine", "constant"))
+    _choice(config, "data.source", sources.SOURCES)
+    for name in config.get("init_towers", ()):
+        if name not in COMPONENTS:
+            raise _fail("init_towers", tuple(config.init_towers), f"{name!r} is not one of "
+                        f"{', '.join(COMPONENTS)}")
+
+
+def _check_ranges(config) -> None:
+    for section in ("vae_training", "training"):
+        _check_range(config, f"{section}.steps", 0)
+        _check_range(config, f"{section}.learning_rate", 0, low_open=True)
+        _check_range(config, f"{section}.warmup_steps", 0)
+    _check_range(config, "vae_training.batch_size", 1)
+    _check_range(config, "vae_training.kl_weight", 0)
+    for key in ("weight_decay", "grad_clip_norm", "min_snr_gamma", "offset_noise"):
+        _check_range(config, f"training.{key}", 0)
+    for key in ("adam_b1", "adam_b2", "ema_decay"):
+        _check_range(config, f"training.{key}", 0, 1, high_open=True)
+    _check_range(config, "training.gradient_accumulation", 1)
+    accumulation = config.training.gradient_accumulation
+    if config.training.steps % accumulation:
+        raise _fail("training.steps", config.training.steps,
+                    f"must be a multiple of training.gradient_accumulation={accumulation} "
+                    "(steps count micro-batches)")
+    for key in ("checkpoint.every_steps", "checkpoint.keep", "log_every_steps",
+                "eval_every_steps", "eval_examples", "data.batch_size", "data.image_size",
+                "sample.seeds_per_prompt", "sample.steps"):
+        _check_range(config, key, 1)
+    for key in ("checkpoint.keep_best", "sample_every_steps", "final_eval.samples_per_class",
+                "final_eval.fid_samples", "data.num_workers"):
+        _check_range(config, key, 0)
+    _check_range(config, "data.caption_dropout", 0, 1)
+    _check_range(config, "sample.guidance", 0, low_open=True)
+    if not config.sample.prompts:
+        raise _fail("sample.prompts", tuple(config.sample.prompts), "needs at least one prompt")
+
+
+def _check_models(config) -> None:
+    """Constraints between sections that the model constructors would only hit in a trace."""
+    unet, vae, text = config.unet, config.vae, config.text_encoder
+    if unet.cross_attention_dim != text.hidden_size:
+        raise _fail("unet.cross_attention_dim", unet.cross_attention_dim,
+                    f"must equal text_encoder.hidden_size={text.hidden_size}")
+    if config.tokenizer.max_length > text.max_position_embeddings:
+        raise _fail("tokenizer.max_length", config.tokenizer.max_length,
+                    f"exceeds text_encoder.max_position_embeddings={text.max_position_embeddings}")
+    if unet.in_channels != vae.latent_channels:
+        raise _fail("unet.in_channels", unet.in_channels,
+                    f"must equal vae.latent_channels={vae.latent_channels} to train on latents "
+                    "(inpainting U-Nets are sampled, not trained, here)")
+    for section in ("unet", "vae"):
+        groups = config[section].norm_num_groups
+        for width in config[section].block_out_channels:
+            if width % groups:
+                raise _fail(f"{section}.norm_num_groups", groups,
+                            f"must divide every {section}.block_out_channels entry ({width})")
+    multiple = vae_factor(config) * 2 ** (len(unet.block_out_channels) - 1)
+    if config.data.source != "latents" and config.data.image_size % multiple:
+        raise _fail("data.image_size", config.data.image_size,
+                    f"must be a multiple of {multiple} (VAE downsampling x U-Net levels)")
+
+
+def vae_factor(config) -> int:
+    return 2 ** (len(config.vae.block_out_channels) - 1)
+
+
+def _check_final_eval(config) -> None:
+    final = config.final_eval
+    if (final.samples_per_class or final.fid_samples) and config.data.source != "fashion_mnist":
+        key = "final_eval.samples_per_class" if final.samples_per_class else "final_eval.fid_samples"
+        raise _fail(key, final[key.split(".")[1]], "the demo's class accuracy and FID score "
+                    "Fashion-MNIST prompts: set it to 0 for data.source="
+                    f"{config.data.source!r}")
+
+
+def _check_mesh(config) -> tuple[int, int]:
+    devices = jax.device_count()
+    shape = parallel._mesh_shape(config.mesh.data, config.mesh.fsdp, devices)
+    stages = [s for s, n in stage_steps(config).items() if n]
+    batches = {"vae": ("vae_training.batch_size", config.vae_training.batch_size),
+               "diffusion": ("data.batch_size", config.data.batch_size)}
+    for stage in stages:
+        key, batch = batches[stage]
+        if batch % devices:
+            raise _fail(key, batch, f"the global batch must be a multiple of the {devices} "
+                        f"devices (each device takes batch / {devices} rows)")
+    return shape
+
+
+def _check_data(config) -> None:
+    data = config.data
+    if data.source in ("folder", "tfds", "latents") and not data.path:
+        raise _fail("data.path", data.path, f"data.source={data.source!r} needs a path "
+                    "(an image folder, a tfds name or a precomputed latents folder)")
+    try:
+        source = data_pipeline.make_source(data, data.split)
+    except (FileNotFoundError, NotADirectoryError, ImportError) as e:
+        raise ValueError(f"--config.data.path={data.path!r}: {' '.join(str(e).split())}") from None
+    if isinstance(source, sources.LatentsSource):
+        written = source.meta.get("image_size")
+        if written != data.image_size:
+            raise _fail("data.image_size", data.image_size,
+                        f"the latents in {data.path} were written at {written}: set it to {written}")
+        if stage_steps(config)["vae"]:
+            raise _fail("vae_training.steps", config.vae_training.steps,
+                        "precomputed latents have no images to train a VAE on: set it to 0")
+
+
+# Model config fields that a run may change without changing the model: the latent scaling
+# (the VAE stage measures it) and the native size (metadata for sampling defaults).
+NOT_ARCHITECTURE = ("scaling_factor", "shift_factor", "sample_size")
+
+
+def _architecture(sections: Mapping[str, Any]) -> dict:
+    """The three model configs of a checkpoint config (or of model_config(config))."""
+    return {name: COMPONENTS[name].config_from_dict(sections[name])
+            for name in ("unet", "vae", "text_encoder")}
+
+
+def _differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    """'unet.block_out_channels was (..), now (..)' for each architecture field that differs."""
+    rows = []
+    for name, a in saved.items():
+        b = ours[name]
+        rows += [f"{name}.{f} was {getattr(a, f)!r}, now {getattr(b, f)!r}"
+                 for f in a.__dataclass_fields__
+                 if f not in NOT_ARCHITECTURE and getattr(a, f) != getattr(b, f)]
+    return rows
+
+
+def _check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
+    wanted = tuple(config.get("init_towers", ())) if config.init_from else ()
+    if not stage_steps(config)["vae"] and "vae" not in wanted:
+        raise _fail("init_from", config.init_from, "the VAE would stay random (vae_training."
+                    "steps=0 and init_from supplies no VAE): set --config.init_from=CKPT, a "
+                    "checkpoint from `diffusion-jax convert` or an earlier run")
+    if not config.init_from:
+        return
+    try:
+        saved = checkpoint.read_config(config.init_from)
+        names = checkpoint.item_names(config.init_from)
+    except checkpoint.CheckpointError as e:
+        raise ValueError(f"--config.init_from={config.init_from!r}: {e}") from None
+    absent = [n for n in wanted if n not in names]
+    if absent:
+        raise _fail("init_towers", wanted, f"{config.init_from} holds no {absent} (it holds "
+                    f"{names}); take only what it has")
+    ours = _architecture(ckpt_config)
+    differ = _differences({n: v for n, v in _architecture(saved).items() if n in wanted},
+                          {n: ours[n] for n in wanted})
+    if differ:
+        raise ValueError(f"--config.init_from={config.init_from!r}: its architecture differs "
+                         f"from this config's ({'; '.join(differ[:4])}); train with the config "
+                         "the checkpoint was made from, or leave those towers out of init_towers")
+
+
+def check_workdir(workdir, ckpt_config: Mapping[str, Any]) -> int | None:
+    """The newest step of a workdir being resumed (None: a fresh run), after checking that it
+    was trained with this architecture."""
+    directory = epath.Path(workdir) / "checkpoints"
+    if not directory.exists():
+        return None
+    try:
+        latest = checkpoint.steps(directory)[-1]
+    except checkpoint.CheckpointError:
+        return None  # an empty or half-made directory: the run starts fresh
+    differ = _differences(_architecture(checkpoint.read_config(directory, latest)),
+                          _architecture(ckpt_config))
+    if differ:
+        raise ValueError(f"workdir {workdir} holds a run of another architecture "
+                         f"({'; '.join(differ[:4])}): resume it with the config it was "
+                         "started with, or use a new --workdir")
+    return latest
+
+
+TRAINING_KEYS = ("data", "vae_training", "training", "mesh", "checkpoint", "sample",
+                 "final_eval", "dtype", "remat_policy", "seed", "init_from", "log_every_steps",
+                 "eval_every_steps", "eval_examples", "sample_every_steps")
+
+
+def _check_sections(config) -> None:
+    missing = [k for k in TRAINING_KEYS if k not in config]
+    if missing == list(TRAINING_KEYS):
+        raise ValueError("the config describes only a model architecture (no data, training, "
+                         "mesh or checkpoint sections): train with a training config such as "
+                         "sd15_finetune, sd21_finetune or sd21_base_pretrain:256, or add "
+                         "`base_training.add_training_sections(config)` to yours")
+    if missing:
+        raise ValueError(f"the config lacks the training key(s) {', '.join(missing)}: start it "
+                         "from `base_training.add_training_sections(config)`")
+
+
+def validate(config, workdir=None) -> int | None:
+    """Every check that needs no compile; raises a one-line ValueError. Returns the step the
+    workdir would resume from (None: a fresh run)."""
+    from diffusion_jax.training.trainer import model_config
+
+    _check_sections(config)
+    _check_choices(config)
+    _check_ranges(config)
+    _check_models(config)
+    _check_final_eval(config)
+    _check_mesh(config)
+    _check_data(config)
+    ckpt_config = model_config(config)
+    _check_init_from(config, ckpt_config)
+    return None if workdir is None else check_workdir(workdir, ckpt_config)
+
+
+# ----------------------------------------------------------------------------- dry run
+
+
+def abstract_towers(ckpt_config: Mapping[str, Any]) -> dict:
+    return {name: COMPONENTS[name].param_shapes(COMPONENTS[name].config_from_dict(ckpt_config[name]))
+            for name in ("unet", "vae", "text_encoder")}
+
+
+def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch a stage's step takes, from the config alone."""
+    data = config.data
+    batch = config.vae_training.batch_size if stage == "vae" else data.batch_size
+    ids = jax.ShapeDtypeStruct((batch, config.tokenizer.max_length), np.int32)
+    label = jax.ShapeDtypeStruct((batch,), np.int32)
+    if data.source == "latents":
+        side = data.image_size // vae_factor(config)
+        latents = jax.ShapeDtypeStruct((batch, side, side, config.vae.latent_channels), np.float32)
+        return {"latents": latents, "input_ids": ids, "label": label}
+    image = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.float32)
+    return {"image": image, "input_ids": ids, "label": label}
+
+
+def _with_shardings(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _gib(n: float) -> str:
+    return parallel.format_bytes(n)
+
+
+def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True) -> dict:
+    """Lowers (and compiles) a stage's train step on abstract params and batch; XLA's figures."""
+    from diffusion_jax.training.trainer import stage_program
+
+    towers = abstract_towers(ckpt_config)
+    program = stage_program(config, ckpt_config, mesh, stage, towers)
+    state = _with_shardings(program.state_shapes, program.state_sharding)
+    frozen = _with_shardings(program.frozen, program.frozen_sharding)
+    batch = batch_shapes(config, stage)
+    start = time.perf_counter()
+    lowered = program.step_fn.lower(state, frozen, batch)
+    figures = {"lower_seconds": round(time.perf_counter() - start, 1)}
+    if compile:
+        from diffusion_jax.bench.measure import xla_memory
+
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        figures["compile_seconds"] = round(time.perf_counter() - start, 1)
+        figures.update(xla_memory(compiled))
+    return {"trained_params": count_params(program.trained),
+            "frozen_params": count_params(program.frozen), **figures,
+            "batch": {k: list(v.shape) for k, v in batch.items()},
+            "state_per_device_bytes": _per_device_bytes(program.state_shapes, program.state_sharding)}
+
+
+def _per_device_bytes(tree, shardings) -> int:
+    leaves = jax.tree.leaves(tree)
+    specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return sum(math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, s in zip(leaves, specs))
+
+
+def preflight(config, workdir, *, compile: bool = True) -> dict:
+    """`train --dry-run`: validate, then compile each stage abstractly; prints and returns the
+    report. Nothing is trained, written or allocated beyond XLA's compile."""
+    from diffusion_jax.training.trainer import model_config
+
+    resume = validate(config, workdir)
+    ckpt_config = model_config(config)
+    mesh = parallel.make_mesh(config.mesh)
+    counts = {name: count_params(tree) for name, tree in abstract_towers(ckpt_config).items()}
+    steps = stage_steps(config)
+    report = {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+              "mesh": dict(mesh.shape), "params": counts,
+              "resume_from_step": resume, "stages": {}}
+    first = 0
+    for stage, n in steps.items():
+        if not n:
+            continue
+        batch = config.vae_training.batch_size if stage == "vae" else config.data.batch_size
+        entry = {"steps": f"{first + 1}..{first + n}", "global_batch": batch,
+                 "per_device_batch": batch // jax.device_count()}
+        if stage == "diffusion":
+            entry["gradient_accumulation"] = config.training.gradient_accumulation
+        entry.update(compile_stage(config, ckpt_config, mesh, stage, compile))
+        report["stages"][stage] = entry
+        first += n
+    report["plan"] = {"checkpoint_every": config.checkpoint.every_steps,
+                      "eval_every": config.eval_every_steps,
+                      "sample_every": config.sample_every_steps or "end",
+                      "data": f"{config.data.source} {config.data.path}".strip(),
+                      "init_from": config.init_from or "random init",
+                      "dtype": config.dtype, "remat": config.remat_policy or "none"}
+    print_report(report)
+    return report
+
+
+def print_report(report: Mapping[str, Any]) -> None:
+    print("preflight: the config is valid")
+    print(f"  devices   {report['devices']}, mesh {report['mesh']}")
+    print("  params    " + ", ".join(f"{k} {v:,}" for k, v in report["params"].items()))
+    if report["resume_from_step"] is not None:
+        print(f"  resume    from step {report['resume_from_step']} of the workdir")
+    for stage, entry in report["stages"].items():
+        line = (f"  {stage:<9} steps {entry['steps']}, global batch {entry['global_batch']} "
+                f"({entry['per_device_batch']} per device)")
+        line += (f"; trains {entry['trained_params']:,} params; lowered in "
+                 f"{entry['lower_seconds']} s")
+        if "compile_seconds" in entry:
+            line += f", compiled in {entry['compile_seconds']} s"
+        print(line)
+        if "xla_total_bytes" in entry:
+            print(f"            per device: {_gib(entry['xla_total_bytes'])} (arguments "
+                  f"{_gib(entry['xla_argument_bytes'])}, temporaries {_gib(entry['xla_temp_bytes'])}"
+                  f"; train state {_gib(entry['state_per_device_bytes'])})")
+    print("  plan      " + ", ".join(f"{k} {v}" for k, v in report["plan"].items()))
