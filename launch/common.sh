@@ -63,6 +63,7 @@ CONFIG=""
 WORKDIR=""
 OVERRIDES=()
 CONSUMED=0
+SKIP_PREFLIGHT=0
 
 take_train_option() {  # consumes --config/--workdir/--config.KEY[=]VALUE; CONSUMED = words used
   CONSUMED=0
@@ -73,6 +74,7 @@ take_train_option() {  # consumes --config/--workdir/--config.KEY[=]VALUE; CONSU
       CONSUMED=2 ;;
     --config=*) CONFIG=${1#*=}; CONSUMED=1 ;;
     --workdir=*) WORKDIR=${1#*=}; CONSUMED=1 ;;
+    --skip-preflight) SKIP_PREFLIGHT=1; CONSUMED=1 ;;
     --config.*=*) OVERRIDES+=("$1"); CONSUMED=1 ;;
     --config.*)
       (($# >= 2)) || die "$1 needs a value"
@@ -93,6 +95,38 @@ train_command() {  # sets TRAIN to `diffusion-jax train ...` with the parsed tra
     program=("$DIFFUSION_JAX_PYTHON" -m diffusion_jax.cli)
   fi
   TRAIN=("${program[@]}" train --config "$CONFIG" --workdir "$WORKDIR" "${OVERRIDES[@]}")
+}
+
+preflight() {  # preflight DEVICES: `diffusion-jax train --dry-run` here, compiling for
+  # DEVICES fake CPU devices, so a bad config stops before a slice or a job is paid for
+  local devices=$1
+  if ((SKIP_PREFLIGHT)); then
+    note "preflight skipped (--skip-preflight)"
+    return
+  fi
+  train_command
+  local cmd=("${TRAIN[@]}" --dry-run --devices "$devices")
+  if dry_run; then
+    quote_command "${cmd[@]}"
+    return
+  fi
+  command -v "${cmd[0]}" >/dev/null \
+    || die "the preflight runs ${cmd[0]} on this machine: pip install -e . here (or set DIFFUSION_JAX_PYTHON), or pass --skip-preflight"
+  note "preflight: checking the config and compiling the train step for $devices devices"
+  "${cmd[@]}" >&2 || die "the preflight failed (see above): nothing was created or started"
+}
+
+tpu_devices() {  # the JAX devices of a TPU accelerator type: v2/v3 name TensorCores (one device
+  # each), v4/v5p TensorCores (two per chip, one device), v5e/v6e chips
+  local type=$1
+  local count=${type##*-}
+  [[ $count =~ ^[0-9]+$ && $type == *-* ]] \
+    || die "--accelerator-type $type: expected a name like v4-32, v5p-64 or v5litepod-16"
+  case $type in
+    v2-* | v3-* | v5litepod-* | v5e-* | v6e-*) echo "$count" ;;
+    v4-* | v5p-*) echo $((count / 2)) ;;
+    *) die "--accelerator-type $type: unknown TPU generation (v2, v3, v4, v5p, v5litepod, v6e)" ;;
+  esac
 }
 
 # The scripts that use these set NAME, ZONE and PROJECT from their own options.

@@ -11,7 +11,8 @@
 #            pip install -e ".[tpu]" there
 #   train    on every worker: start `diffusion-jax train` in the background
 #            (launch/tpu_worker.sh; log ~/diffusion-jax-logs/train.log on each worker)
-#   up       create, install, train
+#   up       create, install, train (after the preflight, see --skip-preflight)
+#   preflight  only the local check of the train options that `up` and `train` run first
 #   logs     tail of the workers' logs; with --out DIR, one file per worker (DIR/N.log)
 #   status   worker 0's trainer: `running`, its exit code, or `none`
 #   stop     SIGTERM to the trainers: they write a checkpoint and exit with code 3;
@@ -33,12 +34,17 @@
 #                              (DIFFUSION_JAX_CACHE_DIR; default gs://BUCKET/xla-cache)
 #   --worker W                 logs: all (default) or one worker number
 #   --lines N, --follow, --out DIR   logs: lines per worker (100), follow, save per worker
+#   --skip-preflight           up, train: skip the local `diffusion-jax train --dry-run`
+#                              that first checks the config and compiles the train step
+#                              for the slice's device count (from --accelerator-type) on
+#                              fake CPU devices; by default nothing is created when it fails
 #   --dry-run                  print the commands instead of running them (or DRY_RUN=1)
 #
 # Example:
 #   launch/tpu_pod.sh up --name sd-pod --zone us-central2-b --accelerator-type v4-32 \
-#     --repo https://github.com/you/diffusion-jax --config configs/sd15.py \
-#     --workdir gs://your-bucket/runs/sd15 --config.data.batch_size=512
+#     --repo https://github.com/you/diffusion-jax --config configs/sd15_finetune.py \
+#     --workdir gs://your-bucket/runs/sd15 --config.init_from=gs://your-bucket/ckpt/sd15 \
+#     --config.data.path=gs://your-bucket/latents/sd15-512
 #   launch/tpu_pod.sh logs --name sd-pod --zone us-central2-b --worker 0 --follow
 #   launch/tpu_pod.sh stop --name sd-pod --zone us-central2-b
 
@@ -102,8 +108,18 @@ create() {
   gcloud_tpu create --accelerator-type="$accelerator_type" --version="$version"
 }
 
-install() {
+require_repo() {
   [[ -n $repo ]] || die "--repo URL (or DIFFUSION_JAX_REPO) is required to install"
+}
+
+require_gcs_workdir() {
+  require_train_options
+  [[ $WORKDIR =~ ^gs://[^/]+ ]] \
+    || die "--workdir must be on GCS (gs://BUCKET/PATH): the workers share no disk, got '$WORKDIR'"
+}
+
+install() {
+  require_repo
   # Fetching one ref into a fresh or existing checkout works the same for a branch, a tag
   # or a commit, and leaves no stale files of an earlier install behind.
   local steps=(
@@ -120,9 +136,7 @@ install() {
 }
 
 train() {
-  require_train_options
-  [[ $WORKDIR =~ ^gs://[^/]+ ]] \
-    || die "--workdir must be on GCS (gs://BUCKET/PATH): the workers share no disk, got '$WORKDIR'"
+  require_gcs_workdir
   local bucket=${WORKDIR#gs://}
   bucket=${bucket%%/*}
   on_workers all bash "$WORKER_SCRIPT" start --cache-dir "${cache_dir:-gs://$bucket/xla-cache}" \
@@ -149,11 +163,14 @@ main() {
   shift
   [[ $command != -h && $command != --help ]] || { usage; exit 0; }
   parse_args "$@"
+  local devices
+  devices=$(tpu_devices "$accelerator_type")
   case $command in
     create) create ;;
     install) install ;;
-    train) train ;;
-    up) create; install; train ;;
+    preflight) require_gcs_workdir; preflight "$devices" ;;
+    train) require_gcs_workdir; preflight "$devices"; train ;;
+    up) require_repo; require_gcs_workdir; preflight "$devices"; create; install; train ;;
     logs) logs ;;
     status) on_workers 0 bash "$WORKER_SCRIPT" status ;;
     stop) on_workers all bash "$WORKER_SCRIPT" stop ;;

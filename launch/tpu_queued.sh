@@ -17,7 +17,8 @@
 #   (stop the supervisor first, or it resumes the run).
 #
 # Options: those of launch/tpu_pod.sh (--project, --accelerator-type, --version, --repo,
-# --ref, --config, --workdir gs://..., --cache-dir, --config.KEY=VALUE ...), plus
+# --ref, --config, --workdir gs://..., --cache-dir, --config.KEY=VALUE ...,
+# --skip-preflight), plus
 #   --poll-seconds S   seconds between state checks (default 60)
 #   --max-restarts N   give up after N new slices or reruns (default 20)
 #   --dry-run          print the commands of one pass instead of running them (or DRY_RUN=1)
@@ -28,7 +29,9 @@
 # Example:
 #   launch/tpu_queued.sh supervise --name sd-spot --zone us-central2-b \
 #     --accelerator-type v4-32 --repo https://github.com/you/diffusion-jax \
-#     --config configs/sd15.py --workdir gs://your-bucket/runs/sd15
+#     --config configs/sd15_finetune.py --workdir gs://your-bucket/runs/sd15 \
+#     --config.init_from=gs://your-bucket/ckpt/sd15 \
+#     --config.data.path=gs://your-bucket/latents/sd15-512
 
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -128,7 +131,10 @@ wait_for_trainer() {  # prints the trainer's exit code, or `preempted`, or `lost
 }
 
 supervise() {
-  DRY_RUN=1 pod train >/dev/null  # bad train options fail here, before any slice is paid for
+  # Bad options, then a config that fails the preflight, stop here, before a slice is paid for.
+  DRY_RUN=1 pod up >/dev/null
+  pod preflight
+  pod_args+=(--skip-preflight)  # checked once, not again at every restart
   local outcome
   while true; do
     wait_until_active

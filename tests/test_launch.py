@@ -33,6 +33,14 @@ TRAIN_ARGS = ["--config", "configs/sd15.py", "--workdir", "gs://bkt/runs/sd15",
 FORWARDED = ["--config", "configs/sd15.py", "--workdir", "gs://bkt/runs/sd15",
              "--config.dtype=bfloat16", TRICKY]  # `--config.K V` arrives as `--config.K=V`
 POD = ["--name", "sd-pod", "--zone", "us-central2-b", "--project", "proj"]
+# The local check every pod or cluster launch runs first, on fake CPU devices of its size.
+def _preflight(devices: int) -> list[str]:
+    return ["diffusion-jax", "train", *FORWARDED, "--dry-run", "--devices", str(devices)]
+
+
+# A stand-in `diffusion-jax` for the launchers' preflight: logs the call, fails on request.
+FAKE_TRAINER = ('echo "preflight $*" >> "$FAKE_DIR/calls"\n'
+                '[[ ! -e $FAKE_DIR/preflight_fails ]] || { echo "bad config" >&2; exit 1; }\n')
 GCLOUD_TPU = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
@@ -133,15 +141,17 @@ SLURM_ENV = dict(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNO
 
 
 def test_slurm_dry_run_is_one_srun_task_per_node_meeting_at_the_first_host():
-    lookup, step, requeue = _dry_run("gpu_slurm.sbatch", *TRAIN_ARGS, env=_clean_env(**SLURM_ENV))
+    lookup, preflight, step, requeue = _dry_run("gpu_slurm.sbatch", *TRAIN_ARGS,
+                                                env=_clean_env(**SLURM_ENV))
     assert lookup == ["scontrol", "show", "hostnames", "gpu[07-08]"]
+    assert preflight == _preflight(16)  # 2 nodes x 8 GPUs (SLURM_GPUS_ON_NODE unset)
     assert step == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--label",
                     "--cpus-per-task=96", "bash", str(LAUNCH / "gpu_multinode.sh"),
                     "--coordinator", "<first host of gpu[07-08]>:24242", "--num-processes", "2",
                     *FORWARDED]
     assert requeue == ["scontrol", "requeue", "4242"]
     env = _clean_env(**SLURM_ENV, JAX_COORDINATOR_ADDRESS="gpu07-ib:5000")
-    step, _ = _dry_run("gpu_slurm.sbatch", "--config", "c.py", "--workdir", "/w", env=env)
+    _, step, _ = _dry_run("gpu_slurm.sbatch", "--config", "c.py", "--workdir", "/w", env=env)
     assert step[step.index("--coordinator") + 1] == "gpu07-ib:5000"
 
 
@@ -182,8 +192,10 @@ def test_slurm_job_forwards_sigterm_and_requeues_after_exit_code_3(tmp_path):
                 'while true; do sleep 0.05; done\n',
         "scontrol": 'echo "$*" >> "$FAKE_DIR/scontrol.calls"\n'
                     '[[ $1 != show ]] || printf "gpu07\\ngpu08\\n"\n',
+        "diffusion-jax": FAKE_TRAINER,
     })
-    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2")
+    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
+               SLURM_GPUS_ON_NODE="4")
     job = subprocess.Popen(["bash", str(LAUNCH / "gpu_slurm.sbatch"), "--config", "c.py",
                             "--workdir", "/shared/w", "--config.x", "a b"], cwd=REPO, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -198,6 +210,8 @@ def test_slurm_job_forwards_sigterm_and_requeues_after_exit_code_3(tmp_path):
     assert (tmp_path / "srun.signal").read_text() == "TERM\n"
     assert (tmp_path / "scontrol.calls").read_text().splitlines() == [
         "show hostnames gpu[07-08]", "requeue 4242"]
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "preflight train --config c.py --workdir /shared/w --config.x=a b --dry-run --devices 8"]
     srun_args = (tmp_path / "srun.args").read_text().splitlines()
     assert srun_args[srun_args.index("--coordinator") + 1] == "gpu07:24242"
     assert srun_args[-5:] == ["--config", "c.py", "--workdir", "/shared/w", "--config.x=a b"]
@@ -207,9 +221,10 @@ def test_slurm_job_forwards_sigterm_and_requeues_after_exit_code_3(tmp_path):
 
 
 def test_tpu_pod_up_creates_installs_and_trains_on_all_workers():
-    describe, create, install, train = _dry_run(
+    preflight, describe, create, install, train = _dry_run(
         "tpu_pod.sh", "up", *POD, "--accelerator-type", "v4-32",
         "--repo", "https://github.com/you/diffusion-jax", "--ref", "v1.0", *TRAIN_ARGS)
+    assert preflight == _preflight(16)  # v4-32: 32 TensorCores, 16 chips = 16 JAX devices
     zone = ["--zone=us-central2-b", "--project=proj"]
     assert describe == [*GCLOUD_TPU, "describe", "sd-pod", *zone, "--format=value(state)"]
     assert create == [*GCLOUD_TPU, "create", "sd-pod", *zone, "--accelerator-type=v4-32",
@@ -306,7 +321,8 @@ def test_tpu_worker_stop_sends_sigterm_and_the_exit_code_is_kept(tmp_path):
 def test_tpu_queued_dry_run_is_one_pass_of_the_supervisor():
     lines = _dry_run("tpu_queued.sh", "supervise", *POD, "--accelerator-type", "v5litepod-16",
                      "--repo", "https://x/y", "--poll-seconds", "5", *TRAIN_ARGS)
-    describe, create, install, train, status = lines
+    preflight, describe, create, install, train, status = lines
+    assert preflight == _preflight(16)  # v5litepod-16: 16 chips
     queued = ["gcloud", "compute", "tpus", "queued-resources"]
     zone = ["--zone=us-central2-b", "--project=proj"]
     assert describe == [*queued, "describe", "sd-pod", *zone, "--format=value(state.state)"]
@@ -345,7 +361,7 @@ esac
 
 
 def _supervise(tmp_path, states, statuses):
-    env = _fake_programs(tmp_path, {"gcloud": FAKE_GCLOUD})
+    env = _fake_programs(tmp_path, {"gcloud": FAKE_GCLOUD, "diffusion-jax": FAKE_TRAINER})
     (tmp_path / "states").write_text("\n".join(states) + "\n")
     (tmp_path / "statuses").write_text("\n".join(statuses) + "\n")
     result = _script("tpu_queued.sh", "supervise", *POD, "--repo", "https://x/y",
@@ -361,6 +377,7 @@ def test_tpu_queued_supervisor_recreates_the_slice_after_preemption_and_resumes(
         statuses=["none", "running", "none", "0"])
     assert result.returncode == 0, result.stderr
     assert calls == [
+        f"preflight {' '.join(_preflight(4)[1:])}",  # once, before the first slice
         "describe -", "create", "describe WAITING_FOR_RESOURCES", "describe ACTIVE",
         "status none", "install", "train",
         "describe ACTIVE", "status running", "describe SUSPENDED",  # the slice is gone
@@ -373,9 +390,48 @@ def test_tpu_queued_supervisor_recreates_the_slice_after_preemption_and_resumes(
 def test_tpu_queued_supervisor_reruns_after_exit_3_and_stops_on_a_real_failure(tmp_path):
     result, calls = _supervise(tmp_path, states=["ACTIVE"] * 4, statuses=["none", "3", "none", "1"])
     assert result.returncode == 1
-    assert calls == ["describe ACTIVE", "status none", "install", "train", "describe ACTIVE", "status 3",
+    assert calls[0].startswith("preflight train ")
+    assert calls[1:] == ["describe ACTIVE", "status none", "install", "train", "describe ACTIVE", "status 3",
                      "describe ACTIVE", "status none", "install", "train", "describe ACTIVE", "status 1"]
     assert "training failed with exit code 1" in result.stderr
+
+
+def test_a_failing_preflight_stops_the_supervisor_before_any_slice_is_requested(tmp_path):
+    (tmp_path / "preflight_fails").touch()
+    result, calls = _supervise(tmp_path, states=["-"], statuses=["none"])
+    assert result.returncode == 1 and "the preflight failed" in result.stderr
+    assert calls == [f"preflight {' '.join(_preflight(4)[1:])}"]  # no describe, no create
+
+
+@pytest.mark.parametrize("command", ["up", "train"])
+def test_a_failing_preflight_stops_tpu_pod_before_gcloud(tmp_path, command):
+    env = _fake_programs(tmp_path, {"gcloud": FAKE_GCLOUD, "diffusion-jax": FAKE_TRAINER})
+    (tmp_path / "preflight_fails").touch()
+    result = _script("tpu_pod.sh", command, *POD, "--accelerator-type", "v5p-64", "--repo",
+                     "https://x/y", *TRAIN_ARGS, env=env, check=False)
+    assert result.returncode == 1 and "nothing was created or started" in result.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"preflight {' '.join(_preflight(32)[1:])}"]  # v5p-64: 32 chips; gcloud never ran
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--accelerator-type", "v9-8"], "unknown TPU generation"),
+    (["--accelerator-type", "v4"], "expected a name like v4-32"),
+    (["--workdir", "/local/run"], "--workdir must be on GCS"),
+])
+def test_tpu_pod_up_checks_its_arguments_before_the_preflight_and_gcloud(tmp_path, args, message):
+    env = _fake_programs(tmp_path, {"gcloud": FAKE_GCLOUD, "diffusion-jax": FAKE_TRAINER})
+    result = _script("tpu_pod.sh", "up", *POD, "--repo", "https://x/y", *TRAIN_ARGS, *args,
+                     env=env, check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "calls").exists()  # neither the preflight nor gcloud ran
+
+
+def test_tpu_pod_up_without_repo_fails_before_creating_anything(tmp_path):
+    env = _fake_programs(tmp_path, {"gcloud": FAKE_GCLOUD, "diffusion-jax": FAKE_TRAINER})
+    result = _script("tpu_pod.sh", "up", *POD, *TRAIN_ARGS, env=env, check=False)
+    assert result.returncode == 1 and "--repo URL" in result.stderr
+    assert not (tmp_path / "calls").exists()
 
 
 # ----------------------------------------------------------------------------- a real run
