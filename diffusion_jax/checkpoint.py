@@ -15,6 +15,10 @@ key names, as `configs/*.py` write them), `schedule` (diffusers scheduler config
 state, ...) can sit beside the params in a step: `save` writes any pytree item, `load` reads
 the model items unless asked for others.
 
+`sample`, `export` and `fid` read DIR through `load_models`, which also takes a training
+workdir (its `checkpoints/`) or one step folder `DIR/1000` (`resolve`), and reads only the
+model items, preferring their EMA copies.
+
 DIR may be local or a gs:// URI (TPU pods): paths are `etils.epath` paths, whose files go
 through gcsfs and whose arrays Orbax writes with TensorStore's GCS driver.
 """
@@ -22,6 +26,7 @@ through gcsfs and whose arrays Orbax writes with TensorStore's GCS driver.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import uuid
@@ -38,6 +43,7 @@ FORMAT_VERSION = 1
 CONFIG_ITEM = "config"
 EMA_SUFFIX = "_ema"
 CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "schedule", "tokenizer")
+WORKDIR_CHECKPOINTS = "checkpoints"  # the checkpoint directory inside a training workdir
 
 
 class CheckpointError(ValueError):
@@ -143,6 +149,32 @@ def _resolve_step(directory: epath.Path, step: int | None) -> int:
     return step
 
 
+def _is_step_folder(path: epath.Path) -> bool:
+    """`DIR/12`: one step of a checkpoint (a checkpoint DIR itself has no config item)."""
+    return path.name.isdigit() and (path / CONFIG_ITEM).is_dir()
+
+
+def _holds_steps(path: epath.Path) -> bool:
+    return path.is_dir() and any(p.name.isdigit() and p.is_dir() for p in path.iterdir())
+
+
+def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Path, int]:
+    """(checkpoint directory, step) that `path` names: a checkpoint directory (`step`, default
+    the latest), a training workdir holding `checkpoints/`, or one step folder `DIR/12` (that
+    step). `sample`, `export`, `fid` and `pipeline.load` all resolve their checkpoint here."""
+    path = as_path(path)
+    if _is_step_folder(path):
+        folder_step = int(path.name)
+        if step is not None and step != folder_step:
+            raise CheckpointError(f"{path} is step {folder_step} of checkpoint {path.parent}, "
+                                  f"but step {step} was asked for; pass {path.parent} to "
+                                  "choose another step")
+        return path.parent, folder_step
+    if not _holds_steps(path) and (path / WORKDIR_CHECKPOINTS).is_dir():
+        path = path / WORKDIR_CHECKPOINTS
+    return path, _resolve_step(path, step)
+
+
 def item_names(directory: str | os.PathLike, step: int | None = None) -> list[str]:
     """Names of the pytree items saved at `step` (default: the latest), config excluded."""
     directory = as_path(directory)
@@ -184,13 +216,50 @@ def load(directory: str | os.PathLike, step: int | None = None,
     if absent:
         raise CheckpointError(f"checkpoint {directory} step {step} has no item(s) {absent}; "
                               f"it holds {saved}")
-    with _manager(directory, wanted) as manager:
-        metadata = manager.item_metadata(step)
+    # Each wanted item's metadata from its own folder: the manager's `item_metadata` opens
+    # every saved item and warns about each it has no handler for (`trainer`, optimizer).
+    step_dir = _orbax_path(directory) / str(step)
+    with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
         # A numpy template restores onto the host; np.empty reserves no pages until written.
-        templates = {name: _numpy_template(metadata[name].tree) for name in wanted}
+        templates = {name: _numpy_template(handler.metadata(step_dir / name).tree)
+                     for name in wanted}
+    with _manager(directory, wanted) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(t) for name, t in templates.items()}))
     return {name: restored[name] for name in wanted}, config
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Which weights `load_models` read: what a generated image's metadata records."""
+
+    directory: str  # the checkpoint directory, resolved (not a workdir or a step folder)
+    step: int
+    ema: bool  # EMA params were used
+
+
+def load_models(path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True
+                ) -> tuple[dict[str, Any], dict, Source]:
+    """(params by model name, config, source) for `sample`, `export` and `fid`: `path` as
+    `resolve` takes it, and each model's EMA copy where the checkpoint has one and `use_ema`
+    (the default everywhere), else its raw params. Reads only those items."""
+    directory, step = resolve(path, step)
+    saved = item_names(directory, step)
+    chosen = {name: name + EMA_SUFFIX if use_ema and name + EMA_SUFFIX in saved else name
+              for name in COMPONENTS}
+    missing = [item for item in chosen.values() if item not in saved]
+    if missing:
+        raise CheckpointError(f"checkpoint {directory} step {step} lacks {missing} (it holds "
+                              f"{saved}): the U-Net, the VAE and the text encoder are all needed")
+    items, config = load(directory, step, items=chosen.values())
+    source = Source(str(directory), step, ema=any(item != name for name, item in chosen.items()))
+    return {name: items[item] for name, item in chosen.items()}, config, source
+
+
+def display_name(directory: str | os.PathLike) -> str:
+    """A checkpoint's short name: its folder's, or the workdir's for a training run's."""
+    path = as_path(directory)
+    return path.parent.name if path.name == WORKDIR_CHECKPOINTS else path.name
 
 
 def _numpy_template(tree: Any) -> Any:

@@ -61,6 +61,9 @@ def run_convert(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- export
 
+CHECKPOINT_HELP = ("checkpoint directory; a training workdir (its checkpoints/) or one step "
+                   "folder (DIR/STEP) works too")
+
 
 def add_export(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -68,21 +71,23 @@ def add_export(subparsers) -> None:
         description="Write the models of a diffusion_jax checkpoint as a diffusers "
                     "StableDiffusionPipeline folder: unet/, vae/, text_encoder/ (safetensors), "
                     "scheduler/, tokenizer/, model_index.json.")
-    parser.add_argument("--checkpoint", required=True, help="diffusion_jax checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--to", default="diffusers", choices=("diffusers",),
                         help="output format (default: diffusers)")
     parser.add_argument("--out", required=True,
                         help="new output directory (must not exist, or be empty)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--ema", action="store_true",
-                        help="export the EMA params (unet_ema, ...) instead of the raw ones")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="export the raw params; default: the EMA params (unet_ema, ...) "
+                             "where the checkpoint has them, as `sample` uses")
     parser.set_defaults(run=run_export)
 
 
 def run_export(args: argparse.Namespace) -> None:
     from diffusion_jax import convert
 
-    convert.export(args.checkpoint, args.out, to=args.to, step=args.step, use_ema=args.ema)
+    convert.export(args.checkpoint, args.out, to=args.to, step=args.step,
+                   use_ema=not args.no_ema)
     print(f"wrote {args.to} folder {args.out}")
 
 
@@ -133,47 +138,114 @@ def add_sample(subparsers) -> None:
     parser = subparsers.add_parser(
         "sample", help="generate images from a checkpoint (txt2img, img2img, inpaint)",
         description="Generate images with a diffusion_jax checkpoint. With --init-image it "
-                    "is img2img (--strength: 0 keeps the image, 1 replaces it); add --mask "
-                    "to inpaint (white = repaint). Image i uses seed SEED + i. The whole run "
+                    "is img2img (--strength: 0 returns the image unchanged, 1 replaces it); "
+                    "add --mask to inpaint (white = repaint). Image i uses seed SEED + i. "
+                    "PNGs record the run in their text metadata (the settings, seeds, "
+                    "checkpoint step, EMA or not) and in A1111's `parameters`. The whole run "
                     "(text encoder, sampling loop, VAE decode) is one compiled program, cached "
                     "on disk (DIFFUSION_JAX_CACHE_DIR) so a second run starts fast.")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--negative-prompt", default="", help="what to steer away from")
     _add_sampler_args(parser)
     parser.add_argument("--guidance-rescale", type=float, default=0.0,
                         help="guidance rescale (Lin et al. 2023), 0..1 (default: 0)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta, >= 0 (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
     parser.add_argument("--num-images", type=int, default=1, help="images to make (default: 1)")
     parser.add_argument("--height", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--width", type=int, help="pixels (default: the model's native size)")
     parser.add_argument("--init-image", help="img2img / inpaint starting image")
     parser.add_argument("--strength", type=float,
-                        help="img2img / inpaint noise strength (default: 0.8 img2img, 1 inpaint)")
+                        help="img2img / inpaint noise strength in [0, 1]: 0 runs no step and "
+                             "returns the init image exactly, 1 starts from pure noise "
+                             "(default: 0.8 img2img, 1 inpaint)")
     parser.add_argument("--mask", help="inpainting mask image, white = repaint")
     parser.add_argument("--init-latents", metavar="FILE.npy",
                         help="starting noise [N, C, H/f, W/f] (diffusers layout), to replay a "
                              "run of another implementation exactly")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--no-ema", action="store_true", help="use raw, not EMA, U-Net weights")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="use the raw weights; default: the EMA weights where the "
+                             "checkpoint has them, as `export` writes")
     parser.add_argument("--out", required=True,
-                        help="FILE.png (a grid, run settings in its text metadata) or FILE.npy "
-                             "(float32 [N, H, W, 3] in [0, 1])")
+                        help="FILE.png (a grid), FILE.npy (float32 [N, H, W, 3] in [0, 1]) or "
+                             "DIR/ (a folder: one PNG per image, each with its own seed, plus "
+                             "DIR/grid.png)")
+    parser.add_argument("--columns", type=int,
+                        help="images per row of the PNG grid (default: N, at most 8)")
     parser.set_defaults(run=run_sample)
+
+
+def _flag(option: str) -> str:
+    """A pipeline option's name as a flag, for the pipeline's validation messages."""
+    return "--" + option.replace("_", "-")
+
+
+def _sample_output(out_arg: str) -> tuple[Any, bool]:
+    """(the --out path, whether it is a folder) after checking it can be written: before
+    the checkpoint loads, not after every image is made. gs:// folders need not exist."""
+    from diffusion_jax import checkpoint
+
+    out = checkpoint.as_path(out_arg)  # local or gs://
+    is_folder = out_arg.endswith("/") or out.is_dir()
+    if not is_folder and out.suffix not in (".png", ".npy"):
+        raise ValueError(f"--out {out_arg}: the output must end in .png or .npy, or be a "
+                         "folder (DIR/)")
+    if is_folder and out.is_file():
+        raise FileExistsError(f"--out {out_arg}: {out} is a file, not a folder")
+    if not checkpoint.is_remote(out) and not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out_arg}: directory {out.parent} does not exist; "
+                                "create it first")
+    return out, is_folder
+
+
+def _sample_strength(args: argparse.Namespace) -> float | None:
+    """The img2img / inpaint strength, its default filled in; None for txt2img."""
+    if args.mask and not args.init_image:
+        raise ValueError("--mask needs --init-image: the image to inpaint")
+    if args.init_image is None:
+        if args.strength is not None:
+            raise ValueError("--strength needs --init-image")
+        return None
+    if args.strength is not None:
+        return args.strength
+    return 1.0 if args.mask else 0.8
+
+
+def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count: int) -> dict:
+    """Everything needed to make the same images again, as PNG text metadata."""
+    import diffusion_jax
+
+    run = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
+               seeds=[args.seed + i for i in range(count)], sampler=args.sampler,
+               steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
+               eta=args.eta, height=args.height or pipe.default_size(),
+               width=args.width or pipe.default_size())
+    if strength is not None:
+        run.update(strength=strength, init_image=args.init_image)
+    if args.mask:
+        run["mask"] = args.mask
+    run.update(checkpoint=pipe.source.directory, checkpoint_step=pipe.source.step,
+               ema=pipe.source.ema, diffusion_jax_version=diffusion_jax.__version__)
+    return run
 
 
 def run_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from diffusion_jax import checkpoint, pipeline
+    from diffusion_jax import pipeline
 
-    out = checkpoint.as_path(args.out)  # local or gs://
-    if out.suffix not in (".png", ".npy"):
-        raise ValueError(f"--out {out}: the output must end in .png or .npy")
-    if args.mask and not args.init_image:
-        raise ValueError("--mask needs --init-image: the image to inpaint")
-    pipeline.parse_sampler(args.sampler)  # fail on a bad name before loading anything
+    # Everything the user gave is checked before the checkpoint loads.
+    out, is_folder = _sample_output(args.out)
+    strength = _sample_strength(args)
+    if args.columns is not None and args.columns < 1:
+        raise ValueError(f"--columns {args.columns}: must be >= 1")
+    if args.columns is not None and out.suffix == ".npy" and not is_folder:
+        raise ValueError("--columns applies to PNG output only")
+    pipeline.validate_options(sampler=args.sampler, steps=args.steps,
+                              guidance_rescale=args.guidance_rescale, eta=args.eta,
+                              num_images=args.num_images, strength=strength, spell=_flag)
     pipe = pipeline.load(args.checkpoint, step=args.step, use_ema=not args.no_ema)
     options = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
@@ -182,29 +254,35 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.init_latents:
         options["init_latents"] = np.load(args.init_latents, allow_pickle=False)
     if args.mask:
-        strength = 1.0 if args.strength is None else args.strength
         images = pipe.inpaint(args.prompt, args.init_image, args.mask, args.negative_prompt,
                               strength=strength, **options)
     elif args.init_image:
-        strength = 0.8 if args.strength is None else args.strength
         images = pipe.img2img(args.prompt, args.init_image, args.negative_prompt,
                               strength=strength, **options)
     else:
-        if args.strength is not None:
-            raise ValueError("--strength needs --init-image")
-        strength = None
         images = pipe.txt2img(args.prompt, args.negative_prompt, **options)
-    if out.suffix == ".npy":
+    if out.suffix == ".npy" and not is_folder:
         with out.open("wb") as f:
             np.save(f, images)
     else:
-        metadata = dict(prompt=args.prompt, negative_prompt=args.negative_prompt,
-                        seeds=[args.seed + i for i in range(len(images))], sampler=args.sampler,
-                        steps=args.steps, guidance=args.guidance, checkpoint=str(args.checkpoint))
-        if strength is not None:
-            metadata["strength"] = strength
-        pipeline.save_grid(images, out, metadata)
+        _save_pngs(images, out, is_folder, _sample_record(args, pipe, strength, len(images)),
+                   args.columns)
     print(f"wrote {len(images)} image(s) to {out}")
+
+
+def _save_pngs(images, out, is_folder: bool, run: dict, columns: int | None) -> None:
+    """The grid at `out`, or in folder `out` one PNG per image (its own seed in its
+    metadata) and the grid as grid.png."""
+    from diffusion_jax import pipeline
+
+    grid = out
+    if is_folder:
+        out.mkdir(exist_ok=True)
+        for i, (image, seed) in enumerate(zip(images, run["seeds"])):
+            pipeline.save_png(image, out / f"{i:05d}-{seed}.png",
+                              pipeline.png_metadata(run, [seed]))
+        grid = out / "grid.png"
+    pipeline.save_grid(images, grid, pipeline.png_metadata(run, run["seeds"]), columns=columns)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -373,7 +451,8 @@ def add_fid(subparsers) -> None:
                "`--setup PATH` converts a default_1.pt or pytorch-fid's "
                "pt_inception-2015-12-05-6726825d.pth instead. FID itself needs no torch.")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="checkpoint directory to generate the samples with")
+    what.add_argument("--checkpoint", help="checkpoint to generate the samples with: "
+                                           + CHECKPOINT_HELP)
     what.add_argument("--images", help="folder of images (png, jpg, ...; searched recursively; "
                                        "other files ignored; sizes may differ)")
     what.add_argument("--setup", nargs="?", const=True, metavar="WEIGHTS",
@@ -459,7 +538,7 @@ def run_fid(args: argparse.Namespace) -> None:
         from diffusion_jax import pipeline
 
         prompts = _fid_prompts(args)
-        pipeline.parse_sampler(args.sampler)  # fail on a bad name before loading anything
+        pipeline.validate_options(sampler=args.sampler, steps=args.steps, spell=_flag)
         total = args.num_samples or 10_000
         batches = fid.generated_batches(args.checkpoint, prompts, total,
                                         batch_size=args.batch_size, seed=args.seed,

@@ -60,6 +60,31 @@ def parse_sampler(name: str) -> tuple[str, bool]:
     return name, False
 
 
+def validate_options(*, sampler: str, steps: int, guidance_rescale: float = 0.0,
+                     eta: float = 0.0, num_images: int = 1, strength: float | None = None,
+                     spell=lambda option: option) -> None:
+    """Checks the sampling options that need no model: the CLI calls it before loading a
+    checkpoint, every generation call before compiling. `spell` names an option in the
+    messages (the CLI passes one that gives its flags); `strength` is None for txt2img."""
+    name, _ = parse_sampler(sampler)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{spell('steps')}={steps}: must be a positive integer")
+    if num_images < 1:
+        raise ValueError(f"{spell('num_images')}={num_images}: must be >= 1")
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"{spell('guidance_rescale')}={guidance_rescale}: must be in [0, 1] "
+                         "(0 turns it off)")
+    if eta < 0 or (eta and name != "ddim"):
+        raise ValueError(f"{spell('eta')}={eta}: only the ddim sampler takes eta, and it must "
+                         "be >= 0")
+    if strength is not None:
+        if not 0 <= strength <= 1:
+            raise ValueError(f"{spell('strength')}={strength}: must be in [0, 1] (0 returns "
+                             "the init image, 1 replaces it)")
+        if strength > 0:
+            samplers.img2img_start_step(steps, strength)  # refuses one that leaves no step
+
+
 @dataclasses.dataclass(frozen=True)
 class _Program:
     """What fixes a compiled sampling program (besides array shapes)."""
@@ -112,10 +137,13 @@ class StableDiffusion:
 
     def __init__(self, params: Mapping[str, Any], config: Mapping[str, Any], *,
                  dtype: Any = jnp.float32, attention_impl: str | None = None,
-                 devices: Sequence[jax.Device] | None = None, export_programs: bool = True):
+                 devices: Sequence[jax.Device] | None = None, export_programs: bool = True,
+                 source: checkpoint.Source | None = None):
         """`export_programs`: keep lowered sampling programs beside the persistent compilation
-        cache when one is set (`program_cache`), so later processes skip tracing them."""
+        cache when one is set (`program_cache`), so later processes skip tracing them.
+        `source`: the checkpoint the params were read from, if any (`load` sets it)."""
         self.config = dict(config)
+        self.source = source
         self.export_programs = export_programs
         self.dtype, self.attention_impl = dtype, attention_impl
         self.unet_config = UNetConfig.from_dict(config["unet"])
@@ -263,7 +291,8 @@ class StableDiffusion:
                 negative_prompt: str | Sequence[str] = "", *, strength: float = 0.8,
                 **options) -> np.ndarray:
         """Start from `init_image` (PIL image, path or [H, W, 3] array) noised to `strength`
-        (0: unchanged, 1: pure noise) and run the remaining steps."""
+        (1: pure noise) and run the remaining steps. At strength 0 no step is left: the init
+        image comes back as it is, not through the VAE."""
         return self._run("img2img", prompt, negative_prompt, init_image=init_image,
                          strength=strength, **options)
 
@@ -282,14 +311,14 @@ class StableDiffusion:
              init_latents: np.ndarray | None = None, init_image: Any = None, mask: Any = None,
              strength: float = 1.0, output_type: str = "uint8") -> np.ndarray:
         # Validate everything before anything is traced or compiled.
+        if mode == "txt2img" and strength != 1.0:
+            raise ValueError("strength applies to img2img and inpaint only")
+        validate_options(sampler=sampler, steps=steps, guidance_rescale=guidance_rescale, eta=eta,
+                         num_images=num_images, strength=None if mode == "txt2img" else strength)
         name, karras = parse_sampler(sampler)
         if output_type not in ("uint8", "float32"):
             raise ValueError(f"output_type={output_type!r}: use 'uint8' or 'float32'")
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps}: must be a positive integer")
         prompts = _as_list(prompt, "prompt")
-        if num_images < 1:
-            raise ValueError(f"num_images={num_images}: must be >= 1")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = _as_list(negative_prompt, "negative_prompt") if not isinstance(
             negative_prompt, str) else [negative_prompt]
@@ -311,11 +340,6 @@ class StableDiffusion:
         seeds = [seed + i for i in range(count)] if isinstance(seed, int) else list(seed)
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds for {count} images: pass one int or one per image")
-        if mode == "txt2img" and strength != 1.0:
-            raise ValueError("strength applies to img2img and inpaint only")
-        start_step = 0
-        if mode != "txt2img":
-            start_step = samplers.img2img_start_step(steps, strength)
         latent_shape = (height // self.vae_factor, width // self.vae_factor, self.latent_channels)
 
         if init_latents is not None:
@@ -324,6 +348,22 @@ class StableDiffusion:
             if init_latents.shape != expected:
                 raise ValueError(f"init_latents has shape {init_latents.shape}; expected {expected} "
                                  "([N, C, H/f, W/f], the diffusers layout)")
+
+        images = np.zeros((count, height, width, 3), np.float32)
+        masks = np.zeros((count, height, width, 1), np.float32)
+        if mode != "txt2img":
+            if init_image is None:
+                raise ValueError(f"{mode} needs an init image")
+            images[:] = _image_array(init_image, height, width, "init image", 3)
+        if mode == "inpaint":
+            if mask is None:
+                raise ValueError("inpaint needs a mask (white = repaint)")
+            masks[:] = (_image_array(mask, height, width, "mask", 1) >= 0.5)[..., None]
+        if mode != "txt2img" and strength == 0:  # no step to run: the init image, exactly
+            return _to_uint8(images) if output_type == "uint8" else images
+
+        start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(steps, strength)
+        if init_latents is not None:
             noise = init_latents.transpose(0, 2, 3, 1)
         else:
             noise = np.stack([np.asarray(jax.random.normal(jax.random.key(s), latent_shape))
@@ -338,17 +378,6 @@ class StableDiffusion:
             np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), 1),
                                          (plan.num_evaluations, *latent_shape)))
             for s in seeds]) if plan.stochastic else np.zeros((count, 1), np.float32)
-
-        images = np.zeros((count, height, width, 3), np.float32)
-        masks = np.zeros((count, height, width, 1), np.float32)
-        if mode != "txt2img":
-            if init_image is None:
-                raise ValueError(f"{mode} needs an init image")
-            images[:] = _image_array(init_image, height, width, "init image", 3)
-        if mode == "inpaint":
-            if mask is None:
-                raise ValueError("inpaint needs a mask (white = repaint)")
-            masks[:] = (_image_array(mask, height, width, "mask", 1) >= 0.5)[..., None]
 
         ids = self.tokenizer(prompts)
         negative_ids = self.tokenizer(negatives)
@@ -373,49 +402,78 @@ def _rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) ->
     return rescale * rescaled + (1 - rescale) * guided
 
 
-def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any],
-              columns: int | None = None) -> None:
-    """Images [N, H, W, 3] (uint8, or float in [0, 1]) as one PNG grid; `metadata` goes into
-    its text chunks (str values as they are, others as JSON) so the picture says how it was made.
+# What A1111 (and Forge, ComfyUI's A1111 importers, civitai) call our samplers.
+A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler",
+                       "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
+                       "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM"}
+
+
+def a1111_sampler_name(sampler: str) -> str:
+    """'dpmpp_2m_karras' -> 'DPM++ 2M Karras', 'euler_ancestral' -> 'Euler a'."""
+    name, karras = parse_sampler(sampler)
+    return A1111_SAMPLER_NAMES[name] + (" Karras" if karras else "")
+
+
+def infotext(run: Mapping[str, Any], seed: int) -> str:
+    """A1111's `parameters` text of image `seed` of a run recorded as `diffusion-jax sample`
+    records it: what "PNG Info" tools read. A1111 drops `,` and `:` from the model name,
+    which would end its field."""
+    model = checkpoint.display_name(run["checkpoint"]).replace(",", "").replace(":", "")
+    fields = {"Steps": run["steps"], "Sampler": a1111_sampler_name(run["sampler"]),
+              "CFG scale": run["guidance"], "Seed": seed, "Size": f"{run['width']}x{run['height']}",
+              "Model": model, "Denoising strength": run.get("strength"),
+              "Eta": run["eta"] or None, "Version": f"diffusion_jax {run['diffusion_jax_version']}"}
+    settings = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
+    negative = f"\nNegative prompt: {run['negative_prompt']}" if run["negative_prompt"] else ""
+    return f"{run['prompt']}{negative}\n{settings}"
+
+
+def png_metadata(run: Mapping[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
+    """Text chunks of a PNG holding the images of `seeds` from `run`: the run's settings with
+    those seeds, and A1111's `parameters` of the first (as A1111 labels its grids)."""
+    return {**run, "seeds": list(seeds), "parameters": infotext(run, seeds[0])}
+
+
+def save_png(image: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any]) -> None:
+    """An image [H, W, 3] (uint8, or float in [0, 1]) as a PNG; `metadata` goes into its text
+    chunks (str values as they are, others as JSON) so the picture says how it was made.
     `path` may be local or a gs:// URI."""
     import json
 
     from PIL import Image, PngImagePlugin
 
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        images = _to_uint8(np.clip(images, 0, 1))
-    n, h, w, _ = images.shape
-    columns = columns or min(n, 8)
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, columns * w, 3), np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        image = _to_uint8(np.clip(image, 0, 1))
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value))
     with checkpoint.as_path(path).open("wb") as f:
-        Image.fromarray(grid).save(f, format="PNG", pnginfo=info)
+        Image.fromarray(image).save(f, format="PNG", pnginfo=info)
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any],
+              columns: int | None = None) -> None:
+    """Images [N, H, W, 3] as one PNG grid of `columns` per row (default: up to 8), with
+    `metadata` as `save_png` writes it."""
+    images = np.asarray(images)
+    n, h, w, _ = images.shape
+    columns = columns or min(n, 8)
+    rows = -(-n // columns)
+    grid = np.zeros((rows * h, columns * w, 3), images.dtype)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    save_png(grid, path, metadata)
 
 
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
          dtype: Any = jnp.float32, cache_dir: str | None = DEFAULT_CACHE_DIR,
          devices: Sequence[jax.Device] | None = None) -> StableDiffusion:
-    """The pipeline of a checkpoint directory (converted or trained), EMA U-Net weights when
-    the checkpoint has them and `use_ema`."""
+    """The pipeline of a checkpoint (converted or trained; a training workdir or one step
+    folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
+    and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used."""
     cache_dir = enable_compilation_cache(cache_dir)
-    names = checkpoint.item_names(directory, step)
-    wanted = ["unet", "vae", "text_encoder"]
-    ema = "unet" + checkpoint.EMA_SUFFIX
-    if use_ema and ema in names:
-        wanted[0] = ema
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {directory} lacks {missing} (it holds {names}): sampling needs the "
-            "U-Net, the VAE and the text encoder")
-    items, config = checkpoint.load(directory, step, items=wanted)
-    params = {"unet": items[wanted[0]], "vae": items["vae"], "text_encoder": items["text_encoder"]}
+    params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
     return StableDiffusion(params, config, dtype=dtype, devices=devices,
-                           export_programs=cache_dir is not None)
+                           export_programs=cache_dir is not None, source=source)

@@ -140,3 +140,48 @@ def test_training_checkpointer_keeps_the_latest_and_the_best_by_eval_loss(tmp_pa
     restored = manager.restore(2, {"unet": {"w": np.zeros((2,), np.float32)}}, ["trainer"])
     assert restored["trainer"] == {"s": 2} and restored["unet"]["w"].tolist() == [2.0, 2.0]
     manager.close()
+
+
+def _models(seed):
+    return {name: _params(seed + i) for i, name in enumerate(("unet", "vae", "text_encoder"))}
+
+
+def test_resolve_takes_a_workdir_or_a_step_folder(tmp_path):
+    checkpoints = tmp_path / "workdir" / checkpoint.WORKDIR_CHECKPOINTS
+    for step in (10, 20):
+        checkpoint.save(checkpoints, step, _models(step), _config())
+    assert checkpoint.resolve(checkpoints) == (checkpoints, 20)
+    assert checkpoint.resolve(tmp_path / "workdir") == (checkpoints, 20)
+    assert checkpoint.resolve(tmp_path / "workdir", 10) == (checkpoints, 10)
+    assert checkpoint.resolve(checkpoints / "10") == (checkpoints, 10)
+    assert checkpoint.resolve(checkpoints / "10", 10) == (checkpoints, 10)
+    with pytest.raises(checkpoint.CheckpointError, match="is step 10 of checkpoint .* but step 20"):
+        checkpoint.resolve(checkpoints / "10", 20)
+
+    items, _, source = checkpoint.load_models(checkpoints / "10")
+    _assert_tree_equal(items["vae"], _params(11))
+    assert source == checkpoint.Source(str(checkpoints), 10, ema=False)
+    assert checkpoint.display_name(source.directory) == "workdir"
+
+
+def test_a_training_checkpoint_loads_quietly_with_ema_by_default(tmp_path, caplog):
+    """A trainer's step also holds the optimizer state and JSON items: reading the models
+    opens only their items, and Orbax says nothing about the others."""
+    config = {name: {} for name in checkpoint.CONFIG_SECTIONS}
+    manager = checkpoint.TrainingCheckpointer(
+        tmp_path / "ckpt", pytree_items=("unet", "unet_ema", "vae", "text_encoder", "optimizer"),
+        json_items=("trainer",))
+    manager.save(7, {**_models(0), "unet_ema": _params(9), "optimizer": {"mu": _params(5)}},
+                 {"trainer": {"stage": "unet"}}, config)
+    manager.close()
+
+    caplog.set_level("WARNING")
+    items, _, source = checkpoint.load_models(tmp_path / "ckpt")
+    _assert_tree_equal(items["unet"], _params(9))
+    assert source == checkpoint.Source(str(tmp_path / "ckpt"), 7, ema=True)
+    items, _, source = checkpoint.load_models(tmp_path / "ckpt", use_ema=False)
+    _assert_tree_equal(items["unet"], _params(0))
+    assert not source.ema
+    loaded, _ = checkpoint.load(tmp_path / "ckpt")
+    assert sorted(loaded) == ["text_encoder", "unet", "unet_ema", "vae"]
+    assert caplog.records == [], [r.getMessage() for r in caplog.records]

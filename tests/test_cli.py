@@ -10,13 +10,18 @@ from diffusion_jax import cli, config_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15_CONFIG = os.path.join(REPO_ROOT, "configs", "sd15.py")
+SAMPLE = ["sample", "--checkpoint", "no/such/ckpt", "--prompt", "x", "--out", "x.png"]
 
 
 @pytest.mark.parametrize("argv, needles", [
     ([], ["convert", "export", "params"]),
     (["convert"], ["--from {diffusers,single-file}", "--out", "--config", "--ema",
                    "configs/sd21_base.py", "v-prediction"]),
-    (["export"], ["--checkpoint", "--to {diffusers}", "--out", "--step", "--ema"]),
+    (["export"], ["--checkpoint", "--to {diffusers}", "--out", "--step", "--no-ema",
+                  "default: the EMA params", "training workdir", "step folder"]),
+    (["sample"], ["--no-ema", "default: the EMA weights", "--columns", "DIR/grid.png",
+                  "--strength", "0 runs no step and returns the init image exactly",
+                  "training workdir", "A1111"]),
     (["params"], ["--config"]),
 ])
 def test_help(capsys, argv, needles):
@@ -48,6 +53,20 @@ def test_config_files_import_each_other_by_path(tmp_path, monkeypatch):
      ["--config and --ema apply to --from single-file only"]),
     (["convert", "--from", "single-file", "no/such/file.safetensors", "--out", "y"],
      ["weights file no/such/file.safetensors does not exist"]),
+    # Sampling options are checked before the (here missing) checkpoint is opened.
+    (SAMPLE + ["--guidance-rescale", "2"], ["--guidance-rescale=2.0: must be in [0, 1]"]),
+    (SAMPLE + ["--steps", "0"], ["--steps=0: must be a positive integer"]),
+    (SAMPLE + ["--num-images", "0"], ["--num-images=0: must be >= 1"]),
+    (SAMPLE + ["--eta", "-0.5", "--sampler", "ddim"], ["--eta=-0.5:", "must be >= 0"]),
+    (SAMPLE + ["--init-image", "x.png", "--strength", "1.5"],
+     ["--strength=1.5: must be in [0, 1]"]),
+    (SAMPLE + ["--init-image", "x.png", "--strength", "-0.1"], ["--strength=-0.1: must be in"]),
+    (SAMPLE + ["--columns", "0"], ["--columns 0: must be >= 1"]),
+    (SAMPLE[:-1] + ["missing_dir/x.png"], ["--out missing_dir/x.png: directory missing_dir does "
+                                          "not exist"]),
+    (SAMPLE[:-1] + ["x.jpg"], ["--out x.jpg: the output must end in .png or .npy, or be a folder"]),
+    (["fid", "--checkpoint", "no/such/ckpt", "--prompt", "x", "--save-stats", "s.npz",
+      "--steps", "0"], ["--steps=0: must be a positive integer"]),
 ])
 def test_bad_input_is_one_line_on_stderr(capsys, tmp_path, monkeypatch, argv, needles):
     monkeypatch.chdir(tmp_path)

@@ -219,25 +219,25 @@ def test_round_trip_through_the_cli(tiny_models, pipeline_folder, tmp_path, caps
         CLIPTokenizer.bundled()(["a cute cat"]))
 
 
-def test_export_writes_ema_params_on_request(tiny_models, pipeline_folder, tmp_path, capsys):
+def test_export_writes_the_ema_params_by_default(tiny_models, pipeline_folder, tmp_path, capsys):
+    """As `sample` does: EMA where the checkpoint has it, --no-ema for the raw params."""
     items, config = diffusers_convert.read_pipeline(pipeline_folder)
     ema = {k: v + 1.0 for k, v in traverse_util.flatten_dict(items["unet"]).items()}
-    items["unet_ema"] = traverse_util.unflatten_dict(ema)
-    checkpoint.create(tmp_path / "ckpt", items, config)
-
-    rc, _, err = run_cli(capsys, "export", "--checkpoint", tmp_path / "ckpt", "--ema", "--out",
-                         tmp_path / "ema")
-    assert rc == 0, err
-    unet = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "ema" / "unet")
-    for key, value in tiny_models["unet"].state_dict().items():
-        assert torch.equal(unet.state_dict()[key], value + 1.0), key
-
-    del items["unet_ema"]
+    checkpoint.create(tmp_path / "ckpt", {**items, "unet_ema": traverse_util.unflatten_dict(ema)},
+                      config)
     checkpoint.create(tmp_path / "raw", items, config)
-    rc, _, err = run_cli(capsys, "export", "--checkpoint", tmp_path / "raw", "--ema", "--out",
-                         tmp_path / "none")
-    assert_one_line_error(rc, err, "no EMA params")
-    assert not (tmp_path / "none").exists()
+
+    def exports_unet_plus(offset, *argv):
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        rc, _, err = run_cli(capsys, "export", *argv, "--out", out)
+        assert rc == 0, err
+        unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+        return all(torch.equal(unet[k], v + offset)
+                   for k, v in tiny_models["unet"].state_dict().items())
+
+    assert exports_unet_plus(1.0, "--checkpoint", tmp_path / "ckpt")
+    assert exports_unet_plus(0.0, "--checkpoint", tmp_path / "ckpt" / "0", "--no-ema")
+    assert exports_unet_plus(0.0, "--checkpoint", tmp_path / "raw")  # no EMA to prefer
 
 
 def _rewrite_unet_weights(folder, edit) -> None:

@@ -141,18 +141,72 @@ def test_img2img_matches_diffusers(systems, monkeypatch):
     assert error <= PIXEL_TOLERANCE, f"img2img: max pixel error {error:.2e}"
 
 
+PNG_RUN = ["--prompt", "a cat", "--negative-prompt", "blurry", "--sampler", "ddim", "--steps",
+           "5", "--seed", "7", "--num-images", "2", "--height", str(SIZE), "--width", str(SIZE)]
+
+
 def test_png_output_records_the_run(systems):
+    from diffusion_jax import __version__
+
     _, ckpt, root = systems
     out = root / "grid.png"
-    assert cli.main(["sample", "--checkpoint", str(ckpt), "--prompt", "a cat", "--sampler", "ddim",
-                     "--steps", "5", "--seed", "7", "--num-images", "2", "--height", str(SIZE),
-                     "--width", str(SIZE), "--out", str(out)]) == 0
+    assert cli.main(["sample", "--checkpoint", str(ckpt), *PNG_RUN, "--columns", "1",
+                     "--out", str(out)]) == 0
     png = Image.open(out)
-    assert png.size == (2 * SIZE, SIZE)
-    info = png.text
-    assert info["prompt"] == "a cat" and info["sampler"] == "ddim" and info["steps"] == "5"
-    assert json.loads(info["seeds"]) == [7, 8] and float(info["guidance"]) == 7.5
-    assert "negative_prompt" in info
+    assert png.size == (SIZE, 2 * SIZE)  # one column
+    text_keys = ("prompt", "negative_prompt", "sampler", "checkpoint", "diffusion_jax_version",
+                 "parameters")  # as they are; the other values are JSON
+    info = {key: value if key in text_keys else json.loads(value)
+            for key, value in png.text.items()}
+    assert info == dict(prompt="a cat", negative_prompt="blurry", seeds=[7, 8], sampler="ddim",
+                        steps=5, guidance=7.5, guidance_rescale=0.0, eta=0.0, height=SIZE,
+                        width=SIZE, checkpoint=str(ckpt), checkpoint_step=0, ema=False,
+                        diffusion_jax_version=__version__, parameters=info["parameters"])
+    assert info["parameters"] == (  # A1111's infotext: the grid is labelled with its first seed
+        f"a cat\nNegative prompt: blurry\nSteps: 5, Sampler: DDIM, CFG scale: 7.5, Seed: 7, "
+        f"Size: {SIZE}x{SIZE}, Model: ckpt, Version: diffusion_jax {__version__}")
+
+
+def test_folder_output_is_one_png_per_image_and_the_grid(systems):
+    """`--out DIR/`, here from a step folder as `--checkpoint`: each image with its own seed."""
+    _, ckpt, root = systems
+    out = root / "images"
+    assert cli.main(["sample", "--checkpoint", str(ckpt / "0"), *PNG_RUN,
+                     "--out", f"{out}/"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000-7.png", "00001-8.png", "grid.png"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (2 * SIZE, SIZE) and json.loads(grid.text["seeds"]) == [7, 8]
+    for i, seed in enumerate([7, 8]):
+        png = Image.open(out / f"0000{i}-{seed}.png")
+        assert png.size == (SIZE, SIZE)
+        np.testing.assert_array_equal(np.asarray(png), np.asarray(grid)[:, i * SIZE:(i + 1) * SIZE])
+        assert json.loads(png.text["seeds"]) == [seed]
+        assert f", Seed: {seed}, " in png.text["parameters"]
+        assert png.text["checkpoint"] == str(ckpt) and png.text["checkpoint_step"] == "0"
+
+
+def test_a1111_sampler_names():
+    names = {s: pipeline.a1111_sampler_name(s) for s in ("dpmpp_2m_karras", "euler_ancestral",
+                                                       "dpmpp_2m_sde", "pndm", "unipc_karras")}
+    assert names == {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_ancestral": "Euler a",
+                     "dpmpp_2m_sde": "DPM++ 2M SDE", "pndm": "PLMS", "unipc_karras": "UniPC Karras"}
+    assert set(pipeline.A1111_SAMPLER_NAMES) == set(pipeline.samplers.SAMPLERS)
+
+
+def test_strength_0_returns_the_init_image(systems):
+    _, ckpt, root = systems
+    pipe = pipeline.load(ckpt, cache_dir=None)
+    image = (np.random.default_rng(6).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    options = dict(strength=0, num_images=2, height=SIZE, width=SIZE)
+    np.testing.assert_array_equal(pipe.img2img("x", image, **options), [image, image])
+    mask = np.full((SIZE, SIZE), 255, np.uint8)
+    np.testing.assert_array_equal(pipe.inpaint("x", image, mask, **options), [image, image])
+    assert pipe.num_compilations == 0  # nothing to run
+    Image.fromarray(image).save(root / "strength0.png")
+    assert cli.main(["sample", "--checkpoint", str(ckpt), "--prompt", "x", "--init-image",
+                     str(root / "strength0.png"), "--strength", "0", "--height", str(SIZE),
+                     "--width", str(SIZE), "--out", str(root / "strength0.npy")]) == 0
+    np.testing.assert_array_equal(np.load(root / "strength0.npy"), image[None] / np.float32(255))
 
 
 def test_one_compile_per_shape_and_per_image_seeds(systems):
@@ -226,6 +280,8 @@ def test_bad_input_is_rejected_before_compiling(systems, tmp_path):
         (dict(prompt="x", height=36, width=SIZE), "multiples of"),
         (dict(prompt=[]), "empty prompt list"),
         (dict(prompt="x", init_latents=np.zeros((1, 4, 3, 3))), "init_latents has shape"),
+        (dict(prompt="x", guidance_rescale=2.0), r"guidance_rescale=2.0: must be in \[0, 1\]"),
+        (dict(prompt="x", steps=0), "steps=0: must be a positive integer"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -129,8 +129,9 @@ def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, 
 
 
 def export(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *, to: str = "diffusers",
-           step: int | None = None, use_ema: bool = False) -> None:
-    """Writes the checkpoint's models (the EMA copies with `use_ema`) as a `to` folder."""
+           step: int | None = None, use_ema: bool = True) -> None:
+    """Writes the checkpoint's models as a `to` folder: the EMA copies where the checkpoint
+    has them, unless `use_ema=False` (the same default as sampling)."""
     if to not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {to!r}; supported: {list(EXPORT_FORMATS)}")
     from diffusion_jax.convert import diffusers

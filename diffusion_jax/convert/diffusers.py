@@ -298,22 +298,12 @@ def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, 
 
 
 def export_pipeline(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *,
-                    step: int | None = None, use_ema: bool = False) -> None:
+                    step: int | None = None, use_ema: bool = True) -> None:
     """Checkpoint -> new diffusers folder `out` (written to a temporary sibling, then renamed).
-    `use_ema` exports the `*_ema` params where the checkpoint has them."""
+    Each model's EMA params where the checkpoint has them and `use_ema`, as `sample` uses."""
     checkpoint.check_new_directory(out)
-    items, config = checkpoint.load(checkpoint_dir, step)
-    if use_ema:
-        if not any(f"{name}_ema" in items for name in COMPONENTS):
-            raise ValueError(f"checkpoint {checkpoint_dir} has no EMA params (items: "
-                             f"{sorted(items)}); export without --ema")
-        items = {name: items.get(f"{name}_ema", items.get(name)) for name in COMPONENTS}
-    absent = [name for name in COMPONENTS if items.get(name) is None]
-    if absent:
-        raise ValueError(f"checkpoint {checkpoint_dir} lacks {absent}: a diffusers pipeline "
-                         "needs the U-Net, the VAE and the text encoder")
+    items, config, source = checkpoint.load_models(checkpoint_dir, step, use_ema=use_ema)
     for name in COMPONENTS:
-        _check_params(name, items[name], config[name], f"checkpoint {checkpoint_dir}")
+        _check_params(name, items[name], config[name], f"checkpoint {source.directory}")
     with checkpoint.new_directory(out) as tmp:
         write_pipeline(tmp, items, config)
-
