@@ -56,7 +56,7 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
     meta = {"source": data_config.source, "path": data_config.path,
             "image_size": data_config.image_size, "max_length": tokenizer.max_length,
             "has_context": text_fn is not None,
-            "splits": {}, "skipped": {}}
+            "splits": {}, "skipped": {}, "files": {}}
     splits = dict.fromkeys([(data_config.split, False), (data_config.eval_split, True)])
     for split, held_out in splits:
         rows, counter = pipeline.iterate_split(data_config, tokenizer, split, held_out=held_out)
@@ -74,6 +74,7 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
         finally:
             writer.close()
         meta["splits"][split] = counter.examples
+        meta["files"][split] = [f"{split}.array_record"]
         meta["skipped"][split] = dict(counter.skipped)
     if text_fn is not None:
         np.save(out / sources.NULL_CONTEXT, np.asarray(text_fn(tokenizer([""])), np.float32)[0])

@@ -368,25 +368,38 @@ NULL_CONTEXT = "null_context.npy"
 
 
 class LatentsSource:
-    """Precomputed examples written by `precompute.write_latents`: `{split}.array_record` in
-    the folder `path`, each record {"latents", "input_ids", "label"} and "context" when the
-    text encoder's output was stored too."""
+    """Precomputed examples written by `precompute.write_latents` or `diffusion-jax precompute`:
+    `latents.json` in the folder `path` lists the array_record files of each split (one
+    `{split}.array_record`, or one `{split}-NNNNN.array_record` per WebDataset shard), each
+    record {"latents", "input_ids", "label"} and "context" when the text encoder's output was
+    stored too."""
 
     read_threads = 0
 
     def __init__(self, path: str, split: str):
         root = Path(path).expanduser()
-        meta_path, records = root / LATENTS_META, root / f"{split}.array_record"
-        if not meta_path.is_file() or not records.is_file():
+        meta_path = root / LATENTS_META
+        if not meta_path.is_file():
             raise FileNotFoundError(
-                f"data.path={path!r} holds no precomputed {split!r} split ({records.name} and "
-                f"{LATENTS_META}); write it with diffusion_jax.data.precompute.write_latents")
+                f"data.path={path!r} holds no precomputed latents ({LATENTS_META} is written "
+                "last, when every shard is done); write them with `diffusion-jax precompute` "
+                "or diffusion_jax.data.precompute.write_latents")
         self.meta = json.loads(meta_path.read_text())
+        # latents.json of single-file folders (before sharded writing) lists no files
+        files = self.meta.get("files") or {s: [f"{s}.array_record"] for s in self.meta["splits"]}
+        if split not in files:
+            raise ValueError(f"{meta_path} has no split {split!r}, only {sorted(files)}: set "
+                             "data.split and data.eval_split to those it was written with")
+        paths = [root / name for name in files[split]]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.path={path!r}: {len(missing)} of the {split!r} files "
+                                    f"{LATENTS_META} lists are missing (e.g. {missing[0]})")
         self.split = split
         self.null_context = np.load(root / NULL_CONTEXT) if self.meta["has_context"] else None
-        self._records = ArrayRecordDataSource([str(records)])
+        self._records = ArrayRecordDataSource([str(p) for p in paths])
         if len(self._records) == 0:
-            raise ValueError(f"{records} holds no examples")
+            raise ValueError(f"data.path={path!r}: the {split!r} split holds no examples")
 
     def __len__(self) -> int:
         return len(self._records)
