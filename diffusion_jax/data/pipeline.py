@@ -48,7 +48,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.path = ""                  # folder: image dir; tfds: dataset name; latents: precomputed dir
     c.split = "train"            # training split (folder: every image not held out)
     c.eval_split = "test"        # held-out split for eval loss (folder: the eval_fraction held out)
-    c.eval_fraction = 0.05       # folder only: fraction of images held out, chosen by path hash
+    c.eval_fraction = 0.05       # folder, webdataset precompute: fraction held out, by path/key hash
     c.image_key = "image"        # tfds: image feature
     c.caption_key = ""           # tfds: text feature for captions ("" = from labels)
     c.label_key = "label"        # tfds: label feature (absent -> label -1)

@@ -3,9 +3,9 @@
 A shard is a tar of samples, each the members sharing a key (the name up to its first dot):
 `000000123.jpg` with `000000123.txt` and/or `000000123.json`. A spec names shards with brace
 expansion, `/data/laion/{00000..01023}.tar` or `gs://bucket/laion/{00000..01023}.tar`
-(webdataset's own expansion, `::` between lists). Shards are opened with etils.epath, so gs://
-goes through gcsfs like every other remote path here (webdataset reaches gs:// through a
-`gsutil` pipe), and read as a stream: one pass, no seeking.
+(webdataset's own expansion, `::` between lists). Shards are opened with etils.epath
+(checkpoint.as_path), so gs:// goes through gcsfs like every other remote path here
+(webdataset reaches gs:// through a `gsutil` pipe), and read as a stream: one pass, no seeking.
 
 Caption: the `.txt` member, else the "caption" (or "text") field of the `.json` member; none:
 "" and the conversion missing_caption, as FolderSource does. Bad data is a `sources.Skipped`,
@@ -25,8 +25,7 @@ import tarfile
 import zlib
 from typing import Iterator
 
-from etils import epath
-
+from diffusion_jax import checkpoint
 from diffusion_jax.data import sources
 from diffusion_jax.data.sources import Example, Skipped
 
@@ -67,7 +66,7 @@ def existing_shards(urls: list[str]) -> list[str]:
     for url in urls:
         parent = os.path.dirname(url)
         if parent not in listed:
-            folder = epath.Path(parent or ".")
+            folder = checkpoint.as_path(parent or ".")  # gs:// without gcsfs: the install hint
             listed[parent] = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
     return [u for u in urls if os.path.basename(u) in listed[os.path.dirname(u)]]
 
@@ -134,7 +133,7 @@ def read_shard(url: str) -> Iterator[tuple[str | None, Example | Skipped]]:
         problems.append(Skipped("bad_tar", shard, f"{type(err).__name__}: {err}"))
         return True  # keep reading
 
-    with epath.Path(url).open("rb") as stream:
+    with checkpoint.as_path(url).open("rb") as stream:
         for sample in group_by_keys(_tar_members(stream, url, problems), handler=on_error):
             yield from ((None, p) for p in problems)
             problems.clear()
