@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "safetensors>=0.5",
     "grain>=0.2.10",
     "array-record>=0.8",  # precomputed latents (data/precompute.py); grain pulls it in on Linux
+    "webdataset>=1.0.2",  # WebDataset tar shards: spec expansion, sample grouping (data/webdataset_shards.py)
     "absl-py>=2.0",  # data/pipeline.py marks absl flags parsed before grain starts workers
     "tokenizers>=0.21",
     "numpy>=1.26",

@@ -433,6 +433,77 @@ def run_train(args: argparse.Namespace) -> None:
         raise ValueError(str(e)) from None
 
 
+# ----------------------------------------------------------------------------- precompute
+
+
+def add_precompute(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "precompute", help="encode WebDataset shards once into latents for training",
+        description="Encode every image of WebDataset tar shards (img2dataset's output: NNNNN.jpg "
+                    "with NNNNN.txt and/or NNNNN.json captions) once with the config's frozen VAE "
+                    "(the posterior mean times vae.scaling_factor) and text encoder, into "
+                    "array_record files that training reads with --config.data.source=latents "
+                    "--config.data.path=OUT. Images are resized and cropped as the config's data "
+                    "section says (image_size, random_crop, min_image_size); data.eval_fraction "
+                    "of them, chosen by key hash, form data.eval_split. Bad images are skipped "
+                    "and counted by reason. Weights: config.init_from (a checkpoint), else a "
+                    "seeded random init (for tests). Override any config field with "
+                    "--config.KEY=VALUE (e.g. --config.data.batch_size=256, the encode batch).",
+        epilog="Output: one file per input shard and split, and OUT/latents.json, written last. "
+               "Rerunning skips the shards already finished. With several processes "
+               "(jax.process_count(), or --process-index/--process-count) process i takes "
+               "shards i, i+N, ...; whichever finishes the last shard writes latents.json.")
+    parser.add_argument("--config", required=True, help="training configs/*.py file")
+    parser.add_argument("--from", dest="source_format", required=True, choices=("webdataset",),
+                        help="input format")
+    parser.add_argument("spec", help="tar shards, brace-expanded: '/data/laion/{00000..01023}.tar' "
+                                     "or 'gs://bucket/laion/{00000..01023}.tar' (quote it)")
+    parser.add_argument("--out", required=True, help="output directory (local)")
+    parser.add_argument("--process-index", type=int,
+                        help="this process's index (default: jax.process_index())")
+    parser.add_argument("--process-count", type=int,
+                        help="number of processes sharing the shards (default: jax.process_count())")
+    parser.set_defaults(run=run_precompute)
+
+
+def run_precompute(args: argparse.Namespace) -> None:
+    import logging
+
+    from diffusion_jax import parallel
+    from diffusion_jax.config_overrides import apply_overrides
+    from diffusion_jax.data import frozen_towers, precompute
+    from diffusion_jax.tokenizer import CLIPTokenizer
+
+    if (args.process_index is None) != (args.process_count is None):
+        raise ValueError("--process-index and --process-count go together")
+    config = load_config_file(args.config)
+    apply_overrides(config, args.config_overrides)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    if args.process_index is None:
+        parallel.initialize_distributed()
+        index, count = parallel.process_info()
+    else:
+        index, count = args.process_index, args.process_count
+    tokenizer = CLIPTokenizer.bundled(**config.tokenizer)
+    plan = precompute.plan_webdataset(args.spec, args.out, config.data, tokenizer,
+                                      frozen_towers.describe(config), process_index=index,
+                                      process_count=count)
+    encode, text = frozen_towers.frozen_encoders(config, frozen_towers.load_params(config))
+    result = precompute.encode_shards(plan, encode, text, tokenizer)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(result["skipped"].items())) or "none"
+    print(f"wrote {result['written']} images from {result['shards_done']} shards to {plan.out} "
+          f"({result['shards_before']} finished before); skipped: {skipped}")
+    if result["shards_failed"]:
+        raise OSError(f"{len(result['shards_failed'])} shards could not be read (e.g. "
+                      f"{result['shards_failed'][0]}): rerun the same command to retry them")
+    if result["finalized"]:
+        print(f"wrote {plan.out / 'latents.json'}: train with --config.data.source=latents "
+              f"--config.data.path={plan.out}")
+    else:
+        print("latents.json is written when every shard is finished (by the last process to finish)")
+
+
 # ----------------------------------------------------------------------------- fid
 
 FID_REF_DATASET = "fashion_mnist"
@@ -566,7 +637,7 @@ def run_fid(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- main
 
 SUBCOMMANDS = (add_convert, add_export, add_params, add_sample, add_bench, add_train,
-               add_fid)
+               add_fid, add_precompute)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -594,8 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     args = build_parser().parse_args(argv)
-    if overrides and args.run is not run_train:
-        print(f"{PROG}: error: --config.KEY=VALUE overrides apply to `train` only", file=sys.stderr)
+    if overrides and args.run not in (run_train, run_precompute):
+        print(f"{PROG}: error: --config.KEY=VALUE overrides apply to `train` and `precompute` only",
+              file=sys.stderr)
         return 1
     args.config_overrides = overrides
     try:

@@ -187,6 +187,17 @@ def test_folder_bad_input_is_skipped_or_converted_and_counted(tmp_path, tokenize
     assert stats["converted"]["upscaled"] == 4
 
 
+def test_min_image_size_skips_small_images_as_too_small(tmp_path, tokenizer):
+    expected = bad_input_folder(tmp_path)
+    c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, min_image_size=40)
+    rows, counter = pipeline.iterate_split(c, tokenizer, "train", held_out=False)
+    assert len(list(rows)) == expected["examples"] - 1  # small.png, 8x6
+    assert counter.as_dict()["skipped"] == {**expected["skipped"], "too_small": 1}
+    assert "upscaled" not in counter.as_dict()["converted"]
+    with pytest.raises(ValueError, match="min_image_size"):
+        pipeline.make_train_iterator(config(min_image_size=-1), tokenizer)
+
+
 def test_folder_conversions_pixel_values(tmp_path, tokenizer):
     bad_input_folder(tmp_path)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0)

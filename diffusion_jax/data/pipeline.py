@@ -48,7 +48,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.path = ""                  # folder: image dir; tfds: dataset name; latents: precomputed dir
     c.split = "train"            # training split (folder: every image not held out)
     c.eval_split = "test"        # held-out split for eval loss (folder: the eval_fraction held out)
-    c.eval_fraction = 0.05       # folder only: fraction of images held out, chosen by path hash
+    c.eval_fraction = 0.05       # folder, webdataset precompute: fraction held out, by path/key hash
     c.image_key = "image"        # tfds: image feature
     c.caption_key = ""           # tfds: text feature for captions ("" = from labels)
     c.label_key = "label"        # tfds: label feature (absent -> label -1)
@@ -56,6 +56,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.caption_template = "a photo of {}"  # tfds: caption from a class name
     c.image_size = 32            # square side of the training images, pixels
     c.random_crop = False        # random crop of the longer side after resizing; else center crop
+    c.min_image_size = 0         # skip images whose shorter side is below this ("too_small"); 0: keep all
     c.random_flip = True         # random horizontal flip
     c.caption_dropout = 0.1      # fraction of captions replaced by "" (classifier-free guidance)
     c.batch_size = 64            # GLOBAL batch; each process yields batch_size // process_count
@@ -131,17 +132,23 @@ class Prepared:
 
 @dataclasses.dataclass
 class PrepareImage:
-    """Example -> Prepared row {"image", "input_ids", "label"}; rng None: deterministic (eval)."""
+    """Example -> Prepared row {"image", "input_ids", "label"}; rng None: deterministic (eval).
+    Images whose shorter side is below `min_image_size` become Skipped("too_small")."""
 
     image_size: int
     random_crop: bool
     random_flip: bool
     caption_dropout: float
     caption_ids: CaptionIds
+    min_image_size: int = 0
 
     def __call__(self, example: Example | Skipped, rng: np.random.Generator | None = None):
         if isinstance(example, Skipped):
             return example
+        height, width = example.image.shape[:2]
+        if min(height, width) < self.min_image_size:
+            return Skipped("too_small", example.name, f"{width}x{height}, data.min_image_size="
+                                                      f"{self.min_image_size}")
         if rng is None:  # eval: center crop, no flip, the real caption
             crop_u, flip_u, drop_u = None, 1.0, 1.0
         else:  # always three draws, so switching one augmentation never shifts another's
@@ -187,7 +194,7 @@ def make_prepare(data_config, tokenizer, source):
                              f"the tokenizer makes {tokenizer.max_length}: rewrite the latents with it")
         return PrepareLatents(data_config.caption_dropout, caption_ids(""), source.null_context)
     return PrepareImage(data_config.image_size, data_config.random_crop, data_config.random_flip,
-                        data_config.caption_dropout, caption_ids)
+                        data_config.caption_dropout, caption_ids, data_config.min_image_size)
 
 
 class ExampleCounter:
@@ -301,6 +308,8 @@ def _check_config(data_config, process_count: int) -> None:
                          f"of the process count ({process_count})")
     if data_config.image_size <= 0:
         raise ValueError(f"data.image_size={data_config.image_size} must be positive")
+    if data_config.min_image_size < 0:
+        raise ValueError(f"data.min_image_size={data_config.min_image_size} must be >= 0 (0: no filter)")
     if not 0.0 <= data_config.caption_dropout <= 1.0:
         raise ValueError(f"data.caption_dropout={data_config.caption_dropout} must be in [0, 1]")
     if data_config.num_workers < 0:
@@ -373,6 +382,7 @@ def make_train_iterator(data_config, tokenizer, *, process_index: int = 0,
     fingerprint = {"source": data_config.source, "path": data_config.path, "split": data_config.split,
                    "len_dataset": len(shard), "image_size": data_config.image_size,
                    "random_crop": data_config.random_crop, "random_flip": data_config.random_flip,
+                   "min_image_size": data_config.min_image_size,
                    "caption_dropout": data_config.caption_dropout, "seed": data_config.seed,
                    "batch_size": data_config.batch_size // process_count,
                    "process_index": process_index, "process_count": process_count,

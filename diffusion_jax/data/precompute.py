@@ -1,6 +1,8 @@
 """Precomputed latents: a one-off pass that encodes a dataset with the frozen VAE (and,
 optionally, the frozen text encoder) and writes array_record files, as large trainers do to
-save the VAE and text-encoder cost of every step.
+save the VAE and text-encoder cost of every step. Two writers of one format: `write_latents`
+for the image sources of the data config, and `plan_webdataset` + `encode_shards` (the
+`diffusion-jax precompute` command) for WebDataset tar shards, per shard and per process.
 
 `write_latents` writes, into the folder `out_path`, `{split}.array_record` for the training and
 the eval split (one record per example: "latents", "input_ids", "label" and, with a `text_fn`,
@@ -13,14 +15,23 @@ and crop augmentation is fixed at writing time, as in those trainers.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import json
+import logging
+import os
+import sys
+import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from diffusion_jax.data import pipeline, sources
+
+log = logging.getLogger(__name__)
 
 
 def _padded_batches(rows, batch_size: int):
@@ -56,7 +67,7 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
     meta = {"source": data_config.source, "path": data_config.path,
             "image_size": data_config.image_size, "max_length": tokenizer.max_length,
             "has_context": text_fn is not None,
-            "splits": {}, "skipped": {}}
+            "splits": {}, "skipped": {}, "files": {}}
     splits = dict.fromkeys([(data_config.split, False), (data_config.eval_split, True)])
     for split, held_out in splits:
         rows, counter = pipeline.iterate_split(data_config, tokenizer, split, held_out=held_out)
@@ -74,9 +85,240 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
         finally:
             writer.close()
         meta["splits"][split] = counter.examples
+        meta["files"][split] = [f"{split}.array_record"]
         meta["skipped"][split] = dict(counter.skipped)
     if text_fn is not None:
         np.save(out / sources.NULL_CONTEXT, np.asarray(text_fn(tokenizer([""])), np.float32)[0])
     # Written last: its presence marks a complete folder for LatentsSource.
     (out / sources.LATENTS_META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+# ----------------------------------------------------------------------------- WebDataset shards
+#
+# `diffusion-jax precompute --from webdataset SPEC`: every input shard NNNNN (its index in the
+# spec) becomes `{split}-NNNNN.array_record` and `{eval_split}-NNNNN.array_record` (the
+# data.eval_fraction held out by key hash) and then `shard-NNNNN.json`, its counts and the
+# settings it was written with. Each is written under a temporary name and renamed, and the
+# JSON comes last, so its presence marks a finished shard: a rerun skips it. Process i of n
+# takes shards i::n; no process waits for another: whichever finds every shard finished when
+# it is done writes null_context.npy and latents.json (identical from any of them).
+
+SHARD_STATS = "shard-{:05d}.json"
+RECORD_FILE = "{}-{:05d}.array_record"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardPlan:
+    """What `plan_webdataset` checked: the shards, this process's part and the settings."""
+
+    spec: str
+    out: Path
+    shards: list[tuple[int, str]]      # (index in the spec, url) of every existing shard
+    mine: list[tuple[int, str]]        # this process's
+    todo: list[tuple[int, str]]        # this process's, not finished before
+    settings: dict                     # what shapes the records; a rerun must match
+    data_config: Any
+    process: tuple[int, int]
+
+
+def _writable_dir(path) -> Path:
+    if "://" in str(path):
+        raise ValueError(f"--out {path}: array_record files are written to a local disk; write "
+                         "them locally (or to a gcsfuse mount) and copy them")
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {out}: cannot write there ({err.strerror or err}); choose a "
+                         "directory you can write") from None
+    return out
+
+
+def _read_stats(out: Path, index: int) -> dict | None:
+    path = out / SHARD_STATS.format(index)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check_finished(stats: dict, url: str, settings: dict, out: Path) -> None:
+    """A finished shard must come from the same input and settings as this run."""
+    if stats["url"] != url:
+        raise ValueError(f"{out} holds shard {stats['index']} of another spec ({stats['url']}, "
+                         f"now {url}): use a new --out for a new spec")
+    changed = sorted(k for k in settings.keys() | stats["settings"].keys()
+                     if settings.get(k) != stats["settings"].get(k))
+    if changed:
+        raise ValueError(f"{out} holds shards written with other settings ("
+                         + ", ".join(f"{k}: {stats['settings'].get(k)!r} there, {settings.get(k)!r} now"
+                                     for k in changed)
+                         + "): rerun with those, or use a new --out")
+
+
+def plan_webdataset(spec: str, out_path, data_config, tokenizer, model: dict, *,
+                    process_index: int = 0, process_count: int = 1) -> ShardPlan:
+    """Every check that needs no model: the spec, the shards, the out dir, the config and the
+    shards finished before. `model` is frozen_towers.describe(config)."""
+    from diffusion_jax.data import webdataset_shards
+
+    urls = webdataset_shards.expand_spec(spec)
+    existing = set(webdataset_shards.existing_shards(urls))
+    if not existing:
+        raise FileNotFoundError(f"shard spec {spec!r} matches no file ({len(urls)} names, e.g. "
+                                f"{urls[0]}): check the folder and the brace range")
+    if len(existing) < len(urls):
+        first = next(u for u in urls if u not in existing)
+        log.warning("%d of the %d shards of %r do not exist (e.g. %s); encoding the others",
+                    len(urls) - len(existing), len(urls), spec, first)
+    pipeline._check_config(data_config, 1)
+    if data_config.split == data_config.eval_split:
+        raise ValueError(f"data.split and data.eval_split are both {data_config.split!r}: "
+                         "name the held-out split differently")
+    out = _writable_dir(out_path)
+    settings = {**model, "max_length": tokenizer.max_length,
+                **{k: data_config[k] for k in ("image_size", "random_crop", "min_image_size",
+                                               "eval_fraction", "seed", "split", "eval_split")}}
+    shards = [(i, u) for i, u in enumerate(urls) if u in existing]
+    mine = webdataset_shards.process_shards(shards, process_index, process_count)
+    todo = []
+    for index, url in mine:
+        stats = _read_stats(out, index)
+        if stats is None:
+            todo.append((index, url))
+        else:
+            _check_finished(stats, url, settings, out)
+    return ShardPlan(spec, out, shards, mine, todo, settings, data_config,
+                     (process_index, process_count))
+
+
+def _key_seed(key: str) -> int:
+    return int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big")
+
+
+def _shard_rows(url: str, prepare: pipeline.PrepareImage, data_config,
+                counters: dict[bool, pipeline.ExampleCounter]):
+    """Prepared rows of one shard, {"image", "input_ids", "label", "held_out"}, counting
+    skips and conversions per split (a tar-level problem, having no key, in the train split).
+    Training rows are cropped at a position drawn from (seed, key hash) when random_crop is
+    on, so a rerun crops alike; held-out rows centrally, as eval images are."""
+    from diffusion_jax.data import webdataset_shards
+
+    for key, example in webdataset_shards.read_shard(url):
+        held = key is not None and sources.held_out(key, data_config.eval_fraction)
+        rng = None
+        if data_config.random_crop and key is not None and not held:
+            rng = np.random.default_rng([data_config.seed, _key_seed(key)])
+        prepared = prepare(example, rng)
+        if isinstance(prepared, sources.Skipped):
+            counters[held].skip(prepared)
+            continue
+        counters[held].keep(prepared)
+        yield {**prepared.arrays, "held_out": np.bool_(held)}
+
+
+def _counts_since(counter: pipeline.ExampleCounter, before: dict) -> dict:
+    after = counter.as_dict()
+    return {"examples": after["examples"] - before["examples"],
+            **{kind: dict(collections.Counter(after[kind]) - collections.Counter(before[kind]))
+               for kind in ("skipped", "converted")}}
+
+
+def _encode_shard(plan: ShardPlan, index: int, url: str, encode_fn, text_fn, prepare,
+                  counters, progress) -> None:
+    config, out = plan.data_config, plan.out
+    names = {False: RECORD_FILE.format(config.split, index),
+             True: RECORD_FILE.format(config.eval_split, index)}
+    before = {held: c.as_dict() for held, c in counters.items()}
+    writers = {held: ArrayRecordWriter(str(out / (name + ".tmp")), "group_size:1")
+               for held, name in names.items()}
+    try:
+        for batch, real in _padded_batches(_shard_rows(url, prepare, config, counters),
+                                           config.batch_size):
+            latents = encode_fn(batch["image"])
+            context = text_fn(batch["input_ids"])
+            for i in range(real):
+                writers[bool(batch["held_out"][i])].write(sources.encode_record({
+                    "latents": latents[i], "input_ids": batch["input_ids"][i],
+                    "label": batch["label"][i], "context": context[i]}))
+            progress.update(real)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    for name in names.values():
+        os.replace(out / (name + ".tmp"), out / name)
+    stats = {"index": index, "url": url, "settings": plan.settings,
+             "splits": {(config.eval_split if held else config.split): _counts_since(c, before[held])
+                        for held, c in counters.items()}}
+    _write_json(out / SHARD_STATS.format(index), stats)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Atomically, and safely beside another process writing the same file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+def encode_shards(plan: ShardPlan, encode_fn, text_fn, tokenizer) -> dict:
+    """Encodes this process's unfinished shards, then finalizes if every shard is done.
+    encode_fn / text_fn as in write_latents (frozen_towers.frozen_encoders). Returns
+    {"written", "skipped", "converted" (this run), "shards_done", "shards_failed",
+    "finalized"}."""
+    from tqdm import tqdm
+
+    config = plan.data_config
+    prepare = pipeline.PrepareImage(config.image_size, config.random_crop, random_flip=False,
+                                    caption_dropout=0.0, caption_ids=pipeline.CaptionIds(tokenizer),
+                                    min_image_size=config.min_image_size)
+    counters = {False: pipeline.ExampleCounter(), True: pipeline.ExampleCounter()}
+    index, count = plan.process
+    failed = []
+    already = len(plan.mine) - len(plan.todo)
+    desc = f"precompute {len(plan.todo)} shards" + (f" (process {index} of {count})" if count > 1 else "")
+    with tqdm(desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=2.0) as progress:
+        for done, (shard_index, url) in enumerate(plan.todo, 1):
+            try:
+                _encode_shard(plan, shard_index, url, encode_fn, text_fn, prepare, counters, progress)
+            except OSError as err:  # unreadable or gone: left unfinished, a rerun retries it
+                failed.append(url)
+                log.warning("shard %s not finished (%s); rerun to retry it", url, err)
+                continue
+            # ETA from the images per shard so far (the count per shard is not known ahead)
+            progress.total = round(progress.n / (done - len(failed)) * len(plan.todo))
+            progress.refresh()
+    totals = [c.as_dict() for c in counters.values()]
+    result = {"written": sum(t["examples"] for t in totals),
+              "skipped": dict(sum((collections.Counter(t["skipped"]) for t in totals), collections.Counter())),
+              "converted": dict(sum((collections.Counter(t["converted"]) for t in totals), collections.Counter())),
+              "shards_done": len(plan.todo) - len(failed), "shards_before": already,
+              "shards_failed": failed}
+    result["finalized"] = finalize(plan, text_fn, tokenizer)
+    return result
+
+
+def finalize(plan: ShardPlan, text_fn, tokenizer) -> bool:
+    """Writes null_context.npy and then latents.json if every shard of the spec is finished
+    (by any process); returns whether it did."""
+    stats = [_read_stats(plan.out, index) for index, _ in plan.shards]
+    if any(s is None for s in stats):
+        return False
+    for s, (_, url) in zip(stats, plan.shards):
+        _check_finished(s, url, plan.settings, plan.out)
+    config = plan.data_config
+    meta = {"source": "webdataset", "path": plan.spec, "image_size": config.image_size,
+            "max_length": tokenizer.max_length, "has_context": True, "shards": len(stats),
+            "settings": plan.settings, "splits": {}, "skipped": {}, "converted": {}, "files": {}}
+    for split in (config.split, config.eval_split):
+        counts = [s["splits"][split] for s in stats]
+        meta["splits"][split] = sum(c["examples"] for c in counts)
+        for kind in ("skipped", "converted"):
+            meta[kind][split] = dict(sorted(sum((collections.Counter(c[kind]) for c in counts),
+                                                collections.Counter()).items()))
+        meta["files"][split] = [RECORD_FILE.format(split, s["index"]) for s in stats]
+    null_tmp = plan.out / f"{sources.NULL_CONTEXT}.{os.getpid()}.tmp"
+    with open(null_tmp, "wb") as f:
+        np.save(f, text_fn(tokenizer([""]))[0].astype(np.float32))
+    os.replace(null_tmp, plan.out / sources.NULL_CONTEXT)
+    _write_json(plan.out / sources.LATENTS_META, meta)  # last: it marks the folder complete
+    return True

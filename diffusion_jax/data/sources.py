@@ -9,7 +9,10 @@ epoch. Construction, on the other hand, fails at once, with the fix in the messa
 path, an empty dataset or an unknown source.
 
 Skip reasons: empty_file (0 bytes), not_an_image (PIL cannot identify it), truncated, corrupt
-(undecodable data), too_large (PIL's decompression-bomb limit), unreadable (permissions, gone).
+(undecodable data), too_large (PIL's decompression-bomb limit), unreadable (permissions, gone),
+too_small (shorter side under data.min_image_size; counted by the pipeline); WebDataset shards
+add missing_image (a sample without an image member, e.g. after a corrupt tar header) and
+bad_tar (the shard's tar stream ends early: the samples before it are kept).
 Conversions (counted, the example kept): grayscale (channel repeated to RGB), alpha (composited
 on white), palette (expanded), 16bit (scaled to 8 bits), color_mode (CMYK, YCbCr, ... to RGB),
 upscaled (smaller than the crop; counted by the pipeline), missing_caption (trains with "": the
@@ -23,6 +26,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import logging
 import struct
@@ -100,9 +104,20 @@ def decode_image_file(path: Path, name: str, caption: str, label: int = -1,
                       conversions: tuple[str, ...] = ()) -> Example | Skipped:
     """Reads and decodes one image file; bad files become `Skipped`, never an exception."""
     try:
-        if path.stat().st_size == 0:
-            return Skipped("empty_file", name, "0 bytes")
-        with Image.open(path) as image:
+        data = path.read_bytes()
+    except OSError as err:  # permissions, gone, a folder named like an image
+        return Skipped("unreadable", name, str(err))
+    return decode_image_bytes(data, name, caption, label, conversions)
+
+
+def decode_image_bytes(data: bytes, name: str, caption: str, label: int = -1,
+                       conversions: tuple[str, ...] = ()) -> Example | Skipped:
+    """Decodes one encoded image (a file's or a tar member's bytes); bad data becomes
+    `Skipped`, never an exception."""
+    if not data:
+        return Skipped("empty_file", name, "0 bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.load()
             image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
             rgb, made = pil_to_rgb(image)
@@ -112,8 +127,6 @@ def decode_image_file(path: Path, name: str, caption: str, label: int = -1,
         return Skipped("too_large", name, str(err))
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         message = str(err)
-        if isinstance(err, (FileNotFoundError, PermissionError)):
-            return Skipped("unreadable", name, message)
         return Skipped("truncated" if "truncat" in message.lower() else "corrupt", name, message)
     if min(rgb.shape[:2]) == 0:
         return Skipped("corrupt", name, f"image of size {rgb.shape[1]}x{rgb.shape[0]}")
@@ -355,25 +368,38 @@ NULL_CONTEXT = "null_context.npy"
 
 
 class LatentsSource:
-    """Precomputed examples written by `precompute.write_latents`: `{split}.array_record` in
-    the folder `path`, each record {"latents", "input_ids", "label"} and "context" when the
-    text encoder's output was stored too."""
+    """Precomputed examples written by `precompute.write_latents` or `diffusion-jax precompute`:
+    `latents.json` in the folder `path` lists the array_record files of each split (one
+    `{split}.array_record`, or one `{split}-NNNNN.array_record` per WebDataset shard), each
+    record {"latents", "input_ids", "label"} and "context" when the text encoder's output was
+    stored too."""
 
     read_threads = 0
 
     def __init__(self, path: str, split: str):
         root = Path(path).expanduser()
-        meta_path, records = root / LATENTS_META, root / f"{split}.array_record"
-        if not meta_path.is_file() or not records.is_file():
+        meta_path = root / LATENTS_META
+        if not meta_path.is_file():
             raise FileNotFoundError(
-                f"data.path={path!r} holds no precomputed {split!r} split ({records.name} and "
-                f"{LATENTS_META}); write it with diffusion_jax.data.precompute.write_latents")
+                f"data.path={path!r} holds no precomputed latents ({LATENTS_META} is written "
+                "last, when every shard is done); write them with `diffusion-jax precompute` "
+                "or diffusion_jax.data.precompute.write_latents")
         self.meta = json.loads(meta_path.read_text())
+        # latents.json of single-file folders (before sharded writing) lists no files
+        files = self.meta.get("files") or {s: [f"{s}.array_record"] for s in self.meta["splits"]}
+        if split not in files:
+            raise ValueError(f"{meta_path} has no split {split!r}, only {sorted(files)}: set "
+                             "data.split and data.eval_split to those it was written with")
+        paths = [root / name for name in files[split]]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"data.path={path!r}: {len(missing)} of the {split!r} files "
+                                    f"{LATENTS_META} lists are missing (e.g. {missing[0]})")
         self.split = split
         self.null_context = np.load(root / NULL_CONTEXT) if self.meta["has_context"] else None
-        self._records = ArrayRecordDataSource([str(records)])
+        self._records = ArrayRecordDataSource([str(p) for p in paths])
         if len(self._records) == 0:
-            raise ValueError(f"{records} holds no examples")
+            raise ValueError(f"data.path={path!r}: the {split!r} split holds no examples")
 
     def __len__(self) -> int:
         return len(self._records)

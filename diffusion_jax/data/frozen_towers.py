@@ -1,0 +1,92 @@
+"""The frozen VAE and text encoder of a training config as the numpy -> numpy functions the
+precompute pass takes. The one module of `data/` that builds models: precompute is its only
+user, and a data pass is where latents are made.
+
+Latents are the VAE posterior's mean times vae.scaling_factor, not a sample of it (diffusers'
+training scripts store `latent_dist.sample() * scaling_factor`): the mean is deterministic, so
+a rerun or a resumed shard writes the same bytes; records stay half the size of mean + std;
+and training uses them as they are (losses.py takes batch["latents"] as x0). What is lost is
+the posterior's sampling noise, which the KL term keeps small in the SD VAEs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from diffusion_jax import checkpoint
+from diffusion_jax.models import COMPONENTS
+
+log = logging.getLogger(__name__)
+
+TOWERS = ("vae", "text_encoder")
+# The trainer initialises tower i of (unet, vae, text_encoder) from fold_in(key(seed), i)
+# (trainer._init_towers): the same folds give a run without init_from these very weights.
+_TRAINER_INIT_FOLD = {"vae": 1, "text_encoder": 2}
+
+
+def describe(config) -> dict:
+    """What the latents are made with, as JSON (read from the config only: no weights)."""
+    return {"init_from": config.init_from or f"random init, seed {config.seed}",
+            "latents": "posterior mean * vae.scaling_factor",
+            "scaling_factor": float(config.vae.scaling_factor), "dtype": config.dtype}
+
+
+def load_params(config) -> dict:
+    """{"vae", "text_encoder"} params: from config.init_from, else the trainer's seeded
+    random init (tests; warns, as such latents train nothing useful)."""
+    if config.init_from:
+        items, saved = checkpoint.load(config.init_from, items=list(TOWERS))
+        for name in TOWERS:
+            component = COMPONENTS[name]
+            if component.config_from_dict(saved[name]) != component.config_from_dict(config[name].to_dict()):
+                raise ValueError(f"init_from {config.init_from}: its {name} config differs from "
+                                 f"this config's `{name}` section; make them equal")
+        return {name: items[name] for name in TOWERS}
+    log.warning("config.init_from is empty: the latents are from RANDOM weights (seed %d); set "
+                "--config.init_from=CHECKPOINT_DIR for real ones", config.seed)
+    rng = jax.random.key(config.seed)
+    return {name: COMPONENTS[name].init_params(COMPONENTS[name].config_from_dict(config[name].to_dict()),
+                                               jax.random.fold_in(rng, _TRAINER_INIT_FOLD[name]))
+            for name in TOWERS}
+
+
+def _on_local_devices(fn, params) -> Callable[[np.ndarray], np.ndarray]:
+    """fn(params, rows) jitted with the rows split over this process's devices (padded to a
+    multiple of their count) and the params replicated; numpy in, float32 numpy out."""
+    devices = jax.local_devices()
+    mesh = Mesh(np.asarray(devices), ("rows",))
+    rows, replicated = NamedSharding(mesh, PartitionSpec("rows")), NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(params, replicated)
+    jitted = jax.jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
+
+    def call(x: np.ndarray) -> np.ndarray:
+        pad = -len(x) % len(devices)
+        padded = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
+        return np.asarray(jitted(params, padded), np.float32)[:len(x)]
+
+    return call
+
+
+def frozen_encoders(config, params: dict) -> tuple[Callable, Callable]:
+    """(encode: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c],
+    text: input_ids int32 [B, L] -> context [B, L, D]), in config.dtype."""
+    dtype = jnp.dtype(config.dtype)
+    vae_cls, text_cls = COMPONENTS["vae"].model_class, COMPONENTS["text_encoder"].model_class
+    vae = vae_cls(COMPONENTS["vae"].config_from_dict(config.vae.to_dict()), dtype=dtype)
+    text = text_cls(COMPONENTS["text_encoder"].config_from_dict(config.text_encoder.to_dict()), dtype=dtype)
+    scaling_factor = float(config.vae.scaling_factor)
+
+    def latents(p, images):
+        return vae.apply({"params": p}, images, method=vae.encode).mean * scaling_factor
+
+    def context(p, input_ids):
+        return text.apply({"params": p}, input_ids).last_hidden_state
+
+    return (_on_local_devices(latents, params["vae"]),
+            _on_local_devices(context, params["text_encoder"]))
