@@ -48,6 +48,7 @@ EXTRAS_REQUIRE = {
     # gs:// workdirs and checkpoints: gcsfs for files (etils.epath, Orbax, the XLA compilation
     # cache); google-cloud-storage for tensorboardX's event files and Orbax's step deletion.
     "gcs": GCS,
+    "tensorboard": ["tensorboard>=2.16"],  # the viewer for WORKDIR/tensorboard (events need only tensorboardX)
     "tpu": ["jax[tpu]>=0.10.2", *GCS],  # TPU VMs share no disk: the workdir is on GCS
     "cuda": ["jax[cuda12]>=0.10.2"],
 }

@@ -1,14 +1,18 @@
 """Fine-tune Stable Diffusion 1.5 from a converted checkpoint: frozen VAE and CLIP text tower,
 EMA U-Net, bf16 compute, remat, fully sharded params; data from precomputed latents.
 
-    diffusion-jax convert --from diffusers path/to/stable-diffusion-v1-5 --out gs://b/ckpt/sd15
-    diffusion-jax precompute --config sd15_finetune --config.init_from=gs://b/ckpt/sd15 \\
-        --from webdataset 'gs://b/laion/{00000..01023}.tar' --out gs://b/latents/sd15-512
+    diffusion-jax convert --from diffusers path/to/stable-diffusion-v1-5 --out ckpt/sd15
+    diffusion-jax precompute --config sd15_finetune --config.init_from=ckpt/sd15 \\
+        --from webdataset 'gs://b/laion/{00000..01023}.tar' --out /data/latents/sd15-512
+    gcloud storage cp -r ckpt/sd15 gs://b/ckpt/ && gcloud storage cp -r /data/latents gs://b/
     diffusion-jax train --config sd15_finetune --workdir gs://b/runs/sd15-ft \\
-        --config.init_from=gs://b/ckpt/sd15 --config.data.path=gs://b/latents/sd15-512
+        --config.init_from=gs://b/ckpt/sd15 --config.data.path=/gcs/b/latents/sd15-512
 
-`--dry-run` first: it checks all of it and compiles the step for the devices you have (or
-`--devices N` fake ones). An image folder instead of latents: `--config.data.source=folder`.
+Checkpoints and workdirs may be gs:// URIs; the latents are array_record files, read from a
+local path: on TPU VMs, the bucket mounted with gcsfuse at the same path on every worker
+(`gcsfuse --implicit-dirs b /gcs/b`). `--dry-run` first: it checks all of it and compiles the
+step for the devices you have (or `--devices N` fake ones). An image folder instead of
+latents: `--config.data.source=folder`.
 """
 
 import ml_collections

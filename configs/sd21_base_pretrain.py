@@ -3,9 +3,9 @@
 converted SD 2 checkpoint. Two runs, one per resolution (`get_config("256")` / `("512")`):
 
     diffusion-jax train --config sd21_base_pretrain:256 --workdir gs://b/runs/sd2-256 \\
-        --config.init_from=gs://b/ckpt/sd21-base --config.data.path=gs://b/latents/256
+        --config.init_from=gs://b/ckpt/sd21-base --config.data.path=/gcs/b/latents/256
     diffusion-jax train --config sd21_base_pretrain:512 --workdir gs://b/runs/sd2-512 \\
-        --config.init_from=gs://b/runs/sd2-256/checkpoints --config.data.path=gs://b/latents/512
+        --config.init_from=gs://b/runs/sd2-256/checkpoints --config.data.path=/gcs/b/latents/512
 """
 
 import ml_collections

@@ -3,7 +3,7 @@ sd15_finetune recipe on the SD 2.1 architecture and schedule (the loss regresses
 
     diffusion-jax convert --from diffusers path/to/stable-diffusion-2-1 --out gs://b/ckpt/sd21
     diffusion-jax train --config sd21_finetune --workdir gs://b/runs/sd21-ft \\
-        --config.init_from=gs://b/ckpt/sd21 --config.data.path=gs://b/latents/sd21-768
+        --config.init_from=gs://b/ckpt/sd21 --config.data.path=/gcs/b/latents/sd21-768
 """
 
 import ml_collections

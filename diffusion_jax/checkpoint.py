@@ -238,6 +238,45 @@ class Source:
     ema: bool  # EMA params were used
 
 
+# Model config fields a run may change without changing the model: the latent scaling (the
+# VAE stage measures it) and the native size (a default for sampling).
+NOT_ARCHITECTURE = ("scaling_factor", "shift_factor", "sample_size")
+MODELS = tuple(COMPONENTS)  # unet, vae, text_encoder
+
+
+def architecture_differences(saved: Mapping[str, Any], ours: Mapping[str, Any],
+                             names: Iterable[str] = MODELS) -> list[str]:
+    """'unet.block_out_channels was (..), now (..)' for each field of the `names` models in
+    which two config dicts (checkpoint configs or config sections) describe different models."""
+    rows = []
+    for name in names:
+        component = COMPONENTS[name]
+        a, b = component.config_from_dict(saved[name]), component.config_from_dict(ours[name])
+        rows += [f"{name}.{f} was {getattr(a, f)!r}, now {getattr(b, f)!r}"
+                 for f in a.__dataclass_fields__
+                 if f not in NOT_ARCHITECTURE and getattr(a, f) != getattr(b, f)]
+    return rows
+
+
+def initial_params(sections: Mapping[str, Any], *, seed: int, init_from: str = "",
+                   from_checkpoint: Iterable[str] = MODELS, names: Iterable[str] = MODELS) -> dict:
+    """The params of the `names` models a run starts from: those in `from_checkpoint` read
+    from the `init_from` checkpoint (callers check its architecture first), the others
+    initialised from `seed` (model i of MODELS from fold_in(key(seed), i))."""
+    import jax
+
+    names = tuple(names)
+    loaded = [n for n in names if n in tuple(from_checkpoint)] if init_from else []
+    params = load(init_from, items=loaded)[0] if loaded else {}
+    rng = jax.random.key(seed)
+    for i, name in enumerate(MODELS):
+        if name in names and name not in params:
+            component = COMPONENTS[name]
+            params[name] = component.init_params(component.config_from_dict(sections[name]),
+                                                 jax.random.fold_in(rng, i))
+    return params
+
+
 def load_models(path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True
                 ) -> tuple[dict[str, Any], dict, Source]:
     """(params by model name, config, source) for `sample`, `export` and `fid`: `path` as

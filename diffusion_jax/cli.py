@@ -469,14 +469,14 @@ def add_precompute(subparsers) -> None:
 def run_precompute(args: argparse.Namespace) -> None:
     import logging
 
-    from diffusion_jax import parallel
+    from diffusion_jax import config_files, parallel
     from diffusion_jax.config_overrides import apply_overrides
     from diffusion_jax.data import frozen_towers, precompute
     from diffusion_jax.tokenizer import CLIPTokenizer
 
     if (args.process_index is None) != (args.process_count is None):
         raise ValueError("--process-index and --process-count go together")
-    config = load_config_file(args.config)
+    config = config_files.load(args.config)
     apply_overrides(config, args.config_overrides)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S", force=True)

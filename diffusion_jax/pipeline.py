@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -453,9 +452,9 @@ def save_png(image: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, 
 
 
 def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any],
-              columns: int | None = None) -> None:
+              columns: int | None = None) -> np.ndarray:
     """Images [N, H, W, 3] as one PNG grid of `columns` per row (default: up to 8), with
-    `metadata` as `save_png` writes it."""
+    `metadata` as `save_png` writes it; returns the grid [H', W', 3] as given to it."""
     images = np.asarray(images)
     n, h, w, _ = images.shape
     columns = columns or min(n, 8)
@@ -465,6 +464,7 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str
         r, c = divmod(i, columns)
         grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
     save_png(grid, path, metadata)
+    return grid
 
 
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,

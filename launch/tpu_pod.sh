@@ -44,7 +44,7 @@
 #   launch/tpu_pod.sh up --name sd-pod --zone us-central2-b --accelerator-type v4-32 \
 #     --repo https://github.com/you/diffusion-jax --config configs/sd15_finetune.py \
 #     --workdir gs://your-bucket/runs/sd15 --config.init_from=gs://your-bucket/ckpt/sd15 \
-#     --config.data.path=gs://your-bucket/latents/sd15-512
+#     --config.data.path=/gcs/your-bucket/latents/sd15-512
 #   launch/tpu_pod.sh logs --name sd-pod --zone us-central2-b --worker 0 --follow
 #   launch/tpu_pod.sh stop --name sd-pod --zone us-central2-b
 

@@ -31,7 +31,7 @@
 #     --accelerator-type v4-32 --repo https://github.com/you/diffusion-jax \
 #     --config configs/sd15_finetune.py --workdir gs://your-bucket/runs/sd15 \
 #     --config.init_from=gs://your-bucket/ckpt/sd15 \
-#     --config.data.path=gs://your-bucket/latents/sd15-512
+#     --config.data.path=/gcs/your-bucket/latents/sd15-512
 
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

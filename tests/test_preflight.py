@@ -60,6 +60,8 @@ def test_the_lists_above_are_every_bundled_config():
     (["--config.data.batch_size=0"], "--config.data.batch_size=0: must be >= 1"),
     (["--config.data.source=folder"], "data.source='folder' needs a path"),
     (["--config.data.source=folder", "--config.data.path=/no/such/dir"], "/no/such/dir"),
+    (["--config.data.source=folder", "--config.data.path=gs://b/images"],
+     "mount the bucket with gcsfuse"),
     (["--config.data.source=imagenet"], "--config.data.source='imagenet': not one of"),
     (["--config.unet.cross_attention_dim=32"], "must equal text_encoder.hidden_size=16"),
     (["--config.data.image_size=36"], "--config.data.image_size=36: must be a multiple of 8"),

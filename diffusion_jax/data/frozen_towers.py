@@ -25,9 +25,6 @@ from diffusion_jax.models import COMPONENTS
 log = logging.getLogger(__name__)
 
 TOWERS = ("vae", "text_encoder")
-# The trainer initialises tower i of (unet, vae, text_encoder) from fold_in(key(seed), i)
-# (trainer._init_towers): the same folds give a run without init_from these very weights.
-_TRAINER_INIT_FOLD = {"vae": 1, "text_encoder": 2}
 
 
 def describe(config) -> dict:
@@ -39,21 +36,20 @@ def describe(config) -> dict:
 
 def load_params(config) -> dict:
     """{"vae", "text_encoder"} params: from config.init_from, else the trainer's seeded
-    random init (tests; warns, as such latents train nothing useful)."""
+    random init, the very weights a run of this config without init_from starts from (tests;
+    warns, as such latents train nothing useful)."""
+    sections = {name: config[name].to_dict() for name in TOWERS}
     if config.init_from:
-        items, saved = checkpoint.load(config.init_from, items=list(TOWERS))
-        for name in TOWERS:
-            component = COMPONENTS[name]
-            if component.config_from_dict(saved[name]) != component.config_from_dict(config[name].to_dict()):
-                raise ValueError(f"init_from {config.init_from}: its {name} config differs from "
-                                 f"this config's `{name}` section; make them equal")
-        return {name: items[name] for name in TOWERS}
-    log.warning("config.init_from is empty: the latents are from RANDOM weights (seed %d); set "
-                "--config.init_from=CHECKPOINT_DIR for real ones", config.seed)
-    rng = jax.random.key(config.seed)
-    return {name: COMPONENTS[name].init_params(COMPONENTS[name].config_from_dict(config[name].to_dict()),
-                                               jax.random.fold_in(rng, _TRAINER_INIT_FOLD[name]))
-            for name in TOWERS}
+        saved = checkpoint.read_config(config.init_from)
+        differ = checkpoint.architecture_differences(saved, sections, TOWERS)
+        if differ:
+            raise ValueError(f"--config.init_from={config.init_from!r}: its architecture differs "
+                             f"from this config's ({'; '.join(differ[:4])}); make them equal")
+    else:
+        log.warning("config.init_from is empty: the latents are from RANDOM weights (seed %d); "
+                    "set --config.init_from=CHECKPOINT_DIR for real ones", config.seed)
+    return checkpoint.initial_params(sections, seed=config.seed, init_from=config.init_from,
+                                     names=TOWERS)
 
 
 def _on_local_devices(fn, params) -> Callable[[np.ndarray], np.ndarray]:

@@ -165,6 +165,10 @@ def _check_data(config) -> None:
     if data.source in ("folder", "tfds", "latents") and not data.path:
         raise _fail("data.path", data.path, f"data.source={data.source!r} needs a path "
                     "(an image folder, a tfds name or a precomputed latents folder)")
+    if data.source in ("folder", "latents") and checkpoint.is_remote(data.path):
+        raise _fail("data.path", data.path, f"data.source={data.source!r} reads local files "
+                    "(array_record and image folders): mount the bucket with gcsfuse on every "
+                    "host (gcsfuse --implicit-dirs BUCKET /gcs/BUCKET) and give that path")
     try:
         source = data_pipeline.make_source(data, data.split)
     except (FileNotFoundError, NotADirectoryError, ImportError) as e:
@@ -179,29 +183,7 @@ def _check_data(config) -> None:
                         "precomputed latents have no images to train a VAE on: set it to 0")
 
 
-# Model config fields that a run may change without changing the model: the latent scaling
-# (the VAE stage measures it) and the native size (metadata for sampling defaults).
-NOT_ARCHITECTURE = ("scaling_factor", "shift_factor", "sample_size")
-
-
-def _architecture(sections: Mapping[str, Any]) -> dict:
-    """The three model configs of a checkpoint config (or of model_config(config))."""
-    return {name: COMPONENTS[name].config_from_dict(sections[name])
-            for name in ("unet", "vae", "text_encoder")}
-
-
-def _differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
-    """'unet.block_out_channels was (..), now (..)' for each architecture field that differs."""
-    rows = []
-    for name, a in saved.items():
-        b = ours[name]
-        rows += [f"{name}.{f} was {getattr(a, f)!r}, now {getattr(b, f)!r}"
-                 for f in a.__dataclass_fields__
-                 if f not in NOT_ARCHITECTURE and getattr(a, f) != getattr(b, f)]
-    return rows
-
-
-def _check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
+def check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
     wanted = tuple(config.get("init_towers", ())) if config.init_from else ()
     if not stage_steps(config)["vae"] and "vae" not in wanted:
         raise _fail("init_from", config.init_from, "the VAE would stay random (vae_training."
@@ -218,9 +200,7 @@ def _check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
     if absent:
         raise _fail("init_towers", wanted, f"{config.init_from} holds no {absent} (it holds "
                     f"{names}); take only what it has")
-    ours = _architecture(ckpt_config)
-    differ = _differences({n: v for n, v in _architecture(saved).items() if n in wanted},
-                          {n: ours[n] for n in wanted})
+    differ = checkpoint.architecture_differences(saved, ckpt_config, wanted)
     if differ:
         raise ValueError(f"--config.init_from={config.init_from!r}: its architecture differs "
                          f"from this config's ({'; '.join(differ[:4])}); train with the config "
@@ -237,8 +217,8 @@ def check_workdir(workdir, ckpt_config: Mapping[str, Any]) -> int | None:
         latest = checkpoint.steps(directory)[-1]
     except checkpoint.CheckpointError:
         return None  # an empty or half-made directory: the run starts fresh
-    differ = _differences(_architecture(checkpoint.read_config(directory, latest)),
-                          _architecture(ckpt_config))
+    differ = checkpoint.architecture_differences(checkpoint.read_config(directory, latest),
+                                                 ckpt_config)
     if differ:
         raise ValueError(f"workdir {workdir} holds a run of another architecture "
                          f"({'; '.join(differ[:4])}): resume it with the config it was "
@@ -276,7 +256,7 @@ def validate(config, workdir=None) -> int | None:
     _check_mesh(config)
     _check_data(config)
     ckpt_config = model_config(config)
-    _check_init_from(config, ckpt_config)
+    check_init_from(config, ckpt_config)
     return None if workdir is None else check_workdir(workdir, ckpt_config)
 
 
@@ -397,3 +377,6 @@ def print_report(report: Mapping[str, Any]) -> None:
                   f"{_gib(entry['xla_argument_bytes'])}, temporaries {_gib(entry['xla_temp_bytes'])}"
                   f"; train state {_gib(entry['state_per_device_bytes'])})")
     print("  plan      " + ", ".join(f"{k} {v}" for k, v in report["plan"].items()))
+    if report["devices"].endswith(" cpu") and any("xla_total_bytes" in e for e in report["stages"].values()):
+        print("  note      memory as XLA CPU lays it out; TPU and GPU compilers schedule and "
+              "fuse differently, so take it as an estimate for them")

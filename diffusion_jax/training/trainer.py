@@ -185,23 +185,6 @@ class Run:
             self.writer.flush()
 
 
-def _init_towers(config: ml_collections.ConfigDict, cfg: Mapping[str, Any]) -> dict:
-    """The towers a fresh run starts from: those in `init_towers` from the `init_from`
-    checkpoint (architectures checked by the preflight), the others random from `seed`."""
-    loaded = tuple(config.get("init_towers", TOWERS)) if config.init_from else ()
-    towers = {}
-    if loaded:
-        items, _ = checkpoint.load(config.init_from, items=list(loaded))
-        towers = {name: jax.tree.map(jnp.asarray, items[name]) for name in loaded}
-    rng = jax.random.key(config.seed)
-    for i, name in enumerate(TOWERS):
-        if name not in towers:
-            component = COMPONENTS[name]
-            towers[name] = component.init_params(component.config_from_dict(cfg[name]),
-                                                 jax.random.fold_in(rng, i))
-    return towers
-
-
 def _check_remote_workdir(workdir: epath.Path) -> None:
     """On GCS, tensorboardX writes events and Orbax deletes old steps with google-cloud-storage
     (gcsfs, which epath needs, is checked by checkpoint.as_path)."""
@@ -280,7 +263,10 @@ def _resume_point(run: Run) -> dict | None:
     step = run.checkpointer.latest_step()
     shardings = lambda tree: parallel.param_shardings(tree, run.mesh, run.config.mesh.fsdp_min_size)
     if step is None:
-        towers = _init_towers(run.config, run.ckpt_config)
+        config = run.config
+        towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
+                                           init_from=config.init_from,
+                                           from_checkpoint=config.get("init_towers", TOWERS))
         run.towers = parallel.shard_params(towers, shardings(towers))
         return None
     names = checkpoint.item_names(run.checkpointer.directory, step)
@@ -650,16 +636,13 @@ class _Sampler:
         seeds = [i for _ in self.cfg.prompts for i in range(n)]
         images = self.generate(prompts, seeds)
         path = self.run.workdir / "samples" / f"step_{step:07d}.png"
-        pipeline.save_grid(images, path, {
+        grid = pipeline.save_grid(images, path, {
             "prompts": list(self.cfg.prompts), "seeds": list(range(n)), "sampler": self.cfg.sampler,
             "steps": self.cfg.steps, "guidance": self.cfg.guidance, "negative_prompt": "",
+            "height": int(images.shape[1]), "width": int(images.shape[2]), "ema": True,
             "training_step": step}, columns=n)
         if self.run.writer is not None:
-            from PIL import Image
-
-            with path.open("rb") as f:
-                self.run.writer.add_image("samples", np.asarray(Image.open(f).convert("RGB")),
-                                          step, dataformats="HWC")
+            self.run.writer.add_image("samples", grid, step, dataformats="HWC")
             self.run.writer.flush()
         log.info("sample grid: %s", path)
         return path
