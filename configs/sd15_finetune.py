@@ -30,7 +30,7 @@ def finetune_sections(config: ml_collections.ConfigDict, image_size: int) -> ml_
     config.data.image_size = image_size  # square training side, pixels (latents: as written)
     config.data.random_flip = False  # latents fix the flip at precompute time
     config.data.caption_dropout = 0.1  # unconditional 10%, for classifier-free guidance
-    config.data.batch_size = 256  # global: 16 per chip on a v4-32
+    config.data.batch_size = 64  # global: 4 per chip on a v4-32 (16 chips)
     config.data.eval_fraction = 0.01  # folder source: images held out for the eval loss
     config.training.update(dict(
         steps=20_000,  # optimizer steps x gradient_accumulation

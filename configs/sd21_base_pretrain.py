@@ -12,7 +12,9 @@ import ml_collections
 
 from diffusion_jax.configs import base_training, sd21_base
 
-PHASES = {  # resolution -> (U-Net steps, global batch); SD 2-base: 550k at 256, 850k at 512
+# resolution -> (U-Net steps, global batch), SD 2-base's: 550k at 256, 850k at 512, batch
+# 2048 (16 per chip on a v4-256; on a smaller slice use training.gradient_accumulation).
+PHASES = {
     "256": (550_000, 2048),
     "512": (850_000, 2048),
 }

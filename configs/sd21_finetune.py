@@ -13,5 +13,5 @@ from diffusion_jax.configs import sd15_finetune, sd21
 
 def get_config() -> ml_collections.ConfigDict:
     config = sd15_finetune.finetune_sections(sd21.get_config(), image_size=768)
-    config.data.batch_size = 128  # global: 2.25x the pixels of 512 per example
+    config.data.batch_size = 32  # global: 2.25x the pixels of 512 per example
     return config

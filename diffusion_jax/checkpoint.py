@@ -128,16 +128,26 @@ def save(directory: str | os.PathLike, step: int, items: Mapping[str, Any],
 
 
 def steps(directory: str | os.PathLike) -> list[int]:
-    """The saved steps, ascending; a CheckpointError when the directory is not a checkpoint."""
+    """The saved steps, ascending; a CheckpointError when the directory is not a checkpoint.
+    Read from the folder names (Orbax renames a step into place when it is complete), not
+    through a CheckpointManager: on several hosts a manager syncs them, and a host that
+    looks at a checkpoint alone (the preflight, a process-0 read) would wait forever."""
     directory = as_path(directory)
     if not directory.is_dir():
         why = "it is a file, not a directory" if directory.exists() else "no such directory"
         raise _not_a_checkpoint(directory, why)
-    with _manager(directory, ()) as manager:
-        found = sorted(manager.all_steps())
+    found = sorted(int(p.name) for p in directory.iterdir()
+                   if p.name.isdigit() and p.is_dir() and _finalized(p))
     if not found:
         raise _not_a_checkpoint(directory, "it holds no checkpoint step directories")
     return found
+
+
+def _finalized(step_dir: epath.Path) -> bool:
+    """Orbax's own test: a renamed step folder locally, commit_success.txt on GCS (no renames)."""
+    from orbax.checkpoint.path import step as ocp_step
+
+    return ocp_step.is_path_finalized(_orbax_path(step_dir))
 
 
 def _resolve_step(directory: epath.Path, step: int | None) -> int:
@@ -188,9 +198,8 @@ def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
     step = _resolve_step(directory, step)
     if not (directory / str(step) / CONFIG_ITEM).is_dir():
         raise _not_a_checkpoint(directory, f"step {step} has no `{CONFIG_ITEM}` item")
-    with _manager(directory, ()) as manager:
-        config = manager.restore(step, args=ocp.args.Composite(
-            **{CONFIG_ITEM: ocp.args.JsonRestore()}))[CONFIG_ITEM]
+    with contextlib.closing(ocp.JsonCheckpointHandler()) as handler:  # no manager: see steps()
+        config = handler.restore(_orbax_path(directory) / str(step) / CONFIG_ITEM)
     version = config.get("format_version") if isinstance(config, dict) else None
     if version is None:
         raise _not_a_checkpoint(directory, f"the `{CONFIG_ITEM}` item of step {step} has no "

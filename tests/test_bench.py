@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from diffusion_jax import bench, cli
+from diffusion_jax import bench, cli, config_files
 from diffusion_jax.bench import measure
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +118,8 @@ def test_the_cli_knows_every_benchmark_and_defaults_to_the_bench_config():
     assert set(cli.BENCHMARKS) == set(bench.BENCHMARKS)
     for what in cli.BENCHMARKS:
         args = cli.build_parser().parse_args(["bench", what])
-        assert args.config == os.path.join(REPO_ROOT, "configs", "bench.py")
+        assert args.config == "bench"  # the bundled configs/bench.py, after any install
+    assert config_files.resolve("bench")[0].samefile(os.path.join(REPO_ROOT, "configs", "bench.py"))
 
 
 def test_config_without_the_models_is_an_error(capsys, tmp_path):
@@ -130,7 +131,7 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["unet", "--config", "no/such/config.py"], "config file no/such/config.py does not exist"),
+    (["unet", "--config", "no/such/config.py"], "config no/such/config.py: no such file, and not a bundled config name"),
     (["unet", "--config", TINY, "--remat", "nothing_saveable"],
      "--remat applies to bench train only"),
     (["compile", "--config", TINY, "--compare", "torch"], "--compare applies to bench unet"),

@@ -485,7 +485,7 @@ def test_two_processes_train_through_jax_distributed_on_localhost(tmp_path):
                 process.wait()
     texts = [log.read_text() for log in logs]
     for i, (process, text) in enumerate(zip(processes, texts)):
-        assert process.returncode == 0, text[-3000:]
+        assert process.returncode == 0, f"process {i}: " + text[-3000:]
         # Logged by parallel.initialize_distributed from jax.process_index()/process_count().
         assert f"jax.distributed: process {i} of 2, 1 local / 2 global devices" in text
         assert "mesh: data=2, fsdp=1" in text  # one mesh over both processes' devices

@@ -190,16 +190,26 @@ def test_training_in_a_gs_workdir_resumes_and_serves_load_and_export(bucket, tmp
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png",
                                                                   "step_0000004.png"]
     curve = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [(c["stage"], c["step"]) for c in curve] == [("vae", 2), ("diffusion", 4)]
+    assert [(c["stage"], c["step"]) for c in curve if "loss" in c] == [("vae", 2), ("diffusion", 4)]
+    assert [(c["stage"], c["step"]) for c in curve if "eval_loss" in c] == [("vae", 2), ("diffusion", 4)]
     assert json.loads((run / "summary.json").read_text())["samples"] == summary["samples"]
     (events,) = (run / "tensorboard").iterdir()
     assert b"diffusion/train/loss" in events.read_bytes()
     assert checkpoint.steps("gs://bucket/run/checkpoints") == [4]
 
+    before = (run / "summary.json").read_text()
+    # Everything done: the run says so and leaves its outputs as they are.
+    assert trainer.train(config, "gs://bucket/run") == json.loads(before)
+    assert (run / "summary.json").read_text() == before
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4  # 2 train + 2 eval lines
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png",
+                                                                  "step_0000004.png"]
+    config.training.steps = 3  # extended: resumes from the GCS checkpoint
+    config.sample_every_steps = 0
     with caplog.at_level("INFO", logger="diffusion_jax.train"):
-        trainer.train(config, "gs://bucket/run")  # everything done: resumes, draws the grid again
+        trainer.train(config, "gs://bucket/run")
     assert "resuming from gs://bucket/run/checkpoints step 4" in caplog.text
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert checkpoint.steps("gs://bucket/run/checkpoints") == [5]
 
     pipe = pipeline.load("gs://bucket/run/checkpoints", cache_dir=None)
     assert pipe.vae_config.scaling_factor == summary["vae_scaling_factor"]

@@ -204,7 +204,7 @@ def test_every_training_config_passes_the_dry_run(tmp_path_factory):
     by_name = dict(zip(TRAINING_CONFIGS, reports))
     assert "unet 859,520,964" in by_name["sd15_finetune"]  # the released SD 1.5 U-Net
     assert "unet 865,910,724" in by_name["sd21_finetune"]  # SD 2.1's
-    assert "global batch 256 (32 per device)" in by_name["sd15_finetune"]
+    assert "global batch 64 (8 per device)" in by_name["sd15_finetune"]
     assert "mesh {'data': 2, 'fsdp': 4}" in by_name["sd21_base_pretrain:256"]
     # No VAE stage in a fine-tune (the VAE comes from init_from); the demo has both.
     assert re.search(r"^  vae +steps", by_name["sd15_finetune"], re.M) is None
@@ -299,7 +299,7 @@ def test_every_training_command_the_readmes_show_passes_the_dry_run(tmp_path_fac
         reports = _dry_runs(runs, devices, root)
         for args, report in zip(runs, reports):
             if "--no-compile" not in args:
-                assert "unet 859,520,964" in report and "global batch 256 (16 per device)" in report
+                assert "unet 859,520,964" in report and "global batch 64 (4 per device)" in report
                 assert "compiled in" in report and re.search(r"per device: [\d.]+ GiB", report)
     assert compiled
 

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import checkpoint
-from diffusion_jax.cli import load_config_file
+from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.config_overrides import apply_overrides
 from diffusion_jax.data import frozen_towers, pipeline, precompute, sources, webdataset_shards
 from diffusion_jax.models import COMPONENTS

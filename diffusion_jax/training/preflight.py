@@ -185,7 +185,10 @@ def _check_data(config) -> None:
 
 def check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
     wanted = tuple(config.get("init_towers", ())) if config.init_from else ()
-    if not stage_steps(config)["vae"] and "vae" not in wanted:
+    # Precomputed latents need no VAE to train on (only to decode samples, with the VAE that
+    # made them); images would be encoded by a random one.
+    images = config.data.source != "latents"
+    if images and not stage_steps(config)["vae"] and "vae" not in wanted:
         raise _fail("init_from", config.init_from, "the VAE would stay random (vae_training."
                     "steps=0 and init_from supplies no VAE): set --config.init_from=CKPT, a "
                     "checkpoint from `diffusion-jax convert` or an earlier run")
