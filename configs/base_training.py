@@ -34,7 +34,7 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
         adam_b2=0.999,  # AdamW second-moment decay
         grad_clip_norm=1.0,  # global-norm clipping; 0 disables
         gradient_accumulation=1,  # micro-batches per optimizer step (optax.MultiSteps)
-        ema_decay=0.9999,  # max EMA decay; warm-up min(decay, (1+n)/(10+n)) as diffusers
+        ema_decay=0.9999,  # max EMA decay, warm-up min(decay, (1+n)/(10+n)) as diffusers; 0: no EMA
         min_snr_gamma=0.0,  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables
         offset_noise=0.0,  # strength of per-channel offset noise; 0 disables
         train_text_encoder=False,  # True: the optimizer updates the text tower too

@@ -317,3 +317,19 @@ def test_dry_run_compiles_both_stages_on_fake_devices_and_writes_nothing(tmp_pat
                      r"110,276 params", report)
     assert report.count("per device: ") == 2
     assert not (tmp_path / "w").exists()
+
+
+def test_ema_decay_0_keeps_no_ema_copy():
+    """What lets SD 1.5 fine-tune on a 24 GiB CPU machine: no params-sized EMA buffer."""
+    from diffusion_jax import parallel
+    from diffusion_jax.training.trainer import stage_program
+
+    config = config_files.load("tiny_train")
+    mesh = parallel.make_mesh(config.mesh)
+    ckpt_config = model_config(config)
+    towers = preflight.abstract_towers(ckpt_config)
+    with_ema = stage_program(config, ckpt_config, mesh, "diffusion", towers)
+    config.training.ema_decay = 0.0
+    without = stage_program(config, ckpt_config, mesh, "diffusion", towers)
+    assert without.state_shapes.ema_params is None and without.ema_max_decay is None
+    assert preflight.count_params(with_ema.state_shapes.ema_params) == 110_276
