@@ -378,8 +378,9 @@ def add_train(subparsers) -> None:
                         help="with --dry-run: lower the train steps but skip XLA's compile "
                              "(minutes for a real model on a CPU) and its memory figures")
     parser.add_argument("--devices", type=int, metavar="N",
-                        help="with --dry-run: compile for N fake CPU devices, e.g. a pod's chip "
-                             "count (sets XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+                        help="with --dry-run: compile for N fake CPU devices standing in for "
+                             "a pod's N chips (sets XLA_FLAGS=--xla_force_host_platform_device_"
+                             "count=N; attention as the accelerators run it)")
     parser.set_defaults(run=run_train)
 
 
@@ -392,7 +393,10 @@ def _fake_cpu_devices(count: int) -> None:
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():
-        raise ValueError("--devices: a JAX backend already started in this process")
+        if jax.default_backend() == "cpu" and jax.device_count() == count:
+            return  # an earlier dry run in this process set them up
+        raise ValueError(f"--devices {count}: a JAX backend with {jax.device_count()} "
+                         "devices already started in this process")
     flag = "--xla_force_host_platform_device_count"
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
     os.environ["XLA_FLAGS"] = " ".join([*kept, f"{flag}={count}"])
@@ -422,7 +426,8 @@ def run_train(args: argparse.Namespace) -> None:
     from diffusion_jax.training import preflight, trainer
 
     if args.dry_run:
-        preflight.preflight(config, args.workdir, compile=args.compile)
+        preflight.preflight(config, args.workdir, compile=args.compile,
+                            for_accelerator=args.devices is not None)
         return
     try:
         trainer.train(config, args.workdir)

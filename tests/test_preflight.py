@@ -168,7 +168,7 @@ def _image_folder(path: Path) -> Path:
 
 
 def _dry_runs(runs: list[list[str]], devices: int, tmp_path: Path) -> list[str]:
-    """`diffusion-jax train --dry-run --devices N ARGS` for each ARGS, in one process (one
+    """`diffusion-jax train ARGS --dry-run --devices N` for each ARGS, in one process (one
     import, one fake-device backend); the report of each run."""
     script = ("import sys, json\nfrom diffusion_jax import cli\n"
               "codes = [cli.main(['train', *args]) for args in json.loads(sys.argv[1])]\n"
@@ -176,7 +176,7 @@ def _dry_runs(runs: list[list[str]], devices: int, tmp_path: Path) -> list[str]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                DIFFUSION_JAX_CACHE_DIR=str(tmp_path / "xla"))
-    runs = [[*args, "--dry-run"] for args in runs]
+    runs = [[*args, "--dry-run", "--devices", str(devices)] for args in runs]
     result = subprocess.run([sys.executable, "-c", script, json.dumps(runs)], capture_output=True,
                             text=True, cwd=tmp_path, env=env, timeout=1200)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -316,6 +316,8 @@ def test_dry_run_compiles_both_stages_on_fake_devices_and_writes_nothing(tmp_pat
     assert re.search(r"diffusion steps 7\.\.14, global batch 8 \(2 per device\); trains "
                      r"110,276 params", report)
     assert report.count("per device: ") == 2
+    # Fake devices stand in for accelerators: their attention, not the CPU's chunked one.
+    assert "attention xla" in report
     assert not (tmp_path / "w").exists()
 
 

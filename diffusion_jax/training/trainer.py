@@ -12,7 +12,6 @@ WORKDIR may be a gs:// URI (TPU pods, whose VMs share no disk): every file goes 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +38,7 @@ from diffusion_jax.models.vae import AutoencoderKL
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import losses
 from diffusion_jax.training.optimizer import make_optimizer
+from diffusion_jax.training.progress import Progress
 from diffusion_jax.training.state import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("diffusion_jax.train")
@@ -65,10 +65,11 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
     return {name: json.loads(config[name].to_json()) for name in checkpoint.CONFIG_SECTIONS}
 
 
-def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None) -> losses.DiffusionModels:
+def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None,
+            attention_impl: str | None = None) -> losses.DiffusionModels:
     return losses.DiffusionModels(
         unet=UNet2DConditionModel(COMPONENTS["unet"].config_from_dict(cfg["unet"]), dtype=dtype,
-                                  remat_policy=remat_policy),
+                                  remat_policy=remat_policy, attention_impl=attention_impl),
         vae=AutoencoderKL(COMPONENTS["vae"].config_from_dict(cfg["vae"]), dtype=dtype),
         text_encoder=CLIPTextModel(COMPONENTS["text_encoder"].config_from_dict(cfg["text_encoder"]),
                                    dtype=dtype),
@@ -306,10 +307,11 @@ class StageProgram:
     ema_max_decay: float | None
 
 
-def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: str, towers: Mapping[str, Any]):
+def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: str, towers: Mapping[str, Any],
+                 attention_impl: str | None):
     """(loss_fn, trained params, frozen params, optimizer section, EMA decay) of a stage."""
     dtype = jnp.dtype(config.dtype)
-    models = _models(ckpt_config, dtype, config.remat_policy or None)
+    models = _models(ckpt_config, dtype, config.remat_policy or None, attention_impl)
     if stage == "vae":
         cfg = config.vae_training
         loss_fn = losses.vae_loss_fn(models.vae, cfg.reconstruction_loss, cfg.kl_weight)
@@ -325,9 +327,11 @@ def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: str, towers: Map
 
 
 def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
-                  towers: Mapping[str, Any]) -> StageProgram:
+                  towers: Mapping[str, Any], attention_impl: str | None = None) -> StageProgram:
+    """`attention_impl` None: the platform's default (see layers.multi_head_attention)."""
     num_steps = int((config.vae_training if stage == "vae" else config.training).steps)
-    loss_fn, trained, frozen, cfg, ema_max_decay = _stage_setup(config, ckpt_config, stage, towers)
+    loss_fn, trained, frozen, cfg, ema_max_decay = _stage_setup(config, ckpt_config, stage, towers,
+                                                                attention_impl)
     accumulation = cfg.get("gradient_accumulation", 1)
     optimizer, learning_rate = make_optimizer(cfg, num_steps)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 100 + STAGES.index(stage)))
@@ -403,7 +407,7 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
     log.info("%s stage: steps %d..%d of %d, global batch %d\n%s", stage, stage_step + 1,
              num_steps, num_steps, data_config.batch_size,
              parallel.describe(state.params, state_sharding.params))
-    progress = _Progress(run, stage, stage_step, num_steps, data_config.batch_size)
+    progress = Progress(run, stage, stage_step, num_steps, data_config.batch_size)
     pending: list = []
     while stage_step < num_steps:
         if run.stop.requested or run.checkpointer.reached_preemption(first + stage_step):
@@ -513,80 +517,6 @@ def _set_scaling_factor(run: Run) -> None:
     run.ckpt_config["vae"]["scaling_factor"] = round(1.0 / std, 5)
     log.info("VAE latent std %.4f: scaling_factor = %.5f", std, 1.0 / std)
     run.summary["vae_scaling_factor"] = run.ckpt_config["vae"]["scaling_factor"]
-
-
-# ----------------------------------------------------------------------------- logs
-
-
-class _Progress:
-    """Console progress (tqdm: step, loss, images/s, ETA), TensorBoard scalars and
-    metrics.jsonl. Two throughputs: `images_per_second` over wall time (evals, sample grids
-    and checkpoints included) and `step_images_per_second` over the train steps alone; the
-    first logged interval, which holds the compile, counts in neither."""
-
-    def __init__(self, run: Run, stage: str, start: int, total: int, batch_size: int):
-        from tqdm import tqdm
-
-        self.run, self.stage, self.batch_size = run, stage, batch_size
-        self.bar = tqdm(total=total, initial=start, desc=f"{stage}", unit="step",
-                        disable=not run.is_main, mininterval=2.0, dynamic_ncols=True)
-        self.last_time, self.last_step = time.perf_counter(), start
-        self.compiled = False
-        self.outside = 0.0  # seconds of this interval spent outside train steps
-        self.timed_steps, self.timed_seconds, self.timed_step_seconds = 0, 0.0, 0.0
-
-    @contextlib.contextmanager
-    def outside_steps(self):
-        """Time spent in evals, sample grids and checkpoints, kept out of step throughput."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.outside += time.perf_counter() - start
-
-    def log(self, step: int, pending: list, iterator) -> None:
-        values = {k: float(np.mean([float(m[k]) for m in pending])) for k in pending[-1]}
-        now = time.perf_counter()
-        steps = step - self.run.first_step(self.stage) - self.last_step
-        seconds, step_seconds = now - self.last_time, now - self.last_time - self.outside
-        if self.compiled:
-            self.timed_steps += steps
-            self.timed_seconds += seconds
-            self.timed_step_seconds += step_seconds
-        self.compiled, self.outside = True, 0.0
-        values["step_seconds"] = step_seconds / max(steps, 1)
-        values["images_per_second"] = self.batch_size * steps / max(seconds, 1e-9)
-        values["step_images_per_second"] = self.batch_size * steps / max(step_seconds, 1e-9)
-        self.last_time, self.last_step = now, step - self.run.first_step(self.stage)
-        self.run.scalars(step, values, f"{self.stage}/train")
-        self.bar.update(steps)
-        self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_second']:.0f}")
-        self.record(step, values)
-        log.debug("%s step %d %s skipped=%s", self.stage, step, values, _skipped(iterator))
-
-    def record(self, step: int, values: Mapping[str, float]) -> None:
-        """One metrics.jsonl line: the curves as JSON, easy to diff and plot."""
-        if self.run.is_main:
-            _append_line(self.run.workdir / "metrics.jsonl",
-                         json.dumps({"stage": self.stage, "step": step, **values}) + "\n")
-
-    def throughput(self) -> dict[str, float]:
-        if not self.timed_steps:
-            return {"images_per_second": 0.0, "step_images_per_second": 0.0}
-        images = self.batch_size * self.timed_steps
-        return {"images_per_second": round(images / self.timed_seconds, 1),
-                "step_images_per_second": round(images / self.timed_step_seconds, 1)}
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _append_line(path: epath.Path, line: str) -> None:
-    if checkpoint.is_remote(path):  # a GCS object cannot grow: gcsfs opens "a" as "w"
-        path.write_text((path.read_text() if path.exists() else "") + line)
-    else:
-        with open(path, "a") as f:
-            f.write(line)
 
 
 def _host_towers(run: Run, unet: Any) -> dict:
