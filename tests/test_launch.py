@@ -396,6 +396,18 @@ def test_tpu_queued_supervisor_reruns_after_exit_3_and_stops_on_a_real_failure(t
     assert "training failed with exit code 1" in result.stderr
 
 
+def test_a_failing_preflight_stops_the_slurm_job_before_srun(tmp_path):
+    env = _fake_programs(tmp_path, {"srun": 'echo srun >> "$FAKE_DIR/calls"\n',
+                                    "scontrol": 'printf "gpu07\\ngpu08\\n"\n',
+                                    "diffusion-jax": FAKE_TRAINER})
+    env.update(SLURM_ENV)
+    (tmp_path / "preflight_fails").touch()
+    result = _script("gpu_slurm.sbatch", *TRAIN_ARGS, env=env, check=False)
+    assert result.returncode == 1 and "the preflight failed" in result.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"preflight {' '.join(_preflight(16)[1:])}"]  # and no srun
+
+
 def test_a_failing_preflight_stops_the_supervisor_before_any_slice_is_requested(tmp_path):
     (tmp_path / "preflight_fails").touch()
     result, calls = _supervise(tmp_path, states=["-"], statuses=["none"])
