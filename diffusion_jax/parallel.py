@@ -236,24 +236,38 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def describe(params: Any, shardings: Any) -> str:
-    """A few lines for the log: sizes in total and per device, arrays sharded vs replicated.
-    `params` may be arrays or ShapeDtypeStructs."""
-    leaves = jax.tree.leaves(params)
+def abstract(tree: Any, shardings: Any) -> Any:
+    """A tree of arrays or shapes as ShapeDtypeStructs carrying `shardings` (a matching tree):
+    restore templates and abstract jit arguments."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, shardings)
+
+
+def _leaves_with_shardings(tree: Any, shardings: Any) -> list:
+    leaves = jax.tree.leaves(tree)
     sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     if len(leaves) != len(sharding_leaves):
         raise ValueError(f"{len(leaves)} params but {len(sharding_leaves)} shardings")
-    total = per_device = 0
-    sharded = 0
-    for leaf, sharding in zip(leaves, sharding_leaves):
-        itemsize = np.dtype(leaf.dtype).itemsize
-        total += math.prod(leaf.shape) * itemsize
-        per_device += math.prod(sharding.shard_shape(tuple(leaf.shape))) * itemsize
-        sharded += not sharding.is_fully_replicated
-    mesh = sharding_leaves[0].mesh if sharding_leaves else None
+    return list(zip(leaves, sharding_leaves))
+
+
+def per_device_bytes(tree: Any, shardings: Any) -> int:
+    """Bytes one device holds of a tree of arrays or shapes placed on `shardings`."""
+    return sum(math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
+               for x, s in _leaves_with_shardings(tree, shardings))
+
+
+def describe(params: Any, shardings: Any) -> str:
+    """A few lines for the log: sizes in total and per device, arrays sharded vs replicated.
+    `params` may be arrays or ShapeDtypeStructs."""
+    pairs = _leaves_with_shardings(params, shardings)
+    total = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x, _ in pairs)
+    per_device = per_device_bytes(params, shardings)
+    sharded = sum(not s.is_fully_replicated for _, s in pairs)
+    mesh = pairs[0][1].mesh if pairs else None
     mesh_text = ", ".join(f"{k}={v}" for k, v in mesh.shape.items()) if mesh else "none"
-    scalars = sum(math.prod(leaf.shape) for leaf in leaves)
-    return (f"params: {scalars:,} in {len(leaves)} arrays, {format_bytes(total)}\n"
+    scalars = sum(math.prod(x.shape) for x, _ in pairs)
+    return (f"params: {scalars:,} in {len(pairs)} arrays, {format_bytes(total)}\n"
             f"mesh: {mesh_text}; {sharded} arrays sharded over fsdp, "
-            f"{len(leaves) - sharded} replicated\n"
+            f"{len(pairs) - sharded} replicated\n"
             f"per device: {format_bytes(per_device)} of params")

@@ -12,7 +12,6 @@ allocating a single param.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Mapping
 
@@ -285,15 +284,6 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     return {"image": image, "input_ids": ids, "label": label}
 
 
-def _with_shardings(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
-def _gib(n: float) -> str:
-    return parallel.format_bytes(n)
-
-
 def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True,
                   attention_impl: str | None = None) -> dict:
     """Lowers (and compiles) a stage's train step on abstract params and batch; XLA's figures."""
@@ -301,8 +291,8 @@ def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True,
 
     towers = abstract_towers(ckpt_config)
     program = stage_program(config, ckpt_config, mesh, stage, towers, attention_impl)
-    state = _with_shardings(program.state_shapes, program.state_sharding)
-    frozen = _with_shardings(program.frozen, program.frozen_sharding)
+    state = parallel.abstract(program.state_shapes, program.state_sharding)
+    frozen = parallel.abstract(program.frozen, program.frozen_sharding)
     batch = batch_shapes(config, stage)
     start = time.perf_counter()
     lowered = program.step_fn.lower(state, frozen, batch)
@@ -317,14 +307,7 @@ def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True,
     return {"trained_params": count_params(program.trained),
             "frozen_params": count_params(program.frozen), **figures,
             "batch": {k: list(v.shape) for k, v in batch.items()},
-            "state_per_device_bytes": _per_device_bytes(program.state_shapes, program.state_sharding)}
-
-
-def _per_device_bytes(tree, shardings) -> int:
-    leaves = jax.tree.leaves(tree)
-    specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return sum(math.prod(s.shard_shape(tuple(x.shape))) * np.dtype(x.dtype).itemsize
-               for x, s in zip(leaves, specs))
+            "state_per_device_bytes": parallel.per_device_bytes(program.state_shapes, program.state_sharding)}
 
 
 def preflight(config, workdir, *, compile: bool = True, for_accelerator: bool = False) -> dict:
@@ -384,9 +367,11 @@ def print_report(report: Mapping[str, Any]) -> None:
             line += f", compiled in {entry['compile_seconds']} s"
         print(line)
         if "xla_total_bytes" in entry:
-            print(f"            per device: {_gib(entry['xla_total_bytes'])} (arguments "
-                  f"{_gib(entry['xla_argument_bytes'])}, temporaries {_gib(entry['xla_temp_bytes'])}"
-                  f"; train state {_gib(entry['state_per_device_bytes'])})")
+            size = {k: parallel.format_bytes(entry[k]) for k in (
+                "xla_total_bytes", "xla_argument_bytes", "xla_temp_bytes", "state_per_device_bytes")}
+            print(f"            per device: {size['xla_total_bytes']} (arguments "
+                  f"{size['xla_argument_bytes']}, temporaries {size['xla_temp_bytes']}; "
+                  f"train state {size['state_per_device_bytes']})")
     print("  plan      " + ", ".join(f"{k} {v}" for k, v in report["plan"].items()))
     if report["devices"].endswith(" cpu") and any("xla_total_bytes" in e for e in report["stages"].values()):
         print("  note      memory as XLA CPU lays it out; TPU and GPU compilers schedule and "

@@ -76,11 +76,6 @@ def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None,
         scaling_factor=float(cfg["vae"]["scaling_factor"]))
 
 
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
-
-
 def _stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
     data = ml_collections.ConfigDict(config.data.to_dict())
     data.seed = config.data.seed + STAGES.index(stage)  # each stage its own data order
@@ -276,7 +271,7 @@ def _resume_point(run: Run) -> dict | None:
     if "unet_ema" in names:
         templates["unet_ema"] = templates["unet"]
     restored = run.checkpointer.restore(
-        step, {n: _abstract(t, shardings(t)) for n, t in templates.items()}, [TRAINER_ITEM])
+        step, {n: parallel.abstract(t, shardings(t)) for n, t in templates.items()}, [TRAINER_ITEM])
     run.towers = {name: restored[name] for name in templates}
     trainer = restored[TRAINER_ITEM]
     run.ckpt_config["vae"]["scaling_factor"] = trainer["scaling_factor"]
@@ -369,7 +364,7 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
         state = jax.jit(program.create, out_shardings=state_sharding, donate_argnums=0)(trained)
         stage_step, data_state = 0, None
     else:
-        restored = run.checkpointer.restore(resume["step"], {OPT_ITEM: _abstract(
+        restored = run.checkpointer.restore(resume["step"], {OPT_ITEM: parallel.abstract(
             {"opt_state": state_shapes.opt_state, "rng": state_shapes.rng},
             {"opt_state": state_sharding.opt_state, "rng": state_sharding.rng})}, [])
         ema = {"unet": run.towers["unet_ema"]} if ema_max_decay is not None else None
