@@ -307,7 +307,8 @@ def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True,
     return {"trained_params": count_params(program.trained),
             "frozen_params": count_params(program.frozen), **figures,
             "batch": {k: list(v.shape) for k, v in batch.items()},
-            "state_per_device_bytes": parallel.per_device_bytes(program.state_shapes, program.state_sharding)}
+            "state_per_device_bytes": parallel.per_device_bytes(program.state_shapes,
+                                                                program.state_sharding)}
 
 
 def preflight(config, workdir, *, compile: bool = True, for_accelerator: bool = False) -> dict:
