@@ -33,14 +33,17 @@ def bundled_names() -> list[str]:
 def resolve(spec: str | os.PathLike) -> tuple[Path, str | None]:
     """(config file, argument for get_config or None) of a --config value."""
     text = os.fspath(spec)
-    path_text, _, arg = text.partition(":") if ":" in text and not Path(text).exists() else (text, "", "")
+    path_text, arg = text, ""
+    if ":" in text and not Path(text).exists():
+        path_text, _, arg = text.partition(":")
     path = Path(path_text)
     if path.is_file():
         return path, arg or None
-    stem = path.stem if path.suffix == ".py" else path_text
-    if _NAME.match(stem) and (BUNDLED_DIR / f"{stem}.py").is_file() and (
-            path.suffix == ".py" or len(path.parts) == 1):
-        if path.suffix == ".py":
+    # A bare name, or configs/NAME.py as the READMEs write it, run away from the repository.
+    readme_path = path.suffix == ".py" and path.parent.name == "configs"
+    stem = path.stem if readme_path else path_text
+    if _NAME.match(stem) and (BUNDLED_DIR / f"{stem}.py").is_file():
+        if readme_path:
             print(f"note: {path} does not exist here; using the bundled config {stem}",
                   file=sys.stderr)
         return BUNDLED_DIR / f"{stem}.py", arg or None

@@ -48,6 +48,7 @@ def test_the_lists_above_are_every_bundled_config():
     (["--config", "sd15"], "describes only a model architecture"),
     (["--config", "configs/sd15.py"], "train with a training config such as sd15_finetune"),
     (["--config", "nope"], "not a bundled config name"),
+    (["--config", "elsewhere/sd15_finetune.py"], "no such file"),  # only configs/NAME.py falls back
     (["--config", "sd21_base_pretrain:1024"], "the phases are 256, 512"),
     (["--config", "tiny_train:x"], "get_config() takes no argument"),
     (["--config.dtype=bf16"], "--config.dtype='bf16': not one of 'float32', 'bfloat16'"),
