@@ -55,6 +55,7 @@ def _choice(config, key: str, choices) -> None:
 
 
 def stage_steps(config) -> dict[str, int]:
+    """Steps of each stage, by name (the trainer's STAGES), 0 where a stage is skipped."""
     return {"vae": int(config.vae_training.steps), "diffusion": int(config.training.steps)}
 
 

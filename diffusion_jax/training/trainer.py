@@ -37,6 +37,7 @@ from diffusion_jax.models.unet import UNet2DConditionModel
 from diffusion_jax.models.vae import AutoencoderKL
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import losses
+from diffusion_jax.training import preflight
 from diffusion_jax.training.optimizer import make_optimizer
 from diffusion_jax.training.progress import Progress
 from diffusion_jax.training.state import TrainState, make_eval_step, make_train_step
@@ -148,7 +149,7 @@ class Run:
         return jax.process_index() == 0
 
     def stage_steps(self, stage: str) -> int:
-        return int((self.config.vae_training if stage == "vae" else self.config.training).steps)
+        return preflight.stage_steps(self.config)[stage]
 
     def first_step(self, stage: str) -> int:
         """Global step at which `stage` starts."""
@@ -195,8 +196,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     """Runs (or resumes) both stages in `workdir` (local or gs://); returns the summary it
     also prints."""
     from diffusion_jax.pipeline import enable_compilation_cache
-
-    from diffusion_jax.training import preflight
 
     workdir = checkpoint.as_path(workdir)
     _check_remote_workdir(workdir)
@@ -324,7 +323,7 @@ def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: str, towers: Map
 def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
                   towers: Mapping[str, Any], attention_impl: str | None = None) -> StageProgram:
     """`attention_impl` None: the platform's default (see layers.multi_head_attention)."""
-    num_steps = int((config.vae_training if stage == "vae" else config.training).steps)
+    num_steps = preflight.stage_steps(config)[stage]
     loss_fn, trained, frozen, cfg, ema_max_decay = _stage_setup(config, ckpt_config, stage, towers,
                                                                 attention_impl)
     accumulation = cfg.get("gradient_accumulation", 1)
