@@ -177,7 +177,7 @@ def expected_rows(good, config, tokenizer, keys):
     random_crop off), encoded by the trainer's random-init VAE, their captions tokenized."""
     vae_cfg = COMPONENTS["vae"].config_from_dict(config.vae.to_dict())
     vae_params = COMPONENTS["vae"].init_params(vae_cfg, jax.random.fold_in(jax.random.key(config.seed), 1))
-    vae = COMPONENTS["vae"].model_class(vae_cfg)
+    vae = COMPONENTS["vae"].build(vae_cfg)
     images = []
     for key in keys:
         image = np.asarray(Image.open(io.BytesIO(good[key][0])).convert("RGB"))

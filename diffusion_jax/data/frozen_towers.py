@@ -73,7 +73,7 @@ def frozen_encoders(config, params: dict) -> tuple[Callable, Callable]:
     """(encode: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c],
     text: input_ids int32 [B, L] -> context [B, L, D]), in config.dtype."""
     dtype = jnp.dtype(config.dtype)
-    vae_cls, text_cls = COMPONENTS["vae"].model_class, COMPONENTS["text_encoder"].model_class
+    vae_cls, text_cls = (lambda c, **o: COMPONENTS["vae"].build(c, **o)), (lambda c, **o: COMPONENTS["text_encoder"].build(c, **o))
     vae = vae_cls(COMPONENTS["vae"].config_from_dict(config.vae.to_dict()), dtype=dtype)
     text = text_cls(COMPONENTS["text_encoder"].config_from_dict(config.text_encoder.to_dict()), dtype=dtype)
     scaling_factor = float(config.vae.scaling_factor)

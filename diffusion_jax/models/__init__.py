@@ -1,9 +1,14 @@
-"""The components of a Stable Diffusion system, by the names checkpoints and configs use.
+"""The kinds of model a system is built from, by the names `system.Tower.kind` uses.
 
-`COMPONENTS["unet"]` etc. say how to build each model from its config section (diffusers /
-transformers config.json key names), the shapes of its params without computing them, and how
-its PyTorch state dict is keyed. The model modules are imported on first use, so importing
-`diffusion_jax.models.layers` stays light.
+`KINDS["unet"]` etc. say where a kind's code lives (its module holds the config class, the
+Linen model class, `init_params` and the functions below), the shapes of its params without
+computing them, and how its PyTorch state dict is keyed. The model modules are imported on
+first use, so importing `diffusion_jax.models.layers` stays light.
+
+A kind's module provides, besides `init_params(config, rng)`, what its role needs:
+- a denoiser: `denoise(model, params, x, t, cond) -> prediction` (cond: the conditioning dict);
+- a text tower: `encode_text(model, params, ids) -> {output name: array}`;
+- a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`.
 """
 
 from __future__ import annotations
@@ -19,35 +24,45 @@ import jax
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-    """One model of the system: where its code lives and how PyTorch names its weights."""
+    """One kind of model: where its code lives and how PyTorch names its weights."""
 
-    name: str
-    module_path: str  # the Python module holding the config class, model class and init_params
+    kind: str
+    module_path: str  # the Python module holding the config class, model class and functions
     config_class_name: str
     model_class_name: str
     torch_prefix: str = ""  # prefix of every key in the PyTorch state dict
     torch_ignore: tuple[str, ...] = ()  # regexes of PyTorch buffers that are not params
+    reference_class: tuple[str, str] = ("", "")  # (library, class) of the PyTorch reference
+    weights_stem: str = "diffusion_pytorch_model"  # of its weights file in a diffusers folder
 
-    def _module(self):
+    def module(self):
         return importlib.import_module(self.module_path)
 
-    @property
-    def config_class(self) -> type:
-        return getattr(self._module(), self.config_class_name)
-
-    @property
-    def model_class(self) -> type:
-        return getattr(self._module(), self.model_class_name)
-
     def config_from_dict(self, d: Mapping[str, Any]):
-        return self.config_class.from_dict(dict(d))
+        return getattr(self.module(), self.config_class_name).from_dict(dict(d))
+
+    def build(self, config, **options):
+        """The Linen module; `options` (dtype, remat_policy, ...) as its class takes them."""
+        return getattr(self.module(), self.model_class_name)(config, **options)
 
     def param_shapes(self, config) -> dict:
         """The param tree as `jax.ShapeDtypeStruct`s: no memory, no compute."""
         return jax.tree.map(lambda x: x, _param_shapes(self.module_path, config))  # a fresh tree
 
     def init_params(self, config, rng: jax.Array) -> dict:
-        return self._module().init_params(config, rng)
+        return self.module().init_params(config, rng)
+
+    def denoise(self, model, params, x, t, cond):
+        return self.module().denoise(model, params, x, t, cond)
+
+    def encode_text(self, model, params, ids) -> dict:
+        return self.module().encode_text(model, params, ids)
+
+    def encode(self, model, params, images):
+        return self.module().encode(model, params, images)
+
+    def decode(self, model, params, z):
+        return self.module().decode(model, params, z)
 
 
 @functools.lru_cache(maxsize=16)
@@ -57,15 +72,28 @@ def _param_shapes(module_path: str, config) -> dict:
     return jax.eval_shape(init, jax.random.key(0))
 
 
-COMPONENTS: dict[str, Component] = {
-    "unet": Component("unet", "diffusion_jax.models.unet", "UNetConfig", "UNet2DConditionModel"),
-    "vae": Component("vae", "diffusion_jax.models.vae", "AutoencoderKLConfig", "AutoencoderKL"),
-    "text_encoder": Component("text_encoder", "diffusion_jax.models.clip_text", "CLIPTextConfig",
-                              "CLIPTextModel", torch_prefix="text_model.",
-                              torch_ignore=(r"position_ids$",)),
-}
+KINDS: dict[str, Component] = {}
+
+
+def register(component: Component) -> Component:
+    """Adds a kind (new families, and tests' toy models, register theirs)."""
+    KINDS[component.kind] = component
+    return component
+
+
+register(Component("unet", "diffusion_jax.models.unet", "UNetConfig", "UNet2DConditionModel",
+                   reference_class=("diffusers", "UNet2DConditionModel")))
+register(Component("vae", "diffusion_jax.models.vae", "AutoencoderKLConfig", "AutoencoderKL",
+                   reference_class=("diffusers", "AutoencoderKL")))
+register(Component("clip_text", "diffusion_jax.models.clip_text", "CLIPTextConfig",
+                   "CLIPTextModel", torch_prefix="text_model.", torch_ignore=(r"position_ids$",),
+                   reference_class=("transformers", "CLIPTextModel"), weights_stem="model"))
 
 
 def count_params(tree: Any) -> int:
     """Number of scalars in a param tree (arrays or ShapeDtypeStructs)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+# Transitional (removed once every caller iterates system.py): the SD towers by name.
+COMPONENTS = {"unet": KINDS["unet"], "vae": KINDS["vae"], "text_encoder": KINDS["clip_text"]}

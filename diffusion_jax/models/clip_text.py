@@ -256,3 +256,9 @@ def init_params(config: CLIPTextConfig, rng: jax.Array) -> dict:
     """Freshly initialised params; `jax.eval_shape(init_params, config, rng)` gives the shapes."""
     input_ids = jnp.zeros((1, 1), jnp.int32)
     return CLIPTextModel(config).init(rng, input_ids)["params"]
+
+
+def encode_text(model: CLIPTextModel, params: dict, ids: jax.Array) -> dict[str, jax.Array]:
+    """The outputs a system's text tower can contribute to the conditioning, by name."""
+    out = model.apply({"params": params}, ids)
+    return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}

@@ -377,3 +377,9 @@ def init_params(config: UNetConfig, rng: jax.Array) -> dict:
     sample = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
     context = jnp.zeros((1, 1, config.cross_attention_dim), jnp.float32)
     return UNet2DConditionModel(config).init(rng, sample, jnp.zeros((1,)), context)["params"]
+
+
+def denoise(model: UNet2DConditionModel, params: dict, x: jax.Array, t: jax.Array,
+            cond: dict) -> jax.Array:
+    """The system's denoiser call: cross-attention reads cond["context"]."""
+    return model.apply({"params": params}, x, t, cond["context"])

@@ -315,3 +315,11 @@ def init_params(config: AutoencoderKLConfig, rng: jax.Array) -> dict:
     side = config.downsampling_factor
     x = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
     return AutoencoderKL(config).init(rng, x)["params"]
+
+
+def encode(model: AutoencoderKL, params: dict, images: jax.Array) -> DiagonalGaussian:
+    return model.apply({"params": params}, images, method=AutoencoderKL.encode)
+
+
+def decode(model: AutoencoderKL, params: dict, z: jax.Array) -> jax.Array:
+    return model.apply({"params": params}, z, method=AutoencoderKL.decode)

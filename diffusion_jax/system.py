@@ -1,0 +1,294 @@
+"""The one description of a model system that everything else iterates.
+
+A system is a denoiser, a VAE and a list of text towers (plus adapters, later), each a `Tower`:
+the name of its checkpoint item and config section, and its `kind`, which says which model
+code builds it (`models.KINDS`). Checkpoint items, conversion, training, the pipeline,
+`params` and `bench` take their lists of models from here; a new family is new model modules,
+a new kind and a new `System` value, not a branch in each of those files.
+
+    system = from_config(checkpoint_config)     # SD 1.x/2.x when the config has no "system"
+    models = build(system, checkpoint_config, dtype=jnp.bfloat16)
+    ids = text_inputs(system, checkpoint_config)(["a cat"])    # {"input_ids": [1, 77]}
+    cond = encode_text(models, params, ids)                    # {"context": [1, 77, 768]}
+    eps = denoise(models, params, x_t, t, cond)
+
+Conditioning is a dict pytree (`context` today; `pooled`, `time_ids`, control residuals, ...
+later): what the text towers give is combined here, and the denoiser's kind says how it
+takes the dict. Classifier-free guidance doubles every leaf with one `tree_map`.
+
+The checkpoint config holds the description as its `system` section (`System.to_dict`); the
+SD 1.x / 2.x checkpoints written before it existed are `STABLE_DIFFUSION`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.models import KINDS, Component
+
+SYSTEM_SECTION = "system"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+    """One model of the system."""
+
+    name: str  # its checkpoint item and config section ("unet", "text_encoder_2", ...)
+    kind: str  # a models.KINDS key: which code builds it and how its outputs are read
+
+    @property
+    def component(self) -> Component:
+        return KINDS[self.kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTower(Tower):
+    """A text encoder: what it reads (its tokenizer's config section, the batch key of its
+    ids) and what it gives the conditioning (named outputs of its kind's `encode_text`)."""
+
+    tokenizer: str = "tokenizer"  # config section of its tokenizer
+    ids_key: str = "input_ids"  # batch / inputs key of its token ids
+    context: str = "last_hidden_state"  # output joined (on the feature axis) into cond["context"]
+    pooled: str = ""  # output joined into cond["pooled"]; "" for none
+
+
+@dataclasses.dataclass(frozen=True)
+class System:
+    denoiser: Tower
+    vae: Tower
+    text_towers: tuple[TextTower, ...]
+
+    @property
+    def towers(self) -> tuple[Tower, ...]:
+        """Every model, in the order params are initialised (model i from fold_in(seed, i))."""
+        return (self.denoiser, self.vae, *self.text_towers)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.towers)
+
+    def tower(self, name: str) -> Tower:
+        for t in self.towers:
+            if t.name == name:
+                return t
+        raise KeyError(f"the system has no model {name!r}; it has {list(self.names)}")
+
+    @property
+    def text_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.text_towers)
+
+    @property
+    def tokenizer_sections(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(t.tokenizer for t in self.text_towers))
+
+    @property
+    def config_sections(self) -> tuple[str, ...]:
+        """The sections a checkpoint config of this system holds (besides `system`)."""
+        return (*self.names, "schedule", *self.tokenizer_sections)
+
+    @property
+    def cond_keys(self) -> tuple[str, ...]:
+        """The keys of the conditioning the text towers give."""
+        return ("context",) + (("pooled",) if any(t.pooled for t in self.text_towers) else ())
+
+    @property
+    def ids_keys(self) -> tuple[str, ...]:
+        return tuple(t.ids_key for t in self.text_towers)
+
+    def to_dict(self) -> dict:
+        return {"denoiser": dataclasses.asdict(self.denoiser), "vae": dataclasses.asdict(self.vae),
+                "text_towers": [dataclasses.asdict(t) for t in self.text_towers]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "System":
+        system = cls(Tower(**d["denoiser"]), Tower(**d["vae"]),
+                     tuple(TextTower(**t) for t in d["text_towers"]))
+        unknown = [t.kind for t in system.towers if t.kind not in KINDS]
+        if unknown:
+            raise ValueError(f"system: unknown model kind(s) {unknown}; known: {list(KINDS)}")
+        if len(set(system.names)) != len(system.names):
+            raise ValueError(f"system: model names {list(system.names)} repeat")
+        return system
+
+
+# SD 1.x and 2.x: one CLIP text tower, a U-Net, the KL VAE.
+STABLE_DIFFUSION = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
+                          text_towers=(TextTower("text_encoder", "clip_text"),))
+
+
+def from_config(config: Mapping[str, Any]) -> System:
+    """The system a checkpoint config or config file describes: its `system` section, else
+    STABLE_DIFFUSION (every config and checkpoint written before the section existed)."""
+    d = config.get(SYSTEM_SECTION) if hasattr(config, "get") else None
+    if d is None:
+        return STABLE_DIFFUSION
+    return System.from_dict(d.to_dict() if hasattr(d, "to_dict") else d)
+
+
+def section(config: Mapping[str, Any], name: str) -> dict:
+    """A config section as a plain dict (a ConfigDict's or a JSON dict's)."""
+    value = config[name]
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def tower_config(tower: Tower, config: Mapping[str, Any]):
+    """The tower's frozen config dataclass, from its config section."""
+    return tower.component.config_from_dict(section(config, tower.name))
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """A system's Flax modules (by tower name) and the latent scaling. Hashable: a static
+    argument of jitted functions."""
+
+    system: System
+    modules: tuple[tuple[str, Any], ...]
+    scaling_factor: float
+    shift_factor: float = 0.0
+
+    def __getitem__(self, name: str):
+        return dict(self.modules)[name]
+
+    @property
+    def denoiser(self):
+        return self[self.system.denoiser.name]
+
+    @property
+    def vae(self):
+        return self[self.system.vae.name]
+
+
+def build(system: System, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
+          remat_policy: str | None = None, attention_impl: str | None = None) -> Models:
+    """The modules of every tower. `remat_policy` and `attention_impl` go to the denoiser."""
+    modules = []
+    for tower in system.towers:
+        options = dict(dtype=dtype)
+        if tower is system.denoiser:
+            options.update(remat_policy=remat_policy, attention_impl=attention_impl)
+        modules.append((tower.name, tower.component.build(tower_config(tower, config), **options)))
+    vae = section(config, system.vae.name)
+    return Models(system, tuple(modules), float(vae["scaling_factor"]),
+                  float(vae.get("shift_factor") or 0.0))
+
+
+def param_shapes(system: System, config: Mapping[str, Any],
+                 names: Sequence[str] | None = None) -> dict:
+    """{tower name: params as jax.ShapeDtypeStruct}: no memory, no compute."""
+    towers = system.towers if names is None else [system.tower(n) for n in names]
+    return {t.name: t.component.param_shapes(tower_config(t, config)) for t in towers}
+
+
+def init_params(system: System, config: Mapping[str, Any], seed: int,
+                names: Sequence[str] | None = None) -> dict:
+    """Fresh params of the `names` towers (default all): tower i of `system.towers` from
+    fold_in(key(seed), i), whichever subset is asked for."""
+    rng = jax.random.key(seed)
+    wanted = system.names if names is None else tuple(names)
+    return {t.name: t.component.init_params(tower_config(t, config), jax.random.fold_in(rng, i))
+            for i, t in enumerate(system.towers) if t.name in wanted}
+
+
+# ----------------------------------------------------------------------------- text
+
+
+class TextInputs:
+    """The tokenizers of a system's text towers as one callable: prompts -> {ids key: int32
+    [N, length]}, the batch and pipeline inputs the text towers read."""
+
+    def __init__(self, tokenizers: Mapping[str, Any]):
+        self.tokenizers = dict(tokenizers)  # ids key -> tokenizer
+
+    def __call__(self, prompts: str | Sequence[str]) -> dict[str, np.ndarray]:
+        return {key: tokenizer(prompts) for key, tokenizer in self.tokenizers.items()}
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.tokenizers)
+
+    @property
+    def max_lengths(self) -> dict[str, int]:
+        return {key: t.max_length for key, t in self.tokenizers.items()}
+
+
+def make_tokenizer(tokenizer_section: Mapping[str, Any]):
+    """A tokenizer from its config section. Every text tower today reads CLIP BPE, whose
+    vocabulary is bundled; a T5 tower's section will name its checkpoint files."""
+    from diffusion_jax.tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer.bundled(**dict(tokenizer_section))
+
+
+def text_inputs(system: System, config: Mapping[str, Any]) -> TextInputs:
+    return TextInputs({t.ids_key: make_tokenizer(section(config, t.tokenizer))
+                       for t in system.text_towers})
+
+
+def _join(values: list[jax.Array]) -> jax.Array:
+    return values[0] if len(values) == 1 else jnp.concatenate(values, axis=-1)
+
+
+def encode_text(models: Models, params: Mapping[str, Any], ids: Mapping[str, jax.Array]
+                ) -> dict[str, jax.Array]:
+    """Token ids (by ids key) -> the conditioning: every tower's `context` output joined on
+    the feature axis, and the `pooled` outputs likewise where towers give one."""
+    contexts, pooled = [], []
+    for tower in models.system.text_towers:
+        outputs = tower.component.encode_text(models[tower.name], params[tower.name],
+                                              ids[tower.ids_key])
+        contexts.append(outputs[tower.context])
+        if tower.pooled:
+            pooled.append(outputs[tower.pooled])
+    cond = {"context": _join(contexts)}
+    if pooled:
+        cond["pooled"] = _join(pooled)
+    return cond
+
+
+def null_cond(models: Models, params: Mapping[str, Any], inputs: TextInputs
+              ) -> dict[str, jax.Array]:
+    """The conditioning of the empty prompt (caption dropout, the unconditional branch)."""
+    return encode_text(models, params, inputs([""]))
+
+
+# ----------------------------------------------------------------------------- denoiser, VAE
+
+
+def denoise(models: Models, params: Mapping[str, Any], x: jax.Array, t: jax.Array,
+            cond: Mapping[str, jax.Array]) -> jax.Array:
+    """The denoiser's prediction at x_t, t under the conditioning pytree `cond`."""
+    tower = models.system.denoiser
+    return tower.component.denoise(models[tower.name], params[tower.name], x, t, cond)
+
+
+def encode_latents(models: Models, params: Mapping[str, Any], images: jax.Array,
+                   rng: jax.Array | None = None) -> jax.Array:
+    """[-1, 1] NHWC images -> latents as the denoiser sees them, (z - shift) * scale: z a
+    posterior sample, or its mode when `rng` is None (deterministic img2img)."""
+    tower = models.system.vae
+    posterior = tower.component.encode(models[tower.name], params[tower.name], images)
+    z = posterior.mode() if rng is None else posterior.sample(rng)
+    return (z - models.shift_factor) * models.scaling_factor
+
+
+def decode_latents(models: Models, params: Mapping[str, Any], latents: jax.Array) -> jax.Array:
+    """Denoiser latents -> images NHWC, nominally [-1, 1]."""
+    tower = models.system.vae
+    z = latents / models.scaling_factor + models.shift_factor
+    return tower.component.decode(models[tower.name], params[tower.name], z)
+
+
+def denoiser_config(system: System, config: Mapping[str, Any]):
+    return tower_config(system.denoiser, config)
+
+
+def vae_config(system: System, config: Mapping[str, Any]):
+    return tower_config(system.vae, config)
