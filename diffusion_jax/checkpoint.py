@@ -9,9 +9,11 @@
         config/          JSON: model configs, schedule, tokenizer, format_version
       1000/ ...
 
-The `config` item holds `unet`, `vae`, `text_encoder` (diffusers / transformers config.json
-key names, as `configs/*.py` write them), `schedule` (diffusers scheduler config names),
-`tokenizer` (`pad_token`, `max_length`) and `format_version`. Other pytree items (optimizer
+The `config` item holds a section per model of the system (`unet`, `vae`, `text_encoder` for
+SD 1.x/2.x: diffusers / transformers config.json key names, as `configs/*.py` write them),
+`schedule` (diffusers scheduler config names), a section per tokenizer (`pad_token`,
+`max_length`), `format_version`, and `system` (the description `system.py` reads) unless the
+system is SD 1.x/2.x's, which every checkpoint before the section existed describes. Other pytree items (optimizer
 state, ...) can sit beside the params in a step: `save` writes any pytree item, `load` reads
 the model items unless asked for others.
 
@@ -37,12 +39,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax import system as system_lib
 
 FORMAT_VERSION = 1
 CONFIG_ITEM = "config"
 EMA_SUFFIX = "_ema"
-CONFIG_SECTIONS = ("unet", "vae", "text_encoder", "schedule", "tokenizer")
 WORKDIR_CHECKPOINTS = "checkpoints"  # the checkpoint directory inside a training workdir
 
 
@@ -80,10 +81,10 @@ def _not_a_checkpoint(directory: epath.Path, why: str) -> CheckpointError:
         "`diffusion-jax convert --from diffusers|single-file SRC --out DIR` or by training")
 
 
-def is_model_item(name: str) -> bool:
-    """Whether an item holds a model's params: `unet`, `vae`, `text_encoder`, or their `_ema`."""
+def is_model_item(name: str, config: Mapping[str, Any]) -> bool:
+    """Whether an item holds one of the system's models' params (`unet`, ..., or an `_ema`)."""
     base = name[:-len(EMA_SUFFIX)] if name.endswith(EMA_SUFFIX) else name
-    return base in COMPONENTS
+    return base in system_lib.from_config(config).names
 
 
 def _manager(directory: epath.Path, item_names: Iterable[str]) -> ocp.CheckpointManager:
@@ -105,10 +106,15 @@ def _to_json(value: Any) -> Any:
 
 def validate_config(config: Mapping[str, Any]) -> None:
     """The config item must describe every model the checkpoint can hold."""
-    missing = [s for s in CONFIG_SECTIONS if s not in config]
+    try:
+        sections = system_lib.from_config(config).config_sections
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint config: its `system` section is not readable ({e})"
+                              ) from None
+    missing = [s for s in sections if s not in config]
     if missing:
         raise CheckpointError(f"checkpoint config lacks section(s) {missing}; "
-                              f"it needs {list(CONFIG_SECTIONS)}")
+                              f"it needs {list(sections)}")
 
 
 def save(directory: str | os.PathLike, step: int, items: Mapping[str, Any],
@@ -220,7 +226,7 @@ def load(directory: str | os.PathLike, step: int | None = None,
     step = _resolve_step(directory, step)
     config = read_config(directory, step)
     saved = item_names(directory, step)
-    wanted = [n for n in saved if is_model_item(n)] if items is None else list(items)
+    wanted = [n for n in saved if is_model_item(n, config)] if items is None else list(items)
     absent = [n for n in wanted if n not in saved]
     if absent:
         raise CheckpointError(f"checkpoint {directory} step {step} has no item(s) {absent}; "
@@ -250,17 +256,20 @@ class Source:
 # Model config fields a run may change without changing the model: the latent scaling (the
 # VAE stage measures it) and the native size (a default for sampling).
 NOT_ARCHITECTURE = ("scaling_factor", "shift_factor", "sample_size")
-MODELS = tuple(COMPONENTS)  # unet, vae, text_encoder
 
 
 def architecture_differences(saved: Mapping[str, Any], ours: Mapping[str, Any],
-                             names: Iterable[str] = MODELS) -> list[str]:
-    """'unet.block_out_channels was (..), now (..)' for each field of the `names` models in
-    which two config dicts (checkpoint configs or config sections) describe different models."""
+                             names: Iterable[str] | None = None) -> list[str]:
+    """'unet.block_out_channels was (..), now (..)' for each field of the `names` models
+    (default: all of `ours`' system) in which two config dicts (checkpoint configs or config
+    sections) describe different models; 'system ...' when they are different systems."""
+    saved_system, our_system = system_lib.from_config(saved), system_lib.from_config(ours)
+    if saved_system != our_system:
+        return [f"system was {saved_system.to_dict()}, now {our_system.to_dict()}"]
     rows = []
-    for name in names:
-        component = COMPONENTS[name]
-        a, b = component.config_from_dict(saved[name]), component.config_from_dict(ours[name])
+    for name in our_system.names if names is None else names:
+        tower = our_system.tower(name)
+        a, b = system_lib.tower_config(tower, saved), system_lib.tower_config(tower, ours)
         rows += [f"{name}.{f} was {getattr(a, f)!r}, now {getattr(b, f)!r}"
                  for f in a.__dataclass_fields__
                  if f not in NOT_ARCHITECTURE and getattr(a, f) != getattr(b, f)]
@@ -268,22 +277,18 @@ def architecture_differences(saved: Mapping[str, Any], ours: Mapping[str, Any],
 
 
 def initial_params(sections: Mapping[str, Any], *, seed: int, init_from: str = "",
-                   from_checkpoint: Iterable[str] = MODELS, names: Iterable[str] = MODELS) -> dict:
-    """The params of the `names` models a run starts from: those in `from_checkpoint` read
-    from the `init_from` checkpoint (callers check its architecture first), the others
-    initialised from `seed` (model i of MODELS from fold_in(key(seed), i))."""
-    import jax
-
-    names = tuple(names)
-    loaded = [n for n in names if n in tuple(from_checkpoint)] if init_from else []
+                   from_checkpoint: Iterable[str] | None = None,
+                   names: Iterable[str] | None = None) -> dict:
+    """The params of the `names` models (default: the whole system) a run starts from: those
+    in `from_checkpoint` (default: all) read from the `init_from` checkpoint (callers check
+    its architecture first), the others initialised from `seed` (`system.init_params`)."""
+    system = system_lib.from_config(sections)
+    names = system.names if names is None else tuple(names)
+    from_checkpoint = names if from_checkpoint is None else tuple(from_checkpoint)
+    loaded = [n for n in names if n in from_checkpoint] if init_from else []
     params = load(init_from, items=loaded)[0] if loaded else {}
-    rng = jax.random.key(seed)
-    for i, name in enumerate(MODELS):
-        if name in names and name not in params:
-            component = COMPONENTS[name]
-            params[name] = component.init_params(component.config_from_dict(sections[name]),
-                                                 jax.random.fold_in(rng, i))
-    return params
+    fresh = [n for n in names if n not in params]
+    return {**params, **system_lib.init_params(system, sections, seed, fresh)}
 
 
 def load_models(path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True
@@ -293,12 +298,14 @@ def load_models(path: str | os.PathLike, step: int | None = None, *, use_ema: bo
     (the default everywhere), else its raw params. Reads only those items."""
     directory, step = resolve(path, step)
     saved = item_names(directory, step)
+    names = system_lib.from_config(read_config(directory, step)).names
     chosen = {name: name + EMA_SUFFIX if use_ema and name + EMA_SUFFIX in saved else name
-              for name in COMPONENTS}
+              for name in names}
     missing = [item for item in chosen.values() if item not in saved]
     if missing:
         raise CheckpointError(f"checkpoint {directory} step {step} lacks {missing} (it holds "
-                              f"{saved}): the U-Net, the VAE and the text encoder are all needed")
+                              f"{saved}): every model of the system ({', '.join(names)}) is "
+                              "needed")
     items, config = load(directory, step, items=chosen.values())
     source = Source(str(directory), step, ema=any(item != name for name, item in chosen.items()))
     return {name: items[item] for name, item in chosen.items()}, config, source

@@ -105,15 +105,16 @@ def add_params(subparsers) -> None:
 
 
 def run_params(args: argparse.Namespace) -> None:
-    from diffusion_jax.models import COMPONENTS, count_params
+    from diffusion_jax import system as system_lib
+    from diffusion_jax.models import count_params
 
     sections = _config_sections(args.config)
-    counts = {}
-    for name, component in COMPONENTS.items():
-        if name in sections:
-            counts[name] = count_params(component.param_shapes(component.config_from_dict(sections[name])))
-    if not counts:
-        raise ValueError(f"config {args.config} has none of the sections {list(COMPONENTS)}")
+    system = system_lib.from_config(sections)
+    present = [name for name in system.names if name in sections]
+    if not present:
+        raise ValueError(f"config {args.config} has none of the sections {list(system.names)}")
+    counts = {name: count_params(shapes) for name, shapes in
+              system_lib.param_shapes(system, sections, present).items()}
     width = max(map(len, counts)) + 2
     for name, count in counts.items():
         print(f"{name:<{width}}{count:>15,}")
@@ -288,7 +289,6 @@ def _save_pngs(images, out, is_folder: bool, run: dict, columns: int | None) -> 
 # ----------------------------------------------------------------------------- bench
 
 
-BENCHMARKS = ("unet", "train", "vae", "sample", "compile")  # diffusion_jax.bench.BENCHMARKS
 # Options that only some benchmarks take; the others reject them rather than ignore them.
 BENCH_ONLY_OPTIONS = {"remat": ("train",), "compare": ("unet", "train", "vae", "sample"),
                       "sampler": ("sample", "compile"), "steps": ("sample", "compile")}
@@ -306,7 +306,9 @@ def add_bench(subparsers) -> None:
                     "with --compare torch, the same work through diffusers PyTorch on the same "
                     "weights and ratio_vs_torch (our throughput over PyTorch's: above 1, we "
                     "are faster). Needs the [test] extra for --compare.")
-    parser.add_argument("what", choices=BENCHMARKS, help="what to measure")
+    from diffusion_jax.bench import BENCHMARKS
+
+    parser.add_argument("what", choices=tuple(BENCHMARKS), help="what to measure")
     parser.add_argument("--config", default="bench",
                         help="a config file or bundled config name describing the models "
                              "(default: bench, i.e. configs/bench.py)")

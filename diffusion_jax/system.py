@@ -23,6 +23,7 @@ SD 1.x / 2.x checkpoints written before it existed are `STABLE_DIFFUSION`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -128,6 +129,18 @@ def from_config(config: Mapping[str, Any]) -> System:
     if d is None:
         return STABLE_DIFFUSION
     return System.from_dict(d.to_dict() if hasattr(d, "to_dict") else d)
+
+
+def checkpoint_config(config: Mapping[str, Any]) -> dict:
+    """What a checkpoint records of a config (a ConfigDict or dict): the system's sections as
+    plain JSON values, and the `system` section unless it is STABLE_DIFFUSION (so SD
+    checkpoints stay as they were before the section existed)."""
+    system = from_config(config)
+    sections = {name: json.loads(json.dumps(section(config, name), default=list))
+                for name in system.config_sections}
+    if system != STABLE_DIFFUSION:
+        sections[SYSTEM_SECTION] = system.to_dict()
+    return sections
 
 
 def section(config: Mapping[str, Any], name: str) -> dict:

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoint
+from diffusion_jax import checkpoint, system
 
 
 def _config(**overrides):
@@ -128,7 +128,7 @@ def test_new_checkpoints_are_complete_or_absent(tmp_path):
 
 
 def test_training_checkpointer_keeps_the_latest_and_the_best_by_eval_loss(tmp_path):
-    config = {name: {} for name in checkpoint.CONFIG_SECTIONS}
+    config = {name: {} for name in system.STABLE_DIFFUSION.config_sections}
     manager = checkpoint.TrainingCheckpointer(tmp_path / "ckpt", pytree_items=("unet",),
                                               json_items=("trainer",), keep=1, keep_best=1)
     losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: None, 5: 4.0}
@@ -167,7 +167,7 @@ def test_resolve_takes_a_workdir_or_a_step_folder(tmp_path):
 def test_a_training_checkpoint_loads_quietly_with_ema_by_default(tmp_path, caplog):
     """A trainer's step also holds the optimizer state and JSON items: reading the models
     opens only their items, and Orbax says nothing about the others."""
-    config = {name: {} for name in checkpoint.CONFIG_SECTIONS}
+    config = {name: {} for name in system.STABLE_DIFFUSION.config_sections}
     manager = checkpoint.TrainingCheckpointer(
         tmp_path / "ckpt", pytree_items=("unet", "unet_ema", "vae", "text_encoder", "optimizer"),
         json_items=("trainer",))

@@ -64,12 +64,13 @@ def _tiles(path: Path, size: int) -> np.ndarray:
 def tiny_checkpoint(tmp_path) -> Path:
     """configs/tiny.py with random weights, as a converted checkpoint (drawn from the param
     shapes: Flax's own init would take longer than both notebooks on a busy CPU)."""
+    from diffusion_jax import system
     from diffusion_jax.configs import tiny
     from diffusion_jax.bench.weights import random_params
 
     config = tiny.get_config().to_dict()
-    params = {name: random_params(name, config[name], seed)
-              for seed, name in enumerate(("unet", "vae", "text_encoder"))}
+    params = {tower.name: random_params(tower.kind, config[tower.name], seed)
+              for seed, tower in enumerate(system.from_config(config).towers)}
     checkpoint.create(tmp_path / "ckpt", params, config)
     return tmp_path / "ckpt"
 

@@ -20,7 +20,7 @@ from diffusion_jax.configs import tiny  # noqa: E402
 from diffusion_jax import checkpoint, cli  # noqa: E402
 from diffusion_jax.convert import diffusers as diffusers_convert  # noqa: E402
 from diffusion_jax.convert.torch_params import ConversionError, torch_key  # noqa: E402
-from diffusion_jax.models import COMPONENTS  # noqa: E402
+from diffusion_jax.system import STABLE_DIFFUSION  # noqa: E402
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
 
 MODEL_NAMES = ("unet", "vae", "text_encoder")
@@ -122,7 +122,7 @@ def pipeline_folder(tiny_models, tmp_path_factory):
 
 
 def _expected_configs(config: dict) -> dict:
-    expected = {name: COMPONENTS[name].config_from_dict(config[name]).to_dict()
+    expected = {name: STABLE_DIFFUSION.tower(name).component.config_from_dict(config[name]).to_dict()
                 for name in MODEL_NAMES}
     expected["schedule"] = dict(config["schedule"])
     expected["tokenizer"] = dict(config["tokenizer"])
@@ -140,7 +140,7 @@ def test_diffusers_folder_converts_to_the_torch_weights(tiny_models, tmp_path, s
 
     for name in MODEL_NAMES:
         assert_params_equal_torch(items[name], torch_state_dict(tiny_models[name]),
-                                  COMPONENTS[name].torch_prefix)
+                                  STABLE_DIFFUSION.tower(name).component.torch_prefix)
     assert config == _expected_configs(tiny_config())
 
 
@@ -190,7 +190,7 @@ def test_round_trip_through_the_cli(tiny_models, pipeline_folder, tmp_path, caps
         assert sorted(model.state_dict()) == sorted(original)
         for key, value in model.state_dict().items():
             assert torch.equal(value, original[key]), (name, key)
-        config_of = lambda m: COMPONENTS[name].config_from_dict(
+        config_of = lambda m: STABLE_DIFFUSION.tower(name).component.config_from_dict(
             m.config.to_dict() if name == "text_encoder"
             else {k: v for k, v in m.config.items() if not k.startswith("_")})
         assert config_of(model) == config_of(tiny_models[name])

@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from diffusion_jax import parallel
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax.models import KINDS
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_SIZE = 4096  # shards the tiny U-Net's bigger kernels, keeps its biases and norms whole
@@ -28,7 +28,7 @@ GRAD_TOLERANCE = 1e-5  # per array: max|g8 - g1| / max|g1|
 
 def _tiny_unet_config():
     from diffusion_jax.configs import tiny
-    return COMPONENTS["unet"].config_from_dict(tiny.get_config().unet)
+    return KINDS["unet"].config_from_dict(tiny.get_config().unet)
 
 
 def _paths_and_leaves(tree, is_leaf=None):
@@ -98,7 +98,7 @@ def test_partition_specs_work_on_arrays_too():
 
 
 def test_partition_specs_on_tiny_unet():
-    shapes = COMPONENTS["unet"].param_shapes(_tiny_unet_config())
+    shapes = KINDS["unet"].param_shapes(_tiny_unet_config())
     specs = dict(_paths_and_leaves(parallel.param_partition_specs(shapes, MESH_2x4, MIN_SIZE),
                                    is_leaf=_is_spec))
     leaves = dict(_paths_and_leaves(shapes))
@@ -122,7 +122,7 @@ def test_partition_specs_on_tiny_unet():
 
 
 def test_fsdp_of_one_replicates_everything():
-    shapes = COMPONENTS["unet"].param_shapes(_tiny_unet_config())
+    shapes = KINDS["unet"].param_shapes(_tiny_unet_config())
     specs = parallel.param_partition_specs(shapes, AbstractMesh((8, 1), parallel.AXES), 1)
     assert all(spec == P() for spec in jax.tree.leaves(specs, is_leaf=_is_spec))
 
@@ -130,7 +130,7 @@ def test_fsdp_of_one_replicates_everything():
 def test_describe_sd15_unet_on_fsdp_8():
     """At real scale the default threshold shards nearly all bytes: per device ~1/8 of params."""
     from diffusion_jax.configs import sd15
-    component = COMPONENTS["unet"]
+    component = KINDS["unet"]
     shapes = component.param_shapes(component.config_from_dict(sd15.get_config().unet))
     mesh = AbstractMesh((1, 8), parallel.AXES)
     shardings = parallel.param_shardings(shapes, mesh, parallel.default_mesh_config().fsdp_min_size)
@@ -347,7 +347,7 @@ def _eight_device_report() -> dict:
             report["errors"][f"{data},{fsdp}"] = str(e)
 
     config = _tiny_unet_config()
-    params = _random_params(COMPONENTS["unet"].param_shapes(config))
+    params = _random_params(KINDS["unet"].param_shapes(config))
     mesh8 = parallel.make_mesh(dict(data=2, fsdp=4))
     shardings8 = parallel.param_shardings(params, mesh8, MIN_SIZE)
     params8 = parallel.shard_params(params, shardings8)

@@ -22,7 +22,7 @@ from diffusion_jax import checkpoint
 from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.config_overrides import apply_overrides
 from diffusion_jax.data import frozen_towers, pipeline, precompute, sources, webdataset_shards
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax.models import KINDS
 from diffusion_jax.tokenizer import CLIPTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -175,9 +175,9 @@ def test_processes_take_disjoint_shards_covering_all():
 def expected_rows(good, config, tokenizer, keys):
     """What precompute must store for `keys`: the images center-cropped (the tiny config has
     random_crop off), encoded by the trainer's random-init VAE, their captions tokenized."""
-    vae_cfg = COMPONENTS["vae"].config_from_dict(config.vae.to_dict())
-    vae_params = COMPONENTS["vae"].init_params(vae_cfg, jax.random.fold_in(jax.random.key(config.seed), 1))
-    vae = COMPONENTS["vae"].build(vae_cfg)
+    vae_cfg = KINDS["vae"].config_from_dict(config.vae.to_dict())
+    vae_params = KINDS["vae"].init_params(vae_cfg, jax.random.fold_in(jax.random.key(config.seed), 1))
+    vae = KINDS["vae"].build(vae_cfg)
     images = []
     for key in keys:
         image = np.asarray(Image.open(io.BytesIO(good[key][0])).convert("RGB"))

@@ -11,29 +11,45 @@ Every model benchmark reports the median time after a warm-up, images/s, achieve
 (XLA's cost analysis of the executable timed) and its share of a matmul peak measured in the
 same process, peak memory, compile time and the device (measure.py). With `compare_torch`,
 `ratio_vs_torch` is our throughput over PyTorch's: above 1, we are faster.
+
+Importing this package is light (the CLI reads `BENCHMARKS` to parse its arguments); a
+benchmark's module, and JAX, load when it runs.
 """
 
+import importlib
 from typing import Any, Mapping
 
-from diffusion_jax.bench.measure import print_result
-from diffusion_jax.bench.models import bench_train, bench_unet, bench_vae
-from diffusion_jax.bench.sampling import bench_compile, bench_sample
+# name -> (module, function, the config sections it needs; "system": every section of the
+# config's system, see system.py)
+BENCHMARKS = {"unet": ("models", "bench_unet", ("unet",)),
+              "train": ("models", "bench_train", ("unet",)),
+              "vae": ("models", "bench_vae", ("vae",)),
+              "sample": ("sampling", "bench_sample", "system"),
+              "compile": ("sampling", "bench_compile", "system")}
 
-BENCHMARKS = {"unet": bench_unet, "train": bench_train, "vae": bench_vae,
-              "sample": bench_sample, "compile": bench_compile}
-_SYSTEM = ("unet", "vae", "text_encoder", "schedule")
-CONFIG_SECTIONS = {"unet": ("unet",), "train": ("unet",), "vae": ("vae",), "sample": _SYSTEM,
-                   "compile": _SYSTEM}
+
+def required_sections(what: str, config: Mapping[str, Any]) -> tuple[str, ...]:
+    sections = BENCHMARKS[what][2]
+    if sections == "system":
+        from diffusion_jax import system
+
+        return system.from_config(config).config_sections
+    return sections
 
 
 def run(what: str, config: Mapping[str, Any], **options) -> dict:
     """The figures of benchmark `what` on a config's models (a dict of config sections)."""
-    missing = [name for name in CONFIG_SECTIONS[what] if name not in config]
+    sections = required_sections(what, config)
+    missing = [name for name in sections if name not in config]
     if missing:
-        raise ValueError(f"bench {what} needs the config sections {list(CONFIG_SECTIONS[what])}; "
+        raise ValueError(f"bench {what} needs the config sections {list(sections)}; "
                          f"the config lacks {missing}")
-    return BENCHMARKS[what](config, **options)
+    module, function, _ = BENCHMARKS[what]
+    return getattr(importlib.import_module(f"diffusion_jax.bench.{module}"), function)(
+        config, **options)
 
 
-__all__ = ["BENCHMARKS", "bench_compile", "bench_sample", "bench_train", "bench_unet",
-           "bench_vae", "print_result", "run"]
+def print_result(result: Mapping[str, Any], json_path: str | None = None) -> None:
+    from diffusion_jax.bench.measure import print_result as print_figures
+
+    print_figures(result, json_path)

@@ -36,10 +36,10 @@ PROMPT, NEGATIVE_PROMPT = "a photo of a cat", "blurry"
 
 def _random_system(config: Mapping[str, Any], directory: Path) -> Path:
     """A converted checkpoint of random weights (`weights.random_params`)."""
-    from diffusion_jax import checkpoint
+    from diffusion_jax import checkpoint, system
 
-    params = {name: random_params(name, config[name], seed)
-              for seed, name in enumerate(("unet", "vae", "text_encoder"))}
+    params = {tower.name: random_params(tower.kind, config[tower.name], seed)
+              for seed, tower in enumerate(system.from_config(config).towers)}
     out = directory / "ckpt"
     checkpoint.create(out, params, config)
     return out

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax.models import KINDS
 
 
 def _leaf(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
@@ -30,10 +30,10 @@ def _leaf(kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.nda
     return np.float32(0.1) * noise  # bias
 
 
-def random_params(name: str, config_section: Mapping[str, Any], seed: int) -> dict:
-    """Params of component `name` ("unet", "vae", "text_encoder") for a config section, as
-    device arrays; the same seed gives the same weights."""
-    component = COMPONENTS[name]
+def random_params(kind: str, config_section: Mapping[str, Any], seed: int) -> dict:
+    """Params of a model of `kind` (a models.KINDS key: "unet", "vae", "clip_text") for a
+    config section, as device arrays; the same seed gives the same weights."""
+    component = KINDS[kind]
     shapes = component.param_shapes(component.config_from_dict(config_section))
     rng = np.random.default_rng(seed)
     flat = {path: jax.device_put(_leaf(path[-1], leaf.shape, rng))

@@ -26,35 +26,26 @@ from diffusion_jax import checkpoint
 from diffusion_jax.convert import read_weights_file
 from diffusion_jax.convert.torch_params import (ConversionError, params_to_state_dict,
                                                 state_dict_to_params)
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax import system as system_lib
 
 # The diffusers release whose folder layout and config keys the exported files follow.
 DIFFUSERS_FORMAT_VERSION = "0.36.0"
 
-# (library, class) of each component, as model_index.json lists them.
-COMPONENT_CLASSES = {
-    "unet": ("diffusers", "UNet2DConditionModel"),
-    "vae": ("diffusers", "AutoencoderKL"),
-    "text_encoder": ("transformers", "CLIPTextModel"),
-}
-_WEIGHTS_STEM = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
-                 "text_encoder": "model"}
 # Full precision first; .bin only where no safetensors file of that precision exists.
 _WEIGHTS_PREFERENCE = (("safetensors", None), ("bin", None), ("safetensors", "fp16"), ("bin", "fp16"))
 _WEIGHTS_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 
-# Scheduler config keys that describe the noise schedule (the sampler-specific ones, like
-# PNDM's skip_prk_steps, are the sampler's business); diffusers' defaults where a file lacks one.
-SCHEDULE_DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-    "set_alpha_to_one": False,  # DDIM/PNDM's final step; SD's scheduler configs say False
-}
+
+
+def schedule_defaults() -> dict:
+    """Where a scheduler config lacks a key that describes the noise schedule (the
+    sampler-specific ones, like PNDM's skip_prk_steps, are the sampler's business): SD 1.x's
+    schedule, as configs/sd15.py gives it."""
+    from diffusion_jax.configs import sd15
+
+    return sd15.get_config().schedule.to_dict()
+
+
 _OPTIONAL_SCHEDULE_KEYS = ("rescale_betas_zero_snr",)
 
 # Old diffusers VAE files name the mid-block attention's projections like this.
@@ -121,8 +112,8 @@ def rename_legacy_vae_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np
     return renamed
 
 
-def _check_class(name: str, config_json: Mapping[str, Any], path: Path) -> None:
-    library, expected = COMPONENT_CLASSES[name]
+def _check_class(tower: system_lib.Tower, config_json: Mapping[str, Any], path: Path) -> None:
+    library, expected = tower.component.reference_class
     if library == "diffusers":
         found = config_json.get("_class_name", expected)
         ok = found == expected
@@ -134,22 +125,22 @@ def _check_class(name: str, config_json: Mapping[str, Any], path: Path) -> None:
                          "1.x / 2.x components are supported")
 
 
-def read_component(folder: Path, name: str) -> tuple[dict, dict]:
-    """(params, normalized config dict) of the component `name` of a pipeline folder."""
-    component = COMPONENTS[name]
-    component_dir = folder / name
+def read_component(folder: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
+    """(params, normalized config dict) of one tower of a pipeline folder."""
+    component = tower.component
+    component_dir = folder / tower.name
     config_path = component_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a Stable Diffusion diffusers folder: "
                                 f"{config_path} does not exist")
     config_json = _read_json(config_path)
-    _check_class(name, config_json, config_path)
+    _check_class(tower, config_json, config_path)
     try:
         config = component.config_from_dict(config_json)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{config_path}: {e}") from None
     state_dict = read_state_dict(component_dir)
-    if name == "vae":
+    if tower.kind == "vae":
         state_dict = rename_legacy_vae_keys(state_dict)
     prefix = component.torch_prefix
     if prefix and not any(key.startswith(prefix) for key in state_dict):
@@ -166,7 +157,7 @@ def read_schedule(folder: Path) -> dict:
     if scheduler.get("trained_betas") is not None:
         raise ValueError(f"{path}: trained_betas (an explicit beta list) is not supported; "
                          f"supported beta schedules are named by beta_schedule")
-    schedule = {key: scheduler.get(key, default) for key, default in SCHEDULE_DEFAULTS.items()}
+    schedule = {key: scheduler.get(key, default) for key, default in schedule_defaults().items()}
     schedule.update({key: scheduler[key] for key in _OPTIONAL_SCHEDULE_KEYS if key in scheduler})
     return schedule
 
@@ -197,15 +188,16 @@ def read_tokenizer(folder: Path, text_config: Mapping[str, Any]) -> dict:
     return {"pad_token": tokenizer.pad_token, "max_length": tokenizer.max_length}
 
 
-def _check_model_index(folder: Path) -> None:
+def _check_model_index(folder: Path, system: system_lib.System) -> None:
     path = folder / "model_index.json"
     if not path.is_file():
         return
     index = _read_json(path)
-    for name, (library, cls) in COMPONENT_CLASSES.items():
-        entry = index.get(name)
+    for tower in system.towers:
+        library, cls = tower.component.reference_class
+        entry = index.get(tower.name)
         if entry is not None and list(entry)[1:] != [cls]:
-            raise ValueError(f"{path}: {name} is {entry}, expected [{library!r}, {cls!r}]: only "
+            raise ValueError(f"{path}: {tower.name} is {entry}, expected [{library!r}, {cls!r}]: only "
                              "Stable Diffusion 1.x / 2.x pipelines are supported")
 
 
@@ -214,22 +206,24 @@ def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     folder = Path(src)
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers folder {folder} does not exist")
-    _check_model_index(folder)
+    system = system_lib.STABLE_DIFFUSION  # the one family diffusers folders are read as today
+    _check_model_index(folder, system)
     items, config = {}, {}
-    for name in COMPONENTS:
-        items[name], config[name] = read_component(folder, name)
+    for tower in system.towers:
+        items[tower.name], config[tower.name] = read_component(folder, tower)
     config["schedule"] = read_schedule(folder)
-    config["tokenizer"] = read_tokenizer(folder, config["text_encoder"])
+    text = system.text_towers[0]
+    config[text.tokenizer] = read_tokenizer(folder, config[text.name])
     return items, config
 
 
 # ----------------------------------------------------------------------------- writing
 
 
-def component_config_json(name: str, config: Mapping[str, Any]) -> dict:
-    """config.json of a component, as diffusers / transformers write it."""
-    normalized = COMPONENTS[name].config_from_dict(config).to_dict()
-    library, cls = COMPONENT_CLASSES[name]
+def component_config_json(tower: system_lib.Tower, config: Mapping[str, Any]) -> dict:
+    """config.json of a tower, as diffusers / transformers write it."""
+    normalized = tower.component.config_from_dict(config).to_dict()
+    library, cls = tower.component.reference_class
     if library == "diffusers":
         return {"_class_name": cls, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **normalized}
     return {"architectures": [cls], "model_type": "clip_text_model", **normalized}
@@ -252,7 +246,7 @@ def model_index_json(config: Mapping[str, Any]) -> dict:
     return {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-        **{name: list(classes) for name, classes in COMPONENT_CLASSES.items()},
+        **{t.name: list(t.component.reference_class) for t in system_lib.from_config(config).towers},
         "scheduler": ["diffusers", scheduler_class(config["schedule"])],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "feature_extractor": [None, None],
@@ -261,10 +255,12 @@ def model_index_json(config: Mapping[str, Any]) -> dict:
     }
 
 
-def _check_params(name: str, params: Any, config: Mapping[str, Any], source: str) -> None:
+def _check_params(tower: system_lib.Tower, params: Any, config: Mapping[str, Any],
+                  source: str) -> None:
     """The params must be exactly the tree the config's model has."""
-    component = COMPONENTS[name]
-    expected = traverse_util.flatten_dict(component.param_shapes(component.config_from_dict(config)))
+    name = tower.name
+    expected = traverse_util.flatten_dict(system_lib.param_shapes(
+        system_lib.from_config(config), config, [name])[name])
     found = traverse_util.flatten_dict(params)
     problems = sorted("/".join(p) + (" missing" if p not in found else
                                      f" {tuple(found[p].shape)} != {tuple(expected[p].shape)}")
@@ -281,12 +277,13 @@ def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, 
 
     from diffusion_jax.tokenizer import CLIPTokenizer
 
-    for name, component in COMPONENTS.items():
+    for tower in system_lib.from_config(config).towers:
+        name, component = tower.name, tower.component
         directory = folder / name
         directory.mkdir()
-        _write_json(directory / "config.json", component_config_json(name, config[name]))
+        _write_json(directory / "config.json", component_config_json(tower, config[name]))
         state_dict = params_to_state_dict(items[name], prefix=component.torch_prefix)
-        weights = directory / f"{_WEIGHTS_STEM[name]}.safetensors"
+        weights = directory / f"{component.weights_stem}.safetensors"
         safetensors.numpy.save_file(state_dict, weights, metadata={"format": "pt"})
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json",
@@ -303,7 +300,11 @@ def export_pipeline(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *
     Each model's EMA params where the checkpoint has them and `use_ema`, as `sample` uses."""
     checkpoint.check_new_directory(out)
     items, config, source = checkpoint.load_models(checkpoint_dir, step, use_ema=use_ema)
-    for name in COMPONENTS:
-        _check_params(name, items[name], config[name], f"checkpoint {source.directory}")
+    system = system_lib.from_config(config)
+    if system != system_lib.STABLE_DIFFUSION:
+        raise ValueError(f"checkpoint {source.directory} is not a Stable Diffusion 1.x / 2.x "
+                         "system; export to diffusers writes those only")
+    for tower in system.towers:
+        _check_params(tower, items[tower.name], config, f"checkpoint {source.directory}")
     with checkpoint.new_directory(out) as tmp:
         write_pipeline(tmp, items, config)

@@ -33,11 +33,10 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax.convert import read_weights_file
-from diffusion_jax.convert.diffusers import (OPENCLIP_PAD_TOKEN, SCHEDULE_DEFAULTS,
-                                             SD_PAD_TOKEN)
 from diffusion_jax.convert.torch_params import ConversionError, state_dict_to_params, torch_key
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax import system as system_lib
 
+_SD = system_lib.STABLE_DIFFUSION  # the towers an LDM single file holds
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -56,25 +55,31 @@ IGNORED_KEYS = frozenset({
     OPENCLIP_PREFIX + "text_projection", OPENCLIP_PREFIX + "logit_scale",
 })
 
-# What the weights cannot say, per family: the released SD 1.5 and SD 2.1 (768, v) models.
-FAMILY_DEFAULTS = {
-    "SD 1.x": {
-        "unet": {"sample_size": 64, "attention_head_dim": 8, "upcast_attention": False},
-        "vae": {"sample_size": 512, "scaling_factor": 0.18215, "norm_num_groups": 32},
-        "text_encoder": {"hidden_act": "quick_gelu", "bos_token_id": 0, "eos_token_id": 2,
-                         "pad_token_id": 1},
-        "schedule": {**SCHEDULE_DEFAULTS, "prediction_type": "epsilon"},
-        "tokenizer": {"pad_token": SD_PAD_TOKEN},
-    },
-    "SD 2.x": {
-        "unet": {"sample_size": 96, "upcast_attention": True},  # 64-channel heads, below
-        "vae": {"sample_size": 768, "scaling_factor": 0.18215, "norm_num_groups": 32},
-        "text_encoder": {"hidden_act": "gelu", "bos_token_id": 49406, "eos_token_id": 49407,
-                         "pad_token_id": 0},
-        "schedule": {**SCHEDULE_DEFAULTS, "prediction_type": "v_prediction"},
-        "tokenizer": {"pad_token": OPENCLIP_PAD_TOKEN},
-    },
-}
+# What the weights cannot say, per family: the released SD 1.5 and SD 2.1 (768, v) models,
+# as configs/sd15.py and configs/sd21.py describe them ...
+_UNSEEN_BY_WEIGHTS = {"unet": ("sample_size", "upcast_attention"),
+                      "vae": ("sample_size", "scaling_factor", "norm_num_groups"),
+                      "text_encoder": ("hidden_act",), "tokenizer": ("pad_token",)}
+# ... and the token ids the original text towers' config.json files give: OpenCLIP's
+# tokenizer's own for SD 2.x's (the pooled output is taken at the same EOS either way).
+_TEXT_TOKEN_IDS = {"SD 1.x": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+                   "SD 2.x": {"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 0}}
+
+
+def _family_sections(family: str) -> dict:
+    from diffusion_jax.configs import sd15, sd21
+
+    config = (sd15 if family == "SD 1.x" else sd21).get_config()
+    sections = {name: {key: config[name][key] for key in keys}
+                for name, keys in _UNSEEN_BY_WEIGHTS.items()}
+    if family == "SD 1.x":  # SD 2.x's head counts follow from the widths (HEAD_CHANNELS)
+        sections["unet"]["attention_head_dim"] = config.unet.attention_head_dim[0]
+    sections["text_encoder"].update(_TEXT_TOKEN_IDS[family])
+    sections["schedule"] = config.schedule.to_dict()
+    return sections
+
+
+FAMILY_DEFAULTS = {family: _family_sections(family) for family in _TEXT_TOKEN_IDS}
 HEAD_CHANNELS = 64  # SD 2.x U-Nets and both CLIP towers use 64-channel attention heads
 
 Source = tuple[str, Callable[[np.ndarray], np.ndarray]]  # (LDM key, value transform)
@@ -227,7 +232,7 @@ def model_config(name: str, family: str, inferred: Mapping[str, Any],
                  given: Mapping[str, Any] | None, path: Path):
     """The component's config: the caller's section checked against the weights, or the
     family defaults completed by what the weights show."""
-    component = COMPONENTS[name]
+    component = _SD.tower(name).component
     if given is None:
         return component.config_from_dict({**_family_defaults(name, family, inferred, path),
                                            **inferred})
@@ -333,7 +338,7 @@ def ema_key(key: str) -> str:
 
 def _sources(name: str, config, family: str, use_ema: bool) -> dict[tuple[str, ...], Source]:
     """Flax param path -> (file key, transform) for every param of the component."""
-    component = COMPONENTS[name]
+    component = _SD.tower(name).component
     sources = {}
     for path in traverse_util.flatten_dict(component.param_shapes(config)):
         key = torch_key(path)
@@ -381,7 +386,7 @@ def _gather(state_dict: Mapping[str, np.ndarray], configs: Mapping[str, Any], fa
     one ConversionError listing every missing, unexpected and mis-shaped key."""
     used, missing, mismatched, converted = set(), set(), [], {}
     for name, config in configs.items():
-        component = COMPONENTS[name]
+        component = _SD.tower(name).component
         template = traverse_util.flatten_dict(component.param_shapes(config))
         converted[name] = {}
         for param_path, (key, transform) in _sources(name, config, family, use_ema).items():
@@ -422,12 +427,12 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping
     inferred = {"unet": infer_unet(state_dict, path), "vae": infer_vae(state_dict, path),
                 "text_encoder": infer_text_encoder(state_dict, family, path)}
     configs = {name: model_config(name, family, inferred[name], given.get(name), path)
-               for name in COMPONENTS}
+               for name in _SD.names}
     converted = _gather(state_dict, configs, family, use_ema, path)
     items = {name: state_dict_to_params(converted[name], component.param_shapes(configs[name]),
                                         prefix=component.torch_prefix, source=str(path))
-             for name, component in COMPONENTS.items()}
-    checkpoint_config = {name: configs[name].to_dict() for name in COMPONENTS}
+             for name, component in ((t.name, t.component) for t in _SD.towers)}
+    checkpoint_config = {name: configs[name].to_dict() for name in _SD.names}
     checkpoint_config["schedule"] = dict(given.get("schedule") or FAMILY_DEFAULTS[family]["schedule"])
     checkpoint_config["tokenizer"] = dict(
         given.get("tokenizer") or {**FAMILY_DEFAULTS[family]["tokenizer"],

@@ -29,6 +29,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoint, parallel
+from diffusion_jax import system as system_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.diffusion.schedule import Schedule
 from diffusion_jax.models import COMPONENTS
@@ -63,7 +64,7 @@ class Preempted(RuntimeError):
 
 def model_config(config: ml_collections.ConfigDict) -> dict:
     """The checkpoint config: model sections, schedule and tokenizer, as plain JSON values."""
-    return {name: json.loads(config[name].to_json()) for name in checkpoint.CONFIG_SECTIONS}
+    return system_lib.checkpoint_config(config)
 
 
 def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None,
