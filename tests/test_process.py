@@ -27,7 +27,8 @@ def table_reference(schedule, x0, noise, t):
     alpha, sigma = jnp.sqrt(abar)[:, None, None, None], jnp.sqrt(1 - abar)[:, None, None, None]
     target = {"epsilon": noise, "v_prediction": alpha * noise - sigma * x0,
               "sample": x0}[schedule.prediction_type]
-    return alpha * x0 + sigma * noise, target, (schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))[t]
+    snr = (schedule.alphas_cumprod / (1 - schedule.alphas_cumprod))[t]
+    return alpha * x0 + sigma * noise, target, snr
 
 
 @pytest.mark.parametrize("prediction_type", sch.PREDICTION_TYPES)
@@ -83,7 +84,8 @@ def test_prediction_conversions_round_trip(prediction_type, kind):
         alpha, sigma = 1 - t, t
         assert float(jnp.abs(alpha**2 + sigma**2 - 1).max()) > 0.4
     else:
-        alpha, sigma = sch.alpha_sigma(sch.Schedule.from_config(SD15), jnp.array([20, 300, 700, 999]))
+        t = jnp.array([20, 300, 700, 999])
+        alpha, sigma = sch.alpha_sigma(sch.Schedule.from_config(SD15), t)
     alpha, sigma = alpha[:, None, None, None], sigma[:, None, None, None]
     x0, eps = samples(1)
     x_t = alpha * x0 + sigma * eps
@@ -119,7 +121,8 @@ def test_v_prediction_at_zero_terminal_snr():
 
 def test_table_conversion_is_the_general_one_on_ddpm():
     schedule = sch.Schedule.from_config(SD15)
-    alpha, sigma = (a[:, None, None, None] for a in sch.alpha_sigma(schedule, jnp.array([1, 400, 800, 999])))
+    t = jnp.array([1, 400, 800, 999])
+    alpha, sigma = (a[:, None, None, None] for a in sch.alpha_sigma(schedule, t))
     x0, eps = samples(4)
     x_t = alpha * x0 + sigma * eps
     for prediction_type in sch.PREDICTION_TYPES:
@@ -168,7 +171,7 @@ def test_a_new_process_works_through_the_interface(prediction_type):
     np.testing.assert_allclose(process.model_time(p, t), t * 1000)
     x0, noise = samples(5)
     x_t = jax.jit(process.add_noise)(p, x0, noise, t)
-    c, s = jnp.cos(0.5 * jnp.pi * t)[:, None, None, None], jnp.sin(0.5 * jnp.pi * t)[:, None, None, None]
+    c, s = (f(0.5 * jnp.pi * t)[:, None, None, None] for f in (jnp.cos, jnp.sin))
     np.testing.assert_allclose(x_t, c * x0 + s * noise, rtol=1e-6, atol=1e-6)
     target = process.training_target(p, x0, noise, t)
     # The target reads back to (x0, noise) at x_t: the loss and the samplers agree on it.
@@ -176,7 +179,8 @@ def test_a_new_process_works_through_the_interface(prediction_type):
     np.testing.assert_allclose(x0_back, x0, atol=1e-4)
     np.testing.assert_allclose(noise_back, noise, atol=1e-4)
     # snr falls back to alpha^2 / sigma^2 = cot^2.
-    np.testing.assert_allclose(process.snr(p, t), 1 / jnp.square(jnp.tan(0.5 * jnp.pi * t)), rtol=1e-4)
+    cot2 = 1 / jnp.square(jnp.tan(0.5 * jnp.pi * t))
+    np.testing.assert_allclose(process.snr(p, t), cot2, rtol=1e-4)
 
 
 def test_an_unregistered_process_is_named():
