@@ -1,4 +1,4 @@
-"""The discrete-time diffusion process as pure functions over a `Schedule` pytree.
+"""The DDPM noise table: the discrete-time implementation of the noise process (`process`).
 
 Notation (diffusers' / DDPM's): timesteps t = 0 .. T-1 with noise rates `betas`,
 abar_t = prod_{s<=t} (1 - beta_s) (`alphas_cumprod`), and
@@ -14,8 +14,11 @@ x_t / alpha_t = x_0 + s_t eps with s_t = sigma_t / alpha_t = sqrt((1 - abar_t) /
 the `schedule` section of `configs/sd15.py` both load with `Schedule.from_config(d)`. The
 `Schedule` carries `betas` and `alphas_cumprod` as float32 arrays (computed in float64 on the
 host from float32 betas, as diffusers defines them) and its config as static metadata: it can
-be passed through `jax.jit` and `jax.vmap`. Every function below is pure; `t` is an integer
-array broadcast against the leading (batch) axes of the samples.
+be passed through `jax.jit` and `jax.vmap`. It registers the `process` functions: training
+times are integers uniform in [0, T) (`jax.random.randint`), the model is fed t itself, and
+the SNR is read from the table. `add_noise`, `training_target` and `x0_eps_to_prediction`
+here are `process`'s; every function is pure, `t` an integer array broadcast against the
+leading (batch) axes of the samples.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from diffusion_jax.diffusion import process
+# The table's callers import these from here; they are the process's own functions.
+from diffusion_jax.diffusion.process import (add_noise, per_example, training_target,
+                                             x0_eps_to_prediction)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -198,61 +206,45 @@ class Schedule:
         return self.alphas_cumprod / (1 - self.alphas_cumprod)
 
 
-def _per_example(v: jax.Array, x: jax.Array) -> jax.Array:
-    """Broadcast per-example scalars [B...] against samples [B..., *sample_shape]."""
-    v = jnp.asarray(v)
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+@process.sample_time.register
+def _sample_time(schedule: Schedule, rng: jax.Array, batch_shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.randint(rng, batch_shape, 0, schedule.num_train_timesteps)
 
 
+@process.alpha_sigma.register
 def alpha_sigma(schedule: Schedule, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at integer timesteps t."""
     abar = schedule.alphas_cumprod[jnp.asarray(t)]
     return jnp.sqrt(abar), jnp.sqrt(1 - abar)
 
 
-def add_noise(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """Sample q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) with the given noise."""
-    alpha, sigma = alpha_sigma(schedule, t)
-    return _per_example(alpha, x0) * x0 + _per_example(sigma, x0) * noise
+@process.model_time.register
+def _model_time(schedule: Schedule, t: jax.Array) -> jax.Array:
+    return t
+
+
+@process.snr.register
+def _snr(schedule: Schedule, t: jax.Array) -> jax.Array:
+    return schedule.snr[jnp.asarray(t)]  # abar / (1 - abar): exact where sqrt(abar)^2 is not
 
 
 def velocity(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
     """v = alpha_t eps - sigma_t x_0 (diffusers' `get_velocity`)."""
     alpha, sigma = alpha_sigma(schedule, t)
-    return _per_example(alpha, x0) * noise - _per_example(sigma, x0) * x0
-
-
-def x0_eps_to_prediction(x0: jax.Array, eps: jax.Array, alpha: jax.Array, sigma: jax.Array,
-                         prediction_type: str) -> jax.Array:
-    """What a network of `prediction_type` should output at x_t = alpha x0 + sigma eps."""
-    if prediction_type == "epsilon":
-        return eps
-    if prediction_type == "v_prediction":
-        return alpha * eps - sigma * x0
-    if prediction_type == "sample":
-        return x0
-    raise _unsupported("prediction_type", prediction_type, list(PREDICTION_TYPES))
+    return x0_eps_to_prediction(x0, noise, per_example(alpha, x0), per_example(sigma, x0),
+                                "v_prediction")
 
 
 def prediction_to_x0_eps(prediction: jax.Array, x_t: jax.Array, alpha: jax.Array,
                          sigma: jax.Array, prediction_type: str) -> tuple[jax.Array, jax.Array]:
-    """Invert `x0_eps_to_prediction` at x_t (alpha^2 + sigma^2 = 1): returns (x0, eps).
-
-    v-prediction needs no division, so it stays finite at alpha = 0 (zero terminal SNR)."""
-    if prediction_type == "epsilon":
-        return (x_t - sigma * prediction) / alpha, prediction
+    """`process.prediction_to_x0_eps` for the table's prediction types, where alpha^2 +
+    sigma^2 = 1: v-prediction needs no division, so it stays finite at alpha = 0 (zero
+    terminal SNR) and the samplers match diffusers' arithmetic."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise _unsupported("prediction_type", prediction_type, list(PREDICTION_TYPES))
     if prediction_type == "v_prediction":
         return alpha * x_t - sigma * prediction, alpha * prediction + sigma * x_t
-    if prediction_type == "sample":
-        return prediction, (x_t - alpha * prediction) / sigma
-    raise _unsupported("prediction_type", prediction_type, list(PREDICTION_TYPES))
-
-
-def training_target(schedule: Schedule, x0: jax.Array, noise: jax.Array, t: jax.Array) -> jax.Array:
-    """The regression target of the denoising loss for `schedule.prediction_type`."""
-    alpha, sigma = alpha_sigma(schedule, t)
-    return x0_eps_to_prediction(x0, noise, _per_example(alpha, x0), _per_example(sigma, x0),
-                                schedule.prediction_type)
+    return process.prediction_to_x0_eps(prediction, x_t, alpha, sigma, prediction_type)
 
 
 def posterior_coefficients(abar_t, abar_prev):
@@ -276,5 +268,5 @@ def posterior_mean_variance(schedule: Schedule, x0: jax.Array, x_t: jax.Array, t
     abar_t = schedule.alphas_cumprod[t]
     abar_prev = jnp.where(t_prev >= 0, schedule.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
     c_x0, c_xt, variance = posterior_coefficients(abar_t, abar_prev)
-    mean = _per_example(c_x0, x0) * x0 + _per_example(c_xt, x_t) * x_t
+    mean = per_example(c_x0, x0) * x0 + per_example(c_xt, x_t) * x_t
     return mean, variance
