@@ -33,7 +33,8 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax.convert import read_weights_file
-from diffusion_jax.convert.torch_params import ConversionError, state_dict_to_params, torch_key
+from diffusion_jax.convert.torch_params import (ConversionError, key_report, state_dict_to_params,
+                                                torch_key)
 from diffusion_jax import system as system_lib
 
 _SD = system_lib.STABLE_DIFFUSION  # the towers an LDM single file holds
@@ -356,10 +357,6 @@ def _sources(name: str, config, family: str, use_ema: bool) -> dict[tuple[str, .
     return sources
 
 
-def _describe(items: list[str], limit: int = 10) -> str:
-    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
     if path[-1] == "kernel" and len(shape) == 4:  # HWIO -> OIHW
         return shape[3], shape[2], shape[0], shape[1]
@@ -404,15 +401,9 @@ def _gather(state_dict: Mapping[str, np.ndarray], configs: Mapping[str, Any], fa
     text_layers = configs["text_encoder"].num_hidden_layers
     unexpected = sorted(k for k in state_dict if k not in used
                         and not _ignored(k, family, text_layers, use_ema))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_describe(sorted(missing))}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_describe(sorted(mismatched))}")
+    problems = key_report(missing, unexpected, mismatched)
     if problems:
-        raise ConversionError(f"{path} does not match a {family} model: " + "; ".join(problems))
+        raise ConversionError(f"{path} does not match a {family} model: {problems}")
     return converted
 
 

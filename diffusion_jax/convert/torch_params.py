@@ -68,6 +68,18 @@ def _describe(keys: Iterable[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def key_report(missing: Iterable[str], unexpected: Iterable[str],
+               mismatched: Iterable[str]) -> str:
+    """'3 missing key(s): a, b, c; 1 shape mismatch(es): ...' ("" when all three are empty):
+    what a state dict lacks, has too many of, and has of the wrong shape."""
+    problems = []
+    for kind, keys in (("missing key(s)", list(missing)), ("unexpected key(s)", list(unexpected)),
+                       ("shape mismatch(es)", list(mismatched))):
+        if keys:
+            problems.append(f"{len(keys)} {kind}: {_describe(keys)}")
+    return "; ".join(problems)
+
+
 def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping[str, Any], *,
                          prefix: str = "", ignore: Iterable[str] = (),
                          source: str = "state dict") -> dict:
@@ -92,16 +104,10 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping[str, A
         params[path] = value.astype(np.float32)
     unexpected = [k for k in state_dict if k not in used and k.startswith(prefix)
                   and not any(p.search(k) for p in ignore_patterns)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {_describe(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {_describe(unexpected)}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {_describe(mismatched)}")
+    problems = key_report(missing, unexpected, mismatched)
     if problems:
         raise ConversionError(
-            f"{source} does not match the model architecture: " + "; ".join(problems)
+            f"{source} does not match the model architecture: " + problems
             + ". Check that the config describes the same model as the weights.")
     return traverse_util.unflatten_dict(params)
 

@@ -478,23 +478,23 @@ def lcm_step(state, pred, row, noise, prediction_type):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Sampler:
+class _SamplerSpec:
     build: Callable
     step: Callable
     history: tuple[str, ...] = ()  # state slots besides "x", zero-initialised
 
 
 _REGISTRY = {
-    "ddpm": _Sampler(_plan_ddpm, ddpm_step),
-    "ddim": _Sampler(_plan_ddim, ddim_step),
-    "pndm": _Sampler(_plan_pndm, pndm_step, ("saved", "h1", "h2", "h3")),
-    "euler": _Sampler(_plan_euler, euler_step),
-    "euler_ancestral": _Sampler(_plan_euler_ancestral, euler_ancestral_step),
-    "heun": _Sampler(_plan_heun, heun_step, ("saved", "d")),
-    "dpmpp_2m": _Sampler(functools.partial(_plan_dpmpp, sde=False), dpmpp_step, ("x0_prev",)),
-    "dpmpp_2m_sde": _Sampler(functools.partial(_plan_dpmpp, sde=True), dpmpp_step, ("x0_prev",)),
-    "unipc": _Sampler(_plan_unipc, unipc_step, ("x_last", "m_prev", "m_prev2")),
-    "lcm": _Sampler(_plan_lcm, lcm_step),
+    "ddpm": _SamplerSpec(_plan_ddpm, ddpm_step),
+    "ddim": _SamplerSpec(_plan_ddim, ddim_step),
+    "pndm": _SamplerSpec(_plan_pndm, pndm_step, ("saved", "h1", "h2", "h3")),
+    "euler": _SamplerSpec(_plan_euler, euler_step),
+    "euler_ancestral": _SamplerSpec(_plan_euler_ancestral, euler_ancestral_step),
+    "heun": _SamplerSpec(_plan_heun, heun_step, ("saved", "d")),
+    "dpmpp_2m": _SamplerSpec(functools.partial(_plan_dpmpp, sde=False), dpmpp_step, ("x0_prev",)),
+    "dpmpp_2m_sde": _SamplerSpec(functools.partial(_plan_dpmpp, sde=True), dpmpp_step, ("x0_prev",)),
+    "unipc": _SamplerSpec(_plan_unipc, unipc_step, ("x_last", "m_prev", "m_prev2")),
+    "lcm": _SamplerSpec(_plan_lcm, lcm_step),
 }
 
 

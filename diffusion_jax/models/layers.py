@@ -22,7 +22,8 @@ Dtype = Any
 class TokenDense(nn.Dense):
     """nn.Dense (same params) applied to the leading axes flattened into one: the kernel
     gradient of a [B, T, C] input contracts B and T, and XLA CPU lays that dot out badly
-    (the U-Net's GEGLU feed-forward, forward + backward: 79 -> 49 ms at [8, 1024, 64])."""
+    (the U-Net's GEGLU feed-forward, forward + backward at [8, 1024, 64]: 79 -> 57 ms,
+    BENCHMARKS.md)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim <= 2:
