@@ -4,11 +4,16 @@
     images = pipe.txt2img("a photo of a cat", negative_prompt="blurry", sampler="dpmpp_2m",
                           steps=25, guidance=7.5, seed=0, num_images=4)   # uint8 [4, H, W, 3]
 
-Text encoding, the whole sampling loop (`diffusion.samplers.run`, one `lax.scan`) and the VAE
-decode are a single compiled function, cached per (shape, sampler, steps, mode), with the batch
-sharded over all local devices. Seeds are per image: image i of a call with `seed=s` uses seed
-s + i, and its starting noise and the noise of stochastic samplers depend on that seed alone,
-so an image is the same whatever batch or device count it was made in.
+A call is `prepare` on the host (validate the request; tokenize; draw the noise; only the
+inputs its mode reads) and one compiled program, `generate.sample(params, inputs)`: text
+encoding, the whole sampling loop (`diffusion.samplers.run`, one `lax.scan`) and the VAE
+decode, cached per (shape, sampler, steps, mode). The models come from the checkpoint's
+system description (`system.py`). The program runs on a ("data", "fsdp") mesh as training
+does (`parallel.make_mesh`; default: every local device, data parallel): the batch split over
+the mesh, params placed by `parallel.param_shardings`, so the trainer samples from the params
+it holds (`params=`) without copying them. Seeds are per image: image i of a call with
+`seed=s` uses seed s + i, and its starting noise and the noise of stochastic samplers depend
+on that seed alone, so an image is the same whatever batch or device count it was made in.
 
 `init_latents` replays a run of another implementation: the starting noise in the diffusers
 layout [N, C, H/f, W/f], as `StableDiffusionPipeline(latents=...)` takes it.
@@ -24,15 +29,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from diffusion_jax import checkpoint, program_cache
+from diffusion_jax import checkpoint, generate, parallel, program_cache, system
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion.schedule import Schedule
-from diffusion_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig
-from diffusion_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
-from diffusion_jax.tokenizer import CLIPTokenizer
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla")
 KARRAS_SUFFIX = "_karras"
@@ -84,20 +85,6 @@ def validate_options(*, sampler: str, steps: int, guidance_rescale: float = 0.0,
             samplers.img2img_start_step(steps, strength)  # refuses one that leaves no step
 
 
-@dataclasses.dataclass(frozen=True)
-class _Program:
-    """What fixes a compiled sampling program (besides array shapes)."""
-
-    mode: str  # "txt2img", "img2img" or "inpaint"
-    sampler: str
-    karras: bool
-    eta: float
-    steps: int
-    start_step: int
-    guided: bool  # classifier-free guidance on (guidance != 1)
-    noise_only_start: bool  # inpainting at strength 1 starts from pure noise, as diffusers
-
-
 def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (images * 255).round().astype(np.uint8)
 
@@ -131,38 +118,81 @@ def _image_array(image: Any, height: int, width: int, name: str, channels: int) 
     return array
 
 
-class StableDiffusion:
-    """A loaded text-to-image system: models, params, schedule and tokenizer."""
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A request made ready on the host: its program and plan, and only the inputs that
+    program reads (see `generate`), padded to a multiple of the mesh size."""
 
-    def __init__(self, params: Mapping[str, Any], config: Mapping[str, Any], *,
+    program: generate.Program | None  # None: strength 0, no step to run
+    plan: samplers.Plan | None
+    inputs: dict
+    count: int  # the request's images: the first `count` rows of the output
+    init_images: np.ndarray | None = None  # img2img / inpaint: what strength 0 returns
+
+
+def _padded(array: np.ndarray, pad: int) -> np.ndarray:
+    """Rows appended by repeating the last one (dropped from the output)."""
+    return np.concatenate([array, np.repeat(array[-1:], pad, axis=0)]) if pad else array
+
+
+def _on_mesh(tree: Any, shardings: Any) -> Any:
+    """`tree` placed on `shardings`. Device arrays already placed so pass as they are (the
+    trainer's params: no copy); host arrays, the same on every process, are cut into the
+    shards each process holds."""
+    def place(x, sharding):
+        if isinstance(x, jax.Array):
+            return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(
+                x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, tree, shardings)
+
+
+class StableDiffusion:
+    """A loaded text-to-image system: its models (from the checkpoint's system description),
+    params placed on a mesh, schedule and tokenizers."""
+
+    def __init__(self, params: Mapping[str, Any] | None, config: Mapping[str, Any], *,
                  dtype: Any = jnp.float32, attention_impl: str | None = None,
-                 devices: Sequence[jax.Device] | None = None, export_programs: bool = True,
+                 devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
+                 fsdp_min_size: int | None = None, export_programs: bool = True,
                  source: checkpoint.Source | None = None):
-        """`export_programs`: keep lowered sampling programs beside the persistent compilation
+        """`params`: {tower name: params}, host or device arrays, what calls sample with
+        unless they pass `params=`; None: every call passes them. `mesh`: a ("data", "fsdp")
+        mesh (`parallel.make_mesh`, a training run's), default data parallel over `devices`
+        (default: the local ones). Params of `fsdp_min_size` or more elements are split over
+        "fsdp" as `parallel.param_shardings` says (default: the training default).
+        `export_programs`: keep lowered sampling programs beside the persistent compilation
         cache when one is set (`program_cache`), so later processes skip tracing them.
         `source`: the checkpoint the params were read from, if any (`load` sets it)."""
         self.config = dict(config)
+        self.system = system.from_config(self.config)
         self.source = source
         self.export_programs = export_programs
         self.dtype, self.attention_impl = dtype, attention_impl
-        self.unet_config = UNetConfig.from_dict(config["unet"])
-        self.vae_config = AutoencoderKLConfig.from_dict(config["vae"])
-        self.text_config = CLIPTextConfig.from_dict(config["text_encoder"])
-        self.unet = UNet2DConditionModel(self.unet_config, dtype=dtype, attention_impl=attention_impl)
-        self.vae = AutoencoderKL(self.vae_config, dtype=dtype)
-        self.text_encoder = CLIPTextModel(self.text_config, dtype=dtype)
-        self.schedule = Schedule.from_config(config["schedule"])
-        tokenizer_config = config.get("tokenizer", {})
-        self.tokenizer = CLIPTokenizer.bundled(
-            pad_token=tokenizer_config.get("pad_token", "<|endoftext|>"),
-            max_length=tokenizer_config.get("max_length", 77))
-        self.mesh = Mesh(np.asarray(devices or jax.local_devices()), ("batch",))
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(
-            {name: params[name] for name in ("unet", "vae", "text_encoder")}, replicated)
+        self.models = system.build(self.system, self.config, dtype=dtype,
+                                   attention_impl=attention_impl)
+        self.denoiser_config = system.denoiser_config(self.system, self.config)
+        self.vae_config = system.vae_config(self.system, self.config)
+        self.schedule = Schedule.from_config(self.config["schedule"])
+        self.text_inputs = system.text_inputs(self.system, self.config)
+        mesh_config = parallel.default_mesh_config()
+        self.mesh = mesh if mesh is not None else parallel.make_mesh(
+            mesh_config, jax.local_devices() if devices is None else devices)
+        shapes = system.param_shapes(self.system, self.config) if params is None else {
+            name: params[name] for name in self.system.names}
+        self.param_shardings = parallel.param_shardings(
+            shapes, self.mesh, mesh_config.fsdp_min_size if fsdp_min_size is None else fsdp_min_size)
+        self.params = None if params is None else self.place(params)
         self.num_compilations = 0  # traces of the sampling program: one per shape and options
         self.num_programs_loaded = 0  # programs read from the exported-program cache instead
-        self._programs: dict[_Program, Any] = {}
+        self._programs: dict[tuple, Any] = {}
+
+    def place(self, params: Mapping[str, Any]) -> dict:
+        """{tower name: params} on the pipeline's param shardings; arrays already there (a
+        training run's, on its mesh) are used as they are."""
+        return _on_mesh({name: params[name] for name in self.system.names}, self.param_shardings)
 
     # -- geometry ------------------------------------------------------------------------
 
@@ -173,150 +203,39 @@ class StableDiffusion:
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: the VAE factor times the U-Net's downsampling."""
-        return self.vae_factor * 2 ** (len(self.unet_config.block_out_channels) - 1)
+        return self.vae_factor * 2 ** (len(self.denoiser_config.block_out_channels) - 1)
 
     @property
     def latent_channels(self) -> int:
         return self.vae_config.latent_channels
 
     @property
-    def is_inpainting_unet(self) -> bool:
-        """The 9-channel inpainting U-Net: latents + mask + masked-image latents."""
-        return self.unet_config.in_channels == 2 * self.latent_channels + 1
+    def masked_image_input(self) -> bool:
+        """An inpainting denoiser (SD's 9-channel U-Net): latents + mask + masked-image latents."""
+        return self.denoiser_config.in_channels == 2 * self.latent_channels + 1
 
     def default_size(self) -> int:
-        return self.unet_config.sample_size * self.vae_factor
+        return self.denoiser_config.sample_size * self.vae_factor
 
-    # -- the compiled program --------------------------------------------------------------
+    # -- the request, on the host ----------------------------------------------------------
 
-    def _program_fn(self, program: _Program, args: tuple):
-        """The compiled sampling program for `program` on arguments shaped like `args` (params
-        first): traced here once per shape, or read from the exported-program cache
-        (`program_cache`) that a previous process wrote."""
-        key = (program, tuple((a.shape, a.dtype) for a in args[1:]))
-        if key not in self._programs:
-            batch = NamedSharding(self.mesh, PartitionSpec("batch"))
-            replicated = NamedSharding(self.mesh, PartitionSpec())
-            # The plan is host-side numpy, made once per program outside any trace.
-            plan = samplers.make_plan(program.sampler, self.schedule, program.steps,
-                                      eta=program.eta, karras=program.karras,
-                                      start_step=program.start_step)
-            fn = jax.jit(
-                functools.partial(self._generate, program, plan),
-                in_shardings=(replicated, batch, batch, batch, batch, replicated, replicated,
-                              batch, batch),
-                out_shardings=batch)
-            description = dict(program=dataclasses.asdict(program), config=self.config,
-                               dtype=jnp.dtype(self.dtype).name,
-                               attention_impl=self.attention_impl,
-                               mesh=self.mesh.devices.shape)
-            source = "jit"
-            if self.export_programs:
-                fn, source = program_cache.load_or_export(fn, args, description,
-                                                              mesh=self.mesh)
-            self.num_programs_loaded += source == "read"
-            self._programs[key] = fn
-        return self._programs[key]
-
-    def _encode_text(self, params, ids):
-        return self.text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
-
-    def _encode_image(self, params, images):
-        """[-1, 1] NHWC images -> scaled latents (posterior mode: deterministic img2img)."""
-        posterior = self.vae.apply({"params": params["vae"]}, images, method=AutoencoderKL.encode)
-        return posterior.mode() * self.vae_config.scaling_factor
-
-    def _generate(self, program: _Program, plan: samplers.Plan, params, ids, negative_ids, noise,
-                  step_noise, guidance, guidance_rescale, init_images, masks):
-        """One sampling run; every array argument is batched [B, ...] except the scalars."""
-        self.num_compilations += 1  # runs once per trace
-        context = self._encode_text(params, ids)
-        if program.guided:
-            context = jnp.concatenate([self._encode_text(params, negative_ids), context])
-
-        extra_channels = None
-        init_images = init_images * 2 - 1
-        if program.mode != "txt2img":
-            init_latents = self._encode_image(params, init_images)
-        if program.mode == "inpaint":
-            f = self.vae_factor  # nearest downsampling as torch's interpolate: pixel f*i
-            latent_mask = masks[:, ::f, ::f]
-            if self.is_inpainting_unet:  # masked pixels become 0 in [-1, 1], as diffusers
-                masked = self._encode_image(params, init_images * (masks < 0.5))
-                extra_channels = jnp.concatenate([latent_mask, masked], axis=-1)
-
-        def model_fn(x, t):
-            if extra_channels is not None:
-                x = jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)
-            if not program.guided:
-                return self.unet.apply({"params": params["unet"]}, x, t, context)
-            both = self.unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), t, context)
-            uncond, cond = jnp.split(both, 2)
-            guided = uncond + guidance * (cond - uncond)
-            return _rescale_guidance(guided, cond, guidance_rescale)
-
-        if program.mode == "txt2img" or program.noise_only_start:
-            latents = samplers.initial_latents(plan, noise)
-        else:
-            latents = samplers.initial_latents(plan, noise, init_latents)
-
-        step_callback = None
-        if program.mode == "inpaint" and not self.is_inpainting_unet:
-            def step_callback(x, step_index):  # keep the unmasked region on the init image's path
-                known = samplers.noise_to_level(plan, init_latents, noise, step_index + 1)
-                return latent_mask * x + (1 - latent_mask) * known
-
-        noises = jnp.swapaxes(step_noise, 0, 1) if plan.stochastic else None  # [E, B, ...]
-        latents = samplers.run(plan, model_fn, latents, noises=noises, step_callback=step_callback)
-        images = self.vae.apply({"params": params["vae"]}, latents / self.vae_config.scaling_factor,
-                                method=AutoencoderKL.decode)
-        return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
-
-    # -- public entry points -------------------------------------------------------------
-
-    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
-                sampler: str = "dpmpp_2m", steps: int = 25, guidance: float = 7.5,
-                guidance_rescale: float = 0.0, eta: float = 0.0, seed: int | Sequence[int] = 0,
-                num_images: int = 1, height: int | None = None, width: int | None = None,
-                init_latents: np.ndarray | None = None, output_type: str = "uint8") -> np.ndarray:
-        """Images [N, H, W, 3] for each prompt x num_images (uint8, or float32 in [0, 1] with
-        output_type="float32")."""
-        return self._run("txt2img", prompt, negative_prompt, sampler=sampler, steps=steps,
-                         guidance=guidance, guidance_rescale=guidance_rescale, eta=eta, seed=seed,
-                         num_images=num_images, height=height, width=width,
-                         init_latents=init_latents, output_type=output_type)
-
-    def img2img(self, prompt: str | Sequence[str], init_image: Any,
-                negative_prompt: str | Sequence[str] = "", *, strength: float = 0.8,
-                **options) -> np.ndarray:
-        """Start from `init_image` (PIL image, path or [H, W, 3] array) noised to `strength`
-        (1: pure noise) and run the remaining steps. At strength 0 no step is left: the init
-        image comes back as it is, not through the VAE."""
-        return self._run("img2img", prompt, negative_prompt, init_image=init_image,
-                         strength=strength, **options)
-
-    def inpaint(self, prompt: str | Sequence[str], init_image: Any, mask: Any,
-                negative_prompt: str | Sequence[str] = "", *, strength: float = 1.0,
-                **options) -> np.ndarray:
-        """Repaint where `mask` is white (>= 0.5), keep the rest of `init_image`. A 9-channel
-        inpainting U-Net sees the mask; a standard one is steered by latent blending."""
-        return self._run("inpaint", prompt, negative_prompt, init_image=init_image, mask=mask,
-                         strength=strength, **options)
-
-    def _run(self, mode: str, prompt, negative_prompt, *, sampler: str = "dpmpp_2m",
-             steps: int = 25, guidance: float = 7.5, guidance_rescale: float = 0.0,
-             eta: float = 0.0, seed: int | Sequence[int] = 0, num_images: int = 1,
-             height: int | None = None, width: int | None = None,
-             init_latents: np.ndarray | None = None, init_image: Any = None, mask: Any = None,
-             strength: float = 1.0, output_type: str = "uint8") -> np.ndarray:
-        # Validate everything before anything is traced or compiled.
+    def prepare(self, mode: str, prompt: str | Sequence[str],
+                negative_prompt: str | Sequence[str] = "", *, sampler: str = "dpmpp_2m",
+                steps: int = 25, guidance: float = 7.5, guidance_rescale: float = 0.0,
+                eta: float = 0.0, seed: int | Sequence[int] = 0, num_images: int = 1,
+                height: int | None = None, width: int | None = None,
+                init_latents: np.ndarray | None = None, init_image: Any = None,
+                mask: Any = None, strength: float = 1.0) -> Prepared:
+        """Validates a request (before anything is traced or compiled) and builds the inputs
+        of its program: tokens, noise, and images, masks, step noise and guidance scalars
+        only where the mode, sampler and guidance read them."""
+        if mode not in generate.MODES:
+            raise ValueError(f"mode={mode!r}: use one of {', '.join(generate.MODES)}")
         if mode == "txt2img" and strength != 1.0:
             raise ValueError("strength applies to img2img and inpaint only")
         validate_options(sampler=sampler, steps=steps, guidance_rescale=guidance_rescale, eta=eta,
                          num_images=num_images, strength=None if mode == "txt2img" else strength)
         name, karras = parse_sampler(sampler)
-        if output_type not in ("uint8", "float32"):
-            raise ValueError(f"output_type={output_type!r}: use 'uint8' or 'float32'")
         prompts = _as_list(prompt, "prompt")
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = _as_list(negative_prompt, "negative_prompt") if not isinstance(
@@ -340,7 +259,6 @@ class StableDiffusion:
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds for {count} images: pass one int or one per image")
         latent_shape = (height // self.vae_factor, width // self.vae_factor, self.latent_channels)
-
         if init_latents is not None:
             init_latents = np.asarray(init_latents, np.float32)
             expected = (count, latent_shape[2], *latent_shape[:2])
@@ -348,57 +266,127 @@ class StableDiffusion:
                 raise ValueError(f"init_latents has shape {init_latents.shape}; expected {expected} "
                                  "([N, C, H/f, W/f], the diffusers layout)")
 
-        images = np.zeros((count, height, width, 3), np.float32)
-        masks = np.zeros((count, height, width, 1), np.float32)
+        inputs: dict[str, Any] = {}
+        init_images = None
         if mode != "txt2img":
             if init_image is None:
                 raise ValueError(f"{mode} needs an init image")
-            images[:] = _image_array(init_image, height, width, "init image", 3)
+            image = _image_array(init_image, height, width, "init image", 3)
+            init_images = inputs["init_images"] = np.repeat(image[None], count, axis=0)
         if mode == "inpaint":
             if mask is None:
                 raise ValueError("inpaint needs a mask (white = repaint)")
-            masks[:] = (_image_array(mask, height, width, "mask", 1) >= 0.5)[..., None]
+            repaint = (_image_array(mask, height, width, "mask", 1) >= 0.5).astype(np.float32)
+            inputs["masks"] = np.repeat(repaint[None, ..., None], count, axis=0)
         if mode != "txt2img" and strength == 0:  # no step to run: the init image, exactly
-            return _to_uint8(images) if output_type == "uint8" else images
+            return Prepared(None, None, {}, count, init_images)
 
         start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(steps, strength)
-        if init_latents is not None:
-            noise = init_latents.transpose(0, 2, 3, 1)
-        else:
-            noise = np.stack([np.asarray(jax.random.normal(jax.random.key(s), latent_shape))
-                              for s in seeds])
-        program = _Program(mode, name, karras, float(eta), steps, start_step,
-                           guided=guidance != 1.0,
-                           noise_only_start=mode == "inpaint" and strength == 1.0)
         plan = samplers.make_plan(name, self.schedule, steps, eta=eta, karras=karras,
-                                  start_step=start_step)  # validates before compiling
-        # Per-image noise of stochastic samplers, [N, evaluations, ...]: seed-determined.
-        step_noise = np.stack([
-            np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), 1),
-                                         (plan.num_evaluations, *latent_shape)))
-            for s in seeds]) if plan.stochastic else np.zeros((count, 1), np.float32)
+                                  start_step=start_step)
+        program = generate.Program(
+            mode, name, karras, float(eta), steps, start_step, guided=guidance != 1.0,
+            noise_only_start=mode == "inpaint" and strength == 1.0,
+            masked_image_input=mode == "inpaint" and self.masked_image_input)
+        inputs["text"] = self.text_inputs(prompts)
+        if program.guided:
+            inputs["negative_text"] = self.text_inputs(negatives)
+            inputs["guidance"] = np.asarray(guidance, np.float32)
+            inputs["guidance_rescale"] = np.asarray(guidance_rescale, np.float32)
+        if init_latents is not None:
+            inputs["noise"] = init_latents.transpose(0, 2, 3, 1)
+        else:
+            inputs["noise"] = np.stack([
+                np.asarray(jax.random.normal(jax.random.key(s), latent_shape)) for s in seeds])
+        if plan.stochastic:  # per image, [N, evaluations, ...]: seed-determined
+            inputs["step_noise"] = np.stack([
+                np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), 1),
+                                             (plan.num_evaluations, *latent_shape)))
+                for s in seeds])
+        pad = (-count) % self.mesh.size  # every device gets rows
+        inputs = jax.tree.map(lambda a: _padded(a, pad) if np.ndim(a) else a, inputs)
+        return Prepared(program, plan, inputs, count, init_images)
 
-        ids = self.tokenizer(prompts)
-        negative_ids = self.tokenizer(negatives)
-        # Pad the batch to a multiple of the device count; padded rows are dropped at the end.
-        pad = (-count) % self.mesh.size
-        padded = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a
-        args = (self.params, padded(ids), padded(negative_ids), padded(noise),
-                padded(step_noise), np.float32(guidance), np.float32(guidance_rescale),
-                padded(images), padded(masks))
-        out = self._program_fn(program, args)(*args)
-        out = np.asarray(out)[:count]
-        return _to_uint8(out) if output_type == "uint8" else out
+    # -- the compiled program --------------------------------------------------------------
 
+    def run(self, prepared: Prepared, params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """The request's images, float32 [N, H, W, 3] in [0, 1], from `params` ({tower name:
+        params}; default the pipeline's own). On several processes every one must call it
+        (the program spans their devices), and every one gets all the images."""
+        if prepared.program is None:
+            return prepared.init_images
+        if params is None and self.params is None:
+            raise ValueError("this pipeline was built without params: pass params=")
+        params = self.params if params is None else self.place(params)
+        inputs = _on_mesh(prepared.inputs, generate.input_shardings(prepared.inputs, self.mesh))
+        args = (params, inputs)
+        out = self._program_fn(prepared, args)(*args)
+        return np.asarray(out.addressable_data(0))[:prepared.count]  # replicated: whole here
 
-def _rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) -> jax.Array:
-    """Guidance rescale (Lin et al. 2023, sec. 3.4): match the guided prediction's std to the
-    conditional one's, blended by `rescale` (0 leaves the prediction as it is)."""
-    axes = tuple(range(1, guided.ndim))
-    std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)
-    std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
-    rescaled = guided * (std_cond / std_guided)
-    return rescale * rescaled + (1 - rescale) * guided
+    def _program_fn(self, prepared: Prepared, args: tuple):
+        """The compiled sampling program of `prepared` on arguments shaped like `args`
+        (params, inputs): traced here once per shape, or read from the exported-program
+        cache (`program_cache`) that a previous process wrote."""
+        program, inputs = prepared.program, args[1]
+        key = (program, jax.tree.structure(inputs),
+               tuple((x.shape, x.dtype) for x in jax.tree.leaves(inputs)))
+        if key not in self._programs:
+            fn = jax.jit(functools.partial(self._traced, program, prepared.plan),
+                         in_shardings=(self.param_shardings,
+                                       generate.input_shardings(inputs, self.mesh)),
+                         out_shardings=parallel.replicated(self.mesh))
+            description = dict(program=dataclasses.asdict(program), config=self.config,
+                               dtype=jnp.dtype(self.dtype).name,
+                               attention_impl=self.attention_impl, mesh=dict(self.mesh.shape))
+            source = "jit"
+            if self.export_programs:
+                fn, source = program_cache.load_or_export(fn, args, description, mesh=self.mesh)
+            self.num_programs_loaded += source == "read"
+            self._programs[key] = fn
+        return self._programs[key]
+
+    def _traced(self, program: generate.Program, plan: samplers.Plan, params, inputs):
+        self.num_compilations += 1  # runs once per trace
+        return generate.sample(self.models, program, plan, params, inputs)
+
+    # -- public entry points -------------------------------------------------------------
+
+    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
+                sampler: str = "dpmpp_2m", steps: int = 25, guidance: float = 7.5,
+                guidance_rescale: float = 0.0, eta: float = 0.0, seed: int | Sequence[int] = 0,
+                num_images: int = 1, height: int | None = None, width: int | None = None,
+                init_latents: np.ndarray | None = None, output_type: str = "uint8",
+                params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Images [N, H, W, 3] for each prompt x num_images (uint8, or float32 in [0, 1] with
+        output_type="float32"). `params`: {tower name: params} instead of the pipeline's."""
+        return self._run("txt2img", prompt, negative_prompt, sampler=sampler, steps=steps,
+                         guidance=guidance, guidance_rescale=guidance_rescale, eta=eta, seed=seed,
+                         num_images=num_images, height=height, width=width,
+                         init_latents=init_latents, output_type=output_type, params=params)
+
+    def img2img(self, prompt: str | Sequence[str], init_image: Any,
+                negative_prompt: str | Sequence[str] = "", *, strength: float = 0.8,
+                **options) -> np.ndarray:
+        """Start from `init_image` (PIL image, path or [H, W, 3] array) noised to `strength`
+        (1: pure noise) and run the remaining steps. At strength 0 no step is left: the init
+        image comes back as it is, not through the VAE."""
+        return self._run("img2img", prompt, negative_prompt, init_image=init_image,
+                         strength=strength, **options)
+
+    def inpaint(self, prompt: str | Sequence[str], init_image: Any, mask: Any,
+                negative_prompt: str | Sequence[str] = "", *, strength: float = 1.0,
+                **options) -> np.ndarray:
+        """Repaint where `mask` is white (>= 0.5), keep the rest of `init_image`. A 9-channel
+        inpainting U-Net sees the mask; a standard one is steered by latent blending."""
+        return self._run("inpaint", prompt, negative_prompt, init_image=init_image, mask=mask,
+                         strength=strength, **options)
+
+    def _run(self, mode: str, prompt, negative_prompt, *, output_type: str = "uint8",
+             params: Mapping[str, Any] | None = None, **request) -> np.ndarray:
+        if output_type not in ("uint8", "float32"):
+            raise ValueError(f"output_type={output_type!r}: use 'uint8' or 'float32'")
+        images = self.run(self.prepare(mode, prompt, negative_prompt, **request), params)
+        return _to_uint8(images) if output_type == "uint8" else images
 
 
 # What A1111 (and Forge, ComfyUI's A1111 importers, civitai) call our samplers.
@@ -469,11 +457,11 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str
 
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
          dtype: Any = jnp.float32, cache_dir: str | None = DEFAULT_CACHE_DIR,
-         devices: Sequence[jax.Device] | None = None) -> StableDiffusion:
+         devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None) -> StableDiffusion:
     """The pipeline of a checkpoint (converted or trained; a training workdir or one step
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
     and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used."""
     cache_dir = enable_compilation_cache(cache_dir)
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
-    return StableDiffusion(params, config, dtype=dtype, devices=devices,
+    return StableDiffusion(params, config, dtype=dtype, devices=devices, mesh=mesh,
                            export_programs=cache_dir is not None, source=source)

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -250,32 +249,27 @@ def test_gs_without_its_packages_or_as_a_new_output_is_a_one_line_error(bucket, 
 # ----------------------------------------------------------------------------- several hosts
 
 
-def _towers(scale: float) -> dict:
-    return {name: {"kernel": scale * np.arange(64 * 8, dtype=np.float32).reshape(64, 8) + i,
-                   "bias": np.arange(8, dtype=np.float32) + i}
-            for i, name in enumerate(trainer.TOWERS)}
+def _two_host_sampling_worker(process_id: int, port: int) -> None:
+    """One of two processes: the tiny SD fixture's params fsdp-sharded over both hosts, sampled
+    where they lie (no gather); both processes get every image."""
+    from diffusion_jax import pipeline
 
-
-def _host_towers_worker(process_id: int, port: int) -> None:
-    """One of two processes: the towers fsdp-sharded over both, gathered for the sampler."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
     mesh = parallel.make_mesh({"data": 1, "fsdp": 2})
-    full = _towers(1.0)
-    sharded = parallel.shard_params(full, parallel.param_shardings(full, mesh, 64))
-    kernel = sharded["unet"]["kernel"]
-    assert not kernel.is_fully_addressable
-    with pytest.raises(RuntimeError, match="non-addressable"):  # what process 0 alone could do
-        jax.device_get(kernel)
-    ema_unet = jax.tree.map(lambda x: 2.0 * x, sharded["unet"])
-    host = trainer._host_towers(SimpleNamespace(towers=sharded), ema_unet)
-    expected = {**full, "unet": jax.tree.map(lambda x: 2.0 * x, full["unet"])}
-    jax.tree.map(np.testing.assert_array_equal, host, expected)
-    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
-    print(f"process {process_id}: gathered")
+    fixtures = REPO / "tests" / "fixtures"
+    host, config, _ = checkpoint.load_models(fixtures / "v1_checkpoint", use_ema=True)
+    sharded = parallel.shard_params(host, parallel.param_shardings(host, mesh, 64))
+    assert not all(x.is_fully_addressable for x in jax.tree.leaves(sharded["unet"]))
+    pipe = pipeline.StableDiffusion(None, config, mesh=mesh, fsdp_min_size=64)
+    images = pipe.txt2img(["a cat", "a dog"], "ugly", sampler="dpmpp_2m", steps=4, guidance=3.0,
+                          seed=5, output_type="float32", params=sharded)
+    expected = np.load(fixtures / "v1_checkpoint_pixels.npz")["txt2img"]
+    np.testing.assert_allclose(images, expected, atol=1e-5, rtol=0)
+    print(f"process {process_id}: sampled")
 
 
-def test_sampler_params_sharded_over_two_hosts_are_gathered_on_both():
+def test_sampling_from_params_sharded_over_two_hosts():
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -285,8 +279,8 @@ def test_sampler_params_sharded_over_two_hosts_are_gathered_on_both():
                for i in range(2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]
     for i, (worker, output) in enumerate(zip(workers, outputs)):
-        assert worker.returncode == 0 and f"process {i}: gathered" in output, output[-3000:]
+        assert worker.returncode == 0 and f"process {i}: sampled" in output, output[-3000:]
 
 
 if __name__ == "__main__":
-    _host_towers_worker(int(sys.argv[1]), int(sys.argv[2]))
+    _two_host_sampling_worker(int(sys.argv[1]), int(sys.argv[2]))

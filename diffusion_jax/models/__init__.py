@@ -5,10 +5,15 @@ Linen model class, `init_params` and the functions below), the shapes of its par
 computing them, and how its PyTorch state dict is keyed. The model modules are imported on
 first use, so importing `diffusion_jax.models.layers` stays light.
 
-A kind's module provides, besides `init_params(config, rng)`, what its role needs:
-- a denoiser: `denoise(model, params, x, t, cond) -> prediction` (cond: the conditioning dict);
-- a text tower: `encode_text(model, params, ids) -> {output name: array}`;
-- a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`.
+A kind's module provides, besides `init_params(config, rng)`, what its role needs, and its
+config class the properties the system's checks and geometry read:
+- a denoiser: `denoise(model, params, x, t, cond) -> prediction` (cond: the conditioning
+  dict); config `in_channels`, `context_dim`, `downsampling` (latent sides' multiple),
+  `sample_size`;
+- a text tower: `encode_text(model, params, ids) -> {output name: array}`; config
+  `output_widths` ({output name: features}), `max_tokens`;
+- a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`;
+  config `latent_channels`, `downsampling_factor`.
 """
 
 from __future__ import annotations

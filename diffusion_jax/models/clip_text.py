@@ -69,6 +69,16 @@ class CLIPTextConfig:
             raise ValueError(f"CLIPTextConfig: eos_token_id={self.eos_token_id!r} is not "
                              "supported; supported: a single int.")
 
+    # What a system reads of any text tower's config (see models/__init__.py).
+    @property
+    def output_widths(self) -> dict[str, int]:
+        """Feature width of each output `encode_text` gives."""
+        return {"last_hidden_state": self.hidden_size, "pooler_output": self.hidden_size}
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_position_embeddings
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CLIPTextConfig":
         """From a transformers `text_encoder/config.json` dict: a `CLIPTextModel` config, or a

@@ -125,6 +125,17 @@ class UNetConfig:
             raise ValueError(f"UNet config: block_out_channels {bad} are not divisible by "
                              f"norm_num_groups={self.norm_num_groups}")
 
+    # What a system reads of any denoiser's config (see models/__init__.py).
+    @property
+    def context_dim(self) -> int:
+        """Feature width of the cond["context"] it cross-attends to."""
+        return self.cross_attention_dim
+
+    @property
+    def downsampling(self) -> int:
+        """Latent sides must be multiples of this."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @property
     def heads_per_block(self) -> tuple[int, ...]:
         heads = self.num_attention_heads or self.attention_head_dim

@@ -28,8 +28,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpoint, parallel
-from diffusion_jax import system as system_lib
+from diffusion_jax import checkpoint, parallel, system
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.diffusion.schedule import Schedule
 from diffusion_jax.models import COMPONENTS
@@ -64,7 +63,7 @@ class Preempted(RuntimeError):
 
 def model_config(config: ml_collections.ConfigDict) -> dict:
     """The checkpoint config: model sections, schedule and tokenizer, as plain JSON values."""
-    return system_lib.checkpoint_config(config)
+    return system.checkpoint_config(config)
 
 
 def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None,
@@ -433,10 +432,9 @@ def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
                 metrics_for_best = {"eval_loss": eval_loss}
         if stage == "diffusion" and config.sample_every_steps and (
                 stage_step % config.sample_every_steps == 0) and not last:
-            with progress.outside_steps():
-                towers = _host_towers(run, _ema_or_params(state)["unet"])  # on every process
-                if run.is_main:
-                    run.sampler().grid(step, towers)
+            with progress.outside_steps():  # on every process: the program spans them all
+                run.sampler().grid(step, _sampling_towers(
+                    run, {**run.towers, **_towers_from_state(stage, state)}))
         if stage_step % config.checkpoint.every_steps == 0 or last:
             with progress.outside_steps():
                 run.towers.update(_towers_from_state(stage, state))
@@ -514,55 +512,50 @@ def _set_scaling_factor(run: Run) -> None:
     run.summary["vae_scaling_factor"] = run.ckpt_config["vae"]["scaling_factor"]
 
 
-def _host_towers(run: Run, unet: Any) -> dict:
-    """Whole host (numpy) copies of the three towers, `unet` as the U-Net's params. Every
-    process must call it: params sharded over several hosts' devices are whole on none, so
-    they are gathered with a collective (leaf by leaf: one leaf's copy on each device at a
-    time)."""
-    from jax.experimental import multihost_utils
-
-    towers = {**run.towers, "unet": unet}
-    return multihost_utils.process_allgather({n: towers[n] for n in TOWERS}, tiled=True)
+def _sampling_towers(run: Run, towers: Mapping[str, Any]) -> dict:
+    """{tower name: params} to sample with, from towers the run holds: a tower's EMA copy
+    (`NAME_ema`) where it has one."""
+    return {name: towers.get(f"{name}_ema", towers[name])
+            for name in system.from_config(run.ckpt_config).names}
 
 
 class _Sampler:
-    """Sample grids during and after training: fixed prompts and seeds, EMA weights."""
+    """Sample grids during and after training: fixed prompts and seeds, from the params the
+    run holds, on its mesh with its shardings (no gather, no copy). Every process calls
+    `generate` and `grid` (the program spans their devices); process 0 writes the grid."""
 
     def __init__(self, run: Run):
         from diffusion_jax import pipeline
 
         self.run, self.cfg = run, run.config.sample
-        shapes = {n: COMPONENTS[n].param_shapes(COMPONENTS[n].config_from_dict(run.ckpt_config[n]))
-                  for n in TOWERS}
-        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
-        self.pipe = pipeline.StableDiffusion(zeros, run.ckpt_config)
-        self.replicated = jax.sharding.NamedSharding(self.pipe.mesh, jax.sharding.PartitionSpec())
-        (run.workdir / "samples").mkdir(exist_ok=True)
+        self.pipe = pipeline.StableDiffusion(None, run.ckpt_config, mesh=run.mesh,
+                                             fsdp_min_size=run.config.mesh.fsdp_min_size)
+        if run.is_main:
+            (run.workdir / "samples").mkdir(exist_ok=True)
 
-    def set_params(self, host_towers: Mapping[str, Any]) -> None:
-        """`host_towers` from _host_towers."""
-        self.pipe.params = jax.device_put(dict(host_towers), self.replicated)
-
-    def generate(self, prompts: list[str], seeds: list[int], batch: int = 100) -> np.ndarray:
+    def generate(self, prompts: list[str], seeds: list[int], params: Mapping[str, Any],
+                 batch: int = 100) -> np.ndarray:
+        """`params`: {tower name: params}, as `_sampling_towers` gives them."""
         out = []
         for i in range(0, len(prompts), batch):
             p, s = prompts[i:i + batch], seeds[i:i + batch]
             pad = batch - len(p) if len(prompts) > batch else 0  # one compiled shape
             images = self.pipe.txt2img(p + p[-1:] * pad, "", seed=s + s[-1:] * pad,
                                        sampler=self.cfg.sampler, steps=self.cfg.steps,
-                                       guidance=self.cfg.guidance)
+                                       guidance=self.cfg.guidance, params=params)
             out.append(images[:len(p)])
         return np.concatenate(out)
 
-    def grid(self, step: int, host_towers: Mapping[str, Any]) -> epath.Path:
+    def grid(self, step: int, params: Mapping[str, Any]) -> epath.Path:
         from diffusion_jax import pipeline
 
-        self.set_params(host_towers)
         n = self.cfg.seeds_per_prompt
         prompts = [p for p in self.cfg.prompts for _ in range(n)]
         seeds = [i for _ in self.cfg.prompts for i in range(n)]
-        images = self.generate(prompts, seeds)
+        images = self.generate(prompts, seeds, params)
         path = self.run.workdir / "samples" / f"step_{step:07d}.png"
+        if not self.run.is_main:
+            return path
         grid = pipeline.save_grid(images, path, {
             "prompts": list(self.cfg.prompts), "seeds": list(range(n)), "sampler": self.cfg.sampler,
             "steps": self.cfg.steps, "guidance": self.cfg.guidance, "negative_prompt": "",
@@ -577,15 +570,13 @@ class _Sampler:
 
 def _final(run: Run) -> None:
     """Sample grid, class accuracy of samples and FID, with the final EMA U-Net: every process
-    gathers the params, process 0 uses them."""
+    samples (the program spans them all), process 0 scores and writes."""
     if "unet_ema" not in run.towers and "unet" not in run.towers:
         return
-    towers = _host_towers(run, run.towers.get("unet_ema", run.towers["unet"]))
-    if not run.is_main:
-        return
-    sampler = run.sampler()
-    step = run.checkpointer.latest_step()
-    run.summary["samples"] = str(sampler.grid(step, towers))
+    sampler, towers = run.sampler(), _sampling_towers(run, run.towers)
+    path = sampler.grid(run.checkpointer.latest_step(), towers)
+    if run.is_main:
+        run.summary["samples"] = str(path)
     final = run.config.final_eval
     if final.samples_per_class:
         from diffusion_jax.data import fashion_mnist
@@ -594,15 +585,16 @@ def _final(run: Run) -> None:
         labels = [c for c in range(len(fashion_mnist.CLASS_NAMES))
                   for _ in range(final.samples_per_class)]
         images = sampler.generate([fashion_mnist.caption(c) for c in labels],
-                                  list(range(len(labels))))
-        params = classifier.load_or_train(run.workdir / "classifier.safetensors")
-        result = classifier.conditional_accuracy(params, images, np.asarray(labels))
-        run.summary["class_accuracy"] = round(float(result["accuracy"]), 4)
-        run.summary["class_accuracy_per_class"] = {
-            k: round(float(v), 3) for k, v in result["per_class"].items()}
-        log.info("samples recognised as the prompted class: %.1f%%", 100 * result["accuracy"])
+                                  list(range(len(labels))), towers)
+        if run.is_main:
+            params = classifier.load_or_train(run.workdir / "classifier.safetensors")
+            result = classifier.conditional_accuracy(params, images, np.asarray(labels))
+            run.summary["class_accuracy"] = round(float(result["accuracy"]), 4)
+            run.summary["class_accuracy_per_class"] = {
+                k: round(float(v), 3) for k, v in result["per_class"].items()}
+            log.info("samples recognised as the prompted class: %.1f%%", 100 * result["accuracy"])
     if final.fid_samples:
-        run.summary["fid"] = _fid(run, sampler, final.fid_samples)
+        run.summary["fid"] = _fid(run, sampler, final.fid_samples, towers)
 
 
 def _load_inception():
@@ -622,7 +614,7 @@ def _load_inception():
         return fid.load_inception()
 
 
-def _fid(run: Run, sampler: _Sampler, count: int) -> float | str:
+def _fid(run: Run, sampler: _Sampler, count: int, params: Mapping[str, Any]) -> float | str:
     from diffusion_jax.data import fashion_mnist
     from diffusion_jax.eval import fid
 
@@ -633,7 +625,7 @@ def _fid(run: Run, sampler: _Sampler, count: int) -> float | str:
         return f"skipped: {' '.join(str(e).split())}"
     labels = [i % len(fashion_mnist.CLASS_NAMES) for i in range(count)]
     images = sampler.generate([fashion_mnist.caption(c) for c in labels],
-                              [100_000 + i for i in range(count)])
+                              [100_000 + i for i in range(count)], params)
     mu, sigma, n = fid.statistics([images[i:i + 100] for i in range(0, count, 100)], features)
     reference = run.config.final_eval.fid_reference_examples
     ref_mu, ref_sigma = fid.reference_statistics_fashion_mnist(
