@@ -153,7 +153,7 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction_type: str) -> jax.Ar
     raise _unsupported_prediction(prediction_type)
 
 
-def from_config(section: schedule.ScheduleConfig | Mapping[str, Any]) -> NoiseProcess:
+def from_config(section: Mapping[str, Any]) -> NoiseProcess:
     """The noise process a config's `schedule` section (diffusers scheduler keys) describes:
     the DDPM table. Flow configs (`use_flow_sigmas=True`) are refused with a one-line error."""
     # schedule imports this module for the registrations, so it is imported on first use.

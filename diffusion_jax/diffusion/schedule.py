@@ -34,7 +34,7 @@ import numpy as np
 
 from diffusion_jax.diffusion import process
 # The table's callers import these from here; they are the process's own functions.
-from diffusion_jax.diffusion.process import (add_noise, per_example, training_target,
+from diffusion_jax.diffusion.process import (add_noise, per_example, training_target,  # noqa: F401
                                              x0_eps_to_prediction)
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
