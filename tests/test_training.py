@@ -200,6 +200,16 @@ def test_stage_program_trains_what_the_rules_match(overrides, trained, ema):
         assert program.frozen["unet"]  # the U-Net's other params stay frozen
 
 
+def test_evaluators_come_from_config_final_eval():
+    from diffusion_jax.training import evaluators
+
+    config = load_config_file(TINY)
+    assert evaluators.from_config(config) == []
+    config.final_eval.update(dict(samples_per_class=3, fid_samples=20, fid_reference_examples=50))
+    assert evaluators.from_config(config) == [
+        evaluators.FashionMnistClassAccuracy(3), evaluators.FashionMnistFid(20, 50, 32)]
+
+
 # ----------------------------------------------------------------------------- config
 
 
