@@ -22,6 +22,7 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
         warmup_steps=500,  # linear warm-up from 0
         reconstruction_loss="l1",  # l1 | l2, per pixel
         kl_weight=1e-6,  # per latent element relative to per-pixel reconstruction
+        trainable=(r"vae/.*",),  # regexes over param paths "tower/sub/.../leaf": what it trains
     )
     # ---------------------------------------------------------------- stage 2: diffusion
     config.training = dict(
@@ -38,6 +39,10 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
         min_snr_gamma=0.0,  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables
         offset_noise=0.0,  # strength of per-channel offset noise; 0 disables
         train_text_encoder=False,  # True: the optimizer updates the text tower too
+        # Regexes fully matching param paths "tower/sub/.../leaf" (r"unet/.*lora.*" for LoRA):
+        # the params the optimizer updates (train_text_encoder adds r"text_encoder/.*") ...
+        trainable=(r"unet/.*",),
+        ema=(r".*",),  # ... and those of them that keep an EMA copy (with ema_decay > 0)
     )
     config.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 (params stay float32)
     config.remat_policy = ""  # "" (none) or a jax.checkpoint_policies name, per U-Net block

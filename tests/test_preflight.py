@@ -70,6 +70,14 @@ def test_the_lists_above_are_every_bundled_config():
     (["--config.init_from=/no/such/ckpt"], "--config.init_from='/no/such/ckpt'"),
     (["--config.data.source=folder", "--config.data.path=.", "--config.final_eval.fid_samples=5"],
      "final_eval.fid_samples=5: the demo's class accuracy and FID"),
+    (["--config.training.trainable=('unett/.*',)"], "--config.training.trainable: r'unett/.*' "
+     "matches no param; params start with unet/, vae/, text_encoder/"),
+    (["--config.training.trainable=('unet/(',)"], "--config.training.trainable: r'unet/(' is "
+     "not a regex"),
+    (["--config.training.ema=('text_encoder/.*',)"],
+     "--config.training.ema: r'text_encoder/.*' matches no trained param"),
+    (["--config.vae_training.trainable=()"], "--config.vae_training.trainable=(): needs at "
+     "least one rule"),
 ])
 def test_a_bad_config_fails_in_one_line_before_anything_is_written(tmp_path, capsys, args, message):
     if "--config" not in args:

@@ -73,7 +73,7 @@ def _eight_devices() -> None:
     import jax
     from etils import epath
 
-    from diffusion_jax import checkpoint, generate, parallel, pipeline
+    from diffusion_jax import checkpoint, generate, parallel, pipeline, system
     from diffusion_jax.config_files import load
     from diffusion_jax.training import trainer
 
@@ -85,13 +85,14 @@ def _eight_devices() -> None:
     host = checkpoint.initial_params(ckpt_config, seed=0)
     shardings = parallel.param_shardings(host, mesh, FSDP_MIN_SIZE)
     towers = parallel.shard_params(host, shardings)  # as the trainer holds them
-    towers["unet_ema"] = jax.jit(lambda p: jax.tree.map(lambda x: 0.9 * x, p),
-                                 out_shardings=shardings["unet"])(towers["unet"])
+    ema = {"unet": jax.jit(lambda p: jax.tree.map(lambda x: 0.9 * x, p),
+                           out_shardings=shardings["unet"])(towers["unet"])}
     run = SimpleNamespace(config=config, mesh=mesh, ckpt_config=ckpt_config, writer=None,
-                          workdir=epath.Path(tempfile.mkdtemp()), is_main=True)
+                          workdir=epath.Path(tempfile.mkdtemp()), is_main=True, towers=towers,
+                          ema=ema, system=system.from_config(ckpt_config))
     sampler = trainer._Sampler(run)
-    params = trainer._sampling_towers(run, towers)
-    assert params["unet"] is towers["unet_ema"] and params["vae"] is towers["vae"]
+    params = trainer.sampling_params(run)
+    assert params["unet"] is ema["unet"] and params["vae"] is towers["vae"]
     # Held params go in as they are: no host copy, no device copy.
     placed = sampler.pipe.place(params)
     assert all(a is b for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(params)))

@@ -22,7 +22,7 @@ from diffusion_jax import checkpoint
 from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.config_overrides import apply_overrides, split_overrides
 from diffusion_jax.diffusion.schedule import Schedule
-from diffusion_jax.training import losses, trainer
+from diffusion_jax.training import losses, partition, trainer
 from diffusion_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from diffusion_jax.training.state import TrainState, ema_decay, make_train_step
 
@@ -134,6 +134,82 @@ def test_nonfinite_loss_keeps_the_last_good_params_and_names_the_step():
     assert np.all(np.asarray(state.params["w"]) != good[0]["w"])
 
 
+# ----------------------------------------------------------------------------- param rules
+
+
+def _tree():
+    return {"unet": {"conv_in": {"kernel": np.ones(2), "bias": np.zeros(2)},
+                     "attn": {"lora_up": np.full(2, 3.0)}},
+            "vae": {"decoder": {"kernel": np.ones(3)}}}
+
+
+def test_rules_split_the_params_tree_and_combine_puts_it_back():
+    tree = _tree()
+    trained, frozen = partition.split(tree, (r"unet/.*",))
+    assert trained.keys() == {"unet"} and frozen.keys() == {"vae"}
+    assert jax.tree.structure(trained["unet"]) == jax.tree.structure(tree["unet"])  # whole tower
+    lora, rest = partition.split(tree, (r"unet/.*lora.*",))
+    assert partition.paths(lora) == ["unet/attn/lora_up"]
+    assert sorted(partition.paths(rest)) == ["unet/conv_in/bias", "unet/conv_in/kernel",
+                                             "vae/decoder/kernel"]
+    jax.tree.map(np.testing.assert_array_equal, partition.combine(rest, lora), tree)
+    assert partition.select(tree, (r"unet/.*",), (r".*bias",)) == {
+        "unet": {"conv_in": {"bias": tree["unet"]["conv_in"]["bias"]}}}
+    assert partition.unmatched((r"unet/.*", r"unett/.*"), partition.paths(tree)) == [r"unett/.*"]
+
+
+def test_ema_of_a_part_of_the_trained_params():
+    optimizer, _ = make_optimizer({"learning_rate": 0.1, "warmup_steps": 0,
+                                   "lr_schedule": "constant"}, 100)
+    select = lambda params: partition.select(params, (r"w",))
+    loss = lambda params, frozen, batch, rng: (_quadratic_loss(params, frozen, batch, rng)[0]
+                                               + jnp.sum(params["b"] ** 2), {})
+    step = jax.jit(make_train_step(loss, optimizer, lambda s: 0.1, ema_max_decay=0.9,
+                                   ema_select=select))
+    state = TrainState.create({"w": jnp.zeros((3,)), "b": jnp.ones(())}, optimizer,
+                              jax.random.key_data(jax.random.key(0)), ema_select=select)
+    assert state.ema_params.keys() == {"w"}
+    state, _ = step(state, {}, _batch(np.random.default_rng(0), 4))
+    np.testing.assert_array_equal(state.ema_params["w"], state.params["w"])  # decay 0 at step 1
+
+
+@pytest.mark.parametrize("overrides, trained, ema", [
+    ({}, ["unet"], ["unet"]),
+    ({"train_text_encoder": True}, ["text_encoder", "unet"], ["text_encoder", "unet"]),
+    ({"trainable": (r"unet/.*attentions.*",), "ema": (r".*to_q.*",)}, ["unet"], ["unet"]),
+])
+def test_stage_program_trains_what_the_rules_match(overrides, trained, ema):
+    from diffusion_jax import parallel
+    from diffusion_jax.training import preflight
+
+    config = load_config_file(TINY)
+    config.training.update(overrides)
+    ckpt_config = trainer.model_config(config)
+    towers = preflight.abstract_towers(ckpt_config)
+    program = trainer.stage_program(config, ckpt_config, parallel.make_mesh(config.mesh),
+                                    "diffusion", towers)
+    assert sorted(program.trained) == trained and sorted(program.state_shapes.ema_params) == ema
+    rules = trainer.DIFFUSION.trainable(config)
+    every = partition.paths(towers)
+    assert sorted(partition.paths(program.trained)) == sorted(
+        p for p in every if partition.matcher(rules)(p))
+    assert sorted(partition.paths(program.frozen) + partition.paths(program.trained)) == sorted(every)
+    if "ema" in overrides:
+        assert all("to_q" in p for p in partition.paths(program.state_shapes.ema_params))
+        assert all("attentions" in p for p in partition.paths(program.trained))
+        assert program.frozen["unet"]  # the U-Net's other params stay frozen
+
+
+def test_evaluators_come_from_config_final_eval():
+    from diffusion_jax.training import evaluators
+
+    config = load_config_file(TINY)
+    assert evaluators.from_config(config) == []
+    config.final_eval.update(dict(samples_per_class=3, fid_samples=20, fid_reference_examples=50))
+    assert evaluators.from_config(config) == [
+        evaluators.FashionMnistClassAccuracy(3), evaluators.FashionMnistFid(20, 50, 32)]
+
+
 # ----------------------------------------------------------------------------- config
 
 
@@ -203,12 +279,28 @@ def _final_params(workdir, names=("unet", "unet_ema", "vae", "optimizer")):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    result = subprocess.run(_train_command(workdir), capture_output=True, text=True, cwd=REPO,
-                            env=_env())
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def finished_run(tmp_path_factory):
+    """overrides -> the workdir of one uninterrupted run with them (each run once)."""
+    runs = {}
+
+    def run(*overrides):
+        if overrides not in runs:
+            workdir = tmp_path_factory.mktemp("uninterrupted")
+            result = subprocess.run(_train_command(workdir, *overrides), capture_output=True,
+                                    text=True, cwd=REPO, env=_env())
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[overrides] = workdir
+        return runs[overrides]
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(finished_run):
+    return finished_run()
+
+
+TEXT_ENCODER_RUN = ("--config.training.train_text_encoder=true",)
 
 
 def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
@@ -240,10 +332,16 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
     assert pipe.vae_config.scaling_factor == summary["vae_scaling_factor"]
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(uninterrupted, tmp_path):
+@pytest.mark.parametrize("overrides, items", [
+    ((), ("unet", "unet_ema", "vae", "optimizer")),
+    (TEXT_ENCODER_RUN, ("unet", "unet_ema", "vae", "text_encoder", "text_encoder_ema", "optimizer")),
+], ids=["unet", "text_encoder"])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp_path, overrides,
+                                                              items):
+    uninterrupted = finished_run(*overrides)
     workdir = tmp_path / "killed"
     kill_after = int(np.random.default_rng().choice([4, 8, 12]))  # a checkpoint in either stage
-    process = subprocess.Popen(_train_command(workdir), cwd=REPO, env=_env(),
+    process = subprocess.Popen(_train_command(workdir, *overrides), cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
@@ -253,12 +351,23 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(uninterrupted, tm
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    result = subprocess.run(_train_command(workdir), capture_output=True, text=True, cwd=REPO,
-                            env=_env())
+    result = subprocess.run(_train_command(workdir, *overrides), capture_output=True, text=True,
+                            cwd=REPO, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
-    expected, resumed = _final_params(uninterrupted), _final_params(workdir)
+    expected, resumed = _final_params(uninterrupted, items), _final_params(workdir, items)
     jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+def test_every_tower_trained_with_ema_saves_and_samples_with_it(finished_run):
+    workdir = finished_run(*TEXT_ENCODER_RUN)
+    names = checkpoint.item_names(workdir / "checkpoints")
+    assert {"unet_ema", "text_encoder_ema"} <= set(names) and "vae_ema" not in names
+    items = _final_params(workdir, ("text_encoder", "text_encoder_ema"))
+    assert any(not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(items["text_encoder"]), jax.tree.leaves(items["text_encoder_ema"])))
+    params, _, _ = checkpoint.load_models(workdir / "checkpoints")  # what `sample` reads
+    jax.tree.map(np.testing.assert_array_equal, params["text_encoder"], items["text_encoder_ema"])
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_for_resume(tmp_path):

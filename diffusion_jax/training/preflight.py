@@ -12,6 +12,7 @@ allocating a single param.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Mapping
 
@@ -20,9 +21,10 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoint, parallel
+from diffusion_jax import system as system_lib
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.data import sources
-from diffusion_jax.models import COMPONENTS, count_params
+from diffusion_jax.models import count_params
 from diffusion_jax.models.unet import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
@@ -72,10 +74,11 @@ def _check_choices(config) -> None:
     _choice(config, "vae_training.reconstruction_loss", ("l1", "l2"))
     _choice(config, "training.lr_schedule", ("cosine", "constant"))
     _choice(config, "data.source", sources.SOURCES)
+    names = system_lib.from_config(config).names
     for name in config.get("init_towers", ()):
-        if name not in COMPONENTS:
+        if name not in names:
             raise _fail("init_towers", tuple(config.init_towers), f"{name!r} is not one of "
-                        f"{', '.join(COMPONENTS)}")
+                        f"{', '.join(names)}")
 
 
 def _check_ranges(config) -> None:
@@ -149,11 +152,12 @@ def _check_final_eval(config) -> None:
 def _check_mesh(config) -> tuple[int, int]:
     devices = jax.device_count()
     shape = parallel._mesh_shape(config.mesh.data, config.mesh.fsdp, devices)
-    stages = [s for s, n in stage_steps(config).items() if n]
-    batches = {"vae": ("vae_training.batch_size", config.vae_training.batch_size),
-               "diffusion": ("data.batch_size", config.data.batch_size)}
-    for stage in stages:
-        key, batch = batches[stage]
+    from diffusion_jax.training.trainer import STAGES
+
+    for stage in STAGES:
+        if not stage.steps(config):
+            continue
+        key, batch = stage.batch_size_key, stage.batch_size(config)
         if batch % devices:
             raise _fail(key, batch, f"the global batch must be a multiple of the {devices} "
                         f"devices (each device takes batch / {devices} rows)")
@@ -181,6 +185,55 @@ def _check_data(config) -> None:
         if stage_steps(config)["vae"]:
             raise _fail("vae_training.steps", config.vae_training.steps,
                         "precomputed latents have no images to train a VAE on: set it to 0")
+
+
+def _rules(config, key: str) -> tuple[str, ...]:
+    """The regexes of `key` (a tuple of strings), each checked to compile."""
+    import re
+
+    section, name = key.split(".")
+    rules = config[section][name]
+    if isinstance(rules, str) or not all(isinstance(r, str) for r in rules):
+        raise _fail(key, rules, "must be a tuple of regexes over param paths, e.g. "
+                    "(r'unet/.*',)")
+    for rule in rules:
+        try:
+            re.compile(rule)
+        except re.error as e:
+            raise ValueError(f"--config.{key}: r'{rule}' is not a regex ({e})") from None
+    return tuple(rules)
+
+
+def _check_rules(config, ckpt_config: Mapping[str, Any]) -> None:
+    """Each stage's `trainable` (and `ema`) rules compile, and each matches a param (a
+    trained one, for `ema`) of the one params tree {tower: params}."""
+    from diffusion_jax.training import partition
+    from diffusion_jax.training.trainer import STAGES
+
+    names = system_lib.from_config(ckpt_config).names
+    whole_towers = {f"{n}/.*" for n in names}  # they match without the param tree (SD 1.5: s)
+    paths = functools.cache(lambda: partition.paths(abstract_towers(ckpt_config)))
+    for stage in STAGES:
+        key, ema_key = f"{stage.section}.trainable", f"{stage.section}.ema"
+        if not _rules(config, key):
+            raise _fail(key, (), "needs at least one rule (vae_training.steps / training.steps "
+                        "= 0 skips a stage)")
+        if "ema" in config[stage.section] and not _rules(config, ema_key) and \
+                stage.ema(config)[0] is not None:
+            raise _fail(ema_key, (), "needs at least one rule (ema_decay=0 keeps no EMA copy)")
+        if not stage.steps(config):
+            continue
+        trainable = stage.trainable(config)
+        rest = [r for r in trainable if r not in whole_towers]
+        for rule in partition.unmatched(rest, paths() if rest else ()):
+            raise ValueError(f"--config.{key}: r'{rule}' matches no param; params start with "
+                             f"{', '.join(n + '/' for n in names)}")
+        decay, ema_rules = stage.ema(config)
+        if decay is not None and ema_rules != (".*",):
+            trained = [p for p in paths() if partition.matcher(trainable)(p)]
+            for rule in partition.unmatched(ema_rules, trained):
+                raise ValueError(f"--config.{ema_key}: r'{rule}' matches no trained param "
+                                 f"(of those {key} matches)")
 
 
 def check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
@@ -259,6 +312,7 @@ def validate(config, workdir=None) -> int | None:
     _check_mesh(config)
     _check_data(config)
     ckpt_config = model_config(config)
+    _check_rules(config, ckpt_config)
     check_init_from(config, ckpt_config)
     return None if workdir is None else check_workdir(workdir, ckpt_config)
 
@@ -267,14 +321,15 @@ def validate(config, workdir=None) -> int | None:
 
 
 def abstract_towers(ckpt_config: Mapping[str, Any]) -> dict:
-    return {name: COMPONENTS[name].param_shapes(COMPONENTS[name].config_from_dict(ckpt_config[name]))
-            for name in ("unet", "vae", "text_encoder")}
+    return system_lib.param_shapes(system_lib.from_config(ckpt_config), ckpt_config)
 
 
 def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch a stage's step takes, from the config alone."""
+    from diffusion_jax.training.trainer import STAGE
+
     data = config.data
-    batch = config.vae_training.batch_size if stage == "vae" else data.batch_size
+    batch = STAGE[stage].batch_size(config)
     ids = jax.ShapeDtypeStruct((batch, config.tokenizer.max_length), np.int32)
     label = jax.ShapeDtypeStruct((batch,), np.int32)
     if data.source == "latents":
@@ -331,17 +386,21 @@ def preflight(config, workdir, *, compile: bool = True, for_accelerator: bool = 
     report = {"devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
               "mesh": dict(mesh.shape), "params": counts,
               "resume_from_step": resume, "stages": {}}
+    from diffusion_jax.training.trainer import STAGES
+
     first = 0
-    for stage, n in steps.items():
+    for stage in STAGES:
+        n = steps[stage.name]
         if not n:
             continue
-        batch = config.vae_training.batch_size if stage == "vae" else config.data.batch_size
+        batch = stage.batch_size(config)
         entry = {"steps": f"{first + 1}..{first + n}", "global_batch": batch,
                  "per_device_batch": batch // jax.device_count()}
-        if stage == "diffusion":
-            entry["gradient_accumulation"] = config.training.gradient_accumulation
-        entry.update(compile_stage(config, ckpt_config, mesh, stage, compile, attention_impl))
-        report["stages"][stage] = entry
+        if "gradient_accumulation" in config[stage.section]:
+            entry["gradient_accumulation"] = config[stage.section].gradient_accumulation
+        entry.update(compile_stage(config, ckpt_config, mesh, stage.name, compile,
+                                   attention_impl))
+        report["stages"][stage.name] = entry
         first += n
     report["plan"] = {"checkpoint_every": config.checkpoint.every_steps,
                       "eval_every": config.eval_every_steps,

@@ -1,7 +1,7 @@
 """The train state and the one pure training step.
 
 `TrainState` holds what changes during a stage: the trained params, optimizer state, EMA
-params, the micro-step counter, the run's base rng, and the first step whose loss or
+params (of all trained params or of the part `ema_select` picks), the micro-step counter, the run's base rng, and the first step whose loss or
 gradients were not finite (-1 while none). Frozen towers (the VAE in stage 2, the text
 encoder unless trained) are a separate argument, never donated, never updated.
 """
@@ -18,6 +18,11 @@ import optax
 from diffusion_jax.training.losses import LossFn
 
 Metrics = dict[str, jax.Array]
+EmaSelect = Callable[[Any], Any]  # trained params -> the part that keeps an EMA copy
+
+
+def _all(params: Any) -> Any:
+    return params
 
 
 @flax.struct.dataclass
@@ -31,10 +36,10 @@ class TrainState:
 
     @classmethod
     def create(cls, params: Any, optimizer: optax.GradientTransformation, rng: jax.Array,
-               use_ema: bool = True) -> "TrainState":
+               use_ema: bool = True, ema_select: EmaSelect | None = None) -> "TrainState":
+        ema = jax.tree.map(jnp.copy, (ema_select or _all)(params)) if use_ema else None
         return cls(step=jnp.zeros((), jnp.int32), params=params,
-                   opt_state=optimizer.init(params),
-                   ema_params=jax.tree.map(jnp.copy, params) if use_ema else None, rng=rng,
+                   opt_state=optimizer.init(params), ema_params=ema, rng=rng,
                    nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
@@ -48,11 +53,12 @@ def ema_decay(optimizer_step: jax.Array, max_decay: float) -> jax.Array:
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                     learning_rate: optax.Schedule, *, ema_max_decay: float | None,
-                    gradient_accumulation: int = 1
+                    gradient_accumulation: int = 1, ema_select: EmaSelect | None = None
                     ) -> Callable[[TrainState, Mapping, Mapping], tuple[TrainState, Metrics]]:
     """train_step(state, frozen, batch) -> (state, metrics); pure, for `jax.jit`.
 
-    `ema_max_decay` None: the state keeps no EMA params. A non-finite loss or gradient leaves
+    `ema_max_decay` None: the state keeps no EMA params; else EMA copies of
+    `ema_select(params)` (default: all of them). A non-finite loss or gradient leaves
     params, optimizer and EMA as they were and records the
     step in `nonfinite_step`, so the trainer can stop with the last good weights."""
 
@@ -73,7 +79,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation,
                 decay = ema_decay(optimizer_step, ema_max_decay)
                 if gradient_accumulation > 1:  # move only when the optimizer did
                     decay = jnp.where((state.step + 1) % gradient_accumulation == 0, decay, 1.0)
-                ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+                ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema,
+                                   (ema_select or _all)(params))
             return params, opt_state, ema
 
         # lax.cond, not a per-leaf jnp.where: XLA CPU compiles the selects 5x slower.

@@ -2,9 +2,15 @@
 
 One checkpoint directory (WORKDIR/checkpoints) numbers steps across both stages (the VAE
 stage takes steps 1..N1, the U-Net stage N1+1..N1+N2); every step directory is a complete
-diffusion_jax checkpoint (all three towers + config) plus what resuming needs (optimizer
-state, the `trainer` JSON with the stage and the data iterator state). A restarted run picks
-up from the newest step and sees exactly the batches and randomness it would have seen.
+diffusion_jax checkpoint (every tower, `<tower>_ema` for each tower with EMA params, and the
+config) plus what resuming needs (optimizer state, the `trainer` JSON with the stage and the
+data iterator state). A restarted run picks up from the newest step and sees exactly the
+batches and randomness it would have seen.
+
+A stage is a `Stage` record; what it trains, and which of those params keep an EMA copy, are
+regexes over param paths "tower/sub/.../leaf" of the one params tree {tower: params}
+(`training.trainable`, `training.ema`; see partition.py). The final evaluations come from
+evaluators.py, built from the config.
 
 WORKDIR may be a gs:// URI (TPU pods, whose VMs share no disk): every file goes through
 `etils.epath`, checkpoint arrays through TensorStore's GCS driver.
@@ -20,7 +26,7 @@ import resource
 import signal
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +42,7 @@ from diffusion_jax.models.clip_text import CLIPTextModel
 from diffusion_jax.models.unet import UNet2DConditionModel
 from diffusion_jax.models.vae import AutoencoderKL
 from diffusion_jax.tokenizer import CLIPTokenizer
-from diffusion_jax.training import losses
+from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import preflight
 from diffusion_jax.training.optimizer import make_optimizer
 from diffusion_jax.training.progress import Progress
@@ -44,8 +50,6 @@ from diffusion_jax.training.state import TrainState, make_eval_step, make_train_
 
 log = logging.getLogger("diffusion_jax.train")
 
-TOWERS = ("unet", "vae", "text_encoder")
-STAGES = ("vae", "diffusion")
 TRAINER_ITEM = "trainer"
 OPT_ITEM = "optimizer"  # the stage's TrainState minus params/EMA (they are model items)
 
@@ -66,24 +70,100 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
     return system.checkpoint_config(config)
 
 
-def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None,
+def _models(ckpt_config: Mapping[str, Any], dtype, remat_policy: str | None,
             attention_impl: str | None = None) -> losses.DiffusionModels:
     return losses.DiffusionModels(
-        unet=UNet2DConditionModel(COMPONENTS["unet"].config_from_dict(cfg["unet"]), dtype=dtype,
-                                  remat_policy=remat_policy, attention_impl=attention_impl),
-        vae=AutoencoderKL(COMPONENTS["vae"].config_from_dict(cfg["vae"]), dtype=dtype),
-        text_encoder=CLIPTextModel(COMPONENTS["text_encoder"].config_from_dict(cfg["text_encoder"]),
-                                   dtype=dtype),
-        scaling_factor=float(cfg["vae"]["scaling_factor"]))
+        unet=UNet2DConditionModel(COMPONENTS["unet"].config_from_dict(ckpt_config["unet"]),
+                                  dtype=dtype, remat_policy=remat_policy,
+                                  attention_impl=attention_impl),
+        vae=AutoencoderKL(COMPONENTS["vae"].config_from_dict(ckpt_config["vae"]), dtype=dtype),
+        text_encoder=CLIPTextModel(
+            COMPONENTS["text_encoder"].config_from_dict(ckpt_config["text_encoder"]), dtype=dtype),
+        scaling_factor=float(ckpt_config["vae"]["scaling_factor"]))
 
 
-def _stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
-    data = ml_collections.ConfigDict(config.data.to_dict())
-    data.seed = config.data.seed + STAGES.index(stage)  # each stage its own data order
-    if stage == "vae":
-        data.caption_dropout = 0.0
-        data.batch_size = config.vae_training.batch_size
-    return data
+def _vae_loss(section, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
+    return losses.vae_loss_fn(models.vae, section.reconstruction_loss, section.kl_weight)
+
+
+def _diffusion_loss(section, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
+    return losses.diffusion_loss_fn(models, Schedule.from_config(ckpt_config["schedule"]),
+                                    min_snr_gamma=section.min_snr_gamma,
+                                    offset_noise=section.offset_noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One stage of a run, as data: the trainer's loop is the same for every stage."""
+
+    name: str  # metrics prefix, summary keys, the `trainer` item's "stage"
+    index: int  # its place in the run: offsets its data seed and its rng
+    section: str  # its config section: steps, optimizer, `trainable` (and `ema`) rules
+    loss: Callable  # (section, ckpt_config, models) -> LossFn
+    batch_size_key: str  # the config key of its global batch
+    captions: bool  # False: images only (no caption dropout)
+    draws_samples: bool  # sample grids every sample_every_steps
+    keeps_best: bool  # its checkpoints carry the eval loss checkpoint.keep_best ranks by
+    finish: Callable | None = None  # run -> None, once its last step is done
+
+    def steps(self, config) -> int:
+        return preflight.stage_steps(config)[self.name]
+
+    def batch_size(self, config) -> int:
+        section, key = self.batch_size_key.split(".")
+        return config[section][key]
+
+    def trainable(self, config) -> tuple[str, ...]:
+        """Regexes over param paths of what the optimizer updates; `train_text_encoder`
+        is the shorthand for adding every text tower."""
+        section = config[self.section]
+        rules = tuple(section.trainable)
+        if section.get("train_text_encoder"):
+            rules += tuple(f"{name}/.*" for name in system.from_config(config).text_names)
+        return rules
+
+    def ema(self, config) -> tuple[float | None, tuple[str, ...]]:
+        """(max EMA decay or None for no EMA copy, regexes of the trained params that keep
+        one)."""
+        section = config[self.section]
+        return section.get("ema_decay", 0.0) or None, tuple(section.get("ema", ()))
+
+    def data_config(self, config) -> ml_collections.ConfigDict:
+        data = ml_collections.ConfigDict(config.data.to_dict())
+        data.seed = config.data.seed + self.index  # each stage its own data order
+        data.batch_size = self.batch_size(config)
+        if not self.captions:
+            data.caption_dropout = 0.0
+        return data
+
+
+def _set_scaling_factor(run: "Run") -> None:
+    """SD's 0.18215 is 1/std of its VAE's latents; do the same for the VAE just trained, so
+    the U-Net sees unit-variance latents."""
+    models = _models(run.ckpt_config, jnp.float32, None)
+    batches = data_pipeline.make_eval_batches(
+        VAE.data_config(run.config), run.tokenizer, num_examples=1024,
+        batch_size=VAE.batch_size(run.config))
+    # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
+    # and a host reads only whole (or fully replicated) arrays.
+    encode = jax.jit(lambda p, x, r: losses.encode_latents(
+        dataclasses.replace(models, scaling_factor=1.0), p, x, r),
+        out_shardings=parallel.replicated(run.mesh))
+    rng = jax.random.key(run.config.seed + 31)
+    latents = [np.asarray(encode(run.towers["vae"], b["image"], jax.random.fold_in(rng, i)))
+               for i, b in enumerate(batches)]
+    std = float(np.concatenate(latents).std())
+    run.ckpt_config["vae"]["scaling_factor"] = round(1.0 / std, 5)
+    log.info("VAE latent std %.4f: scaling_factor = %.5f", std, 1.0 / std)
+    run.summary["vae_scaling_factor"] = run.ckpt_config["vae"]["scaling_factor"]
+
+
+VAE = Stage("vae", 0, "vae_training", _vae_loss, batch_size_key="vae_training.batch_size",
+            captions=False, draws_samples=False, keeps_best=False, finish=_set_scaling_factor)
+DIFFUSION = Stage("diffusion", 1, "training", _diffusion_loss, batch_size_key="data.batch_size",
+                  captions=True, draws_samples=True, keeps_best=True)
+STAGES = (VAE, DIFFUSION)
+STAGE = {stage.name: stage for stage in STAGES}
 
 
 class _StopSignal:
@@ -134,8 +214,10 @@ class Run:
     writer: Any
     stop: _StopSignal
     ckpt_config: dict  # model_config(config), scaling_factor updated after stage 1
-    towers: dict  # current params of unet / vae / text_encoder (+ unet_ema)
+    system: system.System
+    towers: dict  # {tower: current params}, the one params tree every stage partitions
     summary: dict
+    ema: dict = dataclasses.field(default_factory=dict)  # {tower: whole tree, EMA leaves in}
     _sampler: Any = None
 
     def sampler(self) -> "_Sampler":
@@ -152,34 +234,42 @@ class Run:
         return preflight.stage_steps(self.config)[stage]
 
     def first_step(self, stage: str) -> int:
-        """Global step at which `stage` starts."""
-        return sum(self.stage_steps(s) for s in STAGES[:STAGES.index(stage)])
+        """Global step at which the stage named `stage` starts."""
+        return sum(s.steps(self.config) for s in STAGES[:STAGE[stage].index])
 
-    def save(self, step: int, stage: str, stage_step: int, state: TrainState,
+    def save(self, step: int, stage: Stage, stage_step: int, state: TrainState,
              data_state: dict | None, metrics: Mapping[str, float] | None = None) -> None:
         nonfinite = int(jax.device_get(state.nonfinite_step))
         if nonfinite >= 0:
             raise self.diverged(stage, nonfinite)
-        pytrees = dict(self.towers)
-        pytrees[OPT_ITEM] = {"opt_state": state.opt_state, "rng": state.rng}
-        trainer = {"stage": stage, "stage_step": stage_step, "data": _every_process(data_state),
+        pytrees = {**self.towers,
+                   **{name + checkpoint.EMA_SUFFIX: tree for name, tree in self.ema.items()},
+                   OPT_ITEM: {"opt_state": state.opt_state, "rng": state.rng}}
+        trainer = {"stage": stage.name, "stage_step": stage_step,
+                   "data": _every_process(data_state),
                    "scaling_factor": self.ckpt_config["vae"]["scaling_factor"]}
         self.checkpointer.save(step, pytrees, {TRAINER_ITEM: trainer}, self.ckpt_config, metrics)
 
-    def diverged(self, stage: str, stage_step: int) -> TrainingDiverged:
+    def diverged(self, stage: Stage, stage_step: int) -> TrainingDiverged:
         latest = self.checkpointer.latest_step()
         where = (f"the last good checkpoint (step {latest}) in {self.checkpointer.directory} is "
                  "intact" if latest is not None else "no checkpoint had been written yet")
         return TrainingDiverged(
-            f"{stage} stage: the loss or gradients became NaN/Inf at step "
-            f"{self.first_step(stage) + stage_step + 1}; training stopped and {where}. Lower "
-            "the learning rate, enable grad_clip_norm or check the data, then rerun to resume.")
+            f"{stage.name} stage: the loss or gradients became NaN/Inf at step "
+            f"{self.first_step(stage.name) + stage_step + 1}; training stopped and {where}. "
+            "Lower the learning rate, enable grad_clip_norm or check the data, then rerun to "
+            "resume.")
 
     def scalars(self, step: int, values: Mapping[str, float], prefix: str) -> None:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
             self.writer.flush()
+
+
+def sampling_params(run: Run) -> dict:
+    """{tower: params} to sample and evaluate with: the EMA copy of every tower that has one."""
+    return {name: run.ema.get(name, run.towers[name]) for name in run.system.names}
 
 
 def _check_remote_workdir(workdir: epath.Path) -> None:
@@ -217,24 +307,26 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         from tensorboardX import SummaryWriter
         writer = SummaryWriter(str(workdir / "tensorboard"))
     ckpt_config = model_config(config)
+    towers = system.from_config(ckpt_config)
     checkpointer = checkpoint.TrainingCheckpointer(
-        workdir / "checkpoints", pytree_items=(*TOWERS, "unet_ema", OPT_ITEM),
+        workdir / "checkpoints", pytree_items=(
+            *towers.names, *(name + checkpoint.EMA_SUFFIX for name in towers.names), OPT_ITEM),
         json_items=(TRAINER_ITEM,), keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best)
     # An extended run keeps the figures of the stages it does not run again.
     run = Run(config=config, workdir=workdir, mesh=mesh,
               tokenizer=CLIPTokenizer.bundled(**config.tokenizer), checkpointer=checkpointer,
-              writer=writer, stop=_StopSignal(), ckpt_config=ckpt_config, towers={},
-              summary={**previous, "workdir": str(workdir)})
+              writer=writer, stop=_StopSignal(), ckpt_config=ckpt_config, system=towers,
+              towers={}, summary={**previous, "workdir": str(workdir)})
     start = time.perf_counter()
     try:
         resume = _resume_point(run)
         for stage in STAGES:
-            if run.stage_steps(stage) == 0:
+            if stage.steps(config) == 0:
                 continue
-            if resume is not None and STAGES.index(stage) < STAGES.index(resume["stage"]):
+            if resume is not None and stage.index < STAGE[resume["stage"]].index:
                 continue  # finished before the restart
-            _run_stage(run, stage, resume if resume and resume["stage"] == stage else None)
+            _run_stage(run, stage, resume if resume and resume["stage"] == stage.name else None)
             resume = None
         checkpointer.wait()
         _final(run)
@@ -253,25 +345,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
 
 def _resume_point(run: Run) -> dict | None:
-    """Loads the towers from the newest checkpoint (or initialises them) and says where the
-    interrupted stage stands; None on a fresh run."""
+    """Loads the towers (and their EMA copies) from the newest checkpoint, or initialises
+    them, and says where the interrupted stage stands; None on a fresh run."""
     step = run.checkpointer.latest_step()
     shardings = lambda tree: parallel.param_shardings(tree, run.mesh, run.config.mesh.fsdp_min_size)
     if step is None:
         config = run.config
         towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
                                            init_from=config.init_from,
-                                           from_checkpoint=config.get("init_towers", TOWERS))
+                                           from_checkpoint=config.get("init_towers",
+                                                                      run.system.names))
         run.towers = parallel.shard_params(towers, shardings(towers))
         return None
-    names = checkpoint.item_names(run.checkpointer.directory, step)
-    templates = {name: COMPONENTS[name].param_shapes(
-        COMPONENTS[name].config_from_dict(run.ckpt_config[name])) for name in TOWERS}
-    if "unet_ema" in names:
-        templates["unet_ema"] = templates["unet"]
+    saved = checkpoint.item_names(run.checkpointer.directory, step)
+    templates = system.param_shapes(run.system, run.ckpt_config)
+    ema_items = {name + checkpoint.EMA_SUFFIX: name for name in run.system.names
+                 if name + checkpoint.EMA_SUFFIX in saved}
+    templates.update({item: templates[name] for item, name in ema_items.items()})
     restored = run.checkpointer.restore(
         step, {n: parallel.abstract(t, shardings(t)) for n, t in templates.items()}, [TRAINER_ITEM])
-    run.towers = {name: restored[name] for name in templates}
+    run.towers = {name: restored[name] for name in run.system.names}
+    run.ema = {name: restored[item] for item, name in ema_items.items()}
     trainer = restored[TRAINER_ITEM]
     run.ckpt_config["vae"]["scaling_factor"] = trainer["scaling_factor"]
     log.info("resuming from %s step %d (%s stage, step %d of %d)", run.checkpointer.directory,
@@ -287,8 +381,8 @@ class StageProgram:
     """A stage's compiled-once train step and the shardings around it. Built from the towers'
     params or from their shapes alone (the preflight lowers it without any param)."""
 
-    loss_fn: losses.LossFn
-    trained: dict  # the towers the optimizer updates
+    loss_fn: losses.LossFn  # (trained, frozen, batch, rng), the whole tree put back together
+    trained: dict  # the params the `trainable` rules match: the optimizer updates them
     frozen: dict  # the others, an argument of every step, never donated
     optimizer: Any
     create: Any  # trained params -> a fresh TrainState
@@ -299,44 +393,50 @@ class StageProgram:
     step_fn: Any  # jax.jit(train_step) with in/out shardings and the state donated
     traces: list  # one entry per trace: a retrace would mean a recompile
     ema_max_decay: float | None
+    trainable: tuple[str, ...]  # the rules that chose `trained`
+    ema_select: Callable  # trained params -> the part with EMA copies
 
 
-def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: str, towers: Mapping[str, Any],
+def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: Stage, towers: Mapping[str, Any],
                  attention_impl: str | None):
-    """(loss_fn, trained params, frozen params, optimizer section, EMA decay) of a stage."""
+    """(loss_fn, trained params, frozen params, config section, EMA decay) of a stage."""
     dtype = jnp.dtype(config.dtype)
     models = _models(ckpt_config, dtype, config.remat_policy or None, attention_impl)
-    if stage == "vae":
-        cfg = config.vae_training
-        loss_fn = losses.vae_loss_fn(models.vae, cfg.reconstruction_loss, cfg.kl_weight)
-        return loss_fn, {"vae": towers["vae"]}, {}, cfg, None
-    cfg = config.training
-    loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(ckpt_config["schedule"]),
-                                       min_snr_gamma=cfg.min_snr_gamma,
-                                       offset_noise=cfg.offset_noise)
-    trained_names = ("unet", "text_encoder") if cfg.train_text_encoder else ("unet",)
-    trained = {n: towers[n] for n in trained_names}
-    frozen = {n: towers[n] for n in TOWERS if n not in trained_names}
-    return loss_fn, trained, frozen, cfg, cfg.ema_decay or None  # 0: no EMA copy at all
+    section = config[stage.section]
+    loss_fn = stage.loss(section, ckpt_config, models)
+    trained, frozen = partition.split(towers, stage.trainable(config))
+    return loss_fn, trained, frozen, section, stage.ema(config)[0]  # 0: no EMA copy at all
 
 
 def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
                   towers: Mapping[str, Any], attention_impl: str | None = None) -> StageProgram:
-    """`attention_impl` None: the platform's default (see layers.multi_head_attention)."""
-    num_steps = preflight.stage_steps(config)[stage]
-    loss_fn, trained, frozen, cfg, ema_max_decay = _stage_setup(config, ckpt_config, stage, towers,
-                                                                attention_impl)
-    accumulation = cfg.get("gradient_accumulation", 1)
-    optimizer, learning_rate = make_optimizer(cfg, num_steps)
-    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 100 + STAGES.index(stage)))
+    """The program of the stage named `stage` over `towers`, {tower: params or shapes}.
+    `attention_impl` None: the platform's default (see layers.multi_head_attention)."""
+    stage = STAGE[stage]
+    num_steps = stage.steps(config)
+    loss_fn, trained, frozen, section, ema_max_decay = _stage_setup(
+        config, ckpt_config, stage, towers, attention_impl)
+    trainable, ema_rules = stage.trainable(config), stage.ema(config)[1]
+    ema_select = lambda params: partition.select(params, ema_rules)
+
+    def combined_loss_fn(trained_params, frozen_params, batch, rng):
+        # The loss reads one tree; gradients are taken of the trained part alone.
+        return loss_fn(partition.combine(frozen_params, trained_params), {}, batch, rng)
+
+    accumulation = section.get("gradient_accumulation", 1)
+    optimizer, learning_rate = make_optimizer(section, num_steps)
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 100 + stage.index))
     min_size = config.mesh.fsdp_min_size
-    create = lambda params: TrainState.create(params, optimizer, rng, use_ema=ema_max_decay is not None)
+    create = lambda params: TrainState.create(params, optimizer, rng,
+                                              use_ema=ema_max_decay is not None,
+                                              ema_select=ema_select)
     state_shapes = jax.eval_shape(create, trained)
     state_sharding = parallel.param_shardings(state_shapes, mesh, min_size)
     frozen_sharding = parallel.param_shardings(frozen, mesh, min_size)
     batch_sharding = parallel.batch_sharding(mesh)
-    train_step = make_train_step(loss_fn, optimizer, learning_rate, ema_max_decay=ema_max_decay,
-                                 gradient_accumulation=accumulation)
+    train_step = make_train_step(combined_loss_fn, optimizer, learning_rate,
+                                 ema_max_decay=ema_max_decay, gradient_accumulation=accumulation,
+                                 ema_select=ema_select)
     traces = []
 
     def traced_train_step(*args):  # runs once per trace
@@ -347,115 +447,149 @@ def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                       out_shardings=(state_sharding, parallel.replicated(mesh)),
                       donate_argnums=0)
-    return StageProgram(loss_fn, trained, frozen, optimizer, create, state_shapes, state_sharding,
-                        frozen_sharding, batch_sharding, step_fn, traces, ema_max_decay)
+    return StageProgram(combined_loss_fn, trained, frozen, optimizer, create, state_shapes,
+                        state_sharding, frozen_sharding, batch_sharding, step_fn, traces,
+                        ema_max_decay, trainable, ema_select)
 
 
-def _run_stage(run: Run, stage: str, resume: dict | None) -> None:
-    config, mesh = run.config, run.mesh
-    num_steps, first = run.stage_steps(stage), run.first_step(stage)
-    program = stage_program(config, run.ckpt_config, mesh, stage, run.towers)
-    trained, frozen, state_sharding = program.trained, program.frozen, program.state_sharding
-    ema_max_decay, state_shapes, step_fn = program.ema_max_decay, program.state_shapes, program.step_fn
+def _run_stage(run: Run, stage: Stage, resume: dict | None) -> None:
+    program = stage_program(run.config, run.ckpt_config, run.mesh, stage.name, run.towers)
     if resume is None:
-        # Donated: the state takes over the towers' buffers instead of copying them (SD 1.5:
-        # 3.4 GB); run.towers is refreshed from the state before anything reads it again.
-        state = jax.jit(program.create, out_shardings=state_sharding, donate_argnums=0)(trained)
-        stage_step, data_state = 0, None
+        state, stage_step, data_state = _fresh_state(program), 0, None
     else:
-        restored = run.checkpointer.restore(resume["step"], {OPT_ITEM: parallel.abstract(
-            {"opt_state": state_shapes.opt_state, "rng": state_shapes.rng},
-            {"opt_state": state_sharding.opt_state, "rng": state_sharding.rng})}, [])
-        ema = {"unet": run.towers["unet_ema"]} if ema_max_decay is not None else None
-        if ema is not None and "text_encoder" in trained:
-            ema["text_encoder"] = trained["text_encoder"]
-        # Host scalars: device_put of uncommitted device arrays onto shardings that span
-        # processes gives unreadable arrays (see parallel.shard_params).
-        state = TrainState(step=np.asarray(resume["stage_step"], np.int32), params=trained,
-                           opt_state=restored[OPT_ITEM]["opt_state"],
-                           ema_params=ema, rng=restored[OPT_ITEM]["rng"],
-                           nonfinite_step=np.asarray(-1, np.int32))
-        state = jax.device_put(state, state_sharding)
-        states = resume["data"]
-        if len(states) != jax.process_count():
-            raise ValueError(f"the checkpoint at step {resume['step']} holds the data iterator "
-                             f"states of {len(states)} processes, this run has "
-                             f"{jax.process_count()}: resume with as many or start a new workdir")
-        stage_step, data_state = resume["stage_step"], states[jax.process_index()]
-    if stage_step >= num_steps:
-        _finish_stage(run, stage, state)
-        return
+        state, stage_step, data_state = _resumed_state(run, program, resume)
+    if stage_step < stage.steps(run.config):
+        state = _train_steps(run, stage, program, state, stage_step, data_state)
+    _sync_towers(run, program, state)
+    if stage.finish is not None:
+        stage.finish(run)
 
-    traces = program.traces
-    eval_fn = jax.jit(make_eval_step(program.loss_fn))
-    data_config = _stage_data_config(config, stage)
+
+def _fresh_state(program: StageProgram) -> TrainState:
+    # Donated: the state takes over the towers' buffers instead of copying them (SD 1.5:
+    # 3.4 GB); run.towers is refreshed from the state (_sync_towers) before anything reads
+    # it again.
+    return jax.jit(program.create, out_shardings=program.state_sharding,
+                   donate_argnums=0)(program.trained)
+
+
+def _resumed_state(run: Run, program: StageProgram, resume: dict
+                   ) -> tuple[TrainState, int, dict]:
+    """The state, stage step and this process's data iterator state of a checkpoint."""
+    shapes, sharding = program.state_shapes, program.state_sharding
+    restored = run.checkpointer.restore(resume["step"], {OPT_ITEM: parallel.abstract(
+        {"opt_state": shapes.opt_state, "rng": shapes.rng},
+        {"opt_state": sharding.opt_state, "rng": sharding.rng})}, [])
+    ema = None
+    if program.ema_max_decay is not None:  # saved EMA copies, raw params where none was
+        source = partition.combine(program.trained, {n: t for n, t in run.ema.items()
+                                                     if n in program.trained})
+        ema = program.ema_select(partition.select(source, program.trainable))
+    # Host scalars: device_put of uncommitted device arrays onto shardings that span
+    # processes gives unreadable arrays (see parallel.shard_params).
+    state = TrainState(step=np.asarray(resume["stage_step"], np.int32), params=program.trained,
+                       opt_state=restored[OPT_ITEM]["opt_state"], ema_params=ema,
+                       rng=restored[OPT_ITEM]["rng"], nonfinite_step=np.asarray(-1, np.int32))
+    state = jax.device_put(state, sharding)
+    states = resume["data"]
+    if len(states) != jax.process_count():
+        raise ValueError(f"the checkpoint at step {resume['step']} holds the data iterator "
+                         f"states of {len(states)} processes, this run has "
+                         f"{jax.process_count()}: resume with as many or start a new workdir")
+    return state, resume["stage_step"], states[jax.process_index()]
+
+
+def _stage_data(run: Run, stage: Stage, data_state: dict | None):
+    """(train iterator at `data_state`, held-out batches, global batch size) of a stage."""
+    data_config = stage.data_config(run.config)
     iterator = data_pipeline.make_train_iterator(
         data_config, run.tokenizer, process_index=jax.process_index(),
         process_count=jax.process_count())
     if data_state is not None:
         iterator.set_state(data_state)
     eval_batches = data_pipeline.make_eval_batches(
-        data_config, run.tokenizer, num_examples=config.eval_examples,
+        data_config, run.tokenizer, num_examples=run.config.eval_examples,
         batch_size=data_config.batch_size)
+    return iterator, eval_batches, data_config.batch_size
 
-    log.info("%s stage: steps %d..%d of %d, global batch %d\n%s", stage, stage_step + 1,
-             num_steps, num_steps, data_config.batch_size,
-             parallel.describe(state.params, state_sharding.params))
-    progress = Progress(run, stage, stage_step, num_steps, data_config.batch_size)
+
+def _due(stage_step: int, every: int, last: bool) -> bool:
+    return stage_step % every == 0 or last
+
+
+def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainState,
+                 stage_step: int, data_state: dict | None) -> TrainState:
+    """Steps `stage_step`+1 .. the stage's last, with logs, evals, grids and checkpoints."""
+    config = run.config
+    num_steps, first = stage.steps(config), run.first_step(stage.name)
+    iterator, eval_batches, batch_size = _stage_data(run, stage, data_state)
+    eval_fn = jax.jit(make_eval_step(program.loss_fn))
+    log.info("%s stage: steps %d..%d of %d, global batch %d\n%s", stage.name, stage_step + 1,
+             num_steps, num_steps, batch_size,
+             parallel.describe(state.params, program.state_sharding.params))
+    progress = Progress(run, stage.name, stage_step, num_steps, batch_size)
     pending: list = []
     while stage_step < num_steps:
         if run.stop.requested or run.checkpointer.reached_preemption(first + stage_step):
-            if run.checkpointer.latest_step() != first + stage_step:
-                run.towers.update(_towers_from_state(stage, state))
-                run.save(first + stage_step, stage, stage_step, state, iterator.get_state())
-            run.checkpointer.wait()
-            raise Preempted(f"stopped at step {first + stage_step} after writing a checkpoint; "
-                            "rerun the same command to resume")
-        batch = parallel.global_batch(next(iterator), mesh)
-        state, metrics = step_fn(state, frozen, batch)
+            _stop(run, stage, program, state, stage_step, iterator)
+        batch = parallel.global_batch(next(iterator), run.mesh)
+        state, metrics = program.step_fn(state, program.frozen, batch)
         stage_step += 1
         pending.append(metrics)
         step, last = first + stage_step, stage_step == num_steps
-        if stage_step % config.log_every_steps == 0 or last:
+        if _due(stage_step, config.log_every_steps, last):
             _check_finite(run, stage, state)
             progress.log(step, pending, iterator)
             pending = []
         metrics_for_best = None
-        if stage_step % config.eval_every_steps == 0 or last:
+        if _due(stage_step, config.eval_every_steps, last):
             with progress.outside_steps():
-                eval_loss = _eval_loss(run, eval_fn, state, frozen, eval_batches)
-            run.scalars(step, {"loss": eval_loss}, f"{stage}/eval")
+                eval_loss = _evaluate(run, stage, program, eval_fn, state, eval_batches, step)
             progress.record(step, {"eval_loss": eval_loss})
-            log.info("%s step %d: eval loss %.5f", stage, step, eval_loss)
-            run.summary[f"{stage}_eval_loss"] = round(eval_loss, 6)
-            if stage == "diffusion":
+            if stage.keeps_best:
                 metrics_for_best = {"eval_loss": eval_loss}
-        if stage == "diffusion" and config.sample_every_steps and (
+        if stage.draws_samples and config.sample_every_steps and (
                 stage_step % config.sample_every_steps == 0) and not last:
-            with progress.outside_steps():  # on every process: the program spans them all
-                run.sampler().grid(step, _sampling_towers(
-                    run, {**run.towers, **_towers_from_state(stage, state)}))
-        if stage_step % config.checkpoint.every_steps == 0 or last:
             with progress.outside_steps():
-                run.towers.update(_towers_from_state(stage, state))
+                _sync_towers(run, program, state)
+                run.sampler().grid(step, sampling_params(run))  # on every process
+        if _due(stage_step, config.checkpoint.every_steps, last):
+            with progress.outside_steps():
+                _sync_towers(run, program, state)
                 run.save(step, stage, stage_step, state, iterator.get_state(), metrics_for_best)
     progress.close()
     for key, value in progress.throughput().items():
-        run.summary[f"{stage}_{key}"] = value
-    run.summary[f"{stage}_train_step_compilations"] = len(traces)
-    run.summary[f"{stage}_skipped_examples"] = _skipped(iterator)
-    _finish_stage(run, stage, state)
+        run.summary[f"{stage.name}_{key}"] = value
+    run.summary[f"{stage.name}_train_step_compilations"] = len(program.traces)
+    run.summary[f"{stage.name}_skipped_examples"] = _skipped(iterator)
+    return state
 
 
-def _ema_or_params(state: TrainState) -> Any:
-    return state.ema_params if state.ema_params is not None else state.params
+def _stop(run: Run, stage: Stage, program: StageProgram, state: TrainState, stage_step: int,
+          iterator) -> None:
+    """Checkpoints the step reached (unless just written) and raises Preempted."""
+    step = run.first_step(stage.name) + stage_step
+    if run.checkpointer.latest_step() != step:
+        _sync_towers(run, program, state)
+        run.save(step, stage, stage_step, state, iterator.get_state())
+    run.checkpointer.wait()
+    raise Preempted(f"stopped at step {step} after writing a checkpoint; "
+                    "rerun the same command to resume")
 
 
-def _towers_from_state(stage: str, state: TrainState) -> dict:
-    towers = dict(state.params)
-    if stage == "diffusion" and state.ema_params is not None:
-        towers["unet_ema"] = state.ema_params["unet"]
-    return towers
+def _sync_towers(run: Run, program: StageProgram, state: TrainState) -> None:
+    """run.towers (and run.ema) from the state, which holds the trained params' buffers."""
+    run.towers = partition.combine(program.frozen, state.params)
+    if state.ema_params is not None:
+        run.ema.update(partition.combine({n: run.towers[n] for n in state.ema_params},
+                                         state.ema_params))
+
+
+def _eval_params(state: TrainState) -> Any:
+    """The trained params with the EMA copies in: the weights we sample with."""
+    if state.ema_params is None:
+        return state.params
+    return partition.combine(state.params, state.ema_params)
 
 
 def _skipped(iterator) -> dict:
@@ -464,20 +598,26 @@ def _skipped(iterator) -> dict:
     return dict(stats or {})
 
 
-def _check_finite(run: Run, stage: str, state: TrainState) -> None:
+def _check_finite(run: Run, stage: Stage, state: TrainState) -> None:
     nonfinite = int(jax.device_get(state.nonfinite_step))
     if nonfinite >= 0:
         raise run.diverged(stage, nonfinite)
 
 
-def _eval_loss(run: Run, eval_fn, state: TrainState, frozen, batches) -> float:
-    """Mean loss over the held-out batches at fixed noise, with the weights we sample with."""
-    params, total = _ema_or_params(state), 0.0
+def _evaluate(run: Run, stage: Stage, program: StageProgram, eval_fn, state: TrainState,
+              batches, step: int) -> float:
+    """Mean loss over the held-out batches at fixed noise, with the weights we sample with;
+    logged and put in the summary."""
+    params, total = _eval_params(state), 0.0
     rng = jax.random.key(run.config.seed + 7919)
     for i, batch in enumerate(batches):
         local = parallel.global_batch(_process_rows(batch), run.mesh)
-        total += float(eval_fn(params, frozen, local, jax.random.fold_in(rng, i))["loss"])
-    return total / max(len(batches), 1)
+        total += float(eval_fn(params, program.frozen, local, jax.random.fold_in(rng, i))["loss"])
+    eval_loss = total / max(len(batches), 1)
+    run.scalars(step, {"loss": eval_loss}, f"{stage.name}/eval")
+    log.info("%s step %d: eval loss %.5f", stage.name, step, eval_loss)
+    run.summary[f"{stage.name}_eval_loss"] = round(eval_loss, 6)
+    return eval_loss
 
 
 def _process_rows(batch: Mapping[str, np.ndarray]) -> dict:
@@ -485,38 +625,7 @@ def _process_rows(batch: Mapping[str, np.ndarray]) -> dict:
     return {k: np.asarray(v)[i::n] for k, v in batch.items()}
 
 
-def _finish_stage(run: Run, stage: str, state: TrainState) -> None:
-    run.towers.update(_towers_from_state(stage, state))
-    if stage == "vae":
-        _set_scaling_factor(run)
-
-
-def _set_scaling_factor(run: Run) -> None:
-    """SD's 0.18215 is 1/std of its VAE's latents; do the same for the VAE just trained, so
-    the U-Net sees unit-variance latents."""
-    models = _models(run.ckpt_config, jnp.float32, None)
-    batches = data_pipeline.make_eval_batches(
-        _stage_data_config(run.config, "vae"), run.tokenizer, num_examples=1024,
-        batch_size=run.config.vae_training.batch_size)
-    # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
-    # and a host reads only whole (or fully replicated) arrays.
-    encode = jax.jit(lambda p, x, r: losses.encode_latents(
-        dataclasses.replace(models, scaling_factor=1.0), p, x, r),
-        out_shardings=parallel.replicated(run.mesh))
-    rng = jax.random.key(run.config.seed + 31)
-    latents = [np.asarray(encode(run.towers["vae"], b["image"], jax.random.fold_in(rng, i)))
-               for i, b in enumerate(batches)]
-    std = float(np.concatenate(latents).std())
-    run.ckpt_config["vae"]["scaling_factor"] = round(1.0 / std, 5)
-    log.info("VAE latent std %.4f: scaling_factor = %.5f", std, 1.0 / std)
-    run.summary["vae_scaling_factor"] = run.ckpt_config["vae"]["scaling_factor"]
-
-
-def _sampling_towers(run: Run, towers: Mapping[str, Any]) -> dict:
-    """{tower name: params} to sample with, from towers the run holds: a tower's EMA copy
-    (`NAME_ema`) where it has one."""
-    return {name: towers.get(f"{name}_ema", towers[name])
-            for name in system.from_config(run.ckpt_config).names}
+# ----------------------------------------------------------------------------- samples, evals
 
 
 class _Sampler:
@@ -535,7 +644,7 @@ class _Sampler:
 
     def generate(self, prompts: list[str], seeds: list[int], params: Mapping[str, Any],
                  batch: int = 100) -> np.ndarray:
-        """`params`: {tower name: params}, as `_sampling_towers` gives them."""
+        """`params`: {tower name: params}, as `sampling_params` gives them."""
         out = []
         for i in range(0, len(prompts), batch):
             p, s = prompts[i:i + batch], seeds[i:i + batch]
@@ -567,75 +676,13 @@ class _Sampler:
         log.info("sample grid: %s", path)
         return path
 
-
 def _final(run: Run) -> None:
-    """Sample grid, class accuracy of samples and FID, with the final EMA U-Net: every process
-    samples (the program spans them all), process 0 scores and writes."""
-    if "unet_ema" not in run.towers and "unet" not in run.towers:
-        return
-    sampler, towers = run.sampler(), _sampling_towers(run, run.towers)
-    path = sampler.grid(run.checkpointer.latest_step(), towers)
-    if run.is_main:
-        run.summary["samples"] = str(path)
-    final = run.config.final_eval
-    if final.samples_per_class:
-        from diffusion_jax.data import fashion_mnist
-        from diffusion_jax.eval import classifier
-
-        labels = [c for c in range(len(fashion_mnist.CLASS_NAMES))
-                  for _ in range(final.samples_per_class)]
-        images = sampler.generate([fashion_mnist.caption(c) for c in labels],
-                                  list(range(len(labels))), towers)
-        if run.is_main:
-            params = classifier.load_or_train(run.workdir / "classifier.safetensors")
-            result = classifier.conditional_accuracy(params, images, np.asarray(labels))
-            run.summary["class_accuracy"] = round(float(result["accuracy"]), 4)
-            run.summary["class_accuracy_per_class"] = {
-                k: round(float(v), 3) for k, v in result["per_class"].items()}
-            log.info("samples recognised as the prompted class: %.1f%%", 100 * result["accuracy"])
-    if final.fid_samples:
-        run.summary["fid"] = _fid(run, sampler, final.fid_samples, towers)
-
-
-def _load_inception():
-    """The FID Inception; converts its weights once when missing and torch is there to read
-    the TorchScript file (`diffusion-jax fid --setup` does the same by hand)."""
-    import importlib.util
-
-    from diffusion_jax.eval import fid, inception
-
-    try:
-        return fid.load_inception()
-    except fid.WeightsMissing:
-        if importlib.util.find_spec("torch") is None:
-            raise
-        log.info("FID Inception weights are not set up: fetching and converting them once")
-        inception.setup_weights()
-        return fid.load_inception()
-
-
-def _fid(run: Run, sampler: _Sampler, count: int, params: Mapping[str, Any]) -> float | str:
-    from diffusion_jax.data import fashion_mnist
-    from diffusion_jax.eval import fid
-
-    try:
-        features = _load_inception()
-    except (fid.WeightsMissing, OSError, RuntimeError) as e:  # e.g. no torch, no network
-        log.warning("FID skipped: %s", e)
-        return f"skipped: {' '.join(str(e).split())}"
-    labels = [i % len(fashion_mnist.CLASS_NAMES) for i in range(count)]
-    images = sampler.generate([fashion_mnist.caption(c) for c in labels],
-                              [100_000 + i for i in range(count)], params)
-    mu, sigma, n = fid.statistics([images[i:i + 100] for i in range(0, count, 100)], features)
-    reference = run.config.final_eval.fid_reference_examples
-    ref_mu, ref_sigma = fid.reference_statistics_fashion_mnist(
-        split="test", num_examples=reference, image_size=run.config.data.image_size,
-        features=features)
-    value = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
-    log.info("FID (%d samples vs %d Fashion-MNIST test images): %.2f", n, reference, value)
-    run.summary["fid_samples"] = n
-    run.summary["fid_reference_examples"] = reference
-    return round(value, 3)
+    """The final sample grid and the config's evaluators, with the EMA copies."""
+    params = sampling_params(run)
+    sampler = run.sampler()
+    run.summary["samples"] = str(sampler.grid(run.checkpointer.latest_step(), params))
+    for evaluator in evaluators.from_config(run.config):
+        run.summary.update(evaluator.evaluate(sampler, params, run.workdir))
 
 
 def print_summary(summary: Mapping[str, Any]) -> None:
