@@ -2,21 +2,20 @@
 
 Stage 1, VAE: per-pixel reconstruction (L1 or L2) of a posterior sample plus a KL term, the
 LDM recipe with the loss normalised per pixel. Stage 2, latent diffusion: encode with the
-frozen VAE, noise the scaled latents at a random timestep and regress the U-Net output on
-the schedule's target (epsilon / v / x0), optionally min-SNR-gamma weighted.
+frozen VAE, noise the scaled latents at a random timestep and regress the denoiser's output
+on the schedule's target (epsilon / v / x0), optionally min-SNR-gamma weighted. The models
+are a `system.Models`: the loss iterates the system's towers, it names none of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax import system
 from diffusion_jax.diffusion import schedule as sched
-from diffusion_jax.models.clip_text import CLIPTextModel
-from diffusion_jax.models.unet import UNet2DConditionModel
 from diffusion_jax.models.vae import AutoencoderKL
 
 Params = Mapping[str, Any]
@@ -29,7 +28,7 @@ def _mean_per_example(x: jax.Array) -> jax.Array:
 
 
 def vae_loss_fn(vae: AutoencoderKL, reconstruction_loss: str, kl_weight: float) -> LossFn:
-    """loss = mean_pixels(|x - D(z)|^p) + kl_weight * KL(q(z|x) || N(0, I)) / latent size,
+    """`vae`: the system's VAE module (`system.Models.vae`). loss = mean_pixels(|x - D(z)|^p) + kl_weight * KL(q(z|x) || N(0, I)) / latent size,
     z ~ q(z|x). LDM sums both over elements; dividing by element counts keeps the scale
     independent of the resolution."""
     if reconstruction_loss not in ("l1", "l2"):
@@ -61,24 +60,24 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction_type: str) -> jax.Ar
     return clipped  # "sample": the loss is already in x0 space
 
 
-@dataclass(frozen=True)
-class DiffusionModels:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    scaling_factor: float
+def batch_cond(models: system.Models, params: Params, batch: Mapping[str, jax.Array]
+               ) -> dict[str, jax.Array] | None:
+    """The batch's precomputed conditioning (precomputed latents carry `context`), where the
+    loss may use it: the batch holds every key the text towers give and no text tower is
+    trained (a trained one must see its own forward). None: encode the ids."""
+    trained_text = any(name in params for name in models.system.text_names)
+    keys = models.system.cond_keys
+    if trained_text or not all(key in batch for key in keys):
+        return None
+    return {key: batch[key] for key in keys}
 
 
-def encode_latents(models: DiffusionModels, vae_params, images, rng) -> jax.Array:
-    """Scaled latents of a posterior sample, as the U-Net sees them."""
-    posterior = models.vae.apply({"params": vae_params}, images, method=models.vae.encode)
-    return posterior.sample(rng) * models.scaling_factor
-
-
-def diffusion_loss_fn(models: DiffusionModels, schedule: sched.Schedule, *,
+def diffusion_loss_fn(models: system.Models, schedule: sched.Schedule, *,
                       min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> LossFn:
-    """Batches hold `image` (or precomputed `latents`) and `input_ids`; `params` holds the
-    trained towers (`unet`, maybe `text_encoder`), `frozen` the others."""
+    """Batches hold `image` (or precomputed `latents`), the text towers' ids (`input_ids`,
+    ...) and maybe their precomputed conditioning (`context`, used when the text towers are
+    frozen: see `batch_cond`); `params` holds the trained towers (the denoiser, maybe text
+    towers), `frozen` the others."""
 
     def loss_fn(params, frozen, batch, rng):
         towers = {**frozen, **params}
@@ -86,9 +85,11 @@ def diffusion_loss_fn(models: DiffusionModels, schedule: sched.Schedule, *,
         if "latents" in batch:
             x0 = batch["latents"]
         else:
-            x0 = encode_latents(models, towers["vae"], batch["image"], rng_latent)
-        context = models.text_encoder.apply({"params": towers["text_encoder"]},
-                                            batch["input_ids"]).last_hidden_state
+            x0 = system.encode_latents(models, towers, batch["image"], rng_latent)
+        cond = batch_cond(models, params, batch)
+        if cond is None:
+            cond = system.encode_text(models, towers,
+                                      {key: batch[key] for key in models.system.ids_keys})
         b = x0.shape[0]
         t = jax.random.randint(rng_t, (b,), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
@@ -97,7 +98,7 @@ def diffusion_loss_fn(models: DiffusionModels, schedule: sched.Schedule, *,
                 rng_offset, (b, 1, 1, x0.shape[-1]), x0.dtype)
         x_t = sched.add_noise(schedule, x0, noise, t)
         target = sched.training_target(schedule, x0, noise, t)
-        prediction = models.unet.apply({"params": towers["unet"]}, x_t, t, context)
+        prediction = system.denoise(models, towers, x_t, t, cond)
         per_example = _mean_per_example(jnp.square(prediction.astype(jnp.float32) - target))
         mse = jnp.mean(per_example)
         if min_snr_gamma:

@@ -28,13 +28,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpoint, parallel
+from diffusion_jax import checkpoint, parallel, system
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.diffusion.schedule import Schedule
 from diffusion_jax.models import COMPONENTS
-from diffusion_jax.models.clip_text import CLIPTextModel
-from diffusion_jax.models.unet import UNet2DConditionModel
-from diffusion_jax.models.vae import AutoencoderKL
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import losses
 from diffusion_jax.training import preflight
@@ -67,14 +64,9 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def _models(cfg: Mapping[str, Any], dtype, remat_policy: str | None,
-            attention_impl: str | None = None) -> losses.DiffusionModels:
-    return losses.DiffusionModels(
-        unet=UNet2DConditionModel(COMPONENTS["unet"].config_from_dict(cfg["unet"]), dtype=dtype,
-                                  remat_policy=remat_policy, attention_impl=attention_impl),
-        vae=AutoencoderKL(COMPONENTS["vae"].config_from_dict(cfg["vae"]), dtype=dtype),
-        text_encoder=CLIPTextModel(COMPONENTS["text_encoder"].config_from_dict(cfg["text_encoder"]),
-                                   dtype=dtype),
-        scaling_factor=float(cfg["vae"]["scaling_factor"]))
+            attention_impl: str | None = None) -> system.Models:
+    return system.build(system.from_config(cfg), cfg, dtype=dtype, remat_policy=remat_policy,
+                        attention_impl=attention_impl)
 
 
 def _stage_data_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
@@ -501,8 +493,8 @@ def _set_scaling_factor(run: Run) -> None:
         batch_size=run.config.vae_training.batch_size)
     # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
     # and a host reads only whole (or fully replicated) arrays.
-    encode = jax.jit(lambda p, x, r: losses.encode_latents(
-        dataclasses.replace(models, scaling_factor=1.0), p, x, r),
+    encode = jax.jit(lambda p, x, r: system.encode_latents(
+        dataclasses.replace(models, scaling_factor=1.0), {models.system.vae.name: p}, x, r),
         out_shardings=parallel.replicated(run.mesh))
     rng = jax.random.key(run.config.seed + 31)
     latents = [np.asarray(encode(run.towers["vae"], b["image"], jax.random.fold_in(rng, i)))
