@@ -290,7 +290,8 @@ def _save_pngs(images, out, is_folder: bool, run: dict, columns: int | None) -> 
 
 
 # Options that only some benchmarks take; the others reject them rather than ignore them.
-BENCH_ONLY_OPTIONS = {"remat": ("train",), "compare": ("unet", "train", "vae", "sample"),
+BENCH_ONLY_OPTIONS = {"remat": ("train",), "context": ("train",),
+                      "compare": ("unet", "train", "vae", "sample"),
                       "sampler": ("sample", "compile"), "steps": ("sample", "compile")}
 
 
@@ -318,6 +319,10 @@ def add_bench(subparsers) -> None:
                         help="compute dtype; params stay float32 (default: float32)")
     parser.add_argument("--remat", help="train: jax.checkpoint_policies policy for each U-Net "
                                         "block, e.g. nothing_saveable (default: no remat)")
+    parser.add_argument("--context", choices=["precomputed", "encoded"],
+                        help="train: the text context in the batch, as precomputed embeddings "
+                             "give it, or encoded from token ids by the frozen text towers in "
+                             "every step (default: precomputed)")
     parser.add_argument("--sampler", help="sample, compile: sampler (default: dpmpp_2m)")
     parser.add_argument("--steps", type=int,
                         help="sample, compile: inference steps (default: sample 20, compile 4)")
@@ -340,8 +345,8 @@ def run_bench(args: argparse.Namespace) -> None:
     config = _config_sections(args.config)
     from diffusion_jax import bench
 
-    options = {name: getattr(args, name) for name in ("batch", "dtype", "remat", "sampler",
-                                                      "steps", "repeats")
+    options = {name: getattr(args, name) for name in ("batch", "dtype", "remat", "context",
+                                                      "sampler", "steps", "repeats")
                if getattr(args, name) is not None}
     if args.compare:
         options["compare_torch"] = True

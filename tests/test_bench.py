@@ -68,6 +68,13 @@ def test_train_step_matches_torch(capsys, tmp_path):
     assert result["xla_alias_bytes"] > 0  # the donated state is updated in place
 
 
+def test_train_step_with_the_context_encoded_by_the_frozen_text_tower(capsys, tmp_path):
+    result = _bench(capsys, tmp_path, "train", "--batch", "2", "--context", "encoded")
+    _check_common(result, batch=2)
+    assert result["context"] == "encoded"
+    assert abs(result["last_loss"] - result["first_loss"]) > 1e-3
+
+
 def test_sample_benchmark(capsys, tmp_path):
     result = _bench(capsys, tmp_path, "sample", "--steps", "2")
     assert result["benchmark"] == "sample" and result["compilations"] == 1
@@ -134,6 +141,9 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
     (["unet", "--config", "no/such/config.py"], "config no/such/config.py: no such file, and not a bundled config name"),
     (["unet", "--config", TINY, "--remat", "nothing_saveable"],
      "--remat applies to bench train only"),
+    (["vae", "--config", TINY, "--context", "encoded"], "--context applies to bench train only"),
+    (["train", "--config", TINY, "--context", "encoded", "--compare", "torch"],
+     "--compare torch times the U-Net step on a precomputed context"),
     (["compile", "--config", TINY, "--compare", "torch"], "--compare applies to bench unet"),
     (["train", "--config", TINY, "--remat", "everything"], "valid policies are"),
     (["vae", "--config", TINY, "--batch", "0"], "--batch must be at least 1"),

@@ -1,4 +1,5 @@
-"""Model benchmarks: the U-Net forward, one U-Net training step, VAE encode + decode.
+"""Model benchmarks: the U-Net forward, one U-Net training step (its text context
+precomputed, or encoded by the frozen text towers in the step), VAE encode + decode.
 
 Each draws random weights for a config (`weights.random_params`), compiles the function
 once, times the compiled executable and, with `compare_torch`, runs the same work through
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from diffusion_jax import system
 from diffusion_jax.bench import measure
 from diffusion_jax.bench.weights import random_params
 from diffusion_jax.convert.torch_params import params_to_state_dict
@@ -25,6 +27,7 @@ from diffusion_jax.models import vae as vae_lib
 from diffusion_jax.training.state import TrainState, make_train_step
 
 TEXT_TOKENS = 77  # CLIP context length, as the pipeline and training feed the U-Net
+CONTEXTS = ("precomputed", "encoded")  # bench train: the batch's context, or the ids encoded
 # AdamW as both sides run it (optax's and torch's defaults differ in weight decay only).
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-2
@@ -84,46 +87,85 @@ def bench_unet(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float
     return result
 
 
-def _epsilon_loss(model: unet_lib.UNet2DConditionModel):
+def _epsilon_loss(model: unet_lib.UNet2DConditionModel, text: system.Models | None = None):
     """MSE of the predicted noise against the noise given in the batch: the work of a
-    diffusion training step without the sampling of noise and timesteps around it."""
+    diffusion training step without the sampling of noise and timesteps around it. With
+    `text`, the context is encoded from the batch's ids by the frozen text towers in the step
+    (as training does without precomputed embeddings); else it is the batch's."""
 
     def loss_fn(params, frozen, batch, rng):
-        del frozen, rng
+        del rng
+        if text is None:
+            context = batch["context"]
+        else:
+            ids = {key: batch[key] for key in text.system.ids_keys}
+            context = system.encode_text(text, frozen, ids)["context"]
         prediction = model.apply({"params": params}, batch["noisy_latents"], batch["timesteps"],
-                                 batch["context"])
+                                 context)
         return jnp.mean(jnp.square(prediction - batch["noise"])), {}
 
     return loss_fn
 
 
+def _text_towers(config: Mapping[str, Any], dtype: str, batch: int):
+    """(the system's modules, its text towers' random params, random ids by ids key) for
+    `context="encoded"`."""
+    described = system.from_config(config)
+    missing = [n for n in (*described.text_names, described.vae.name) if n not in config]
+    if missing:
+        raise ValueError(f"bench train --context encoded needs the config sections {missing}")
+    models = system.build(described, config, dtype=measure.DTYPES[dtype])
+    rng = np.random.default_rng(2)
+    params, ids = {}, {}
+    for i, tower in enumerate(described.text_towers):
+        section = dict(config[tower.name])
+        params[tower.name] = random_params(tower.name, section, seed=2 + i)
+        ids[tower.ids_key] = rng.integers(0, section["vocab_size"], (batch, TEXT_TOKENS)
+                                          ).astype(np.int32)
+    return models, params, ids
+
+
 def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32",
-                remat: str | None = None, repeats: int = 5, compare_torch: bool = False) -> dict:
+                remat: str | None = None, repeats: int = 5, compare_torch: bool = False,
+                context: str = "precomputed") -> dict:
     """One U-Net training step: forward, epsilon MSE, gradients, AdamW update; the project's
-    `make_train_step` (no EMA), jitted with the state donated."""
+    `make_train_step` (no EMA), jitted with the state donated. `context`: "precomputed" (the
+    batch holds the text context, as precomputed embeddings give it) or "encoded" (the batch
+    holds token ids, and the frozen text towers encode them in every step)."""
     if remat is not None and remat not in unet_lib.REMAT_POLICIES:
         raise ValueError(f"--remat {remat!r}: valid policies are {list(unet_lib.REMAT_POLICIES)}")
+    if context not in CONTEXTS:
+        raise ValueError(f"--context {context!r}: use one of {list(CONTEXTS)}")
+    if compare_torch and context != "precomputed":
+        raise ValueError("--compare torch times the U-Net step on a precomputed context: "
+                         "leave out --context encoded")
     cfg = unet_lib.UNetConfig.from_dict(config["unet"])
     model = unet_lib.UNet2DConditionModel(cfg, dtype=measure.DTYPES[dtype], remat_policy=remat)
-    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(_epsilon_loss(model), optimizer, lambda _: LEARNING_RATE,
-                                 ema_max_decay=None)
     inputs = _unet_inputs(cfg, batch)
     noise = np.random.default_rng(1).standard_normal(inputs["sample"].shape).astype(np.float32)
-    batch_arrays = jax.device_put(dict(noisy_latents=inputs["sample"], noise=noise,
-                                       timesteps=inputs["timesteps"], context=inputs["context"]))
+    arrays = dict(noisy_latents=inputs["sample"], noise=noise, timesteps=inputs["timesteps"])
+    text, frozen = None, {}
+    if context == "encoded":
+        text, frozen, ids = _text_towers(config, dtype, batch)
+        arrays.update(ids)
+    else:
+        arrays["context"] = inputs["context"]
+    batch_arrays = jax.device_put(arrays)
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    train_step = make_train_step(_epsilon_loss(model, text), optimizer, lambda _: LEARNING_RATE,
+                                 ema_max_decay=None)
     create_state = lambda params: TrainState.create(
         params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
     # Compiled from shapes before the state exists: the compiler's memory is free again
     # when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB).
     state_shapes = jax.eval_shape(create_state, COMPONENTS["unet"].param_shapes(cfg))
-    compiled, compile_s = measure.compile_timed(train_step, state_shapes, {}, batch_arrays,
+    compiled, compile_s = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
                                                 donate_argnums=(0,))
     state = create_state(random_params("unet", config["unet"], seed=0))
     current, losses = [state], []
 
     def step():
-        current[0], metrics = compiled(current[0], {}, batch_arrays)
+        current[0], metrics = compiled(current[0], frozen, batch_arrays)
         losses.append(metrics["loss"])
         return current[0]
 
@@ -132,7 +174,7 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     # gradients and AdamW are (the steps repeat one batch).
     losses = [float(losses[0]), float(losses[-1])]
     result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
-                     compile_s=compile_s, median_s=median_s, remat=remat,
+                     compile_s=compile_s, median_s=median_s, remat=remat, context=context,
                      latent_shape=list(inputs["sample"].shape), first_loss=losses[0],
                      last_loss=losses[1])
     if compare_torch:

@@ -19,12 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from diffusion_jax import checkpoint
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax import checkpoint, system
 
 log = logging.getLogger(__name__)
 
-TOWERS = ("vae", "text_encoder")
+
+def towers(config) -> tuple[str, ...]:
+    """The frozen towers precompute runs: the VAE and the text towers of the config's system."""
+    described = system.from_config(config)
+    return (described.vae.name, *described.text_names)
 
 
 def describe(config) -> dict:
@@ -35,13 +38,14 @@ def describe(config) -> dict:
 
 
 def load_params(config) -> dict:
-    """{"vae", "text_encoder"} params: from config.init_from, else the trainer's seeded
+    """The `towers(config)` params ({"vae", "text_encoder"} for SD): from config.init_from, else the trainer's seeded
     random init, the very weights a run of this config without init_from starts from (tests;
     warns, as such latents train nothing useful)."""
-    sections = {name: config[name].to_dict() for name in TOWERS}
+    names = towers(config)
+    sections = {name: config[name].to_dict() for name in names}
     if config.init_from:
         saved = checkpoint.read_config(config.init_from)
-        differ = checkpoint.architecture_differences(saved, sections, TOWERS)
+        differ = checkpoint.architecture_differences(saved, sections, names)
         if differ:
             raise ValueError(f"--config.init_from={config.init_from!r}: its architecture differs "
                              f"from this config's ({'; '.join(differ[:4])}); make them equal")
@@ -49,7 +53,7 @@ def load_params(config) -> dict:
         log.warning("config.init_from is empty: the latents are from RANDOM weights (seed %d); "
                     "set --config.init_from=CHECKPOINT_DIR for real ones", config.seed)
     return checkpoint.initial_params(sections, seed=config.seed, init_from=config.init_from,
-                                     names=TOWERS)
+                                     names=names)
 
 
 def _on_local_devices(fn, params) -> Callable[[np.ndarray], np.ndarray]:
@@ -71,18 +75,22 @@ def _on_local_devices(fn, params) -> Callable[[np.ndarray], np.ndarray]:
 
 def frozen_encoders(config, params: dict) -> tuple[Callable, Callable]:
     """(encode: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c],
-    text: input_ids int32 [B, L] -> context [B, L, D]), in config.dtype."""
-    dtype = jnp.dtype(config.dtype)
-    vae_cls, text_cls = (lambda c, **o: COMPONENTS["vae"].build(c, **o)), (lambda c, **o: COMPONENTS["text_encoder"].build(c, **o))
-    vae = vae_cls(COMPONENTS["vae"].config_from_dict(config.vae.to_dict()), dtype=dtype)
-    text = text_cls(COMPONENTS["text_encoder"].config_from_dict(config.text_encoder.to_dict()), dtype=dtype)
-    scaling_factor = float(config.vae.scaling_factor)
+    text: input_ids int32 [B, L] -> context [B, L, D]), in config.dtype: the system's VAE
+    (posterior mean, shifted and scaled as the denoiser sees it) and its text tower's
+    cond["context"]. The records hold one tower's `input_ids`, so one text tower only."""
+    described = system.from_config(config)
+    if len(described.text_towers) != 1:
+        raise ValueError(f"precompute writes one text tower's ids; this system has "
+                         f"{list(described.text_names)}")
+    models = system.build(described, config, dtype=jnp.dtype(config.dtype))
+    (ids_key,) = described.ids_keys
+    vae_name = described.vae.name
 
     def latents(p, images):
-        return vae.apply({"params": p}, images, method=vae.encode).mean * scaling_factor
+        return system.encode_latents(models, {vae_name: p}, images, rng=None)
 
     def context(p, input_ids):
-        return text.apply({"params": p}, input_ids).last_hidden_state
+        return system.encode_text(models, p, {ids_key: input_ids})["context"]
 
-    return (_on_local_devices(latents, params["vae"]),
-            _on_local_devices(context, params["text_encoder"]))
+    return (_on_local_devices(latents, params[vae_name]),
+            _on_local_devices(context, {n: params[n] for n in described.text_names}))

@@ -83,26 +83,35 @@ def make_source(data_config, split: str, *, held_out: bool = False):
     raise ValueError(f"data.source={kind!r} is not a data source; use one of {list(sources.SOURCES)}")
 
 
+def text_tokenizers(text) -> dict[str, Any]:
+    """{ids key: tokenizer} of `text`: a `system.TextInputs` (one tokenizer per text tower),
+    or one tokenizer, whose ids are `input_ids`."""
+    tokenizers = getattr(text, "tokenizers", None)  # duck-typed: data/ imports no models
+    return dict(tokenizers) if tokenizers is not None else {"input_ids": text}
+
+
 class CaptionIds:
-    """caption -> int32 [max_length] ids, memoized: datasets repeat their captions (Fashion-MNIST
-    has ten, plus "") and the BPE is the costliest step of an example."""
+    """caption -> {ids key: int32 [max_length] ids}, one entry per text tower, memoized:
+    datasets repeat their captions (Fashion-MNIST has ten, plus "") and the BPE is the
+    costliest step of an example. `text`: a `system.TextInputs` or one tokenizer."""
 
     _MAX_ENTRIES = 100_000
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._cache: dict[str, np.ndarray] = {}
+    def __init__(self, text):
+        self.tokenizers = text_tokenizers(text)
+        self._cache: dict[str, dict[str, np.ndarray]] = {}
 
-    def __call__(self, caption: str) -> np.ndarray:
+    def __call__(self, caption: str) -> dict[str, np.ndarray]:
         ids = self._cache.get(caption)
         if ids is None:
             if len(self._cache) >= self._MAX_ENTRIES:
                 self._cache.clear()
-            ids = self._cache[caption] = self.tokenizer([caption])[0]
+            ids = self._cache[caption] = {key: tokenizer([caption])[0]
+                                          for key, tokenizer in self.tokenizers.items()}
         return ids
 
-    def __getstate__(self):  # workers get the tokenizer, not the cache
-        return {"tokenizer": self.tokenizer, "_cache": {}}
+    def __getstate__(self):  # workers get the tokenizers, not the cache
+        return {"tokenizers": self.tokenizers, "_cache": {}}
 
 
 def fit_image(image: np.ndarray, size: int, crop_at: float | None) -> tuple[np.ndarray, bool]:
@@ -132,7 +141,7 @@ class Prepared:
 
 @dataclasses.dataclass
 class PrepareImage:
-    """Example -> Prepared row {"image", "input_ids", "label"}; rng None: deterministic (eval).
+    """Example -> Prepared row {"image", the ids keys ("input_ids", ...), "label"}; rng None: deterministic (eval).
     Images whose shorter side is below `min_image_size` become Skipped("too_small")."""
 
     image_size: int
@@ -159,19 +168,20 @@ class PrepareImage:
             image = image[:, ::-1]
         caption = "" if drop_u < self.caption_dropout else example.caption
         arrays = {"image": image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0),
-                  "input_ids": self.caption_ids(caption),
+                  **self.caption_ids(caption),
                   "label": np.int32(example.label)}
         return Prepared(arrays, example.name, example.conversions + (("upscaled",) if upscaled else ()))
 
 
 @dataclasses.dataclass
 class PrepareLatents:
-    """Precomputed record -> Prepared row {"latents", "input_ids", "label"[, "context"]}.
-    Caption dropout swaps in the empty caption's ids (and its context); no flip, no crop: the
-    augmentation was fixed when the latents were written."""
+    """Precomputed record -> Prepared row {"latents", the ids keys, "label"[, "context"]}.
+    Caption dropout swaps in the empty caption's ids (and its context, together: the loss
+    uses the batch's context in place of the ids); no flip, no crop: the augmentation was
+    fixed when the latents were written."""
 
     caption_dropout: float
-    empty_ids: np.ndarray
+    empty_ids: dict[str, np.ndarray]  # ids key -> the empty caption's ids
     null_context: np.ndarray | None
 
     def __call__(self, record: dict[str, np.ndarray] | Skipped, rng: np.random.Generator | None = None):
@@ -180,18 +190,31 @@ class PrepareLatents:
         arrays = dict(record)
         arrays["label"] = np.int32(arrays["label"])
         if rng is not None and rng.random() < self.caption_dropout:
-            arrays["input_ids"] = self.empty_ids
+            arrays.update(self.empty_ids)
             if self.null_context is not None:
                 arrays["context"] = self.null_context
         return Prepared(arrays, "latents", ())
 
 
-def make_prepare(data_config, tokenizer, source):
-    caption_ids = CaptionIds(tokenizer)
+def _check_latents_ids(data_config, source: sources.LatentsSource, tokenizers: dict) -> None:
+    """The records' ids must be those the tokenizers make: one length per ids key
+    (latents.json `max_lengths`; `max_length` where it was written for `input_ids` alone)."""
+    written = source.meta.get("max_lengths") or {"input_ids": source.meta["max_length"]}
+    for key, tokenizer in tokenizers.items():
+        if key not in written:
+            raise ValueError(f"{data_config.path} holds no {key} (only {sorted(written)}): "
+                             "rewrite the latents with every text tower's tokenizer")
+        if written[key] != tokenizer.max_length:
+            raise ValueError(f"{data_config.path} holds {key} of length {written[key]}, "
+                             f"the tokenizer makes {tokenizer.max_length}: rewrite the latents "
+                             "with it")
+
+
+def make_prepare(data_config, text, source):
+    """`text`: a `system.TextInputs` or one tokenizer (its ids are `input_ids`)."""
+    caption_ids = CaptionIds(text)
     if isinstance(source, sources.LatentsSource):
-        if source.meta["max_length"] != tokenizer.max_length:
-            raise ValueError(f"{data_config.path} holds input_ids of length {source.meta['max_length']}, "
-                             f"the tokenizer makes {tokenizer.max_length}: rewrite the latents with it")
+        _check_latents_ids(data_config, source, caption_ids.tokenizers)
         return PrepareLatents(data_config.caption_dropout, caption_ids(""), source.null_context)
     return PrepareImage(data_config.image_size, data_config.random_crop, data_config.random_flip,
                         data_config.caption_dropout, caption_ids, data_config.min_image_size)
@@ -353,9 +376,10 @@ def _read_options(source) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=source.read_threads, prefetch_buffer_size=128)
 
 
-def make_train_iterator(data_config, tokenizer, *, process_index: int = 0,
+def make_train_iterator(data_config, text, *, process_index: int = 0,
                         process_count: int = 1) -> TrainIterator:
-    """This process's infinite, shuffled, augmented batches of batch_size // process_count rows.
+    """This process's infinite, shuffled, augmented batches of batch_size // process_count rows,
+    with the ids of every tokenizer of `text` (a `system.TextInputs`, or one tokenizer).
 
     Process i reads the disjoint shard `source[i::process_count]` and shuffles it with its own
     order per epoch; together the processes' batches make the global batch.
@@ -368,7 +392,7 @@ def make_train_iterator(data_config, tokenizer, *, process_index: int = 0,
     if len(shard) == 0:
         raise ValueError(f"process {process_index} of {process_count} has no examples: the "
                          f"dataset has only {len(source)}")
-    prepare = make_prepare(data_config, tokenizer, source)
+    prepare = make_prepare(data_config, text, source)
     dataset = (EpochShuffle(shard, seed=_seed(data_config.seed, process_index, 0))
                .repeat(None)
                .random_map(prepare, seed=_seed(data_config.seed, process_index, 1))
@@ -391,11 +415,11 @@ def make_train_iterator(data_config, tokenizer, *, process_index: int = 0,
                          len_dataset=len(shard), fingerprint=fingerprint)
 
 
-def iterate_split(data_config, tokenizer, split: str, *, held_out: bool):
+def iterate_split(data_config, text, split: str, *, held_out: bool):
     """(every prepared example of a split in order, deterministically: center crop, no flip,
     no caption dropout), with the counter that saw them."""
     source = make_source(data_config, split, held_out=held_out)
-    prepare = make_prepare(data_config, tokenizer, source)
+    prepare = make_prepare(data_config, text, source)
     dataset = grain.MapDataset.source(source).map(functools.partial(prepare, rng=None))
     counter = ExampleCounter()
 
@@ -410,13 +434,13 @@ def iterate_split(data_config, tokenizer, split: str, *, held_out: bool):
     return examples(), counter
 
 
-def make_eval_batches(data_config, tokenizer, *, num_examples: int,
+def make_eval_batches(data_config, text, *, num_examples: int,
                       batch_size: int) -> list[dict[str, np.ndarray]]:
     """The first `num_examples` usable examples of the held-out split, deterministic, in full
     batches of `batch_size` (a last partial batch is dropped so every batch has one shape)."""
     _check_config(data_config, 1)
     rows = []
-    examples, counter = iterate_split(data_config, tokenizer, data_config.eval_split, held_out=True)
+    examples, counter = iterate_split(data_config, text, data_config.eval_split, held_out=True)
     for row in examples:
         if len(rows) == num_examples:
             break

@@ -1,23 +1,24 @@
-"""The two training objectives as pure functions of (params, frozen params, batch, rng).
+"""The two training objectives as pure functions of (trained params, frozen params, batch,
+rng): the two parts of the one params tree {tower: params} that `partition.split` makes.
 
 Stage 1, VAE: per-pixel reconstruction (L1 or L2) of a posterior sample plus a KL term, the
 LDM recipe with the loss normalised per pixel. Stage 2, latent diffusion: encode with the
-frozen VAE, noise the scaled latents at a random timestep and regress the U-Net output on
-the schedule's target (epsilon / v / x0), optionally min-SNR-gamma weighted.
+frozen VAE, noise the scaled latents at a random timestep and regress the denoiser's output
+on the schedule's target (epsilon / v / x0), optionally min-SNR-gamma weighted. The models
+are a `system.Models`: the loss iterates the system's towers, it names none of them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.diffusion import schedule as sched
-from diffusion_jax.models.clip_text import CLIPTextModel
-from diffusion_jax.models.unet import UNet2DConditionModel
-from diffusion_jax.models.vae import AutoencoderKL
+from diffusion_jax import system
+from diffusion_jax.diffusion import process
+from diffusion_jax.diffusion.process import min_snr_weight  # noqa: F401 (the loss's weighting)
+from diffusion_jax.training import partition
 
 Params = Mapping[str, Any]
 LossFn = Callable[[Params, Params, Mapping[str, jax.Array], jax.Array],
@@ -28,21 +29,23 @@ def _mean_per_example(x: jax.Array) -> jax.Array:
     return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-def vae_loss_fn(vae: AutoencoderKL, reconstruction_loss: str, kl_weight: float) -> LossFn:
+def vae_loss_fn(models: system.Models, reconstruction_loss: str, kl_weight: float) -> LossFn:
     """loss = mean_pixels(|x - D(z)|^p) + kl_weight * KL(q(z|x) || N(0, I)) / latent size,
-    z ~ q(z|x). LDM sums both over elements; dividing by element counts keeps the scale
-    independent of the resolution."""
+    z ~ q(z|x), with the system's VAE. LDM sums both over elements; dividing by element
+    counts keeps the scale independent of the resolution."""
     if reconstruction_loss not in ("l1", "l2"):
         raise ValueError(f"reconstruction_loss {reconstruction_loss!r} is not supported; "
                          "use 'l1' or 'l2'")
     power = 1 if reconstruction_loss == "l1" else 2
 
+    tower = models.system.vae
+
     def loss_fn(params, frozen, batch, rng):
-        del frozen
+        vae = partition.combine(frozen, params)[tower.name]
         x = batch["image"]
-        posterior = vae.apply({"params": params["vae"]}, x, method=vae.encode)
+        posterior = tower.component.encode(models.vae, vae, x)
         z = posterior.sample(rng)
-        reconstruction = vae.apply({"params": params["vae"]}, z, method=vae.decode)
+        reconstruction = tower.component.decode(models.vae, vae, z)
         rec = jnp.mean(jnp.abs(reconstruction - x) ** power)
         kl = jnp.mean(posterior.kl()) / z[0].size
         return rec + kl_weight * kl, {"reconstruction": rec, "kl": kl}
@@ -50,58 +53,51 @@ def vae_loss_fn(vae: AutoencoderKL, reconstruction_loss: str, kl_weight: float) 
     return loss_fn
 
 
-def min_snr_weight(snr: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
-    """Min-SNR-gamma (Hang et al. 2023) as a weight on the MSE of each prediction type: the
-    x0-space weight min(SNR, gamma) divided by what the target already carries."""
-    clipped = jnp.minimum(snr, gamma)
-    if prediction_type == "epsilon":
-        return clipped / snr
-    if prediction_type == "v_prediction":
-        return clipped / (snr + 1.0)
-    return clipped  # "sample": the loss is already in x0 space
+def batch_cond(models: system.Models, params: Params, batch: Mapping[str, jax.Array]
+               ) -> dict[str, jax.Array] | None:
+    """The batch's precomputed conditioning (precomputed latents carry `context`), where the
+    loss may use it: the batch holds every key the text towers give and no text tower is
+    trained (a trained one must see its own forward). None: encode the ids."""
+    trained_text = any(name in params for name in models.system.text_names)
+    keys = models.system.cond_keys
+    if trained_text or not all(key in batch for key in keys):
+        return None
+    return {key: batch[key] for key in keys}
 
 
-@dataclass(frozen=True)
-class DiffusionModels:
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    scaling_factor: float
-
-
-def encode_latents(models: DiffusionModels, vae_params, images, rng) -> jax.Array:
-    """Scaled latents of a posterior sample, as the U-Net sees them."""
-    posterior = models.vae.apply({"params": vae_params}, images, method=models.vae.encode)
-    return posterior.sample(rng) * models.scaling_factor
-
-
-def diffusion_loss_fn(models: DiffusionModels, schedule: sched.Schedule, *,
+def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess, *,
                       min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> LossFn:
-    """Batches hold `image` (or precomputed `latents`) and `input_ids`; `params` holds the
-    trained towers (`unet`, maybe `text_encoder`), `frozen` the others."""
+    """Batches hold `image` (or precomputed `latents`), the text towers' ids (`input_ids`,
+    ...) and maybe their precomputed conditioning (`context`, used when the text towers are
+    frozen: see `batch_cond`); `params` holds the trained towers (the denoiser, maybe text
+    towers), `frozen` the others."""
 
     def loss_fn(params, frozen, batch, rng):
-        towers = {**frozen, **params}
+        towers = partition.combine(frozen, params)
         rng_latent, rng_t, rng_noise, rng_offset = jax.random.split(rng, 4)
         if "latents" in batch:
             x0 = batch["latents"]
         else:
-            x0 = encode_latents(models, towers["vae"], batch["image"], rng_latent)
-        context = models.text_encoder.apply({"params": towers["text_encoder"]},
-                                            batch["input_ids"]).last_hidden_state
+            x0 = system.encode_latents(models, towers, batch["image"], rng_latent)
+        cond = batch_cond(models, params, batch)
+        if cond is None:
+            cond = system.encode_text(models, towers,
+                                      {key: batch[key] for key in models.system.ids_keys})
         b = x0.shape[0]
-        t = jax.random.randint(rng_t, (b,), 0, schedule.num_train_timesteps)
+        t = process.sample_time(noise_process, rng_t, (b,))
         noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
         if offset_noise:  # Guttenberg 2023: lets the model shift a whole channel's mean
             noise = noise + offset_noise * jax.random.normal(
                 rng_offset, (b, 1, 1, x0.shape[-1]), x0.dtype)
-        x_t = sched.add_noise(schedule, x0, noise, t)
-        target = sched.training_target(schedule, x0, noise, t)
-        prediction = models.unet.apply({"params": towers["unet"]}, x_t, t, context)
+        x_t = process.add_noise(noise_process, x0, noise, t)
+        target = process.training_target(noise_process, x0, noise, t)
+        prediction = system.denoise(models, towers, x_t, process.model_time(noise_process, t),
+                                    cond)
         per_example = _mean_per_example(jnp.square(prediction.astype(jnp.float32) - target))
         mse = jnp.mean(per_example)
         if min_snr_gamma:
-            weight = min_snr_weight(schedule.snr[t], min_snr_gamma, schedule.prediction_type)
+            weight = min_snr_weight(process.snr(noise_process, t), min_snr_gamma,
+                                    noise_process.prediction_type)
             loss = jnp.mean(weight * per_example)
         else:
             loss = mse

@@ -36,11 +36,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, parallel, system
 from diffusion_jax.data import pipeline as data_pipeline
-from diffusion_jax.diffusion.schedule import Schedule
-from diffusion_jax.models import COMPONENTS
-from diffusion_jax.models.clip_text import CLIPTextModel
-from diffusion_jax.models.unet import UNet2DConditionModel
-from diffusion_jax.models.vae import AutoencoderKL
+from diffusion_jax.diffusion import process
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import preflight
@@ -71,23 +67,17 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def _models(ckpt_config: Mapping[str, Any], dtype, remat_policy: str | None,
-            attention_impl: str | None = None) -> losses.DiffusionModels:
-    return losses.DiffusionModels(
-        unet=UNet2DConditionModel(COMPONENTS["unet"].config_from_dict(ckpt_config["unet"]),
-                                  dtype=dtype, remat_policy=remat_policy,
-                                  attention_impl=attention_impl),
-        vae=AutoencoderKL(COMPONENTS["vae"].config_from_dict(ckpt_config["vae"]), dtype=dtype),
-        text_encoder=CLIPTextModel(
-            COMPONENTS["text_encoder"].config_from_dict(ckpt_config["text_encoder"]), dtype=dtype),
-        scaling_factor=float(ckpt_config["vae"]["scaling_factor"]))
+            attention_impl: str | None = None) -> system.Models:
+    return system.build(system.from_config(ckpt_config), ckpt_config, dtype=dtype,
+                        remat_policy=remat_policy, attention_impl=attention_impl)
 
 
 def _vae_loss(section, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
-    return losses.vae_loss_fn(models.vae, section.reconstruction_loss, section.kl_weight)
+    return losses.vae_loss_fn(models, section.reconstruction_loss, section.kl_weight)
 
 
 def _diffusion_loss(section, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
-    return losses.diffusion_loss_fn(models, Schedule.from_config(ckpt_config["schedule"]),
+    return losses.diffusion_loss_fn(models, process.from_config(ckpt_config["schedule"]),
                                     min_snr_gamma=section.min_snr_gamma,
                                     offset_noise=section.offset_noise)
 
@@ -146,16 +136,17 @@ def _set_scaling_factor(run: "Run") -> None:
         batch_size=VAE.batch_size(run.config))
     # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
     # and a host reads only whole (or fully replicated) arrays.
-    encode = jax.jit(lambda p, x, r: losses.encode_latents(
-        dataclasses.replace(models, scaling_factor=1.0), p, x, r),
-        out_shardings=parallel.replicated(run.mesh))
+    vae = run.system.vae.name
+    unscaled = dataclasses.replace(models, scaling_factor=1.0, shift_factor=0.0)
+    encode = jax.jit(lambda p, x, r: system.encode_latents(unscaled, {vae: p}, x, r),
+                     out_shardings=parallel.replicated(run.mesh))
     rng = jax.random.key(run.config.seed + 31)
-    latents = [np.asarray(encode(run.towers["vae"], b["image"], jax.random.fold_in(rng, i)))
+    latents = [np.asarray(encode(run.towers[vae], b["image"], jax.random.fold_in(rng, i)))
                for i, b in enumerate(batches)]
     std = float(np.concatenate(latents).std())
-    run.ckpt_config["vae"]["scaling_factor"] = round(1.0 / std, 5)
+    run.ckpt_config[vae]["scaling_factor"] = round(1.0 / std, 5)
     log.info("VAE latent std %.4f: scaling_factor = %.5f", std, 1.0 / std)
-    run.summary["vae_scaling_factor"] = run.ckpt_config["vae"]["scaling_factor"]
+    run.summary["vae_scaling_factor"] = run.ckpt_config[vae]["scaling_factor"]
 
 
 VAE = Stage("vae", 0, "vae_training", _vae_loss, batch_size_key="vae_training.batch_size",
@@ -419,10 +410,6 @@ def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
     trainable, ema_rules = stage.trainable(config), stage.ema(config)[1]
     ema_select = lambda params: partition.select(params, ema_rules)
 
-    def combined_loss_fn(trained_params, frozen_params, batch, rng):
-        # The loss reads one tree; gradients are taken of the trained part alone.
-        return loss_fn(partition.combine(frozen_params, trained_params), {}, batch, rng)
-
     accumulation = section.get("gradient_accumulation", 1)
     optimizer, learning_rate = make_optimizer(section, num_steps)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 100 + stage.index))
@@ -434,7 +421,7 @@ def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
     state_sharding = parallel.param_shardings(state_shapes, mesh, min_size)
     frozen_sharding = parallel.param_shardings(frozen, mesh, min_size)
     batch_sharding = parallel.batch_sharding(mesh)
-    train_step = make_train_step(combined_loss_fn, optimizer, learning_rate,
+    train_step = make_train_step(loss_fn, optimizer, learning_rate,
                                  ema_max_decay=ema_max_decay, gradient_accumulation=accumulation,
                                  ema_select=ema_select)
     traces = []
@@ -447,7 +434,7 @@ def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                       out_shardings=(state_sharding, parallel.replicated(mesh)),
                       donate_argnums=0)
-    return StageProgram(combined_loss_fn, trained, frozen, optimizer, create, state_shapes,
+    return StageProgram(loss_fn, trained, frozen, optimizer, create, state_shapes,
                         state_sharding, frozen_sharding, batch_sharding, step_fn, traces,
                         ema_max_decay, trainable, ema_select)
 

@@ -1,0 +1,149 @@
+"""The diffusion loss through the system description: precomputed text embeddings (the batch's
+`context`) train a frozen-text-tower model exactly as recomputing them does, without running
+the text tower; a system with two text towers gets both towers' ids from the data pipeline
+and its loss traces."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from diffusion_jax import system
+from diffusion_jax.configs import tiny
+from diffusion_jax.data import pipeline, precompute
+from diffusion_jax.diffusion.schedule import Schedule
+from diffusion_jax.training import losses
+from diffusion_jax.training.state import TrainState, make_train_step
+
+CAPTIONS = ["a photo of a sneaker", "a photo of a bag", "", "a photo of a coat"]
+
+
+@pytest.fixture(scope="module")
+def sd():
+    """(config, models, params, a batch of precomputed latents and ids) of the tiny SD."""
+    config = tiny.get_config()
+    config.tokenizer.max_length = 16
+    models = system.build(system.STABLE_DIFFUSION, config)
+    params = system.init_params(system.STABLE_DIFFUSION, config, seed=0)
+    ids = system.text_inputs(system.STABLE_DIFFUSION, config)(CAPTIONS)
+    latents = np.random.default_rng(0).standard_normal((4, 8, 8, 4)).astype(np.float32)
+    return config, models, params, {"latents": latents, **ids}
+
+
+def _losses(config, models, trained, frozen, batch, steps=3):
+    loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(config.schedule.to_dict()),
+                                       min_snr_gamma=5.0, offset_noise=0.1)
+    optimizer = optax.adam(1e-3)
+    step = jax.jit(make_train_step(loss_fn, optimizer, lambda _: 1e-3, ema_max_decay=None))
+    state = TrainState.create(trained, optimizer, jax.random.key_data(jax.random.key(0)),
+                              use_ema=False)
+    curve = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, batch)
+        curve.append(float(metrics["loss"]))
+    return np.asarray(curve)
+
+
+def test_precomputed_context_gives_the_recomputed_loss_curve_without_the_text_tower(sd):
+    config, models, params, batch = sd
+    trained = {"unet": params["unet"]}
+    encoded = _losses(config, models, trained,
+                            {"vae": params["vae"], "text_encoder": params["text_encoder"]}, batch)
+    context = system.encode_text(models, params, {"input_ids": batch["input_ids"]})["context"]
+    # No text_encoder params at all: the loss must take the batch's context, not run the tower.
+    precomputed = _losses(config, models, trained, {"vae": params["vae"]},
+                                  {**batch, "context": np.asarray(context)})
+    print("loss curve, ids encoded:", encoded, "context precomputed:", precomputed)
+    assert np.all(np.diff(encoded) != 0)  # real steps
+    np.testing.assert_allclose(precomputed, encoded, rtol=1e-6, atol=1e-6)
+
+
+def test_a_trained_text_tower_encodes_the_ids_whatever_the_batch_holds(sd):
+    config, models, params, batch = sd
+    loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(config.schedule.to_dict()))
+    trained = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
+    rng = jax.random.key(1)
+    wrong = np.zeros((4, 16, 32), np.float32)  # a stale precomputed context
+    without, _ = loss_fn(trained, {"vae": params["vae"]}, batch, rng)
+    with_stale, _ = loss_fn(trained, {"vae": params["vae"]}, {**batch, "context": wrong}, rng)
+    assert float(with_stale) == float(without)
+    frozen_stale, _ = loss_fn({"unet": params["unet"]}, {"vae": params["vae"]},
+                              {**batch, "context": wrong}, rng)
+    assert float(frozen_stale) != float(without)  # ... and a frozen one reads it
+
+
+# ----------------------------------------------------------------------------- two text towers
+
+TWO_TOWERS = system.System(
+    denoiser=system.Tower("unet", "unet"), vae=system.Tower("vae", "vae"),
+    text_towers=(system.TextTower("text_encoder", "clip_text"),
+                 system.TextTower("text_encoder_2", "clip_text", tokenizer="tokenizer_2",
+                                  ids_key="input_ids_2")))
+
+
+def two_tower_config() -> ml_collections.ConfigDict:
+    config = tiny.get_config()
+    config.tokenizer.max_length = 16
+    config.text_encoder_2 = config.text_encoder.to_dict()
+    config.text_encoder_2.update(hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                                 num_hidden_layers=2)
+    config.tokenizer_2 = config.tokenizer.to_dict()
+    config.tokenizer_2.pad_token = "!"  # another padding, so the two ids rows differ
+    config.unet.cross_attention_dim = 32 + 48  # the towers' contexts joined on the feature axis
+    return config
+
+
+def test_two_text_towers_get_both_ids_and_the_loss_traces(tmp_path):
+    config = two_tower_config()
+    inputs = system.text_inputs(TWO_TOWERS, config)
+    assert inputs.keys == ("input_ids", "input_ids_2")
+    data = pipeline.default_data_config()
+    data.update(batch_size=4, image_size=16, caption_dropout=0.5)
+    batch = next(pipeline.make_train_iterator(data, inputs))
+    assert sorted(batch) == ["image", "input_ids", "input_ids_2", "label"]
+    assert batch["input_ids"].shape == batch["input_ids_2"].shape == (4, 16)
+    assert not np.array_equal(batch["input_ids"], batch["input_ids_2"])
+    for key in inputs.keys:  # caption dropout swaps every tower's ids together
+        dropped = np.all(batch[key] == inputs([""])[key], axis=1)
+        np.testing.assert_array_equal(dropped, np.all(batch["input_ids"] == inputs([""])["input_ids"], axis=1))
+    (eval_batch,) = pipeline.make_eval_batches(data, inputs, num_examples=4, batch_size=4)
+    assert sorted(eval_batch) == sorted(batch)
+
+    models = system.build(TWO_TOWERS, config)
+    shapes = system.param_shapes(TWO_TOWERS, config)
+    loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(config.schedule.to_dict()))
+    trained = {"unet": shapes["unet"]}
+    frozen = {n: shapes[n] for n in ("vae", "text_encoder", "text_encoder_2")}
+    loss, aux = jax.eval_shape(loss_fn, trained, frozen, batch, jax.random.key(0))
+    assert loss.shape == () and aux["mse"].shape == ()
+    # and the gradients of a trained second tower reach it
+    grads = jax.eval_shape(jax.grad(lambda p, f: loss_fn(p, f, batch, jax.random.key(0))[0]),
+                           {"unet": shapes["unet"], "text_encoder_2": shapes["text_encoder_2"]},
+                           {n: shapes[n] for n in ("vae", "text_encoder")})
+    assert set(grads) == {"unet", "text_encoder_2"}
+
+
+def test_latents_written_for_one_tower_are_refused_for_two(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        (tmp_path / "images" / f"{i}.txt").write_text(f"picture {'abcdef'[i]}")
+    fake_encode = lambda images: images[:, ::8, ::8, :].repeat(2, axis=-1)[..., :4]
+    config = two_tower_config()
+    inputs = system.text_inputs(TWO_TOWERS, config)
+    data = pipeline.default_data_config()
+    data.update(source="folder", path=str(tmp_path / "images"), eval_fraction=0.3, batch_size=2)
+    one = inputs.tokenizers["input_ids"]
+    precompute.write_latents(fake_encode, None, data, one, tmp_path / "latents")
+    latents = pipeline.default_data_config()
+    latents.update(source="latents", path=str(tmp_path / "latents"), batch_size=2)
+    assert sorted(next(pipeline.make_train_iterator(latents, one))) == ["input_ids", "label", "latents"]
+    with pytest.raises(ValueError, match="holds no input_ids_2"):
+        pipeline.make_train_iterator(latents, inputs)
+    with pytest.raises(ValueError, match="holds input_ids of length 16, the tokenizer makes 8"):
+        pipeline.make_train_iterator(latents, system.TextInputs({"input_ids": type(one).bundled(max_length=8)}))
