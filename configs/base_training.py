@@ -48,8 +48,9 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
     config.remat_policy = ""  # "" (none) or a jax.checkpoint_policies name, per U-Net block
     config.seed = 0  # param init, training noise and timesteps (data order: data.seed)
     config.init_from = ""  # a checkpoint DIR whose model params start the run
-    # Which towers init_from supplies; the others start from random weights (seed).
-    config.init_towers = ("unet", "vae", "text_encoder")
+    # Which towers init_from supplies (names of the system's towers; () = all of them); the
+    # others start from random weights (seed).
+    config.init_towers = ()
     # ---------------------------------------------------------------- parallelism
     config.mesh = default_mesh_config()  # data x fsdp device mesh; default: pure data parallel
     # ---------------------------------------------------------------- checkpoints and logs

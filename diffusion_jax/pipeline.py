@@ -202,8 +202,8 @@ class StableDiffusion:
 
     @property
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE factor times the U-Net's downsampling."""
-        return self.vae_factor * 2 ** (len(self.denoiser_config.block_out_channels) - 1)
+        """Image sides must be multiples of this: the VAE factor times the denoiser's."""
+        return self.vae_factor * self.denoiser_config.downsampling
 
     @property
     def latent_channels(self) -> int:

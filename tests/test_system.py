@@ -52,3 +52,71 @@ def test_system_round_trips_and_refuses_unknown_kinds_and_repeated_names():
     bad["text_towers"][1]["name"] = "text_encoder"
     with pytest.raises(ValueError, match="repeat"):
         system.System.from_dict(bad)
+
+
+# ----------------------------------------------------------------------------- a new family
+
+
+@pytest.fixture
+def toy_family():
+    """Registers the toy denoiser kind (tests/toy_family.py): a pooled input beside the
+    context, read from a second CLIP tower."""
+    from diffusion_jax import models
+
+    component = models.register(models.Component(
+        "toy_pooled_denoiser", "toy_family", "ToyDenoiserConfig", "ToyDenoiser"))
+    yield component
+    del models.KINDS[component.kind]
+
+
+def _toy_config():
+    """configs/tiny_train.py with the U-Net replaced by the toy denoiser (named "denoiser")
+    and a second text tower giving the pooled embedding: a new system, described in the
+    config alone."""
+    from diffusion_jax.config_files import load
+
+    config = load(os.path.join(os.path.dirname(FIXTURES), "..", "configs", "tiny_train.py"))
+    towers = system.System(
+        denoiser=system.Tower("denoiser", "toy_pooled_denoiser"), vae=system.Tower("vae", "vae"),
+        text_towers=(system.TextTower("text_encoder", "clip_text"),
+                     system.TextTower("text_encoder_2", "clip_text", tokenizer="tokenizer_2",
+                                      ids_key="input_ids_2", pooled="pooler_output")))
+    config.system = towers.to_dict()
+    del config["unet"]
+    config.text_encoder_2 = dict(config.text_encoder.to_dict(), hidden_size=8,
+                                 intermediate_size=16)
+    config.tokenizer_2 = dict(pad_token="!", max_length=config.tokenizer.max_length)
+    config.denoiser = dict(in_channels=4, out_channels=4, context_dim=16 + 8, pooled_dim=8,
+                           width=16, sample_size=8, downsampling=1)
+    config.training.trainable = (r"denoiser/.*",)
+    return config
+
+
+def test_a_new_family_trains_and_samples_through_the_system_description(toy_family, tmp_path):
+    """No pipeline or trainer code names the toy's towers: the checkpoint gets its items, the
+    loss and the sampler feed it the pooled embedding of the second tower."""
+    from diffusion_jax.training import trainer
+
+    config = _toy_config()
+    summary = trainer.train(config, tmp_path / "run")
+    assert summary["diffusion_train_step_compilations"] == 1
+    assert np.isfinite(summary["diffusion_eval_loss"])
+    ckpt = tmp_path / "run" / "checkpoints"
+    items = checkpoint.item_names(ckpt)
+    assert {"denoiser", "denoiser_ema", "text_encoder", "text_encoder_2", "vae"} <= set(items)
+    assert "unet" not in items
+    assert system.from_config(checkpoint.read_config(ckpt)) == system.from_config(config)
+
+    pipe = pipeline.load(ckpt, cache_dir=None)
+    images = pipe.txt2img(["a photo of a bag", "a photo of a coat"], "", steps=3,
+                          guidance=2.0, seed=0, output_type="float32")
+    assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
+    # The pooled embedding of the second tower reaches the denoiser.
+    inputs = pipe.text_inputs(["a photo of a bag"])
+    assert set(inputs) == {"input_ids", "input_ids_2"}
+    cond = system.encode_text(pipe.models, pipe.params, inputs)
+    assert cond["pooled"].shape == (1, 8) and cond["context"].shape[-1] == 24
+    x, t = np.ones((1, 8, 8, 4), np.float32), np.array([500])
+    unpooled = {**cond, "pooled": np.zeros_like(cond["pooled"])}
+    assert not np.allclose(system.denoise(pipe.models, pipe.params, x, t, cond),
+                           system.denoise(pipe.models, pipe.params, x, t, unpooled))

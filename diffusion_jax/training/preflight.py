@@ -28,7 +28,6 @@ from diffusion_jax.models import count_params
 from diffusion_jax.models.unet import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
-ARCHITECTURE_SECTIONS = ("unet", "vae", "text_encoder", "schedule", "tokenizer")
 
 
 def _fail(key: str, value: Any, why: str) -> ValueError:
@@ -75,7 +74,7 @@ def _check_choices(config) -> None:
     _choice(config, "training.lr_schedule", ("cosine", "constant"))
     _choice(config, "data.source", sources.SOURCES)
     names = system_lib.from_config(config).names
-    for name in config.get("init_towers", ()):
+    for name in init_towers(config):
         if name not in names:
             raise _fail("init_towers", tuple(config.init_towers), f"{name!r} is not one of "
                         f"{', '.join(names)}")
@@ -112,32 +111,52 @@ def _check_ranges(config) -> None:
 
 
 def _check_models(config) -> None:
-    """Constraints between sections that the model constructors would only hit in a trace."""
-    unet, vae, text = config.unet, config.vae, config.text_encoder
-    if unet.cross_attention_dim != text.hidden_size:
-        raise _fail("unet.cross_attention_dim", unet.cross_attention_dim,
-                    f"must equal text_encoder.hidden_size={text.hidden_size}")
-    if config.tokenizer.max_length > text.max_position_embeddings:
-        raise _fail("tokenizer.max_length", config.tokenizer.max_length,
-                    f"exceeds text_encoder.max_position_embeddings={text.max_position_embeddings}")
-    if unet.in_channels != vae.latent_channels:
-        raise _fail("unet.in_channels", unet.in_channels,
-                    f"must equal vae.latent_channels={vae.latent_channels} to train on latents "
-                    "(inpainting U-Nets are sampled, not trained, here)")
-    for section in ("unet", "vae"):
-        groups = config[section].norm_num_groups
-        for width in config[section].block_out_channels:
+    """Constraints between the system's sections that the model constructors would only hit
+    in a trace, read through the properties every kind's config has (models/__init__.py)."""
+    towers = system_lib.from_config(config)
+    denoiser = system_lib.denoiser_config(towers, config)
+    vae = system_lib.vae_config(towers, config)
+    texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
+    width = sum(c.output_widths[t.context] for t, c in texts)
+    if denoiser.context_dim != width:
+        parts = " + ".join(f"{t.name}.{t.context} width {c.output_widths[t.context]}"
+                           for t, c in texts)
+        given = (f"{texts[0][0].name}.hidden_size={width}" if len(texts) == 1 and
+                 hasattr(texts[0][1], "hidden_size") else f"{width} ({parts})")
+        raise _fail(f"{towers.denoiser.name}.cross_attention_dim"
+                    if hasattr(denoiser, "cross_attention_dim")
+                    else f"{towers.denoiser.name}.context_dim", denoiser.context_dim,
+                    f"must equal {given}")
+    for tower, text in texts:
+        max_length = config[tower.tokenizer].max_length
+        if max_length > text.max_tokens:
+            raise _fail(f"{tower.tokenizer}.max_length", max_length,
+                        f"exceeds {tower.name}.max_position_embeddings={text.max_tokens}")
+    if denoiser.in_channels != vae.latent_channels:
+        raise _fail(f"{towers.denoiser.name}.in_channels", denoiser.in_channels,
+                    f"must equal {towers.vae.name}.latent_channels={vae.latent_channels} to "
+                    "train on latents (inpainting U-Nets are sampled, not trained, here)")
+    for tower in (towers.denoiser, towers.vae):
+        section = config[tower.name]
+        groups, widths = section.get("norm_num_groups"), section.get("block_out_channels", ())
+        for width in widths if groups else ():
             if width % groups:
-                raise _fail(f"{section}.norm_num_groups", groups,
-                            f"must divide every {section}.block_out_channels entry ({width})")
-    multiple = vae_factor(config) * 2 ** (len(unet.block_out_channels) - 1)
+                raise _fail(f"{tower.name}.norm_num_groups", groups,
+                            f"must divide every {tower.name}.block_out_channels entry ({width})")
+    multiple = vae_factor(config) * denoiser.downsampling
     if config.data.source != "latents" and config.data.image_size % multiple:
         raise _fail("data.image_size", config.data.image_size,
-                    f"must be a multiple of {multiple} (VAE downsampling x U-Net levels)")
+                    f"must be a multiple of {multiple} (VAE downsampling x denoiser levels)")
+
+
+def init_towers(config) -> tuple[str, ...]:
+    """The towers init_from supplies: `init_towers`, or every tower of the system when it is
+    empty."""
+    return tuple(config.get("init_towers", ())) or system_lib.from_config(config).names
 
 
 def vae_factor(config) -> int:
-    return 2 ** (len(config.vae.block_out_channels) - 1)
+    return system_lib.vae_config(system_lib.from_config(config), config).downsampling_factor
 
 
 def _check_final_eval(config) -> None:
@@ -237,11 +256,12 @@ def _check_rules(config, ckpt_config: Mapping[str, Any]) -> None:
 
 
 def check_init_from(config, ckpt_config: Mapping[str, Any]) -> None:
-    wanted = tuple(config.get("init_towers", ())) if config.init_from else ()
+    wanted = init_towers(config) if config.init_from else ()
+    vae_name = system_lib.from_config(config).vae.name
     # Precomputed latents need no VAE to train on (only to decode samples, with the VAE that
     # made them); images would be encoded by a random one.
     images = config.data.source != "latents"
-    if images and not stage_steps(config)["vae"] and "vae" not in wanted:
+    if images and not stage_steps(config)["vae"] and vae_name not in wanted:
         raise _fail("init_from", config.init_from, "the VAE would stay random (vae_training."
                     "steps=0 and init_from supplies no VAE): set --config.init_from=CKPT, a "
                     "checkpoint from `diffusion-jax convert` or an earlier run")
@@ -297,6 +317,14 @@ def _check_sections(config) -> None:
     if missing:
         raise ValueError(f"the config lacks the training key(s) {', '.join(missing)}: start it "
                          "from `base_training.add_training_sections(config)`")
+    try:
+        sections = system_lib.from_config(config).config_sections
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--config.system: not a system description ({e})") from None
+    absent = [s for s in sections if s not in config]
+    if absent:
+        raise ValueError(f"the config lacks the section(s) {', '.join(absent)} that its system "
+                         f"needs ({', '.join(sections)})")
 
 
 def validate(config, workdir=None) -> int | None:
@@ -328,16 +356,34 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch a stage's step takes, from the config alone."""
     from diffusion_jax.training.trainer import STAGE
 
-    data = config.data
+    data, towers = config.data, system_lib.from_config(config)
     batch = STAGE[stage].batch_size(config)
-    ids = jax.ShapeDtypeStruct((batch, config.tokenizer.max_length), np.int32)
-    label = jax.ShapeDtypeStruct((batch,), np.int32)
-    if data.source == "latents":
-        side = data.image_size // vae_factor(config)
-        latents = jax.ShapeDtypeStruct((batch, side, side, config.vae.latent_channels), np.float32)
-        return {"latents": latents, "input_ids": ids, "label": label}
-    image = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.float32)
-    return {"image": image, "input_ids": ids, "label": label}
+    shapes = {t.ids_key: jax.ShapeDtypeStruct((batch, config[t.tokenizer].max_length), np.int32)
+              for t in towers.text_towers}
+    shapes["label"] = jax.ShapeDtypeStruct((batch,), np.int32)
+    if data.source != "latents":
+        shapes["image"] = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3),
+                                               np.float32)
+        return shapes
+    side = data.image_size // vae_factor(config)
+    channels = system_lib.vae_config(towers, config).latent_channels
+    shapes["latents"] = jax.ShapeDtypeStruct((batch, side, side, channels), np.float32)
+    if _latents_meta(data).get("has_context"):  # the loss then reads it (losses.batch_cond)
+        texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
+        length = config[towers.text_towers[0].tokenizer].max_length
+        width = sum(c.output_widths[t.context] for t, c in texts)
+        shapes["context"] = jax.ShapeDtypeStruct((batch, length, width), np.float32)
+    return shapes
+
+
+def _latents_meta(data) -> dict:
+    """latents.json of a precomputed-latents folder ({} when it cannot be read here)."""
+    import json
+
+    try:
+        return json.loads((epath.Path(data.path) / "latents.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True,

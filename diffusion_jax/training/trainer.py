@@ -37,7 +37,6 @@ from etils import epath
 from diffusion_jax import checkpoint, parallel, system
 from diffusion_jax.data import pipeline as data_pipeline
 from diffusion_jax.diffusion import process
-from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import preflight
 from diffusion_jax.training.optimizer import make_optimizer
@@ -132,7 +131,7 @@ def _set_scaling_factor(run: "Run") -> None:
     the U-Net sees unit-variance latents."""
     models = _models(run.ckpt_config, jnp.float32, None)
     batches = data_pipeline.make_eval_batches(
-        VAE.data_config(run.config), run.tokenizer, num_examples=1024,
+        VAE.data_config(run.config), run.text_inputs, num_examples=1024,
         batch_size=VAE.batch_size(run.config))
     # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
     # and a host reads only whole (or fully replicated) arrays.
@@ -200,7 +199,7 @@ class Run:
     config: ml_collections.ConfigDict
     workdir: epath.Path
     mesh: Any
-    tokenizer: CLIPTokenizer
+    text_inputs: system.TextInputs  # prompts -> {ids key: ids}, for every text tower
     checkpointer: checkpoint.TrainingCheckpointer
     writer: Any
     stop: _StopSignal
@@ -238,7 +237,7 @@ class Run:
                    OPT_ITEM: {"opt_state": state.opt_state, "rng": state.rng}}
         trainer = {"stage": stage.name, "stage_step": stage_step,
                    "data": _every_process(data_state),
-                   "scaling_factor": self.ckpt_config["vae"]["scaling_factor"]}
+                   "scaling_factor": self.ckpt_config[self.system.vae.name]["scaling_factor"]}
         self.checkpointer.save(step, pytrees, {TRAINER_ITEM: trainer}, self.ckpt_config, metrics)
 
     def diverged(self, stage: Stage, stage_step: int) -> TrainingDiverged:
@@ -306,7 +305,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         keep_best=config.checkpoint.keep_best)
     # An extended run keeps the figures of the stages it does not run again.
     run = Run(config=config, workdir=workdir, mesh=mesh,
-              tokenizer=CLIPTokenizer.bundled(**config.tokenizer), checkpointer=checkpointer,
+              text_inputs=system.text_inputs(towers, ckpt_config), checkpointer=checkpointer,
               writer=writer, stop=_StopSignal(), ckpt_config=ckpt_config, system=towers,
               towers={}, summary={**previous, "workdir": str(workdir)})
     start = time.perf_counter()
@@ -344,8 +343,7 @@ def _resume_point(run: Run) -> dict | None:
         config = run.config
         towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
                                            init_from=config.init_from,
-                                           from_checkpoint=config.get("init_towers",
-                                                                      run.system.names))
+                                           from_checkpoint=preflight.init_towers(config))
         run.towers = parallel.shard_params(towers, shardings(towers))
         return None
     saved = checkpoint.item_names(run.checkpointer.directory, step)
@@ -358,7 +356,7 @@ def _resume_point(run: Run) -> dict | None:
     run.towers = {name: restored[name] for name in run.system.names}
     run.ema = {name: restored[item] for item, name in ema_items.items()}
     trainer = restored[TRAINER_ITEM]
-    run.ckpt_config["vae"]["scaling_factor"] = trainer["scaling_factor"]
+    run.ckpt_config[run.system.vae.name]["scaling_factor"] = trainer["scaling_factor"]
     log.info("resuming from %s step %d (%s stage, step %d of %d)", run.checkpointer.directory,
              step, trainer["stage"], trainer["stage_step"], run.stage_steps(trainer["stage"]))
     return {**trainer, "step": step}
@@ -490,12 +488,12 @@ def _stage_data(run: Run, stage: Stage, data_state: dict | None):
     """(train iterator at `data_state`, held-out batches, global batch size) of a stage."""
     data_config = stage.data_config(run.config)
     iterator = data_pipeline.make_train_iterator(
-        data_config, run.tokenizer, process_index=jax.process_index(),
+        data_config, run.text_inputs, process_index=jax.process_index(),
         process_count=jax.process_count())
     if data_state is not None:
         iterator.set_state(data_state)
     eval_batches = data_pipeline.make_eval_batches(
-        data_config, run.tokenizer, num_examples=run.config.eval_examples,
+        data_config, run.text_inputs, num_examples=run.config.eval_examples,
         batch_size=data_config.batch_size)
     return iterator, eval_batches, data_config.batch_size
 
