@@ -8,7 +8,7 @@ values here are neutral defaults for a real run on an accelerator; every field i
 
 import ml_collections
 
-from diffusion_jax.data.pipeline import default_data_config
+from diffusion_jax.data.input_pipeline import default_data_config
 from diffusion_jax.parallel import default_mesh_config
 
 

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from diffusion_jax import checkpoint, generate, parallel, program_cache, system
 from diffusion_jax.diffusion import samplers
-from diffusion_jax.diffusion.schedule import Schedule
+from diffusion_jax.diffusion import process
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla")
 KARRAS_SUFFIX = "_karras"
@@ -175,7 +175,7 @@ class StableDiffusion:
                                    attention_impl=attention_impl)
         self.denoiser_config = system.denoiser_config(self.system, self.config)
         self.vae_config = system.vae_config(self.system, self.config)
-        self.schedule = Schedule.from_config(self.config["schedule"])
+        self.schedule = process.from_config(self.config["schedule"])  # the DDPM table today
         self.text_inputs = system.text_inputs(self.system, self.config)
         mesh_config = parallel.default_mesh_config()
         self.mesh = mesh if mesh is not None else parallel.make_mesh(

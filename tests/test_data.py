@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax.data import fashion_mnist, pipeline, precompute, sources
+from diffusion_jax.data import fashion_mnist, input_pipeline, precompute, sources
 from diffusion_jax.tokenizer import CLIPTokenizer
 
 
@@ -20,7 +20,7 @@ def tokenizer():
 
 
 def config(**overrides):
-    c = pipeline.default_data_config()
+    c = input_pipeline.default_data_config()
     c.update(overrides)
     return c
 
@@ -96,7 +96,7 @@ def bad_input_folder(root):
 # --- Fashion-MNIST --------------------------------------------------------------------------
 
 def test_fashion_mnist_batches(tokenizer):
-    it = pipeline.make_train_iterator(config(caption_dropout=0.0), tokenizer)
+    it = input_pipeline.make_train_iterator(config(caption_dropout=0.0), tokenizer)
     batch = next(it)
     assert batch["image"].shape == (64, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["input_ids"].shape == (64, 16) and batch["input_ids"].dtype == np.int32
@@ -119,7 +119,7 @@ def test_fashion_mnist_resize_is_pil_bicubic():
 
 def test_fashion_mnist_eval_batches_deterministic(tokenizer):
     c = config(random_flip=True, caption_dropout=0.5)  # eval ignores both
-    batches = pipeline.make_eval_batches(c, tokenizer, num_examples=100, batch_size=32)
+    batches = input_pipeline.make_eval_batches(c, tokenizer, num_examples=100, batch_size=32)
     assert len(batches) == 3 and all(b["image"].shape == (32, 32, 32, 3) for b in batches)
     images, labels = fashion_mnist.load("test")
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), labels[:96])
@@ -127,36 +127,36 @@ def test_fashion_mnist_eval_batches_deterministic(tokenizer):
     np.testing.assert_allclose(batches[0]["image"][0, ..., 1], first, atol=1e-6)
     np.testing.assert_array_equal(batches[0]["input_ids"],
                                   tokenizer([fashion_mnist.caption(l) for l in labels[:32]]))
-    assert_batches_equal(batches, pipeline.make_eval_batches(c, tokenizer, num_examples=100, batch_size=32))
+    assert_batches_equal(batches, input_pipeline.make_eval_batches(c, tokenizer, num_examples=100, batch_size=32))
 
 
 def test_caption_dropout_rate_and_determinism(tokenizer):
     c = config(caption_dropout=0.3, seed=7)
-    batches = take(pipeline.make_train_iterator(c, tokenizer), 20)
+    batches = take(input_pipeline.make_train_iterator(c, tokenizer), 20)
     empty = tokenizer([""])[0]
     dropped = np.concatenate([np.all(b["input_ids"] == empty, axis=1) for b in batches])
     assert abs(dropped.mean() - 0.3) < 0.05, dropped.mean()  # 1280 draws: 4 standard deviations
-    assert_batches_equal(batches[:3], take(pipeline.make_train_iterator(c, tokenizer), 3))
-    other_seed = next(pipeline.make_train_iterator(config(caption_dropout=0.3, seed=8), tokenizer))
+    assert_batches_equal(batches[:3], take(input_pipeline.make_train_iterator(c, tokenizer), 3))
+    other_seed = next(input_pipeline.make_train_iterator(config(caption_dropout=0.3, seed=8), tokenizer))
     assert not np.array_equal(other_seed["label"], batches[0]["label"])
 
 
 def test_exact_resume_fashion_mnist(tokenizer):
     c = config(batch_size=16)
-    original = pipeline.make_train_iterator(c, tokenizer)
+    original = input_pipeline.make_train_iterator(c, tokenizer)
     take(original, 3)
     state = json.loads(json.dumps(original.get_state()))  # what a checkpoint stores
     expected = take(original, 4)
-    restored = pipeline.make_train_iterator(c, tokenizer)
+    restored = input_pipeline.make_train_iterator(c, tokenizer)
     restored.set_state(state)
     assert_batches_equal(take(restored, 4), expected)
     assert restored.stats == original.stats
 
 
 def test_resume_rejects_a_differently_shaped_pipeline(tokenizer):
-    state = pipeline.make_train_iterator(config(batch_size=16), tokenizer).get_state()
+    state = input_pipeline.make_train_iterator(config(batch_size=16), tokenizer).get_state()
     with pytest.raises(ValueError, match="batch_size was 16, now 32"):
-        pipeline.make_train_iterator(config(batch_size=32), tokenizer).set_state(state)
+        input_pipeline.make_train_iterator(config(batch_size=32), tokenizer).set_state(state)
 
 
 # --- image folder ---------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_resume_rejects_a_differently_shaped_pipeline(tokenizer):
 def test_folder_bad_input_is_skipped_or_converted_and_counted(tmp_path, tokenizer, caplog):
     expected = bad_input_folder(tmp_path)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, caption_dropout=0.0)
-    rows, counter = pipeline.iterate_split(c, tokenizer, "train", held_out=False)
+    rows, counter = input_pipeline.iterate_split(c, tokenizer, "train", held_out=False)
     rows = list(rows)
     assert counter.as_dict() == expected
     assert {f"good picture {i}" for i in range(4)} <= {tokenizer.decode(r["input_ids"]) for r in rows}
@@ -173,7 +173,7 @@ def test_folder_bad_input_is_skipped_or_converted_and_counted(tmp_path, tokenize
     assert skipped_names == {f"skipped {n}" for n in ("empty.jpg", "notes.png", "truncated.png", "corrupt.png")}
 
     # the training iterator never stops on them, fills every batch and counts by reason
-    it = pipeline.make_train_iterator(config(source="folder", path=str(tmp_path), eval_fraction=0.0,
+    it = input_pipeline.make_train_iterator(config(source="folder", path=str(tmp_path), eval_fraction=0.0,
                                              batch_size=6), tokenizer)
     assert it.len_dataset == 13
     batches = take(it, 6)  # 36 rows: four epochs of 9 usable images
@@ -190,19 +190,19 @@ def test_folder_bad_input_is_skipped_or_converted_and_counted(tmp_path, tokenize
 def test_min_image_size_skips_small_images_as_too_small(tmp_path, tokenizer):
     expected = bad_input_folder(tmp_path)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, min_image_size=40)
-    rows, counter = pipeline.iterate_split(c, tokenizer, "train", held_out=False)
+    rows, counter = input_pipeline.iterate_split(c, tokenizer, "train", held_out=False)
     assert len(list(rows)) == expected["examples"] - 1  # small.png, 8x6
     assert counter.as_dict()["skipped"] == {**expected["skipped"], "too_small": 1}
     assert "upscaled" not in counter.as_dict()["converted"]
     with pytest.raises(ValueError, match="min_image_size"):
-        pipeline.make_train_iterator(config(min_image_size=-1), tokenizer)
+        input_pipeline.make_train_iterator(config(min_image_size=-1), tokenizer)
 
 
 def test_folder_conversions_pixel_values(tmp_path, tokenizer):
     bad_input_folder(tmp_path)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0)
-    source = pipeline.make_source(c, "train")
-    prepare = pipeline.make_prepare(c, tokenizer, source)
+    source = input_pipeline.make_source(c, "train")
+    prepare = input_pipeline.make_prepare(c, tokenizer, source)
     by_name = {source.files[i]: prepare(source[i]) for i in range(len(source))}
     assert isinstance(by_name["empty.jpg"], sources.Skipped)
     gray = by_name["gray.png"].arrays["image"]
@@ -223,7 +223,7 @@ def test_folder_captions_from_jsonl_csv_and_txt(tmp_path, tokenizer):
     (tmp_path / "sub" / "deeper" / "c.txt").write_text("from txt\n")
     (tmp_path / "a.txt").write_text("the captions file wins")
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0)
-    rows, counter = pipeline.iterate_split(c, tokenizer, "train", held_out=False)
+    rows, counter = input_pipeline.iterate_split(c, tokenizer, "train", held_out=False)
     np.testing.assert_array_equal(  # in path order: a, d, sub/b, sub/deeper/c
         np.stack([r["input_ids"] for r in rows]),
         tokenizer(["from jsonl", "", "from csv, quoted", "from txt"]))
@@ -235,10 +235,10 @@ def test_random_flip_and_crop(tmp_path, tokenizer, random_crop):
     captioned_folder(tmp_path, 10)  # 40x36 images: resized to 36x32, 4 columns of crop slack
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, batch_size=10,
                caption_dropout=0.0, random_crop=random_crop)
-    source = pipeline.make_source(c, "train")
+    source = input_pipeline.make_source(c, "train")
     by_caption = {picture(i): source[i].image for i in range(10)}
     flips, offsets = [], set()
-    for batch in take(pipeline.make_train_iterator(c, tokenizer), 8):
+    for batch in take(input_pipeline.make_train_iterator(c, tokenizer), 8):
         for caption, row in zip(captions(tokenizer, batch), batch["image"]):
             resized = np.asarray(Image.fromarray(by_caption[caption]).resize((36, 32), Image.BICUBIC))
             resized = resized.astype(np.float32) / 127.5 - 1
@@ -256,17 +256,17 @@ def test_folder_malformed_captions_file_is_an_error(tmp_path, tokenizer):
     with open(tmp_path / "captions.jsonl", "a") as f:
         f.write('{"file": "img00.png"}\n')
     with pytest.raises(ValueError, match=r"captions.jsonl:3: expected a JSON object"):
-        pipeline.make_train_iterator(config(source="folder", path=str(tmp_path)), tokenizer)
+        input_pipeline.make_train_iterator(config(source="folder", path=str(tmp_path)), tokenizer)
 
 
 def test_exact_resume_folder_with_skips_and_random_crop(tmp_path, tokenizer):
     bad_input_folder(tmp_path)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, batch_size=4, random_crop=True)
-    original = pipeline.make_train_iterator(c, tokenizer)
+    original = input_pipeline.make_train_iterator(c, tokenizer)
     take(original, 5)
     state = json.loads(json.dumps(original.get_state()))
     expected = take(original, 6)
-    restored = pipeline.make_train_iterator(c, tokenizer)
+    restored = input_pipeline.make_train_iterator(c, tokenizer)
     restored.set_state(state)
     assert_batches_equal(take(restored, 6), expected)
     assert restored.stats == original.stats
@@ -276,7 +276,7 @@ def test_epochs_have_different_orders(tmp_path, tokenizer):
     captioned_folder(tmp_path, 10)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, batch_size=10,
                caption_dropout=0.0, random_flip=False)
-    epochs = [captions(tokenizer, b) for b in take(pipeline.make_train_iterator(c, tokenizer), 3)]
+    epochs = [captions(tokenizer, b) for b in take(input_pipeline.make_train_iterator(c, tokenizer), 3)]
     assert all(sorted(e) == [picture(i) for i in range(10)] for e in epochs)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
 
@@ -286,9 +286,9 @@ def test_process_shards_are_disjoint_and_cover_the_data(tmp_path, tokenizer):
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, batch_size=4, caption_dropout=0.0)
     seen = []
     for index in range(2):
-        it = pipeline.make_train_iterator(c, tokenizer, process_index=index, process_count=2)
+        it = input_pipeline.make_train_iterator(c, tokenizer, process_index=index, process_count=2)
         assert next(it)["image"].shape[0] == 2  # the global batch split over the processes
-        it = pipeline.make_train_iterator(c, tokenizer, process_index=index, process_count=2)
+        it = input_pipeline.make_train_iterator(c, tokenizer, process_index=index, process_count=2)
         epoch = sum((captions(tokenizer, b) for b in take(it, 3)), [])[:it.len_dataset]
         assert len(set(epoch)) == it.len_dataset  # one full epoch: each example once
         seen.append(set(epoch))
@@ -299,11 +299,11 @@ def test_process_shards_are_disjoint_and_cover_the_data(tmp_path, tokenizer):
 def test_folder_held_out_split(tmp_path, tokenizer):
     captioned_folder(tmp_path, 40)
     c = config(source="folder", path=str(tmp_path), eval_fraction=0.25, caption_dropout=0.0)
-    train = pipeline.make_source(c, "train")
-    held = pipeline.make_source(c, "test", held_out=True)
+    train = input_pipeline.make_source(c, "train")
+    held = input_pipeline.make_source(c, "test", held_out=True)
     assert not set(train.files) & set(held.files) and len(train) + len(held) == 40
     assert 3 <= len(held) <= 17  # a hash split: about a quarter
-    batches = pipeline.make_eval_batches(c, tokenizer, num_examples=100, batch_size=2)
+    batches = input_pipeline.make_eval_batches(c, tokenizer, num_examples=100, batch_size=2)
     assert sum(b["image"].shape[0] for b in batches) == len(held) // 2 * 2
     assert set(sum((captions(tokenizer, b) for b in batches), [])) <= {
         picture(int(f[3:5])) for f in held.files}
@@ -312,7 +312,7 @@ def test_folder_held_out_split(tmp_path, tokenizer):
 def test_all_bad_folder_is_an_error_not_a_hang(tmp_path, tokenizer):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "b.png").write_text("nope")
-    it = pipeline.make_train_iterator(config(source="folder", path=str(tmp_path), eval_fraction=0.0,
+    it = input_pipeline.make_train_iterator(config(source="folder", path=str(tmp_path), eval_fraction=0.0,
                                              batch_size=2), tokenizer)
     with pytest.raises(RuntimeError, match="every example of the dataset was skipped"):
         next(it)
@@ -342,7 +342,7 @@ def only_text(root):
 ])
 def test_clear_errors_at_construction(tmp_path, tokenizer, make_config, error, match):
     with pytest.raises(error, match=match):
-        pipeline.make_train_iterator(make_config(tmp_path), tokenizer, process_count=2)
+        input_pipeline.make_train_iterator(make_config(tmp_path), tokenizer, process_count=2)
 
 
 # --- tfds -----------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def test_clear_errors_at_construction(tmp_path, tokenizer, make_config, error, m
 def test_tfds_missing_names_the_install(monkeypatch, tokenizer):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails as if absent
     with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
-        pipeline.make_train_iterator(config(source="tfds", path="mnist"), tokenizer)
+        input_pipeline.make_train_iterator(config(source="tfds", path="mnist"), tokenizer)
 
 
 def fake_tfds(records, features):
@@ -375,17 +375,17 @@ def test_tfds_source_through_the_tfds_interface(monkeypatch, tokenizer):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets",
                         fake_tfds(records, {"image": None, "label": class_label}))
     c = config(source="tfds", path="fake", caption_dropout=0.0, random_flip=False, batch_size=8)
-    batch = next(pipeline.make_train_iterator(c, tokenizer))
+    batch = next(input_pipeline.make_train_iterator(c, tokenizer))
     assert batch["image"].shape == (8, 32, 32, 3)
     assert sorted(batch["label"]) == [0, 0, 0, 1, 1, 1, 2, 2]
     assert captions(tokenizer, batch) == [f"a photo of {class_label.names[l]}" for l in batch["label"]]
     c.class_names, c.caption_template = ("nil", "uno", "dos"), "{} drawn"
-    eval_batch = pipeline.make_eval_batches(c, tokenizer, num_examples=4, batch_size=4)[0]
+    eval_batch = input_pipeline.make_eval_batches(c, tokenizer, num_examples=4, batch_size=4)[0]
     assert captions(tokenizer, eval_batch) == ["uno drawn"] * 4
     with pytest.raises(ValueError, match="data.image_key='img' is not a feature"):
-        pipeline.make_train_iterator(config(source="tfds", path="fake", image_key="img"), tokenizer)
+        input_pipeline.make_train_iterator(config(source="tfds", path="fake", image_key="img"), tokenizer)
     with pytest.raises(FileNotFoundError, match="tfds build other"):
-        pipeline.make_train_iterator(config(source="tfds", path="other"), tokenizer)
+        input_pipeline.make_train_iterator(config(source="tfds", path="other"), tokenizer)
 
 
 # --- precomputed latents --------------------------------------------------------------------
@@ -410,15 +410,15 @@ def test_precomputed_latents_round_trip(tmp_path, tokenizer):
 
     latent_config = config(source="latents", path=str(tmp_path / "latents"), batch_size=8,
                            caption_dropout=0.5)
-    images = pipeline.make_eval_batches(c, tokenizer, num_examples=4, batch_size=2)
-    latents = pipeline.make_eval_batches(latent_config, tokenizer, num_examples=4, batch_size=2)
+    images = input_pipeline.make_eval_batches(c, tokenizer, num_examples=4, batch_size=2)
+    latents = input_pipeline.make_eval_batches(latent_config, tokenizer, num_examples=4, batch_size=2)
     for image_batch, latent_batch in zip(images, latents):
         assert sorted(latent_batch) == ["context", "input_ids", "label", "latents"]
         np.testing.assert_allclose(latent_batch["latents"], fake_encode(image_batch["image"]), atol=1e-6)
         np.testing.assert_array_equal(latent_batch["input_ids"], image_batch["input_ids"])
         np.testing.assert_array_equal(latent_batch["context"], fake_text(image_batch["input_ids"]))
 
-    it = pipeline.make_train_iterator(latent_config, tokenizer)
+    it = input_pipeline.make_train_iterator(latent_config, tokenizer)
     assert it.len_dataset == meta["splits"]["train"]
     batches = take(it, 4)
     assert batches[0]["latents"].shape == (8, 4, 4, 4) and batches[0]["context"].shape == (8, 16, 2)
@@ -435,9 +435,9 @@ def test_precomputed_latents_round_trip(tmp_path, tokenizer):
 
 def test_worker_processes_yield_the_same_stream_and_resume(tokenizer):
     c = config(batch_size=16)
-    expected = take(pipeline.make_train_iterator(c, tokenizer), 4)
+    expected = take(input_pipeline.make_train_iterator(c, tokenizer), 4)
     c.num_workers = 2
-    it = pipeline.make_train_iterator(c, tokenizer)
+    it = input_pipeline.make_train_iterator(c, tokenizer)
     try:
         assert_batches_equal(take(it, 2), expected[:2])
         state = json.loads(json.dumps(it.get_state()))
@@ -451,7 +451,7 @@ def test_worker_processes_yield_the_same_stream_and_resume(tokenizer):
 def test_fashion_mnist_throughput(tokenizer):
     """Batch 64 at 32x32 in-process: >= 3000 examples/s on an idle core of this CPU, asserted at
     a third of that (the test machine is shared); the trainer needs ~2000 at most."""
-    it = pipeline.make_train_iterator(config(), CLIPTokenizer.bundled())
+    it = input_pipeline.make_train_iterator(config(), CLIPTokenizer.bundled())
     take(it, 2)
     start = time.perf_counter()
     take(it, 40)

@@ -12,7 +12,7 @@ import pytest
 
 from diffusion_jax import system
 from diffusion_jax.configs import tiny
-from diffusion_jax.data import pipeline, precompute
+from diffusion_jax.data import input_pipeline, precompute
 from diffusion_jax.diffusion.schedule import Schedule
 from diffusion_jax.training import losses
 from diffusion_jax.training.state import TrainState, make_train_step
@@ -99,16 +99,16 @@ def test_two_text_towers_get_both_ids_and_the_loss_traces(tmp_path):
     config = two_tower_config()
     inputs = system.text_inputs(TWO_TOWERS, config)
     assert inputs.keys == ("input_ids", "input_ids_2")
-    data = pipeline.default_data_config()
+    data = input_pipeline.default_data_config()
     data.update(batch_size=4, image_size=16, caption_dropout=0.5)
-    batch = next(pipeline.make_train_iterator(data, inputs))
+    batch = next(input_pipeline.make_train_iterator(data, inputs))
     assert sorted(batch) == ["image", "input_ids", "input_ids_2", "label"]
     assert batch["input_ids"].shape == batch["input_ids_2"].shape == (4, 16)
     assert not np.array_equal(batch["input_ids"], batch["input_ids_2"])
     for key in inputs.keys:  # caption dropout swaps every tower's ids together
         dropped = np.all(batch[key] == inputs([""])[key], axis=1)
         np.testing.assert_array_equal(dropped, np.all(batch["input_ids"] == inputs([""])["input_ids"], axis=1))
-    (eval_batch,) = pipeline.make_eval_batches(data, inputs, num_examples=4, batch_size=4)
+    (eval_batch,) = input_pipeline.make_eval_batches(data, inputs, num_examples=4, batch_size=4)
     assert sorted(eval_batch) == sorted(batch)
 
     models = system.build(TWO_TOWERS, config)
@@ -136,14 +136,14 @@ def test_latents_written_for_one_tower_are_refused_for_two(tmp_path):
     fake_encode = lambda images: images[:, ::8, ::8, :].repeat(2, axis=-1)[..., :4]
     config = two_tower_config()
     inputs = system.text_inputs(TWO_TOWERS, config)
-    data = pipeline.default_data_config()
+    data = input_pipeline.default_data_config()
     data.update(source="folder", path=str(tmp_path / "images"), eval_fraction=0.3, batch_size=2)
     one = inputs.tokenizers["input_ids"]
     precompute.write_latents(fake_encode, None, data, one, tmp_path / "latents")
-    latents = pipeline.default_data_config()
+    latents = input_pipeline.default_data_config()
     latents.update(source="latents", path=str(tmp_path / "latents"), batch_size=2)
-    assert sorted(next(pipeline.make_train_iterator(latents, one))) == ["input_ids", "label", "latents"]
+    assert sorted(next(input_pipeline.make_train_iterator(latents, one))) == ["input_ids", "label", "latents"]
     with pytest.raises(ValueError, match="holds no input_ids_2"):
-        pipeline.make_train_iterator(latents, inputs)
+        input_pipeline.make_train_iterator(latents, inputs)
     with pytest.raises(ValueError, match="holds input_ids of length 16, the tokenizer makes 8"):
-        pipeline.make_train_iterator(latents, system.TextInputs({"input_ids": type(one).bundled(max_length=8)}))
+        input_pipeline.make_train_iterator(latents, system.TextInputs({"input_ids": type(one).bundled(max_length=8)}))

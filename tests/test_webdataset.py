@@ -21,7 +21,7 @@ from PIL import Image
 from diffusion_jax import checkpoint
 from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.config_overrides import apply_overrides
-from diffusion_jax.data import frozen_towers, pipeline, precompute, sources, webdataset_shards
+from diffusion_jax.data import frozen_towers, input_pipeline, precompute, sources, webdataset_shards
 from diffusion_jax.models import KINDS
 from diffusion_jax.tokenizer import CLIPTokenizer
 
@@ -181,7 +181,7 @@ def expected_rows(good, config, tokenizer, keys):
     images = []
     for key in keys:
         image = np.asarray(Image.open(io.BytesIO(good[key][0])).convert("RGB"))
-        fitted, _ = pipeline.fit_image(image, config.data.image_size, None)
+        fitted, _ = input_pipeline.fit_image(image, config.data.image_size, None)
         images.append(fitted.astype(np.float32) / 127.5 - 1.0)
     posterior = vae.apply({"params": vae_params}, np.stack(images), method=vae.encode)
     return (np.asarray(posterior.mean) * config.vae.scaling_factor,

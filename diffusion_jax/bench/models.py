@@ -21,7 +21,7 @@ from diffusion_jax import system
 from diffusion_jax.bench import measure
 from diffusion_jax.bench.weights import random_params
 from diffusion_jax.convert.torch_params import params_to_state_dict
-from diffusion_jax.models import COMPONENTS
+from diffusion_jax.models import KINDS
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.models import vae as vae_lib
 from diffusion_jax.training.state import TrainState, make_train_step
@@ -119,7 +119,7 @@ def _text_towers(config: Mapping[str, Any], dtype: str, batch: int):
     params, ids = {}, {}
     for i, tower in enumerate(described.text_towers):
         section = dict(config[tower.name])
-        params[tower.name] = random_params(tower.name, section, seed=2 + i)
+        params[tower.name] = random_params(tower.kind, section, seed=2 + i)
         ids[tower.ids_key] = rng.integers(0, section["vocab_size"], (batch, TEXT_TOKENS)
                                           ).astype(np.int32)
     return models, params, ids
@@ -158,7 +158,7 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
         params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
     # Compiled from shapes before the state exists: the compiler's memory is free again
     # when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB).
-    state_shapes = jax.eval_shape(create_state, COMPONENTS["unet"].param_shapes(cfg))
+    state_shapes = jax.eval_shape(create_state, KINDS["unet"].param_shapes(cfg))
     compiled, compile_s = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
                                                 donate_argnums=(0,))
     state = create_state(random_params("unet", config["unet"], seed=0))

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from diffusion_jax.data import pipeline, sources
+from diffusion_jax.data import input_pipeline, sources
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,11 @@ def _padded_batches(rows, batch_size: int):
     for row in rows:
         batch.append(row)
         if len(batch) == batch_size:
-            yield pipeline.stack_rows(batch), batch_size
+            yield input_pipeline.stack_rows(batch), batch_size
             batch = []
     if batch:
         real = len(batch)
-        yield pipeline.stack_rows(batch + [batch[-1]] * (batch_size - real)), real
+        yield input_pipeline.stack_rows(batch + [batch[-1]] * (batch_size - real)), real
 
 
 def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
@@ -70,7 +70,7 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
             "splits": {}, "skipped": {}, "files": {}}
     splits = dict.fromkeys([(data_config.split, False), (data_config.eval_split, True)])
     for split, held_out in splits:
-        rows, counter = pipeline.iterate_split(data_config, tokenizer, split, held_out=held_out)
+        rows, counter = input_pipeline.iterate_split(data_config, tokenizer, split, held_out=held_out)
         writer = ArrayRecordWriter(str(out / f"{split}.array_record"), "group_size:1")
         try:
             for batch, real in _padded_batches(rows, data_config.batch_size):
@@ -171,7 +171,7 @@ def plan_webdataset(spec: str, out_path, data_config, tokenizer, model: dict, *,
         first = next(u for u in urls if u not in existing)
         log.warning("%d of the %d shards of %r do not exist (e.g. %s); encoding the others",
                     len(urls) - len(existing), len(urls), spec, first)
-    pipeline._check_config(data_config, 1)
+    input_pipeline._check_config(data_config, 1)
     if data_config.split == data_config.eval_split:
         raise ValueError(f"data.split and data.eval_split are both {data_config.split!r}: "
                          "name the held-out split differently")
@@ -196,8 +196,8 @@ def _key_seed(key: str) -> int:
     return int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big")
 
 
-def _shard_rows(url: str, prepare: pipeline.PrepareImage, data_config,
-                counters: dict[bool, pipeline.ExampleCounter]):
+def _shard_rows(url: str, prepare: input_pipeline.PrepareImage, data_config,
+                counters: dict[bool, input_pipeline.ExampleCounter]):
     """Prepared rows of one shard, {"image", "input_ids", "label", "held_out"}, counting
     skips and conversions per split (a tar-level problem, having no key, in the train split).
     Training rows are cropped at a position drawn from (seed, key hash) when random_crop is
@@ -217,7 +217,7 @@ def _shard_rows(url: str, prepare: pipeline.PrepareImage, data_config,
         yield {**prepared.arrays, "held_out": np.bool_(held)}
 
 
-def _counts_since(counter: pipeline.ExampleCounter, before: dict) -> dict:
+def _counts_since(counter: input_pipeline.ExampleCounter, before: dict) -> dict:
     after = counter.as_dict()
     return {"examples": after["examples"] - before["examples"],
             **{kind: dict(collections.Counter(after[kind]) - collections.Counter(before[kind]))
@@ -268,10 +268,10 @@ def encode_shards(plan: ShardPlan, encode_fn, text_fn, tokenizer) -> dict:
     from tqdm import tqdm
 
     config = plan.data_config
-    prepare = pipeline.PrepareImage(config.image_size, config.random_crop, random_flip=False,
-                                    caption_dropout=0.0, caption_ids=pipeline.CaptionIds(tokenizer),
+    prepare = input_pipeline.PrepareImage(config.image_size, config.random_crop, random_flip=False,
+                                    caption_dropout=0.0, caption_ids=input_pipeline.CaptionIds(tokenizer),
                                     min_image_size=config.min_image_size)
-    counters = {False: pipeline.ExampleCounter(), True: pipeline.ExampleCounter()}
+    counters = {False: input_pipeline.ExampleCounter(), True: input_pipeline.ExampleCounter()}
     index, count = plan.process
     failed = []
     already = len(plan.mine) - len(plan.todo)

@@ -99,6 +99,3 @@ def count_params(tree: Any) -> int:
     """Number of scalars in a param tree (arrays or ShapeDtypeStructs)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
-
-# Transitional (removed once every caller iterates system.py): the SD towers by name.
-COMPONENTS = {"unet": KINDS["unet"], "vae": KINDS["vae"], "text_encoder": KINDS["clip_text"]}

@@ -22,7 +22,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, parallel
 from diffusion_jax import system as system_lib
-from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.data import input_pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.models import count_params
 from diffusion_jax.models.unet import REMAT_POLICIES
@@ -193,7 +193,7 @@ def _check_data(config) -> None:
                     "(array_record and image folders): mount the bucket with gcsfuse on every "
                     "host (gcsfuse --implicit-dirs BUCKET /gcs/BUCKET) and give that path")
     try:
-        source = data_pipeline.make_source(data, data.split)
+        source = input_pipeline.make_source(data, data.split)
     except (FileNotFoundError, NotADirectoryError, ImportError) as e:
         raise ValueError(f"--config.data.path={data.path!r}: {' '.join(str(e).split())}") from None
     if isinstance(source, sources.LatentsSource):

@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoint, parallel, system
-from diffusion_jax.data import pipeline as data_pipeline
+from diffusion_jax.data import input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import preflight
@@ -130,7 +130,7 @@ def _set_scaling_factor(run: "Run") -> None:
     """SD's 0.18215 is 1/std of its VAE's latents; do the same for the VAE just trained, so
     the U-Net sees unit-variance latents."""
     models = _models(run.ckpt_config, jnp.float32, None)
-    batches = data_pipeline.make_eval_batches(
+    batches = input_pipeline.make_eval_batches(
         VAE.data_config(run.config), run.text_inputs, num_examples=1024,
         batch_size=VAE.batch_size(run.config))
     # Replicated out: latents of fsdp-sharded params could be sharded over several hosts,
@@ -487,12 +487,12 @@ def _resumed_state(run: Run, program: StageProgram, resume: dict
 def _stage_data(run: Run, stage: Stage, data_state: dict | None):
     """(train iterator at `data_state`, held-out batches, global batch size) of a stage."""
     data_config = stage.data_config(run.config)
-    iterator = data_pipeline.make_train_iterator(
+    iterator = input_pipeline.make_train_iterator(
         data_config, run.text_inputs, process_index=jax.process_index(),
         process_count=jax.process_count())
     if data_state is not None:
         iterator.set_state(data_state)
-    eval_batches = data_pipeline.make_eval_batches(
+    eval_batches = input_pipeline.make_eval_batches(
         data_config, run.text_inputs, num_examples=run.config.eval_examples,
         batch_size=data_config.batch_size)
     return iterator, eval_batches, data_config.batch_size
