@@ -75,7 +75,7 @@ def _eight_devices() -> None:
 
     from diffusion_jax import checkpoint, generate, parallel, pipeline, system
     from diffusion_jax.config_files import load
-    from diffusion_jax.training import trainer
+    from diffusion_jax.training import sample_grids, trainer
 
     assert jax.device_count() == 8
     config = load(REPO / "configs" / "tiny_train.py")
@@ -90,7 +90,7 @@ def _eight_devices() -> None:
     run = SimpleNamespace(config=config, mesh=mesh, ckpt_config=ckpt_config, writer=None,
                           workdir=epath.Path(tempfile.mkdtemp()), is_main=True, towers=towers,
                           ema=ema, system=system.from_config(ckpt_config))
-    sampler = trainer._Sampler(run)
+    sampler = sample_grids.GridSampler(run)
     params = trainer.sampling_params(run)
     assert params["unet"] is ema["unet"] and params["vae"] is towers["vae"]
     # Held params go in as they are: no host copy, no device copy.

@@ -41,6 +41,7 @@ from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import preflight
 from diffusion_jax.training.optimizer import make_optimizer
 from diffusion_jax.training.progress import Progress
+from diffusion_jax.training.sample_grids import GridSampler
 from diffusion_jax.training.state import TrainState, make_eval_step, make_train_step
 
 log = logging.getLogger("diffusion_jax.train")
@@ -210,10 +211,10 @@ class Run:
     ema: dict = dataclasses.field(default_factory=dict)  # {tower: whole tree, EMA leaves in}
     _sampler: Any = None
 
-    def sampler(self) -> "_Sampler":
+    def sampler(self) -> GridSampler:
         """One sampling pipeline per run (after stage 1 fixed the VAE scaling): compiled once."""
         if self._sampler is None:
-            self._sampler = _Sampler(self)
+            self._sampler = GridSampler(self)
         return self._sampler
 
     @property
@@ -612,54 +613,6 @@ def _process_rows(batch: Mapping[str, np.ndarray]) -> dict:
 
 # ----------------------------------------------------------------------------- samples, evals
 
-
-class _Sampler:
-    """Sample grids during and after training: fixed prompts and seeds, from the params the
-    run holds, on its mesh with its shardings (no gather, no copy). Every process calls
-    `generate` and `grid` (the program spans their devices); process 0 writes the grid."""
-
-    def __init__(self, run: Run):
-        from diffusion_jax import pipeline
-
-        self.run, self.cfg = run, run.config.sample
-        self.pipe = pipeline.StableDiffusion(None, run.ckpt_config, mesh=run.mesh,
-                                             fsdp_min_size=run.config.mesh.fsdp_min_size)
-        if run.is_main:
-            (run.workdir / "samples").mkdir(exist_ok=True)
-
-    def generate(self, prompts: list[str], seeds: list[int], params: Mapping[str, Any],
-                 batch: int = 100) -> np.ndarray:
-        """`params`: {tower name: params}, as `sampling_params` gives them."""
-        out = []
-        for i in range(0, len(prompts), batch):
-            p, s = prompts[i:i + batch], seeds[i:i + batch]
-            pad = batch - len(p) if len(prompts) > batch else 0  # one compiled shape
-            images = self.pipe.txt2img(p + p[-1:] * pad, "", seed=s + s[-1:] * pad,
-                                       sampler=self.cfg.sampler, steps=self.cfg.steps,
-                                       guidance=self.cfg.guidance, params=params)
-            out.append(images[:len(p)])
-        return np.concatenate(out)
-
-    def grid(self, step: int, params: Mapping[str, Any]) -> epath.Path:
-        from diffusion_jax import pipeline
-
-        n = self.cfg.seeds_per_prompt
-        prompts = [p for p in self.cfg.prompts for _ in range(n)]
-        seeds = [i for _ in self.cfg.prompts for i in range(n)]
-        images = self.generate(prompts, seeds, params)
-        path = self.run.workdir / "samples" / f"step_{step:07d}.png"
-        if not self.run.is_main:
-            return path
-        grid = pipeline.save_grid(images, path, {
-            "prompts": list(self.cfg.prompts), "seeds": list(range(n)), "sampler": self.cfg.sampler,
-            "steps": self.cfg.steps, "guidance": self.cfg.guidance, "negative_prompt": "",
-            "height": int(images.shape[1]), "width": int(images.shape[2]), "ema": True,
-            "training_step": step}, columns=n)
-        if self.run.writer is not None:
-            self.run.writer.add_image("samples", grid, step, dataformats="HWC")
-            self.run.writer.flush()
-        log.info("sample grid: %s", path)
-        return path
 
 def _final(run: Run) -> None:
     """The final sample grid and the config's evaluators, with the EMA copies."""
