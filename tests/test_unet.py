@@ -40,7 +40,20 @@ SD2_TINY = dict(
 ONE_LEVEL = dict(SD1_TINY, down_block_types=("CrossAttnDownBlock2D",),
                  up_block_types=("CrossAttnUpBlock2D",), block_out_channels=(16,),
                  layers_per_block=1)
-CONFIGS = {"SD1": SD1_TINY, "SD2": SD2_TINY, "ONE_LEVEL": ONE_LEVEL}
+# SDXL shape: no attention at the top level, 1 then 2 transformer blocks per attention layer
+# (10 in the mid block of the real one), and "text_time" micro-conditioning: a pooled text
+# embedding (12 wide) and six size/crop numbers, 8 sinusoid channels each.
+SDXL_TINY = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=(2, 4),
+    cross_attention_dim=24, use_linear_projection=True, transformer_layers_per_block=(1, 2),
+    addition_embed_type="text_time", addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=12 + 6 * 8, norm_num_groups=8,
+)
+SDXL_POOLED = 12
+CONFIGS = {"SD1": SD1_TINY, "SD2": SD2_TINY, "ONE_LEVEL": ONE_LEVEL, "SDXL": SDXL_TINY}
 SD1_SHAPE = (2, 12, 8)  # batch, height, width: not square, a multiple of 4 (two downsamplings)
 SD2_SHAPE = (2, 6, 10)
 TOKENS = 5
@@ -113,6 +126,59 @@ def test_matches_diffusers(name, shape, timesteps):
     assert relative_error(torch_forward(model, sample, np.full(shape[:1], 7.0), context), ref) > 1e-2
 
 
+def test_text_time_micro_conditioning_matches_diffusers():
+    """SDXL's U-Net: transformer_layers_per_block per block and the "text_time" embedding of
+    the pooled text embedding and the six size/crop numbers."""
+    config, model, params = reference("SDXL")
+    sample, context = inputs(config, SD2_SHAPE)
+    rng = np.random.default_rng(1)
+    text_embeds = rng.standard_normal((2, SDXL_POOLED), np.float32)
+    time_ids = np.array([[1024, 768, 0, 16, 1024, 1024], [512, 512, 8, 0, 768, 1024]], np.float32)
+    t = np.array([999.0, 37.5], np.float32)
+    model_fn = UNet2DConditionModel(config).apply
+    ours = run_compiled(model_fn, {"params": params}, sample, t, context, text_embeds, time_ids)
+
+    def torch_out(ids):
+        with torch.no_grad():
+            return model(torch.from_numpy(sample.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                         torch.from_numpy(context), added_cond_kwargs={
+                             "text_embeds": torch.from_numpy(text_embeds),
+                             "time_ids": torch.from_numpy(ids)}).sample.numpy().transpose(0, 2, 3, 1)
+
+    ref = torch_out(time_ids)
+    err = relative_error(ours, ref)
+    print(f"SDXL-shaped U-Net: relative error {err:.2e}")
+    assert err <= 1e-4
+    assert relative_error(torch_out(time_ids[::-1].copy()), ref) > 1e-2  # the numbers matter
+    with pytest.raises(ValueError, match="needs text_embeds"):
+        jax.eval_shape(functools.partial(model_fn, {"params": params}), sample, t, context)
+
+
+# The released SDXL unet/config.json architectures (base 1.0 and refiner 1.0).
+SDXL_BASE_UNET = dict(
+    sample_size=128, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+    up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",),
+    block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, transformer_layers_per_block=(1, 2, 10),
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
+SDXL_REFINER_UNET = dict(
+    sample_size=128, down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2
+    + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2
+    + ("UpBlock2D",), block_out_channels=(384, 768, 1536, 1536),
+    attention_head_dim=(6, 12, 24, 24), cross_attention_dim=1280, use_linear_projection=True,
+    transformer_layers_per_block=4, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560)
+
+
+@pytest.mark.parametrize("unet, expected", [(SDXL_BASE_UNET, 2_567_463_684),
+                                            (SDXL_REFINER_UNET, 2_259_526_660)])
+def test_sdxl_parameter_counts(unet, expected):
+    shapes = jax.eval_shape(functools.partial(init_params, UNetConfig.from_dict(unet)),
+                            jax.random.key(0))
+    assert sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)) == expected
+
+
 @pytest.mark.parametrize("config_module, expected", [(sd15, 859_520_964), (sd21, 865_910_724)])
 def test_parameter_count(config_module, expected):
     config = UNetConfig.from_dict(config_module.get_config().unet)
@@ -172,9 +238,10 @@ def test_bad_spatial_size(height, width):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("transformer_layers_per_block", 2, "transformer_layers_per_block=2 .*supported: \\[1\\]"),
+    ("transformer_layers_per_block", (1, 2, 3), "3 transformer_layers_per_block entries for 2"),
     ("class_embed_type", "timestep", "class_embed_type='timestep' .*supported: \\[None\\]"),
-    ("addition_embed_type", "text_time", "addition_embed_type='text_time'"),
+    ("addition_embed_type", "text", "addition_embed_type='text' .*'text_time'"),
+    ("addition_embed_type", "text_time", "needs addition_time_embed_dim"),
     ("only_cross_attention", True, "only_cross_attention=True"),
     ("dual_cross_attention", True, "dual_cross_attention=True"),
     ("mid_block_type", "UNetMidBlock2DSimpleCrossAttn",

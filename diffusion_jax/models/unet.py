@@ -43,16 +43,12 @@ _FIXED_KEYS = {
     "dropout": (0.0,),
     "only_cross_attention": (False,),
     "dual_cross_attention": (False,),
-    "transformer_layers_per_block": (1,),
     "reverse_transformer_layers_per_block": (None,),
     "mid_block_only_cross_attention": (None, False),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
     "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -102,9 +98,27 @@ class UNetConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     downsample_padding: int = 1
+    # Transformer blocks in each attention layer: one int, or one per block (SDXL: 1, 2, 10).
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    # SDXL's micro-conditioning: "text_time" adds an MLP of [pooled text embedding, sinusoidal
+    # embeddings of the size/crop numbers] to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid width per micro-conditioning number
+    projection_class_embeddings_input_dim: int | None = None  # pooled width + numbers x that
 
     def __post_init__(self):
         n = len(self.block_out_channels)
+        depth = self.transformer_layers_per_block
+        if not isinstance(depth, int) and len(depth) != n:
+            raise ValueError(f"UNet config: {len(depth)} transformer_layers_per_block entries "
+                             f"for {n} blocks")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"UNet config addition_embed_type={self.addition_embed_type!r} is "
+                             "not supported; supported: [None, 'text_time']")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and
+                                             self.projection_class_embeddings_input_dim):
+            raise ValueError("UNet config: addition_embed_type='text_time' needs "
+                             "addition_time_embed_dim and projection_class_embeddings_input_dim")
         for key, types, supported in (("down_block_types", self.down_block_types, DOWN_BLOCK_TYPES),
                                       ("up_block_types", self.up_block_types, UP_BLOCK_TYPES)):
             unknown = [t for t in types if t not in supported]
@@ -135,6 +149,12 @@ class UNetConfig:
     def downsampling(self) -> int:
         """Latent sides must be multiples of this."""
         return 2 ** (len(self.block_out_channels) - 1)
+
+    @property
+    def depth_per_block(self) -> tuple[int, ...]:
+        """transformer_layers_per_block as one entry per down block (up blocks: reversed)."""
+        depth = self.transformer_layers_per_block
+        return (depth,) * len(self.block_out_channels) if isinstance(depth, int) else tuple(depth)
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:
@@ -190,13 +210,14 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """GroupNorm, projection in, one transformer block over the H*W tokens, projection out,
-    residual. The projections are 1x1 convs (SD 1.x) or Dense layers (SD 2.x)."""
+    """GroupNorm, projection in, `depth` transformer blocks over the H*W tokens, projection
+    out, residual. The projections are 1x1 convs (SD 1.x) or Dense layers (SD 2.x)."""
 
     heads: int
     groups: int
     use_linear_projection: bool
     upcast: bool
+    depth: int = 1
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
@@ -210,9 +231,10 @@ class Transformer2DModel(nn.Module):
             hidden = dense(inner, name="proj_in", dtype=self.dtype)(hidden.reshape(b, h * w, c))
         else:
             hidden = conv(inner, 1, name="proj_in", dtype=self.dtype)(hidden).reshape(b, h * w, inner)
-        hidden = BasicTransformerBlock(self.heads, dim_head, self.upcast, dtype=self.dtype,
-                                       attention_impl=self.attention_impl,
-                                       name="transformer_blocks_0")(hidden, context)
+        for i in range(self.depth):
+            hidden = BasicTransformerBlock(self.heads, dim_head, self.upcast, dtype=self.dtype,
+                                           attention_impl=self.attention_impl,
+                                           name=f"transformer_blocks_{i}")(hidden, context)
         if self.use_linear_projection:
             hidden = dense(c, name="proj_out", dtype=self.dtype)(hidden).reshape(b, h, w, c)
         else:
@@ -225,11 +247,11 @@ def _resnet(config: UNetConfig, out_channels: int, name: str, dtype: Dtype) -> R
                          dtype=dtype, name=name)
 
 
-def _transformer(config: UNetConfig, heads: int, name: str, dtype: Dtype,
+def _transformer(config: UNetConfig, heads: int, depth: int, name: str, dtype: Dtype,
                  attention_impl: str | None) -> Transformer2DModel:
     return Transformer2DModel(heads, config.norm_num_groups, config.use_linear_projection,
-                              config.upcast_attention, dtype=dtype, attention_impl=attention_impl,
-                              name=name)
+                              config.upcast_attention, depth, dtype=dtype,
+                              attention_impl=attention_impl, name=name)
 
 
 class DownBlock(nn.Module):
@@ -240,6 +262,7 @@ class DownBlock(nn.Module):
     config: UNetConfig
     out_channels: int
     heads: int
+    depth: int  # transformer blocks per attention layer
     cross_attention: bool
     add_downsample: bool
     dtype: Dtype = jnp.float32
@@ -252,8 +275,8 @@ class DownBlock(nn.Module):
         for j in range(self.config.layers_per_block):
             x = _resnet(self.config, self.out_channels, f"resnets_{j}", self.dtype)(x, temb)
             if self.cross_attention:
-                x = _transformer(self.config, self.heads, f"attentions_{j}", self.dtype,
-                                 self.attention_impl)(x, context)
+                x = _transformer(self.config, self.heads, self.depth, f"attentions_{j}",
+                                 self.dtype, self.attention_impl)(x, context)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, asymmetric_padding=self.config.downsample_padding == 0,
@@ -267,6 +290,7 @@ class MidBlock(nn.Module):
 
     config: UNetConfig
     heads: int
+    depth: int
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
@@ -274,7 +298,7 @@ class MidBlock(nn.Module):
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         x = _resnet(self.config, channels, "resnets_0", self.dtype)(x, temb)
-        x = _transformer(self.config, self.heads, "attentions_0", self.dtype,
+        x = _transformer(self.config, self.heads, self.depth, "attentions_0", self.dtype,
                          self.attention_impl)(x, context)
         return _resnet(self.config, channels, "resnets_1", self.dtype)(x, temb)
 
@@ -286,6 +310,7 @@ class UpBlock(nn.Module):
     config: UNetConfig
     out_channels: int
     heads: int
+    depth: int
     cross_attention: bool
     add_upsample: bool
     dtype: Dtype = jnp.float32
@@ -298,8 +323,8 @@ class UpBlock(nn.Module):
             x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
             x = _resnet(self.config, self.out_channels, f"resnets_{j}", self.dtype)(x, temb)
             if self.cross_attention:
-                x = _transformer(self.config, self.heads, f"attentions_{j}", self.dtype,
-                                 self.attention_impl)(x, context)
+                x = _transformer(self.config, self.heads, self.depth, f"attentions_{j}",
+                                 self.dtype, self.attention_impl)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
@@ -341,7 +366,10 @@ class UNet2DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
-                 encoder_hidden_states: jax.Array) -> jax.Array:
+                 encoder_hidden_states: jax.Array, text_embeds: jax.Array | None = None,
+                 time_ids: jax.Array | None = None) -> jax.Array:
+        """`text_embeds` [B, pooled] and `time_ids` [B, numbers]: the "text_time"
+        micro-conditioning (SDXL); other U-Nets take neither."""
         cfg = self.config
         check_sample_shape(cfg, sample.shape)
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
@@ -350,28 +378,32 @@ class UNet2DConditionModel(nn.Module):
         blocks = dict(dtype=self.dtype, attention_impl=self.attention_impl)
         down_block, mid_block, up_block = (_remat(b, self.remat_policy)
                                            for b in (DownBlock, MidBlock, UpBlock))
-        heads, channels = cfg.heads_per_block, cfg.block_out_channels
+        channels = cfg.block_out_channels
         n = len(channels)
 
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
         t_emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                    freq_shift=cfg.freq_shift)
         temb = TimestepEmbedding(4 * channels[0], dtype=self.dtype, name="time_embedding")(t_emb)
+        if cfg.addition_embed_type == "text_time":
+            temb = temb + self._text_time_embedding(text_embeds, time_ids, sample.shape[0])
+        heads, depth = cfg.heads_per_block, cfg.depth_per_block
 
         x = conv(channels[0], 3, name="conv_in", dtype=self.dtype)(sample)
         skips = [x]
         for i, block_type in enumerate(cfg.down_block_types):
-            x, block_skips = down_block(cfg, channels[i], heads[i],
+            x, block_skips = down_block(cfg, channels[i], heads[i], depth[i],
                                         block_type == "CrossAttnDownBlock2D", i < n - 1,
                                         name=f"down_blocks_{i}", **blocks)(x, temb, encoder_hidden_states)
             skips.extend(block_skips)
 
-        x = mid_block(cfg, heads[-1], name="mid_block", **blocks)(x, temb, encoder_hidden_states)
+        x = mid_block(cfg, heads[-1], depth[-1], name="mid_block", **blocks)(
+            x, temb, encoder_hidden_states)
 
         for i, block_type in enumerate(cfg.up_block_types):
             block_skips = tuple(skips[-(cfg.layers_per_block + 1):])
             del skips[-(cfg.layers_per_block + 1):]
-            x = up_block(cfg, channels[n - 1 - i], heads[n - 1 - i],
+            x = up_block(cfg, channels[n - 1 - i], heads[n - 1 - i], depth[n - 1 - i],
                          block_type == "CrossAttnUpBlock2D", i < n - 1,
                          name=f"up_blocks_{i}", **blocks)(x, block_skips, temb, encoder_hidden_states)
 
@@ -380,6 +412,24 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.out_channels, 3, name="conv_out", dtype=self.dtype)(x)
         return x.astype(jnp.float32)
 
+    def _text_time_embedding(self, text_embeds, time_ids, batch: int) -> jax.Array:
+        """diffusers' `add_embedding(concat(text_embeds, add_time_proj(time_ids)))`."""
+        cfg = self.config
+        if text_embeds is None or time_ids is None:
+            raise ValueError("this U-Net (addition_embed_type='text_time') needs text_embeds "
+                             "(the pooled text embedding) and time_ids (size and crop numbers)")
+        numbers = jnp.asarray(time_ids, jnp.float32)
+        sinusoids = timestep_embedding(numbers.reshape(-1), cfg.addition_time_embed_dim,
+                                       flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                       freq_shift=cfg.freq_shift).reshape(batch, -1)
+        features = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), sinusoids], axis=-1)
+        if features.shape[-1] != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"text_embeds + time_ids embeddings have {features.shape[-1]} "
+                             f"features; projection_class_embeddings_input_dim is "
+                             f"{cfg.projection_class_embeddings_input_dim}")
+        return TimestepEmbedding(4 * cfg.block_out_channels[0], dtype=self.dtype,
+                                 name="add_embedding")(features)
+
 
 def init_params(config: UNetConfig, rng: jax.Array) -> dict:
     """The 'params' collection, initialised on the smallest input the config takes. Use under
@@ -387,10 +437,22 @@ def init_params(config: UNetConfig, rng: jax.Array) -> dict:
     side = 2 ** (len(config.block_out_channels) - 1)
     sample = jnp.zeros((1, side, side, config.in_channels), jnp.float32)
     context = jnp.zeros((1, 1, config.cross_attention_dim), jnp.float32)
-    return UNet2DConditionModel(config).init(rng, sample, jnp.zeros((1,)), context)["params"]
+    extra = {}
+    if config.addition_embed_type == "text_time":
+        # The config gives only the total width (pooled + numbers x sinusoid); any split of it
+        # makes the same params.
+        pooled = config.projection_class_embeddings_input_dim - config.addition_time_embed_dim
+        extra = dict(text_embeds=jnp.zeros((1, pooled), jnp.float32),
+                     time_ids=jnp.zeros((1, 1), jnp.float32))
+    return UNet2DConditionModel(config).init(rng, sample, jnp.zeros((1,)), context,
+                                             **extra)["params"]
 
 
 def denoise(model: UNet2DConditionModel, params: dict, x: jax.Array, t: jax.Array,
             cond: dict) -> jax.Array:
-    """The system's denoiser call: cross-attention reads cond["context"]."""
+    """The system's denoiser call: cross-attention reads cond["context"]; a "text_time" U-Net
+    also cond["pooled"] and cond["time_ids"]."""
+    if model.config.addition_embed_type == "text_time":
+        return model.apply({"params": params}, x, t, cond["context"], cond["pooled"],
+                           cond["time_ids"])
     return model.apply({"params": params}, x, t, cond["context"])
