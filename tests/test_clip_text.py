@@ -1,4 +1,5 @@
-"""CLIPTextModel against transformers' PyTorch CLIPTextModel on the same random weights.
+"""CLIPTextModel and CLIPTextModelWithProjection against transformers' PyTorch models on the
+same random weights.
 
 Error measure: max|ours - reference| / max(1, max|reference|), float32 unless stated.
 """
@@ -11,7 +12,8 @@ import torch
 import transformers
 
 from diffusion_jax.configs import sd15, sd21, tiny
-from diffusion_jax.convert.torch_params import state_dict_to_params
+from diffusion_jax import models
+from diffusion_jax.convert.torch_params import params_to_state_dict, state_dict_to_params
 from diffusion_jax.models import clip_text
 
 TOL = 1e-4
@@ -197,3 +199,112 @@ def test_from_dict_rejects_unsupported_values(key, value, supported):
         clip_text.CLIPTextConfig.from_dict(dict(SD15_CONFIG_JSON, **{key: value}))
     message = str(excinfo.value)
     assert key in message and supported in message, message
+
+
+# --- CLIPTextModelWithProjection (SDXL's text_encoder_2, OpenCLIP ViT-bigG/14) ---------------
+
+PROJECTION = models.KINDS["clip_text_projection"]
+
+
+def tiny_projection_config(eos_token_id: int) -> clip_text.CLIPTextWithProjectionConfig:
+    # projection_dim != hidden_size, so a transposed projection cannot pass.
+    d = dict(tiny.get_config().text_encoder, hidden_act="gelu", eos_token_id=eos_token_id,
+             projection_dim=24)
+    return PROJECTION.config_from_dict(d)
+
+
+def reference_projection_model(config) -> transformers.CLIPTextModelWithProjection:
+    torch.manual_seed(0)
+    ref = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**config.to_dict())).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return ref
+
+
+def converted_projection_params(state_dict, config):
+    """By the kind's own conversion rule, as convert/diffusers.py applies it."""
+    return state_dict_to_params(state_dict, PROJECTION.param_shapes(config),
+                                prefix=PROJECTION.torch_prefix, ignore=PROJECTION.torch_ignore,
+                                source="transformers CLIPTextModelWithProjection")
+
+
+@pytest.mark.parametrize("eos_token_id", [clip_text.LEGACY_EOS_TOKEN_ID, EOS])
+def test_with_projection_matches_transformers(eos_token_id):
+    config = tiny_projection_config(eos_token_id)
+    assert isinstance(config, clip_text.CLIPTextWithProjectionConfig)
+    ref = reference_projection_model(config)
+    state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
+    assert "text_projection.weight" in state_dict
+    params = converted_projection_params(state_dict, config)
+    assert set(params) == {"text_model", "text_projection"}
+    ids = token_batch()
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids).long(), output_hidden_states=True)
+
+    model = PROJECTION.build(config)
+    assert isinstance(model, clip_text.CLIPTextModelWithProjection)
+    outputs = jax.jit(lambda p, ids: PROJECTION.encode_text(model, p, ids))(params, ids)
+    assert set(outputs) == set(config.output_widths)
+    for name, array in outputs.items():
+        assert array.dtype == jnp.float32 and array.shape[-1] == config.output_widths[name]
+    errors = {
+        "last_hidden_state": rel_err(outputs["last_hidden_state"], expected.last_hidden_state),
+        "penultimate_hidden_state": rel_err(outputs["penultimate_hidden_state"],
+                                            expected.hidden_states[-2]),
+        "text_embeds": rel_err(outputs["text_embeds"], expected.text_embeds),
+    }
+    print(eos_token_id, errors)
+    assert max(errors.values()) <= TOL, errors
+    # pooler_output is what was projected.
+    np.testing.assert_allclose(
+        outputs["text_embeds"],
+        outputs["pooler_output"] @ np.asarray(params["text_projection"]["kernel"]),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_with_projection_state_dict_round_trip():
+    """transformers 4 saves (SDXL's text_encoder_2) carry `position_ids`; export gives back
+    exactly the reference's keys."""
+    config = tiny_projection_config(clip_text.LEGACY_EOS_TOKEN_ID)
+    state_dict = {k: v.numpy() for k, v in reference_projection_model(config).state_dict().items()}
+    with_buffer = dict(state_dict)
+    with_buffer["text_model.embeddings.position_ids"] = np.arange(SEQ_LEN)[None]
+    params = converted_projection_params(with_buffer, config)
+    exported = params_to_state_dict(params, prefix=PROJECTION.torch_prefix)
+    assert set(exported) == set(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+
+
+def test_plain_model_gives_penultimate_hidden_state():
+    config = tiny_config("quick_gelu", EOS)
+    ref = reference_model(config)
+    params = converted_params(ref, config)
+    ids = token_batch()
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids).long(), output_hidden_states=True)
+    component = models.KINDS["clip_text"]
+    outputs = component.encode_text(component.build(config), params, ids)
+    assert set(outputs) == set(config.output_widths) == {
+        "last_hidden_state", "penultimate_hidden_state", "pooler_output"}
+    assert rel_err(outputs["penultimate_hidden_state"], expected.hidden_states[-2]) <= TOL
+
+
+# SDXL's text_encoder_2/config.json (architecture keys).
+SDXL_TEXT_ENCODER_2_CONFIG_JSON = dict(
+    SD15_CONFIG_JSON, architectures=["CLIPTextModelWithProjection"], hidden_act="gelu",
+    hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+    projection_dim=1280, transformers_version="4.32.0.dev0")
+
+
+def test_bigG_param_count():
+    config = PROJECTION.config_from_dict(SDXL_TEXT_ENCODER_2_CONFIG_JSON)
+    assert (config.vocab_size, config.max_position_embeddings, config.layer_norm_eps,
+            config.bos_token_id, config.eos_token_id, config.pad_token_id) == \
+        (49408, 77, 1e-5, 0, 2, 1)
+    assert models.count_params(PROJECTION.param_shapes(config)) == 694_659_840
+    assert config.output_widths == {"last_hidden_state": 1280, "penultimate_hidden_state": 1280,
+                                    "pooler_output": 1280, "text_embeds": 1280}

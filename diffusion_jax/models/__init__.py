@@ -93,6 +93,13 @@ register(Component("vae", "diffusion_jax.models.vae", "AutoencoderKLConfig", "Au
 register(Component("clip_text", "diffusion_jax.models.clip_text", "CLIPTextConfig",
                    "CLIPTextModel", torch_prefix="text_model.", torch_ignore=(r"position_ids$",),
                    reference_class=("transformers", "CLIPTextModel"), weights_stem="model"))
+# SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14): `text_model.*` and `text_projection.weight` in
+# transformers 4 and 5 alike, which the param tree's own names give (no prefix).
+register(Component("clip_text_projection", "diffusion_jax.models.clip_text",
+                   "CLIPTextWithProjectionConfig", "CLIPTextModelWithProjection",
+                   torch_ignore=(r"position_ids$",),
+                   reference_class=("transformers", "CLIPTextModelWithProjection"),
+                   weights_stem="model"))
 
 
 def count_params(tree: Any) -> int:

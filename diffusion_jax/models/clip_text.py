@@ -1,4 +1,5 @@
-"""The CLIP text tower that conditions Stable Diffusion: transformers `CLIPTextModel`.
+"""The CLIP text towers that condition Stable Diffusion: transformers `CLIPTextModel` and
+`CLIPTextModelWithProjection`.
 
 A pre-LayerNorm causal transformer over token ids: SD 1.x uses OpenAI's ViT-L/14 text tower
 (12 layers, quick_gelu), SD 2.x OpenCLIP ViT-H/14's without its last block (23 layers, gelu).
@@ -7,6 +8,14 @@ text encoders (saved by transformers 4) prefix every key with `text_model.` and 
 `position_ids` buffer; transformers 5 keeps and saves the keys without the prefix:
 
     state_dict_to_params(sd, template, prefix="text_model.", ignore=[r"position_ids$"])
+
+SDXL's second tower, OpenCLIP ViT-bigG/14's text model (32 layers), is a
+`CLIPTextModelWithProjection`: the text model under `text_model` plus a bias-free
+`text_projection` of the pooled output. Its config is a `CLIPTextWithProjectionConfig` (the
+config's class picks the model that `init_params` builds). transformers 4 and 5 both key it
+`text_model.*` and `text_projection.weight`, which is this param tree's naming as it is:
+
+    state_dict_to_params(sd, template, ignore=[r"position_ids$"])
 """
 
 from __future__ import annotations
@@ -73,7 +82,9 @@ class CLIPTextConfig:
     @property
     def output_widths(self) -> dict[str, int]:
         """Feature width of each output `encode_text` gives."""
-        return {"last_hidden_state": self.hidden_size, "pooler_output": self.hidden_size}
+        return {"last_hidden_state": self.hidden_size,
+                "penultimate_hidden_state": self.hidden_size,
+                "pooler_output": self.hidden_size}
 
     @property
     def max_tokens(self) -> int:
@@ -105,6 +116,18 @@ class CLIPTextConfig:
         return self.hidden_size // self.num_attention_heads
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class CLIPTextWithProjectionConfig(CLIPTextConfig):
+    """The config of a `CLIPTextModelWithProjection` (transformers has one `CLIPTextConfig` for
+    both models; here the class tells them apart). projection_dim is the width of
+    `text_embeds`."""
+
+    @property
+    def output_widths(self) -> dict[str, int]:
+        return {**super().output_widths, "text_embeds": self.projection_dim}
+
+
 @flax.struct.dataclass
 class CLIPTextOutput:
     """As transformers' `BaseModelOutputWithPooling` with `output_hidden_states=True`.
@@ -118,6 +141,15 @@ class CLIPTextOutput:
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     hidden_states: tuple[jax.Array, ...]
+
+
+@flax.struct.dataclass
+class CLIPTextWithProjectionOutput(CLIPTextOutput):
+    """`CLIPTextOutput` plus transformers' `text_embeds`: [B, projection_dim], the projected
+    pooler_output (SDXL's pooled conditioning). transformers' `CLIPTextModelOutput` has no
+    pooler_output; it is kept here, unprojected."""
+
+    text_embeds: jax.Array
 
 
 def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype) -> nn.LayerNorm:
@@ -248,6 +280,31 @@ class CLIPTextModel(nn.Module):
         return self.final_layer_norm(hidden).astype(jnp.float32)
 
 
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers `CLIPTextModelWithProjection`: `CLIPTextModel` under `text_model`, and
+    `text_projection` (hidden_size -> projection_dim, no bias) of its pooled output."""
+
+    config: CLIPTextConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.text_model = CLIPTextModel(self.config, self.dtype)
+        self.text_projection = dense(self.config.projection_dim, name="text_projection",
+                                     dtype=self.dtype, use_bias=False)
+
+    def __call__(self, input_ids: jax.Array) -> CLIPTextWithProjectionOutput:
+        """input_ids: [B, T] int, T <= max_position_embeddings."""
+        out = self.text_model(input_ids)
+        text_embeds = self.text_projection(out.pooler_output)
+        return CLIPTextWithProjectionOutput(
+            last_hidden_state=out.last_hidden_state, pooler_output=out.pooler_output,
+            hidden_states=out.hidden_states, text_embeds=text_embeds.astype(jnp.float32))
+
+    def layer_output_with_final_norm(self, input_ids: jax.Array, layer: int) -> jax.Array:
+        """As `CLIPTextModel.layer_output_with_final_norm`."""
+        return self.text_model.layer_output_with_final_norm(input_ids, layer)
+
+
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     """Index of the token the pooled output is taken at, per sequence: [B] int.
 
@@ -261,14 +318,39 @@ def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     return jnp.argmax(input_ids == eos_token_id, axis=-1)
 
 
+def model_class(config: CLIPTextConfig) -> type[nn.Module]:
+    """The model a config describes: `CLIPTextModelWithProjection` for a
+    `CLIPTextWithProjectionConfig`, else `CLIPTextModel`."""
+    if isinstance(config, CLIPTextWithProjectionConfig):
+        return CLIPTextModelWithProjection
+    return CLIPTextModel
+
+
 @jax.jit  # one compiled init: op-by-op initialisation dispatches thousands of ops
 def init_params(config: CLIPTextConfig, rng: jax.Array) -> dict:
-    """Freshly initialised params; `jax.eval_shape(init_params, config, rng)` gives the shapes."""
+    """Freshly initialised params of `model_class(config)`; `jax.eval_shape(init_params,
+    config, rng)` gives the shapes."""
     input_ids = jnp.zeros((1, 1), jnp.int32)
-    return CLIPTextModel(config).init(rng, input_ids)["params"]
+    return model_class(config)(config).init(rng, input_ids)["params"]
 
 
-def encode_text(model: CLIPTextModel, params: dict, ids: jax.Array) -> dict[str, jax.Array]:
-    """The outputs a system's text tower can contribute to the conditioning, by name."""
+def encode_text(model: CLIPTextModel | CLIPTextModelWithProjection, params: dict,
+                ids: jax.Array) -> dict[str, jax.Array]:
+    """The outputs a system's text tower can contribute to the conditioning, by name (the
+    keys of its config's `output_widths`):
+
+    last_hidden_state: [B, T, hidden], after final_layer_norm;
+    penultimate_hidden_state: [B, T, hidden], hidden_states[-2] (the output of the
+      second-to-last layer), without final_layer_norm: SDXL's context (diffusers
+      `hidden_states[-2]`);
+    pooler_output: [B, hidden], last_hidden_state at EOS;
+    text_embeds (with projection only): [B, projection_dim], pooler_output projected: SDXL's
+      pooled conditioning.
+    """
     out = model.apply({"params": params}, ids)
-    return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
+    outputs = {"last_hidden_state": out.last_hidden_state,
+               "penultimate_hidden_state": out.hidden_states[-2],
+               "pooler_output": out.pooler_output}
+    if isinstance(out, CLIPTextWithProjectionOutput):
+        outputs["text_embeds"] = out.text_embeds
+    return outputs
