@@ -120,3 +120,29 @@ def test_a_new_family_trains_and_samples_through_the_system_description(toy_fami
     unpooled = {**cond, "pooled": np.zeros_like(cond["pooled"])}
     assert not np.allclose(system.denoise(pipe.models, pipe.params, x, t, cond),
                            system.denoise(pipe.models, pipe.params, x, t, unpooled))
+
+
+# ----------------------------------------------------------------------------- SDXL
+
+
+@pytest.mark.parametrize("name, counts", [
+    ("sdxl_base", {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                   "text_encoder_2": 694_659_840}),
+    ("sdxl_refiner", {"unet": 2_259_526_660, "vae": 83_653_863, "text_encoder_2": 694_659_840}),
+])
+def test_sdxl_architectures_count_as_released_and_fit_together(name, counts, capsys):
+    from diffusion_jax import cli
+    from diffusion_jax.config_files import as_dict, load
+
+    assert cli.main(["params", "--config", name]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.strip().splitlines())
+    assert {k: int(v.replace(",", "")) for k, v in printed.items() if k != "total"} == counts
+    config = as_dict(load(name))
+    towers = system.from_config(config)
+    width = sum(system.tower_config(t, config).output_widths[t.context] for t in towers.text_towers)
+    assert width == system.denoiser_config(towers, config).context_dim  # 2048 / 1280
+    pooled = sum(system.tower_config(t, config).output_widths[t.pooled]
+                 for t in towers.text_towers if t.pooled)
+    unet = system.denoiser_config(towers, config)
+    numbers = (unet.projection_class_embeddings_input_dim - pooled) // unet.addition_time_embed_dim
+    assert numbers == (6 if name == "sdxl_base" else 5)  # sizes + crop (+ target | aesthetic)
