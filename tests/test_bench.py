@@ -161,3 +161,15 @@ def test_unknown_benchmark_is_a_usage_error(capsys):
         cli.main(["bench", "clip"])
     assert info.value.code == 2
     assert "invalid choice: 'clip'" in capsys.readouterr().err
+
+
+def test_unet_benchmark_of_an_sdxl_shaped_unet_feeds_the_micro_conditioning():
+    """configs/sdxl_bench.py's structure (text_time, several transformer blocks per layer),
+    shrunk: both sides get the pooled embedding and the size/crop numbers, and agree."""
+    config = config_files.as_dict(config_files.load("sdxl_bench"))
+    config["unet"].update(sample_size=8, block_out_channels=(32, 64, 64),
+                          attention_head_dim=(1, 1, 1), transformer_layers_per_block=(1, 2, 1),
+                          norm_num_groups=8)
+    result = bench.run("unet", config, batch=1, repeats=1, compare_torch=True)
+    assert result["max_abs_difference"] < 1e-4
+    assert result["latent_shape"] == [1, 8, 8, 4]

@@ -38,11 +38,16 @@ def _unet_inputs(config: unet_lib.UNetConfig, batch: int) -> dict[str, np.ndarra
         raise ValueError("the config's unet section has no sample_size (the latent side)")
     rng = np.random.default_rng(0)
     side = config.sample_size
-    return dict(
+    inputs = dict(
         sample=rng.standard_normal((batch, side, side, config.in_channels), np.float32),
         timesteps=rng.integers(0, 1000, batch).astype(np.float32),
         context=rng.standard_normal((batch, TEXT_TOKENS, config.cross_attention_dim),
                                     np.float32))
+    if config.addition_embed_type == "text_time":  # SDXL base's six size/crop numbers
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["text_embeds"] = rng.standard_normal((batch, pooled), np.float32)
+        inputs["time_ids"] = np.tile(np.float32([1024, 1024, 0, 0, 1024, 1024]), (batch, 1))
+    return inputs
 
 
 def _result(name: str, *, batch: int, dtype: str, repeats: int, compiled, compile_s: float,
@@ -62,8 +67,10 @@ def bench_unet(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float
     model = unet_lib.UNet2DConditionModel(cfg, dtype=measure.DTYPES[dtype])
     params = random_params("unet", config["unet"], seed=0)
     inputs = _unet_inputs(cfg, batch)
-    forward = lambda p, x, t, c: model.apply({"params": p}, x, t, c)
-    args = jax.device_put((params, inputs["sample"], inputs["timesteps"], inputs["context"]))
+    forward = lambda p, x, t, c, *added: model.apply({"params": p}, x, t, c, *added)
+    added = [inputs[k] for k in ("text_embeds", "time_ids") if k in inputs]
+    args = jax.device_put((params, inputs["sample"], inputs["timesteps"], inputs["context"],
+                           *added))
     compiled, compile_s = measure.compile_timed(forward, *args)
     ours, median_s = measure.warm_median(lambda: compiled(*args), repeats)
     result = _result("unet", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
@@ -77,9 +84,13 @@ def bench_unet(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float
                                       torch.from_numpy(inputs["timesteps"]),
                                       torch.from_numpy(inputs["context"]))
 
+        added_cond = {k: torch.from_numpy(inputs[k]) for k in ("text_embeds", "time_ids")
+                      if k in inputs}
+
         def run():
             with _autocast(dtype):
-                return module(sample, timesteps, context).sample
+                return module(sample, timesteps, context,
+                              added_cond_kwargs=added_cond or None).sample
 
         reference, torch_s = _torch_warm_median(run, repeats, grad=False)
         result.update(_torch_figures(batch, median_s, torch_s))
