@@ -163,7 +163,7 @@ def test_unknown_benchmark_is_a_usage_error(capsys):
     assert "invalid choice: 'clip'" in capsys.readouterr().err
 
 
-def test_unet_benchmark_of_an_sdxl_shaped_unet_feeds_the_micro_conditioning():
+def test_unet_and_train_benchmarks_of_an_sdxl_shaped_unet_feed_the_micro_conditioning():
     """configs/sdxl_bench.py's structure (text_time, several transformer blocks per layer),
     shrunk: both sides get the pooled embedding and the size/crop numbers, and agree."""
     config = config_files.as_dict(config_files.load("sdxl_bench"))
@@ -173,3 +173,8 @@ def test_unet_benchmark_of_an_sdxl_shaped_unet_feeds_the_micro_conditioning():
     result = bench.run("unet", config, batch=1, repeats=1, compare_torch=True)
     assert result["max_abs_difference"] < 1e-4
     assert result["latent_shape"] == [1, 8, 8, 4]
+    train = bench.run("train", config, batch=1, repeats=2, compare_torch=True)
+    assert train["loss_difference"] < 1e-4 and train["last_loss"] < train["first_loss"]
+    # Encoded in the step: the pooled embedding comes from the second tower's projection.
+    encoded = bench.run("train", config, batch=1, repeats=1, context="encoded")
+    assert encoded["context"] == "encoded" and encoded["first_loss"] > 0

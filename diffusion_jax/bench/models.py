@@ -107,12 +107,16 @@ def _epsilon_loss(model: unet_lib.UNet2DConditionModel, text: system.Models | No
     def loss_fn(params, frozen, batch, rng):
         del rng
         if text is None:
-            context = batch["context"]
+            cond = {"context": batch["context"]}
+            if "text_embeds" in batch:  # a text_time U-Net's pooled embedding
+                cond["pooled"] = batch["text_embeds"]
         else:
             ids = {key: batch[key] for key in text.system.ids_keys}
-            context = system.encode_text(text, frozen, ids)["context"]
-        prediction = model.apply({"params": params}, batch["noisy_latents"], batch["timesteps"],
-                                 context)
+            cond = system.encode_text(text, frozen, ids)
+        if "time_ids" in batch:
+            cond["time_ids"] = batch["time_ids"]
+        prediction = unet_lib.denoise(model, params, batch["noisy_latents"], batch["timesteps"],
+                                      cond)
         return jnp.mean(jnp.square(prediction - batch["noise"])), {}
 
     return loss_fn
@@ -155,12 +159,16 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     inputs = _unet_inputs(cfg, batch)
     noise = np.random.default_rng(1).standard_normal(inputs["sample"].shape).astype(np.float32)
     arrays = dict(noisy_latents=inputs["sample"], noise=noise, timesteps=inputs["timesteps"])
+    if "time_ids" in inputs:
+        arrays["time_ids"] = inputs["time_ids"]
     text, frozen = None, {}
     if context == "encoded":
         text, frozen, ids = _text_towers(config, dtype, batch)
         arrays.update(ids)
     else:
         arrays["context"] = inputs["context"]
+        if "text_embeds" in inputs:
+            arrays["text_embeds"] = inputs["text_embeds"]
     batch_arrays = jax.device_put(arrays)
     optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     train_step = make_train_step(_epsilon_loss(model, text), optimizer, lambda _: LEARNING_RATE,
@@ -209,13 +217,16 @@ def _torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch, median
                      for k in ("noisy_latents", "noise"))
     timesteps, context = (torch.tensor(np.asarray(batch_arrays[k]))
                           for k in ("timesteps", "context"))
+    added_cond = {k: torch.tensor(np.asarray(batch_arrays[k])) for k in ("text_embeds", "time_ids")
+                  if k in batch_arrays}
     torch_losses = []
 
     def step():
         # Autocast the forward only, as AMP does: with optimizer.step() under CPU autocast
         # too, the bfloat16 updates were lost (the loss barely moved).
         with _autocast(dtype):
-            prediction = module(sample, timesteps, context).sample
+            prediction = module(sample, timesteps, context,
+                                added_cond_kwargs=added_cond or None).sample
         loss = torch.nn.functional.mse_loss(prediction.float(), noise)
         loss.backward()
         optimizer.step()
