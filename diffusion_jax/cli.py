@@ -126,13 +126,15 @@ def run_params(args: argparse.Namespace) -> None:
 
 def _add_sampler_args(parser: argparse.ArgumentParser) -> None:
     """--sampler, --steps, --guidance: shared by the commands that generate."""
-    from diffusion_jax.pipeline import SAMPLER_NAMES
+    from diffusion_jax.pipeline import (DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                        SAMPLER_NAMES)
 
-    parser.add_argument("--sampler", default="dpmpp_2m", metavar="NAME",
-                        help=f"one of: {', '.join(SAMPLER_NAMES)} (default: dpmpp_2m)")
-    parser.add_argument("--steps", type=int, default=25, help="inference steps (default: 25)")
-    parser.add_argument("--guidance", type=float, default=7.5,
-                        help="classifier-free guidance scale; 1 disables it (default: 7.5)")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, metavar="NAME",
+                        help=f"one of: {', '.join(SAMPLER_NAMES)} (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help="inference steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
 
 
 def add_sample(subparsers) -> None:

@@ -38,6 +38,8 @@ from diffusion_jax.diffusion import process
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla")
 KARRAS_SUFFIX = "_karras"
 SAMPLER_NAMES = samplers.SAMPLERS + tuple(s + KARRAS_SUFFIX for s in samplers.KARRAS_SAMPLERS)
+# What a generation call (and `diffusion-jax sample`) uses unless told otherwise.
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "dpmpp_2m", 25, 7.5
 
 
 def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str | None:
@@ -220,8 +222,9 @@ class StableDiffusion:
     # -- the request, on the host ----------------------------------------------------------
 
     def prepare(self, mode: str, prompt: str | Sequence[str],
-                negative_prompt: str | Sequence[str] = "", *, sampler: str = "dpmpp_2m",
-                steps: int = 25, guidance: float = 7.5, guidance_rescale: float = 0.0,
+                negative_prompt: str | Sequence[str] = "", *, sampler: str = DEFAULT_SAMPLER,
+                steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                guidance_rescale: float = 0.0,
                 eta: float = 0.0, seed: int | Sequence[int] = 0, num_images: int = 1,
                 height: int | None = None, width: int | None = None,
                 init_latents: np.ndarray | None = None, init_image: Any = None,
@@ -352,8 +355,9 @@ class StableDiffusion:
     # -- public entry points -------------------------------------------------------------
 
     def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
-                sampler: str = "dpmpp_2m", steps: int = 25, guidance: float = 7.5,
-                guidance_rescale: float = 0.0, eta: float = 0.0, seed: int | Sequence[int] = 0,
+                sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
+                guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
+                eta: float = 0.0, seed: int | Sequence[int] = 0,
                 num_images: int = 1, height: int | None = None, width: int | None = None,
                 init_latents: np.ndarray | None = None, output_type: str = "uint8",
                 params: Mapping[str, Any] | None = None) -> np.ndarray:
