@@ -14,15 +14,7 @@ from diffusion_jax.configs import sd15, sd21
 def get_config() -> ml_collections.ConfigDict:
     sd = sd15.get_config()
     config = ml_collections.ConfigDict()
-    # Both towers condition through their penultimate layer (768 + 1280 = 2048 features);
-    # bigG's projected EOS embedding is the pooled input of the micro-conditioning.
-    config.system = system.System(
-        denoiser=system.Tower("unet", "unet"), vae=system.Tower("vae", "vae"),
-        text_towers=(
-            system.TextTower("text_encoder", "clip_text", context="penultimate_hidden_state"),
-            system.TextTower("text_encoder_2", "clip_text_projection", tokenizer="tokenizer_2",
-                             ids_key="input_ids_2", context="penultimate_hidden_state",
-                             pooled="text_embeds"))).to_dict()
+    config.system = system.SDXL_BASE.to_dict()  # CLIP-L + bigG, penultimate layers, pooled bigG
     # Conditional U-Net, 2,567,463,684 parameters.
     config.unet = dict(
         sd.unet.to_dict(),

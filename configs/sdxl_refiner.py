@@ -9,12 +9,7 @@ from diffusion_jax.configs import sdxl_base
 
 def get_config() -> ml_collections.ConfigDict:
     config = sdxl_base.get_config()
-    config.system = system.System(
-        denoiser=system.Tower("unet", "unet"), vae=system.Tower("vae", "vae"),
-        text_towers=(system.TextTower("text_encoder_2", "clip_text_projection",
-                                      tokenizer="tokenizer_2", ids_key="input_ids_2",
-                                      context="penultimate_hidden_state",
-                                      pooled="text_embeds"),)).to_dict()
+    config.system = system.SDXL_REFINER.to_dict()  # bigG alone
     del config["text_encoder"], config["tokenizer"]
     # Conditional U-Net, 2,259,526,660 parameters.
     config.unet.update(dict(

@@ -122,6 +122,18 @@ STABLE_DIFFUSION = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"
                           text_towers=(TextTower("text_encoder", "clip_text"),))
 
 
+# SDXL: CLIP ViT-L and OpenCLIP ViT-bigG (with its projection), both read at their
+# penultimate layer (768 + 1280 context features); bigG's projected EOS embedding is the
+# pooled input of the U-Net's micro-conditioning. The refiner keeps bigG alone.
+_BIGG = TextTower("text_encoder_2", "clip_text_projection", tokenizer="tokenizer_2",
+                  ids_key="input_ids_2", context="penultimate_hidden_state", pooled="text_embeds")
+SDXL_BASE = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
+                   text_towers=(TextTower("text_encoder", "clip_text",
+                                          context="penultimate_hidden_state"), _BIGG))
+SDXL_REFINER = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
+                      text_towers=(_BIGG,))
+
+
 def from_config(config: Mapping[str, Any]) -> System:
     """The system a checkpoint config or config file describes: its `system` section, else
     STABLE_DIFFUSION (every config and checkpoint written before the section existed)."""

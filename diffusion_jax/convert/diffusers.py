@@ -167,12 +167,13 @@ def default_pad_token(text_config: Mapping[str, Any]) -> str:
     return OPENCLIP_PAD_TOKEN if text_config.get("hidden_act") == "gelu" else SD_PAD_TOKEN
 
 
-def read_tokenizer(folder: Path, text_config: Mapping[str, Any]) -> dict:
-    """The checkpoint's tokenizer section: the folder's padding token and length, after
-    checking its vocabulary is the CLIP vocabulary diffusion_jax ships."""
+def read_tokenizer(folder: Path, text_config: Mapping[str, Any], name: str = "tokenizer") -> dict:
+    """A tokenizer section of the checkpoint (`name`: its folder, "tokenizer" or
+    "tokenizer_2"): the padding token and length, after checking its vocabulary is the CLIP
+    vocabulary diffusion_jax ships."""
     from diffusion_jax.tokenizer import CLIPTokenizer
 
-    directory = folder / "tokenizer"
+    directory = folder / name
     if not directory.is_dir():
         return {"pad_token": default_pad_token(text_config),
                 "max_length": text_config["max_position_embeddings"]}
@@ -197,8 +198,17 @@ def _check_model_index(folder: Path, system: system_lib.System) -> None:
         library, cls = tower.component.reference_class
         entry = index.get(tower.name)
         if entry is not None and list(entry)[1:] != [cls]:
-            raise ValueError(f"{path}: {tower.name} is {entry}, expected [{library!r}, {cls!r}]: only "
-                             "Stable Diffusion 1.x / 2.x pipelines are supported")
+            raise ValueError(f"{path}: {tower.name} is {entry}, expected [{library!r}, {cls!r}]: "
+                             "only Stable Diffusion 1.x / 2.x and SDXL pipelines are supported")
+
+
+def detect_system(folder: Path) -> system_lib.System:
+    """SDXL base (text_encoder and text_encoder_2), SDXL refiner (text_encoder_2 alone) or
+    SD 1.x / 2.x, from the folder's layout."""
+    if (folder / "text_encoder_2").is_dir():
+        return (system_lib.SDXL_BASE if (folder / "text_encoder").is_dir()
+                else system_lib.SDXL_REFINER)
+    return system_lib.STABLE_DIFFUSION
 
 
 def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
@@ -206,14 +216,16 @@ def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     folder = Path(src)
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers folder {folder} does not exist")
-    system = system_lib.STABLE_DIFFUSION  # the one family diffusers folders are read as today
+    system = detect_system(folder)
     _check_model_index(folder, system)
     items, config = {}, {}
     for tower in system.towers:
         items[tower.name], config[tower.name] = read_component(folder, tower)
     config["schedule"] = read_schedule(folder)
-    text = system.text_towers[0]
-    config[text.tokenizer] = read_tokenizer(folder, config[text.name])
+    for text in system.text_towers:
+        config[text.tokenizer] = read_tokenizer(folder, config[text.name], text.tokenizer)
+    if system != system_lib.STABLE_DIFFUSION:
+        config[system_lib.SYSTEM_SECTION] = system.to_dict()
     return items, config
 
 
@@ -229,26 +241,40 @@ def component_config_json(tower: system_lib.Tower, config: Mapping[str, Any]) ->
     return {"architectures": [cls], "model_type": "clip_text_model", **normalized}
 
 
-def scheduler_class(schedule: Mapping[str, Any]) -> str:
-    # As the SD releases ship: PNDM with the epsilon models, DDIM with the 768-v ones.
+def scheduler_class(schedule: Mapping[str, Any], sdxl: bool = False) -> str:
+    # As the releases ship: SDXL with Euler; SD with PNDM (epsilon) or DDIM (768-v).
+    if sdxl:
+        return "EulerDiscreteScheduler"
     return "DDIMScheduler" if schedule.get("prediction_type") == "v_prediction" else "PNDMScheduler"
 
 
-def scheduler_config_json(schedule: Mapping[str, Any]) -> dict:
-    return {"_class_name": scheduler_class(schedule),
+def scheduler_config_json(schedule: Mapping[str, Any], sdxl: bool = False) -> dict:
+    return {"_class_name": scheduler_class(schedule, sdxl),
             "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
             "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
             "trained_betas": None, **schedule}
 
 
 def model_index_json(config: Mapping[str, Any]) -> dict:
+    system = system_lib.from_config(config)
+    towers = {t.name: list(t.component.reference_class) for t in system.towers}
+    tokenizers = {name: ["transformers", "CLIPTokenizer"] for name in system.tokenizer_sections}
+    if system in (system_lib.SDXL_BASE, system_lib.SDXL_REFINER):
+        base = system == system_lib.SDXL_BASE
+        return {"_class_name": "StableDiffusionXLPipeline" if base
+                else "StableDiffusionXLImg2ImgPipeline",
+                "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **towers, **tokenizers,
+                "scheduler": ["diffusers", scheduler_class(config["schedule"], sdxl=True)],
+                # As the releases: zeros for an empty negative prompt (base); the refiner
+                # conditions on an aesthetic score.
+                "force_zeros_for_empty_prompt": base, "requires_aesthetics_score": not base}
     inpainting = config["unet"]["in_channels"] == 9  # latents, mask and masked-image latents
     return {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
         "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-        **{t.name: list(t.component.reference_class) for t in system_lib.from_config(config).towers},
+        **towers,
         "scheduler": ["diffusers", scheduler_class(config["schedule"])],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
+        **tokenizers,
         "feature_extractor": [None, None],
         "safety_checker": [None, None],
         "requires_safety_checker": False,
@@ -277,7 +303,8 @@ def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, 
 
     from diffusion_jax.tokenizer import CLIPTokenizer
 
-    for tower in system_lib.from_config(config).towers:
+    system = system_lib.from_config(config)
+    for tower in system.towers:
         name, component = tower.name, tower.component
         directory = folder / name
         directory.mkdir()
@@ -287,10 +314,13 @@ def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, 
         safetensors.numpy.save_file(state_dict, weights, metadata={"format": "pt"})
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json",
-                scheduler_config_json(config["schedule"]))
-    tokenizer = config["tokenizer"]
-    CLIPTokenizer.bundled(pad_token=tokenizer["pad_token"],
-                          max_length=tokenizer["max_length"]).save_pretrained(folder / "tokenizer")
+                scheduler_config_json(config["schedule"],
+                                      sdxl=system in (system_lib.SDXL_BASE,
+                                                      system_lib.SDXL_REFINER)))
+    for name in system.tokenizer_sections:
+        tokenizer = config[name]
+        CLIPTokenizer.bundled(pad_token=tokenizer["pad_token"],
+                              max_length=tokenizer["max_length"]).save_pretrained(folder / name)
     _write_json(folder / "model_index.json", model_index_json(config))
 
 
@@ -301,9 +331,10 @@ def export_pipeline(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *
     checkpoint.check_new_directory(out)
     items, config, source = checkpoint.load_models(checkpoint_dir, step, use_ema=use_ema)
     system = system_lib.from_config(config)
-    if system != system_lib.STABLE_DIFFUSION:
-        raise ValueError(f"checkpoint {source.directory} is not a Stable Diffusion 1.x / 2.x "
-                         "system; export to diffusers writes those only")
+    known = (system_lib.STABLE_DIFFUSION, system_lib.SDXL_BASE, system_lib.SDXL_REFINER)
+    if system not in known:
+        raise ValueError(f"checkpoint {source.directory} is not a Stable Diffusion 1.x / 2.x or "
+                         "SDXL system; export to diffusers writes those only")
     for tower in system.towers:
         _check_params(tower, items[tower.name], config, f"checkpoint {source.directory}")
     with checkpoint.new_directory(out) as tmp:
