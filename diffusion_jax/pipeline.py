@@ -169,6 +169,7 @@ class StableDiffusion:
         cache when one is set (`program_cache`), so later processes skip tracing them.
         `source`: the checkpoint the params were read from, if any (`load` sets it)."""
         self.config = dict(config)
+        system.check_runnable(self.config)
         self.system = system.from_config(self.config)
         self.source = source
         self.export_programs = export_programs
@@ -466,6 +467,7 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
     and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used."""
     cache_dir = enable_compilation_cache(cache_dir)
+    system.check_runnable(checkpoint.read_config(*checkpoint.resolve(directory, step)))
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
     return StableDiffusion(params, config, dtype=dtype, devices=devices, mesh=mesh,
                            export_programs=cache_dir is not None, source=source)

@@ -114,6 +114,7 @@ def _check_models(config) -> None:
     """Constraints between the system's sections that the model constructors would only hit
     in a trace, read through the properties every kind's config has (models/__init__.py)."""
     towers = system_lib.from_config(config)
+    system_lib.check_runnable(config)
     denoiser = system_lib.denoiser_config(towers, config)
     vae = system_lib.vae_config(towers, config)
     texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
