@@ -195,10 +195,6 @@ class Models:
         return dict(self.modules)[name]
 
     @property
-    def denoiser(self):
-        return self[self.system.denoiser.name]
-
-    @property
     def vae(self):
         return self[self.system.vae.name]
 
@@ -251,10 +247,6 @@ class TextInputs:
     def keys(self) -> tuple[str, ...]:
         return tuple(self.tokenizers)
 
-    @property
-    def max_lengths(self) -> dict[str, int]:
-        return {key: t.max_length for key, t in self.tokenizers.items()}
-
 
 def make_tokenizer(tokenizer_section: Mapping[str, Any]):
     """A tokenizer from its config section. Every text tower today reads CLIP BPE, whose
@@ -290,12 +282,6 @@ def encode_text(models: Models, params: Mapping[str, Any], ids: Mapping[str, jax
     return cond
 
 
-def null_cond(models: Models, params: Mapping[str, Any], inputs: TextInputs
-              ) -> dict[str, jax.Array]:
-    """The conditioning of the empty prompt (caption dropout, the unconditional branch)."""
-    return encode_text(models, params, inputs([""]))
-
-
 # ----------------------------------------------------------------------------- denoiser, VAE
 
 
@@ -321,6 +307,11 @@ def decode_latents(models: Models, params: Mapping[str, Any], latents: jax.Array
     tower = models.system.vae
     z = latents / models.scaling_factor + models.shift_factor
     return tower.component.decode(models[tower.name], params[tower.name], z)
+
+
+def context_width(system: System, config: Mapping[str, Any]) -> int:
+    """Features of cond["context"]: the text towers' context outputs side by side."""
+    return sum(tower_config(t, config).output_widths[t.context] for t in system.text_towers)
 
 
 def denoiser_config(system: System, config: Mapping[str, Any]):

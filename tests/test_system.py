@@ -139,7 +139,7 @@ def test_sdxl_architectures_count_as_released_and_fit_together(name, counts, cap
     assert {k: int(v.replace(",", "")) for k, v in printed.items() if k != "total"} == counts
     config = as_dict(load(name))
     towers = system.from_config(config)
-    width = sum(system.tower_config(t, config).output_widths[t.context] for t in towers.text_towers)
+    width = system.context_width(towers, config)
     assert width == system.denoiser_config(towers, config).context_dim  # 2048 / 1280
     pooled = sum(system.tower_config(t, config).output_widths[t.pooled]
                  for t in towers.text_towers if t.pooled)

@@ -118,7 +118,7 @@ def _check_models(config) -> None:
     denoiser = system_lib.denoiser_config(towers, config)
     vae = system_lib.vae_config(towers, config)
     texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
-    width = sum(c.output_widths[t.context] for t, c in texts)
+    width = system_lib.context_width(towers, config)
     if denoiser.context_dim != width:
         parts = " + ".join(f"{t.name}.{t.context} width {c.output_widths[t.context]}"
                            for t, c in texts)
@@ -370,10 +370,9 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     channels = system_lib.vae_config(towers, config).latent_channels
     shapes["latents"] = jax.ShapeDtypeStruct((batch, side, side, channels), np.float32)
     if _latents_meta(data).get("has_context"):  # the loss then reads it (losses.batch_cond)
-        texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
         length = config[towers.text_towers[0].tokenizer].max_length
-        width = sum(c.output_widths[t.context] for t, c in texts)
-        shapes["context"] = jax.ShapeDtypeStruct((batch, length, width), np.float32)
+        shapes["context"] = jax.ShapeDtypeStruct(
+            (batch, length, system_lib.context_width(towers, config)), np.float32)
     return shapes
 
 
