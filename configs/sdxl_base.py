@@ -2,8 +2,7 @@
 projection), a three-level U-Net with micro-conditioning, the SD VAE at a new scale.
 
 Architecture only (like sd15.py): the sections use the diffusers / transformers config.json
-key names. Sampling and converting SDXL checkpoints are issue 15's next parts.
-"""
+key names."""
 
 import ml_collections
 
@@ -46,5 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.schedule = sd.schedule.to_dict()  # SD's scaled-linear epsilon schedule
     config.tokenizer = sd.tokenizer.to_dict()  # CLIP-L's: pads with <|endoftext|>
+    # model_index.json's pipeline facts: an empty negative prompt is all-zero conditioning.
+    config.pipeline = dict(force_zeros_for_empty_prompt=True)
     config.tokenizer_2 = sd21.get_config().tokenizer.to_dict()  # bigG's: pads with "!"
     return config

@@ -11,6 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = sdxl_base.get_config()
     config.system = system.SDXL_REFINER.to_dict()  # bigG alone
     del config["text_encoder"], config["tokenizer"]
+    config.pipeline = dict(force_zeros_for_empty_prompt=False)  # as the release's model_index
     # Conditional U-Net, 2,259,526,660 parameters.
     config.unet.update(dict(
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),

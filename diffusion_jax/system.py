@@ -33,6 +33,10 @@ import numpy as np
 from diffusion_jax.models import KINDS, Component
 
 SYSTEM_SECTION = "system"
+# Pipeline-level facts of a checkpoint (diffusers keeps them in model_index.json):
+# `force_zeros_for_empty_prompt` (SDXL base: an empty negative prompt is all-zero
+# conditioning, not the encoded empty string). Optional; absent means False.
+PIPELINE_SECTION = "pipeline"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +156,19 @@ def checkpoint_config(config: Mapping[str, Any]) -> dict:
                 for name in system.config_sections}
     if system != STABLE_DIFFUSION:
         sections[SYSTEM_SECTION] = system.to_dict()
+    if _has(config, PIPELINE_SECTION):
+        sections[PIPELINE_SECTION] = section(config, PIPELINE_SECTION)
     return sections
+
+
+def _has(config: Mapping[str, Any], name: str) -> bool:
+    return name in config and config[name] is not None
+
+
+def pipeline_option(config: Mapping[str, Any], name: str, default: Any = False) -> Any:
+    """A value of the config's optional `pipeline` section."""
+    return section(config, PIPELINE_SECTION).get(name, default) if _has(
+        config, PIPELINE_SECTION) else default
 
 
 def check_runnable(config: Mapping[str, Any]) -> None:
@@ -307,6 +323,38 @@ def decode_latents(models: Models, params: Mapping[str, Any], latents: jax.Array
     tower = models.system.vae
     z = latents / models.scaling_factor + models.shift_factor
     return tower.component.decode(models[tower.name], params[tower.name], z)
+
+
+def time_ids_width(system: System, config: Mapping[str, Any]) -> int:
+    """How many micro-conditioning numbers (`cond["time_ids"]`) the denoiser reads: 6 for
+    SDXL base (original size, crop top-left, target size), 5 for the refiner (original size,
+    crop top-left, aesthetic score), 0 for a denoiser without them."""
+    unet = denoiser_config(system, config)
+    if getattr(unet, "addition_embed_type", None) != "text_time":
+        return 0
+    pooled = sum(tower_config(t, config).output_widths[t.pooled]
+                 for t in system.text_towers if t.pooled)
+    numbers, rest = divmod(unet.projection_class_embeddings_input_dim - pooled,
+                           unet.addition_time_embed_dim)
+    if rest or numbers not in (5, 6):
+        raise ValueError(f"{system.denoiser.name}: projection_class_embeddings_input_dim="
+                         f"{unet.projection_class_embeddings_input_dim} is not {pooled} pooled "
+                         f"features + 5 or 6 x addition_time_embed_dim="
+                         f"{unet.addition_time_embed_dim}")
+    return numbers
+
+
+def time_ids(width: int, original_size: Sequence[int], crops_coords_top_left: Sequence[int],
+             target_size: Sequence[int], aesthetic_score: float = 6.0) -> np.ndarray:
+    """SDXL's micro-conditioning numbers, float32 [width], sizes as (height, width), the crop
+    as (top, left): 6 = original size + crop + target size (base), 5 = original size + crop
+    + aesthetic score (refiner), as diffusers' `_get_add_time_ids`."""
+    sizes = (*original_size, *crops_coords_top_left)
+    if width == 6:
+        return np.asarray((*sizes, *target_size), np.float32)
+    if width == 5:
+        return np.asarray((*sizes, aesthetic_score), np.float32)
+    raise ValueError(f"time_ids of width {width}: SDXL's U-Nets take 6 (base) or 5 (refiner)")
 
 
 def context_width(system: System, config: Mapping[str, Any]) -> int:

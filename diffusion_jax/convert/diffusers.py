@@ -226,6 +226,10 @@ def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
         config[text.tokenizer] = read_tokenizer(folder, config[text.name], text.tokenizer)
     if system != system_lib.STABLE_DIFFUSION:
         config[system_lib.SYSTEM_SECTION] = system.to_dict()
+    model_index = json.loads((folder / "model_index.json").read_text())
+    if "force_zeros_for_empty_prompt" in model_index:  # SDXL pipelines record it (default True)
+        config[system_lib.PIPELINE_SECTION] = {
+            "force_zeros_for_empty_prompt": bool(model_index["force_zeros_for_empty_prompt"])}
     return items, config
 
 
@@ -265,9 +269,11 @@ def model_index_json(config: Mapping[str, Any]) -> dict:
                 else "StableDiffusionXLImg2ImgPipeline",
                 "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **towers, **tokenizers,
                 "scheduler": ["diffusers", scheduler_class(config["schedule"], sdxl=True)],
-                # As the releases: zeros for an empty negative prompt (base); the refiner
-                # conditions on an aesthetic score.
-                "force_zeros_for_empty_prompt": base, "requires_aesthetics_score": not base}
+                # Zeros for an empty negative prompt as the checkpoint says (else as the
+                # releases: base yes, refiner no); the refiner's U-Net reads an aesthetic score.
+                "force_zeros_for_empty_prompt": system_lib.pipeline_option(
+                    config, "force_zeros_for_empty_prompt", base),
+                "requires_aesthetics_score": system_lib.time_ids_width(system, config) == 5}
     inpainting = config["unet"]["in_channels"] == 9  # latents, mask and masked-image latents
     return {
         "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
