@@ -167,6 +167,30 @@ def add_sample(subparsers) -> None:
     parser.add_argument("--init-latents", metavar="FILE.npy",
                         help="starting noise [N, C, H/f, W/f] (diffusers layout), to replay a "
                              "run of another implementation exactly")
+    sdxl = parser.add_argument_group(
+        "SDXL", "a second prompt for the second text tower, the size/crop micro-conditioning "
+        "(defaults as diffusers: sizes = the output's, crops 0 0) and the base + refiner "
+        "ensemble of experts")
+    sdxl.add_argument("--prompt-2", help="prompt of the second text tower (default: --prompt)")
+    sdxl.add_argument("--negative-prompt-2",
+                      help="negative prompt of the second text tower (default: --negative-prompt)")
+    for name, meta, what in (("original-size", ("H", "W"), "size of the training image"),
+                             ("crops-coords-top-left", ("TOP", "LEFT"), "crop of it"),
+                             ("target-size", ("H", "W"), "size it was trained at")):
+        sdxl.add_argument(f"--{name}", type=int, nargs=2, metavar=meta,
+                          help=f"micro-conditioning: the {what}")
+        sdxl.add_argument(f"--negative-{name}", type=int, nargs=2, metavar=meta,
+                          help=f"the negative prompt's --{name}")
+    sdxl.add_argument("--aesthetic-score", type=float,
+                      help="refiner micro-conditioning (default: 6.0)")
+    sdxl.add_argument("--negative-aesthetic-score", type=float,
+                      help="the negative prompt's (default: 2.5)")
+    sdxl.add_argument("--refiner", metavar="CKPT",
+                      help="an SDXL refiner checkpoint: the base denoises up to "
+                           "--denoising-end, the refiner the rest (txt2img)")
+    sdxl.add_argument("--denoising-end", type=float,
+                      help="with --refiner: the fraction of the schedule the base model runs "
+                           "(default: 0.8)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-ema", action="store_true",
                         help="use the raw weights; default: the EMA weights where the "
@@ -216,7 +240,43 @@ def _sample_strength(args: argparse.Namespace) -> float | None:
     return 1.0 if args.mask else 0.8
 
 
-def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count: int) -> dict:
+# The SDXL options of `sample`: pipeline keyword -> which model of an ensemble reads it.
+SDXL_OPTIONS = {"prompt_2": "base", "negative_prompt_2": "base",
+                "original_size": "both", "negative_original_size": "both",
+                "crops_coords_top_left": "both", "negative_crops_coords_top_left": "both",
+                "target_size": "base", "negative_target_size": "base",
+                "aesthetic_score": "refiner", "negative_aesthetic_score": "refiner"}
+
+
+def _sdxl_options(args: argparse.Namespace, model: str) -> dict:
+    """The SDXL options given, for the "base" or the "refiner" of an ensemble (or the one
+    checkpoint sampled: "single"), as pipeline keywords; sizes as tuples."""
+    options = {}
+    for key, reader in SDXL_OPTIONS.items():
+        value = getattr(args, key)
+        if value is not None and (model == "single" or reader in (model, "both")):
+            options[key] = tuple(value) if isinstance(value, list) else value
+    return options
+
+
+def _sample_ensemble(args: argparse.Namespace) -> float | None:
+    """--denoising-end of a base + refiner run (default 0.8), None without --refiner."""
+    if args.refiner is None:
+        if args.denoising_end is not None:
+            raise ValueError("--denoising-end needs --refiner: the checkpoint that denoises "
+                             "the rest of the schedule")
+        return None
+    if args.init_image:
+        raise ValueError("--refiner runs txt2img from noise; to refine an image, sample with "
+                         "--checkpoint REFINER --init-image IMAGE")
+    end = 0.8 if args.denoising_end is None else args.denoising_end
+    if not 0 < end < 1:
+        raise ValueError(f"--denoising-end {end}: must be in (0, 1) (the SDXL recipe: 0.8)")
+    return end
+
+
+def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count: int,
+                   refiner=None, denoising_end: float | None = None) -> dict:
     """Everything needed to make the same images again, as PNG text metadata."""
     import diffusion_jax
 
@@ -225,12 +285,17 @@ def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count
                steps=args.steps, guidance=args.guidance, guidance_rescale=args.guidance_rescale,
                eta=args.eta, height=args.height or pipe.default_size(),
                width=args.width or pipe.default_size())
+    run.update({k: list(v) if isinstance(v, tuple) else v
+                for k, v in _sdxl_options(args, "single").items()})
     if strength is not None:
         run.update(strength=strength, init_image=args.init_image)
     if args.mask:
         run["mask"] = args.mask
     run.update(checkpoint=pipe.source.directory, checkpoint_step=pipe.source.step,
                ema=pipe.source.ema, diffusion_jax_version=diffusion_jax.__version__)
+    if refiner is not None:
+        run.update(refiner=refiner.source.directory, refiner_step=refiner.source.step,
+                   denoising_end=denoising_end)
     return run
 
 
@@ -249,27 +314,39 @@ def run_sample(args: argparse.Namespace) -> None:
     pipeline.validate_options(sampler=args.sampler, steps=args.steps,
                               guidance_rescale=args.guidance_rescale, eta=args.eta,
                               num_images=args.num_images, strength=strength, spell=_flag)
+    denoising_end = _sample_ensemble(args)
     pipe = pipeline.load(args.checkpoint, step=args.step, use_ema=not args.no_ema)
+    refiner = None if args.refiner is None else pipeline.load(args.refiner,
+                                                              use_ema=not args.no_ema)
     options = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
                    num_images=args.num_images, height=args.height, width=args.width,
                    output_type="float32")
     if args.init_latents:
         options["init_latents"] = np.load(args.init_latents, allow_pickle=False)
-    if args.mask:
+    if refiner is not None:
+        latents = pipe.txt2img(args.prompt, args.negative_prompt, denoising_end=denoising_end,
+                               **{**options, "output_type": "latents"},
+                               **_sdxl_options(args, "base"))
+        options.pop("init_latents", None)  # the base's starting noise
+        images = refiner.refine(args.prompt, latents, args.negative_prompt,
+                                denoising_start=denoising_end, **options,
+                                **_sdxl_options(args, "refiner"))
+    elif args.mask:
         images = pipe.inpaint(args.prompt, args.init_image, args.mask, args.negative_prompt,
-                              strength=strength, **options)
+                              strength=strength, **options, **_sdxl_options(args, "single"))
     elif args.init_image:
         images = pipe.img2img(args.prompt, args.init_image, args.negative_prompt,
-                              strength=strength, **options)
+                              strength=strength, **options, **_sdxl_options(args, "single"))
     else:
-        images = pipe.txt2img(args.prompt, args.negative_prompt, **options)
+        images = pipe.txt2img(args.prompt, args.negative_prompt, **options,
+                              **_sdxl_options(args, "single"))
     if out.suffix == ".npy" and not is_folder:
         with out.open("wb") as f:
             np.save(f, images)
     else:
-        _save_pngs(images, out, is_folder, _sample_record(args, pipe, strength, len(images)),
-                   args.columns)
+        _save_pngs(images, out, is_folder, _sample_record(
+            args, pipe, strength, len(images), refiner, denoising_end), args.columns)
     print(f"wrote {len(images)} image(s) to {out}")
 
 

@@ -9,11 +9,16 @@
 
     text, negative_text   {ids key: int32 [B, L]}: the text towers' token ids (`system.
                           text_inputs`); negative_text only with classifier-free guidance
+                          and not `zero_negative_text`
+    cond, negative_cond   conditioning given as it is, beside the text towers' (SDXL's
+                          `time_ids` [B, 5 or 6]); negative_cond with guidance
     noise                 [B, h, w, C] starting noise, unit Gaussian
     step_noise            [B, evaluations, h, w, C]: stochastic samplers only
     guidance, guidance_rescale   float32 scalars: with guidance only
     init_images           [B, H, W, 3] in [0, 1]: img2img and inpaint
     masks                 [B, H, W, 1], 1 = repaint: inpaint
+    start_latents         [B, h, w, C]: img2img continuing another model's latents (an SDXL
+                          refiner after the base), taken as they are: no VAE, no noise added
 
 Everything model-specific goes through `system` (text encoding, denoising, the VAE), and the
 conditioning is the pytree the text towers give.
@@ -46,6 +51,10 @@ class Program:
     guided: bool  # classifier-free guidance on (guidance != 1)
     noise_only_start: bool  # inpainting at strength 1 starts from pure noise, as diffusers
     masked_image_input: bool  # an inpainting denoiser: latents + mask + masked-image latents
+    zero_negative_text: bool = False  # SDXL's empty negative prompt: all-zero text conditioning
+    start_latents: bool = False  # continue given latents (the refiner of an ensemble)
+    denoising_end: float | None = None  # stop there (the base of an ensemble): the plan's cut
+    output_latents: bool = False  # return the latents, not decoded images
 
 
 def input_shardings(inputs: Mapping[str, Any], mesh) -> dict:
@@ -62,13 +71,16 @@ def guided_cond(negative: Mapping[str, jax.Array], cond: Mapping[str, jax.Array]
 def sample(models: system.Models, program: Program, plan: samplers.Plan,
            params: Mapping[str, Any], inputs: Mapping[str, Any]) -> jax.Array:
     """One sampling run: text encoding, the sampler's scan and the VAE decode."""
-    cond = system.encode_text(models, params, inputs["text"])
+    text_cond = system.encode_text(models, params, inputs["text"])
+    cond = {**text_cond, **inputs.get("cond", {})}
     if program.guided:
-        cond = guided_cond(system.encode_text(models, params, inputs["negative_text"]), cond)
-    noise = inputs["noise"]
+        negative = (jax.tree.map(jnp.zeros_like, text_cond) if program.zero_negative_text
+                    else system.encode_text(models, params, inputs["negative_text"]))
+        cond = guided_cond({**negative, **inputs.get("negative_cond", {})}, cond)
+    noise = inputs.get("noise")  # none when continuing given latents
 
     extra_channels = None
-    if program.mode != "txt2img":
+    if program.mode != "txt2img" and not program.start_latents:
         init_images = inputs["init_images"] * 2 - 1
         init_latents = system.encode_latents(models, params, init_images)  # posterior mode
     if program.mode == "inpaint":
@@ -89,7 +101,9 @@ def sample(models: system.Models, program: Program, plan: samplers.Plan,
         guided = uncond + inputs["guidance"] * (positive - uncond)
         return rescale_guidance(guided, positive, inputs["guidance_rescale"])
 
-    if program.mode == "txt2img" or program.noise_only_start:
+    if program.start_latents:
+        latents = inputs["start_latents"]
+    elif program.mode == "txt2img" or program.noise_only_start:
         latents = samplers.initial_latents(plan, noise)
     else:
         latents = samplers.initial_latents(plan, noise, init_latents)
@@ -103,6 +117,8 @@ def sample(models: system.Models, program: Program, plan: samplers.Plan,
 
     noises = jnp.swapaxes(inputs["step_noise"], 0, 1) if plan.stochastic else None  # [E, B, ...]
     latents = samplers.run(plan, model_fn, latents, noises=noises, step_callback=step_callback)
+    if program.output_latents:
+        return latents
     images = system.decode_latents(models, params, latents)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 

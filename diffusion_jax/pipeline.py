@@ -40,6 +40,11 @@ KARRAS_SUFFIX = "_karras"
 SAMPLER_NAMES = samplers.SAMPLERS + tuple(s + KARRAS_SUFFIX for s in samplers.KARRAS_SAMPLERS)
 # What a generation call (and `diffusion-jax sample`) uses unless told otherwise.
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "dpmpp_2m", 25, 7.5
+# SDXL's size and crop conditioning (diffusers' argument names): sizes (height, width), crops
+# (top, left); the refiner reads an aesthetic score instead of the target size.
+MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                      "negative_original_size", "negative_crops_coords_top_left",
+                      "negative_target_size", "negative_aesthetic_score")
 
 
 def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str | None:
@@ -96,6 +101,19 @@ def _as_list(prompt: str | Sequence[str], name: str) -> list[str]:
     if not prompts:
         raise ValueError(f"{name}: empty prompt list; pass at least one prompt")
     return prompts
+
+
+def _expanded(prompt: str | Sequence[str], num_images: int, count: int | None,
+              name: str) -> list[str]:
+    """One prompt per image: each of the prompts `num_images` times. `count`: the images of
+    the request, which one prompt (repeated) or one per prompt of the request also fits."""
+    prompts = _as_list(prompt, name)
+    if count is not None and len(prompts) == 1:
+        return prompts * count
+    if count is not None and len(prompts) * num_images != count:
+        raise ValueError(f"{len(prompts)} {name}s for {count // num_images} prompts: pass one, "
+                         "or one per prompt")
+    return [p for p in prompts for _ in range(num_images)]
 
 
 def _image_array(image: Any, height: int, width: int, name: str, channels: int) -> np.ndarray:
@@ -169,7 +187,6 @@ class StableDiffusion:
         cache when one is set (`program_cache`), so later processes skip tracing them.
         `source`: the checkpoint the params were read from, if any (`load` sets it)."""
         self.config = dict(config)
-        system.check_runnable(self.config)
         self.system = system.from_config(self.config)
         self.source = source
         self.export_programs = export_programs
@@ -229,29 +246,46 @@ class StableDiffusion:
                 eta: float = 0.0, seed: int | Sequence[int] = 0, num_images: int = 1,
                 height: int | None = None, width: int | None = None,
                 init_latents: np.ndarray | None = None, init_image: Any = None,
-                mask: Any = None, strength: float = 1.0) -> Prepared:
+                mask: Any = None, strength: float = 1.0,
+                prompt_2: str | Sequence[str] | None = None,
+                negative_prompt_2: str | Sequence[str] | None = None,
+                denoising_end: float | None = None, denoising_start: float | None = None,
+                start_latents: np.ndarray | None = None, output: str = "images",
+                **micro_conditioning) -> Prepared:
         """Validates a request (before anything is traced or compiled) and builds the inputs
         of its program: tokens, noise, and images, masks, step noise and guidance scalars
-        only where the mode, sampler and guidance read them."""
+        only where the mode, sampler and guidance read them.
+
+        SDXL: `prompt_2` / `negative_prompt_2` for the second text tower (default: the
+        first's); the micro-conditioning of `MICRO_CONDITIONING` (diffusers' names and
+        defaults); `denoising_end` stops early and, with output="latents", hands the latents
+        to a refiner's `prepare("img2img", ..., start_latents=, denoising_start=)`."""
         if mode not in generate.MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(generate.MODES)}")
         if mode == "txt2img" and strength != 1.0:
             raise ValueError("strength applies to img2img and inpaint only")
+        if output not in ("images", "latents"):
+            raise ValueError(f"output={output!r}: use 'images' or 'latents'")
         validate_options(sampler=sampler, steps=steps, guidance_rescale=guidance_rescale, eta=eta,
                          num_images=num_images, strength=None if mode == "txt2img" else strength)
         name, karras = parse_sampler(sampler)
-        prompts = _as_list(prompt, "prompt")
-        prompts = [p for p in prompts for _ in range(num_images)]
-        negatives = _as_list(negative_prompt, "negative_prompt") if not isinstance(
-            negative_prompt, str) else [negative_prompt]
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        elif len(negatives) * num_images == len(prompts):
-            negatives = [n for n in negatives for _ in range(num_images)]
-        else:
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts) // num_images} "
-                             "prompts: pass one, or one per prompt")
+        prompts = _expanded(prompt, num_images, None, "prompt")
         count = len(prompts)
+        negatives = _expanded(negative_prompt, num_images, count, "negative_prompt")
+        if (prompt_2 is not None or negative_prompt_2 is not None) and len(
+                self.system.text_towers) < 2:
+            raise ValueError("prompt_2 / negative_prompt_2: this checkpoint has one text tower; "
+                             "pass prompt and negative_prompt only")
+        prompts_2 = None if prompt_2 is None else _expanded(prompt_2, num_images, count, "prompt_2")
+        negatives_2 = None if negative_prompt_2 is None else _expanded(
+            negative_prompt_2, num_images, count, "negative_prompt_2")
+        if start_latents is not None:
+            start_latents = np.asarray(start_latents, np.float32)
+            if start_latents.ndim != 4:
+                raise ValueError(f"start_latents has shape {start_latents.shape}; expected "
+                                 "[N, H/f, W/f, C] (output='latents' of the base)")
+            height = height or start_latents.shape[1] * self.vae_factor
+            width = width or start_latents.shape[2] * self.vae_factor
         height = height or self.default_size()
         width = width or self.default_size()
         multiple = self.size_multiple
@@ -259,6 +293,8 @@ class StableDiffusion:
             raise ValueError(f"height x width = {height} x {width}: both must be positive "
                              f"multiples of {multiple} (VAE factor {self.vae_factor} x U-Net "
                              f"downsampling {multiple // self.vae_factor})")
+        cond, negative_cond = self._micro_conditioning(height, width, count, micro_conditioning,
+                                                       mode)
         seeds = [seed + i for i in range(count)] if isinstance(seed, int) else list(seed)
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds for {count} images: pass one int or one per image")
@@ -269,10 +305,20 @@ class StableDiffusion:
             if init_latents.shape != expected:
                 raise ValueError(f"init_latents has shape {init_latents.shape}; expected {expected} "
                                  "([N, C, H/f, W/f], the diffusers layout)")
+        if (start_latents is None) != (denoising_start is None):
+            raise ValueError("start_latents and denoising_start go together: the refiner "
+                             "continues the base's latents from where its denoising_end stopped")
+        if start_latents is not None:
+            if mode != "img2img" or init_image is not None or init_latents is not None:
+                raise ValueError("start_latents: continue them with mode='img2img' and no "
+                                 "init_image or init_latents")
+            if start_latents.shape != (count, *latent_shape):
+                raise ValueError(f"start_latents has shape {start_latents.shape}; expected "
+                                 f"{(count, *latent_shape)} ([N, H/f, W/f, C])")
 
         inputs: dict[str, Any] = {}
         init_images = None
-        if mode != "txt2img":
+        if mode != "txt2img" and start_latents is None:
             if init_image is None:
                 raise ValueError(f"{mode} needs an init image")
             image = _image_array(init_image, height, width, "init image", 3)
@@ -282,34 +328,104 @@ class StableDiffusion:
                 raise ValueError("inpaint needs a mask (white = repaint)")
             repaint = (_image_array(mask, height, width, "mask", 1) >= 0.5).astype(np.float32)
             inputs["masks"] = np.repeat(repaint[None, ..., None], count, axis=0)
-        if mode != "txt2img" and strength == 0:  # no step to run: the init image, exactly
+        if init_images is not None and strength == 0:  # no step to run: the init image, exactly
             return Prepared(None, None, {}, count, init_images)
 
-        start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(steps, strength)
+        if start_latents is not None:
+            start_step = samplers.denoising_start_step(name, self.schedule, steps,
+                                                       denoising_start, karras=karras)
+        else:
+            start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(steps, strength)
         plan = samplers.make_plan(name, self.schedule, steps, eta=eta, karras=karras,
                                   start_step=start_step)
+        if denoising_end is not None:
+            plan = samplers.truncated(plan, denoising_end)
+        guided = guidance != 1.0
+        # SDXL base: an empty negative prompt is zeros, not the encoded "" (diffusers'
+        # negative_prompt=None with force_zeros_for_empty_prompt).
+        zero_negative = guided and system.pipeline_option(
+            self.config, "force_zeros_for_empty_prompt") and not any(
+            negatives + (negatives_2 or []))
         program = generate.Program(
-            mode, name, karras, float(eta), steps, start_step, guided=guidance != 1.0,
+            mode, name, karras, float(eta), steps, start_step, guided=guided,
             noise_only_start=mode == "inpaint" and strength == 1.0,
-            masked_image_input=mode == "inpaint" and self.masked_image_input)
-        inputs["text"] = self.text_inputs(prompts)
-        if program.guided:
-            inputs["negative_text"] = self.text_inputs(negatives)
+            masked_image_input=mode == "inpaint" and self.masked_image_input,
+            zero_negative_text=bool(zero_negative), start_latents=start_latents is not None,
+            denoising_end=denoising_end, output_latents=output == "latents")
+        inputs["text"] = self.text_inputs(prompts, prompts_2)
+        if cond:
+            inputs["cond"] = cond
+        if guided:
+            if not zero_negative:
+                inputs["negative_text"] = self.text_inputs(negatives, negatives_2)
+            if negative_cond:
+                inputs["negative_cond"] = negative_cond
             inputs["guidance"] = np.asarray(guidance, np.float32)
             inputs["guidance_rescale"] = np.asarray(guidance_rescale, np.float32)
-        if init_latents is not None:
+        if start_latents is not None:
+            inputs["start_latents"] = start_latents
+        elif init_latents is not None:
             inputs["noise"] = init_latents.transpose(0, 2, 3, 1)
         else:
             inputs["noise"] = np.stack([
                 np.asarray(jax.random.normal(jax.random.key(s), latent_shape)) for s in seeds])
         if plan.stochastic:  # per image, [N, evaluations, ...]: seed-determined
+            stream = 2 if start_latents is not None else 1  # a refiner's: not the base's again
             inputs["step_noise"] = np.stack([
-                np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), 1),
+                np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), stream),
                                              (plan.num_evaluations, *latent_shape)))
                 for s in seeds])
         pad = (-count) % self.mesh.size  # every device gets rows
         inputs = jax.tree.map(lambda a: _padded(a, pad) if np.ndim(a) else a, inputs)
         return Prepared(program, plan, inputs, count, init_images)
+
+    def _micro_conditioning(self, height: int, width: int, count: int,
+                            options: Mapping[str, Any], mode: str) -> tuple[dict, dict]:
+        """SDXL's `time_ids` (cond, negative cond), [count, 5 or 6] float32 each, from the
+        MICRO_CONDITIONING options, with diffusers' defaults: sizes (height, width), crop
+        (0, 0), aesthetic scores 6 and 2.5; the negatives' sizes the positives', the negative
+        crop (0, 0), except in txt2img without negative options, where the negative numbers
+        are the positive ones (StableDiffusionXLPipeline; its img2img and inpaint pipelines
+        default the crop). Options the denoiser does not read are refused, not ignored."""
+        unknown = sorted(set(options) - set(MICRO_CONDITIONING))
+        if unknown:
+            raise TypeError(f"unknown option(s) {unknown}; micro-conditioning options: "
+                            f"{', '.join(MICRO_CONDITIONING)}")
+        numbers = system.time_ids_width(self.system, self.config)
+        reads = {6: {"original_size", "crops_coords_top_left", "target_size"},
+                 5: {"original_size", "crops_coords_top_left", "aesthetic_score"}}.get(numbers, set())
+        given = {k: v for k, v in options.items() if v is not None}
+        unread = sorted(k for k in given if k.replace("negative_", "") not in reads)
+        if unread:
+            what = (f"reads {', '.join(sorted(reads))}" if reads
+                    else "takes no micro-conditioning")
+            raise ValueError(f"{', '.join(unread)}: this checkpoint's {self.system.denoiser.name} "
+                             f"{what}")
+        if not numbers:
+            return {}, {}
+        for key, value in given.items():
+            smallest = 0 if "crops" in key else 1
+            if "score" not in key and (len(value) != 2 or any(
+                    int(v) != v or v < smallest for v in value)):
+                raise ValueError(f"{key}={tuple(value)}: two integers (height, width; top, left "
+                                 "for a crop), sizes >= 1, crops >= 0")
+        size = (height, width)
+        positive = dict(original_size=given.get("original_size", size),
+                        crops_coords_top_left=given.get("crops_coords_top_left", (0, 0)),
+                        target_size=given.get("target_size", size),
+                        aesthetic_score=given.get("aesthetic_score", 6.0))
+        if mode == "txt2img" and not any(k.startswith("negative_") for k in given):
+            negative = positive
+        else:
+            negative = dict(original_size=given.get("negative_original_size",
+                                                    positive["original_size"]),
+                            crops_coords_top_left=given.get("negative_crops_coords_top_left",
+                                                            (0, 0)),
+                            target_size=given.get("negative_target_size",
+                                                  positive["target_size"]),
+                            aesthetic_score=given.get("negative_aesthetic_score", 2.5))
+        return ({"time_ids": np.tile(system.time_ids(numbers, **positive), (count, 1))},
+                {"time_ids": np.tile(system.time_ids(numbers, **negative), (count, 1))})
 
     # -- the compiled program --------------------------------------------------------------
 
@@ -355,19 +471,14 @@ class StableDiffusion:
 
     # -- public entry points -------------------------------------------------------------
 
-    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
-                sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                guidance: float = DEFAULT_GUIDANCE, guidance_rescale: float = 0.0,
-                eta: float = 0.0, seed: int | Sequence[int] = 0,
-                num_images: int = 1, height: int | None = None, width: int | None = None,
-                init_latents: np.ndarray | None = None, output_type: str = "uint8",
-                params: Mapping[str, Any] | None = None) -> np.ndarray:
-        """Images [N, H, W, 3] for each prompt x num_images (uint8, or float32 in [0, 1] with
-        output_type="float32"). `params`: {tower name: params} instead of the pipeline's."""
-        return self._run("txt2img", prompt, negative_prompt, sampler=sampler, steps=steps,
-                         guidance=guidance, guidance_rescale=guidance_rescale, eta=eta, seed=seed,
-                         num_images=num_images, height=height, width=width,
-                         init_latents=init_latents, output_type=output_type, params=params)
+    def txt2img(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "",
+                **options) -> np.ndarray:
+        """Images [N, H, W, 3] for each prompt x num_images: uint8, float32 in [0, 1] with
+        output_type="float32", or the latents [N, H/f, W/f, C] with output_type="latents"
+        (with denoising_end: what a refiner's `refine` continues). Options: `prepare`'s
+        (sampler, steps, guidance, seed, num_images, height, width, init_latents, SDXL's
+        prompt_2 and micro-conditioning, ...) and params= instead of the pipeline's."""
+        return self._run("txt2img", prompt, negative_prompt, **options)
 
     def img2img(self, prompt: str | Sequence[str], init_image: Any,
                 negative_prompt: str | Sequence[str] = "", *, strength: float = 0.8,
@@ -386,11 +497,23 @@ class StableDiffusion:
         return self._run("inpaint", prompt, negative_prompt, init_image=init_image, mask=mask,
                          strength=strength, **options)
 
+    def refine(self, prompt: str | Sequence[str], latents: np.ndarray,
+               negative_prompt: str | Sequence[str] = "", *, denoising_start: float = 0.8,
+               **options) -> np.ndarray:
+        """SDXL's ensemble of experts: continue a base model's `latents` (its
+        output_type="latents" at denoising_end=F) from `denoising_start`=F to the end of the
+        same schedule (same sampler and steps), as diffusers' refiner with
+        `denoising_start`."""
+        return self._run("img2img", prompt, negative_prompt, start_latents=latents,
+                         denoising_start=denoising_start, **options)
+
     def _run(self, mode: str, prompt, negative_prompt, *, output_type: str = "uint8",
              params: Mapping[str, Any] | None = None, **request) -> np.ndarray:
-        if output_type not in ("uint8", "float32"):
-            raise ValueError(f"output_type={output_type!r}: use 'uint8' or 'float32'")
-        images = self.run(self.prepare(mode, prompt, negative_prompt, **request), params)
+        if output_type not in ("uint8", "float32", "latents"):
+            raise ValueError(f"output_type={output_type!r}: use 'uint8', 'float32' or 'latents'")
+        output = "latents" if output_type == "latents" else "images"
+        images = self.run(self.prepare(mode, prompt, negative_prompt, output=output, **request),
+                          params)
         return _to_uint8(images) if output_type == "uint8" else images
 
 
@@ -467,7 +590,6 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
     and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used."""
     cache_dir = enable_compilation_cache(cache_dir)
-    system.check_runnable(checkpoint.read_config(*checkpoint.resolve(directory, step)))
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
     return StableDiffusion(params, config, dtype=dtype, devices=devices, mesh=mesh,
                            export_programs=cache_dir is not None, source=source)

@@ -251,13 +251,25 @@ def init_params(system: System, config: Mapping[str, Any], seed: int,
 
 class TextInputs:
     """The tokenizers of a system's text towers as one callable: prompts -> {ids key: int32
-    [N, length]}, the batch and pipeline inputs the text towers read."""
+    [N, length]}, the batch and pipeline inputs the text towers read. Every tower reads
+    `prompts` unless a later prompt list is given for it: tower i (i >= 1) reads `more[i - 1]`
+    (diffusers' `prompt_2` for SDXL's bigG; `prompt_3` for a third tower), None meaning
+    `prompts`."""
 
     def __init__(self, tokenizers: Mapping[str, Any]):
-        self.tokenizers = dict(tokenizers)  # ids key -> tokenizer
+        self.tokenizers = dict(tokenizers)  # ids key -> tokenizer, in tower order
 
-    def __call__(self, prompts: str | Sequence[str]) -> dict[str, np.ndarray]:
-        return {key: tokenizer(prompts) for key, tokenizer in self.tokenizers.items()}
+    def __call__(self, prompts: str | Sequence[str],
+                 *more: str | Sequence[str] | None) -> dict[str, np.ndarray]:
+        while more and more[-1] is None:
+            more = more[:-1]
+        if len(more) >= len(self.tokenizers):
+            raise ValueError(f"{len(more) + 1} prompt lists for {len(self.tokenizers)} text "
+                             "tower(s)")
+        per_tower = [prompts] + [p if p is not None else prompts for p in more]
+        per_tower += [prompts] * (len(self.tokenizers) - len(per_tower))
+        return {key: tokenizer(text) for (key, tokenizer), text in zip(self.tokenizers.items(),
+                                                                         per_tower)}
 
     @property
     def keys(self) -> tuple[str, ...]:

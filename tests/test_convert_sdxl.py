@@ -106,15 +106,3 @@ def test_convert_then_export_loads_back_into_diffusers_unchanged(sdxl_folder, tm
         images = torch.from_numpy(rng.uniform(-1, 1, (1, 3, 16, 16)).astype(np.float32))
         np.testing.assert_allclose(pipe.vae(images).sample, again.vae(images).sample, atol=1e-6)
 
-
-def test_sampling_an_sdxl_checkpoint_is_refused_in_one_line(sdxl_folder, tmp_path, capsys):
-    from diffusion_jax import cli
-
-    folder, _ = sdxl_folder
-    assert cli.main(["convert", "--from", "diffusers", str(folder), "--out",
-                     str(tmp_path / "ckpt")]) == 0
-    capsys.readouterr()
-    assert cli.main(["sample", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "a cat",
-                     "--out", str(tmp_path / "x.png")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "micro-conditioning (time_ids)" in err[0]

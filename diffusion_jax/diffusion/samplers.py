@@ -101,6 +101,7 @@ class Plan:
     level_noise: np.ndarray
     rows: Mapping[str, np.ndarray]
     stochastic: bool
+    num_train_timesteps: int
 
     @property
     def num_evaluations(self) -> int:
@@ -526,7 +527,8 @@ def make_plan(name: str, schedule: Schedule | ScheduleConfig | Mapping[str, Any]
     rows, signal, noise, init, stochastic = _REGISTRY[name].build(
         config, num_steps, start_step, eta, karras)
     return Plan(name, config.prediction_type, num_steps, start_step, init,
-                np.asarray(signal, np.float32), np.asarray(noise, np.float32), rows, stochastic)
+                np.asarray(signal, np.float32), np.asarray(noise, np.float32), rows, stochastic,
+                config.num_train_timesteps)
 
 
 def img2img_start_step(num_steps: int, strength: float) -> int:
@@ -537,6 +539,44 @@ def img2img_start_step(num_steps: int, strength: float) -> int:
     if start >= num_steps:
         raise ValueError(f"strength={strength} leaves none of the {num_steps} steps to run.")
     return start
+
+
+# SDXL's ensemble of experts (diffusers' `denoising_end` / `denoising_start`): the base runs the
+# evaluations at timesteps at or above a cutoff and hands its latents over; the refiner runs
+# the rest of the same schedule, from a step boundary, without adding noise.
+
+def _timestep_cutoff(plan: Plan, fraction: float, name: str) -> int:
+    if not 0 < fraction < 1:
+        raise ValueError(f"{name}={fraction}: must be in (0, 1), the fraction of the schedule "
+                         "the base model denoises (0.8 is the SDXL recipe)")
+    T = plan.num_train_timesteps
+    return int(round(T - fraction * T))
+
+
+def truncated(plan: Plan, denoising_end: float) -> Plan:
+    """The plan's evaluations at timesteps >= the cutoff of `denoising_end`: the base model
+    of an ensemble stops there and returns its latents (diffusers' `denoising_end`)."""
+    keep = int((plan.timesteps >= _timestep_cutoff(plan, denoising_end, "denoising_end")).sum())
+    if keep == 0:
+        raise ValueError(f"denoising_end={denoising_end} leaves none of the {plan.num_steps} "
+                         "steps to the base model: raise it")
+    return dataclasses.replace(plan, rows={k: v[:keep] for k, v in plan.rows.items()})
+
+
+def denoising_start_step(name: str, schedule: Schedule | ScheduleConfig | Mapping[str, Any],
+                         num_steps: int, denoising_start: float, *, karras: bool = False) -> int:
+    """The step an ensemble's refiner starts at: diffusers' `get_timesteps(denoising_start=)`
+    keeps the evaluations below the cutoff (one more for a second-order sampler, so the run
+    starts at a whole step) and begins its scheduler there."""
+    full = make_plan(name, schedule, num_steps, karras=karras)
+    remaining = int((full.timesteps < _timestep_cutoff(full, denoising_start, "denoising_start")).sum())
+    if name == "heun" and remaining % 2 == 0:
+        remaining += 1  # heun: every timestep but the first is evaluated twice
+    if remaining == 0:
+        raise ValueError(f"denoising_start={denoising_start} leaves none of the {num_steps} "
+                         "steps to the refiner: lower it")
+    first = full.num_evaluations - remaining
+    return int((full.rows["level"][:first] > 0).sum())  # completed steps before it
 
 
 def noise_to_level(plan: Plan, x0: jax.Array, noise: jax.Array, level: jax.Array | int) -> jax.Array:

@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -55,8 +56,13 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
                        freq_shift: float = 1.0, max_period: float = 10000.0) -> jax.Array:
     """Sinusoidal embedding of (possibly fractional) timesteps, [B] -> [B, dim], float32."""
     half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
-    angles = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    # The frequencies are constants: computed on the host and correctly rounded, as torch's
+    # exp nearly always is (XLA's float32 exp is off by an ulp in ~1 of 10, which times
+    # SDXL's size numbers ~1000 moves the angles by 1e-4).
+    exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+                / np.float32(half - freq_shift))
+    frequencies = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    angles = jnp.asarray(timesteps, jnp.float32)[:, None] * frequencies[None, :]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
     if dim % 2:
