@@ -28,6 +28,7 @@ from diffusion_jax import checkpoint, system  # noqa: E402
 from diffusion_jax.config_files import as_dict, load  # noqa: E402
 from diffusion_jax.convert import diffusers as convert_diffusers  # noqa: E402
 from diffusion_jax.convert import single_file  # noqa: E402
+from diffusion_jax.convert.torch_params import ConversionError  # noqa: E402
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "fixtures" / "convert_diffusers_to_original_sdxl.py"
@@ -187,6 +188,19 @@ def test_diffusers_from_single_file_agrees(sdxl, name):
             assert torch.equal(theirs[key], value), (component, key)
 
 
+def test_a_config_must_agree_with_the_transformer_depths(sdxl):
+    path = sdxl["sdxl_base"][2]
+    config = tiny_config("sdxl_base")
+    # Level 0 has no attention: no weight says its depth, so any value is the config's.
+    config["unet"]["transformer_layers_per_block"] = [5, 2, 3]
+    _, loaded = single_file.read_single_file(path, config=config)
+    assert loaded["unet"]["transformer_layers_per_block"] == (5, 2, 3)
+    config["unet"]["transformer_layers_per_block"] = [1, 2, 2]
+    with pytest.raises(ConversionError, match=r"the weights have \[None, 2, 3\] transformer "
+                                              r"blocks per level .*=\(1, 2, 2\)"):
+        single_file.read_single_file(path, config=config)
+
+
 def test_convert_command_writes_the_sdxl_checkpoint(sdxl, tmp_path, capsys):
     folder, _, path = sdxl["sdxl_base"]
     rc, _, err = run_cli(capsys, "convert", "--from", "single-file", path, "--out",
@@ -217,13 +231,21 @@ def _wrong_projection(state_dict):
     return ["shape mismatch", key, "model expects (128, 32)"]
 
 
+def _odd_time_ids(state_dict):
+    key = "model.diffusion_model.label_emb.0.0.weight"
+    state_dict[key] = torch.cat([state_dict[key], state_dict[key][:, :1]], dim=1)
+    return ["projection_class_embeddings_input_dim=1569 is not 32 pooled features + 5 or 6",
+            "give the unet section with --config"]
+
+
 def _no_bigg(state_dict):
     for key in [k for k in state_dict if k.startswith("conditioner.embedders.1.")]:
         del state_dict[key]
     return ["unknown architecture", "neither SDXL base's"]
 
 
-@pytest.mark.parametrize("corrupt", [_drop_key, _wrong_shape, _wrong_projection, _no_bigg])
+@pytest.mark.parametrize("corrupt", [_drop_key, _wrong_shape, _wrong_projection,
+                                     _odd_time_ids, _no_bigg])
 def test_bad_sdxl_single_file_is_one_clear_error(sdxl, tmp_path, capsys, corrupt):
     state_dict = safetensors_torch.load_file(sdxl["sdxl_base"][2])
     needles = corrupt(state_dict)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 import re
 from pathlib import Path
@@ -99,11 +100,13 @@ LAYOUTS = {
                      (TextLayout("text_encoder", OPENCLIP_PREFIX, openclip=True,
                                  drop_last=True),), "sd21"),
     "SDXL base": Layout(system_lib.SDXL_BASE,
-                        (TextLayout("text_encoder", SDXL_PREFIX + "0.transformer.", openclip=False),
+                        (TextLayout("text_encoder", SDXL_PREFIX + "0.transformer.",
+                                    openclip=False),
                          TextLayout("text_encoder_2", SDXL_PREFIX + "1.model.", openclip=True)),
                         "sdxl_base"),
     "SDXL refiner": Layout(system_lib.SDXL_REFINER,
-                           (TextLayout("text_encoder_2", SDXL_PREFIX + "0.model.", openclip=True),),
+                           (TextLayout("text_encoder_2", SDXL_PREFIX + "0.model.",
+                                       openclip=True),),
                            "sdxl_refiner"),
 }
 
@@ -119,8 +122,6 @@ _TEXT_TOKEN_IDS = {"SD 1.x": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_i
 
 
 def _family_sections(family: str) -> dict:
-    import importlib
-
     config = importlib.import_module(
         f"diffusion_jax.configs.{LAYOUTS[family].config_module}").get_config()
     if family not in _TEXT_TOKEN_IDS:  # SDXL: its config file whole; the weights override
@@ -180,7 +181,8 @@ def detect_family(state_dict: Mapping[str, Any], path: Path) -> str:
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in state_dict)
 
-    unknown = f"{path}: unknown architecture, not a Stable Diffusion 1.x / 2.x or SDXL single file"
+    unknown = (f"{path}: unknown architecture, not a Stable Diffusion 1.x / 2.x or SDXL "
+               "single file")
     if not has(UNET_PREFIX):
         sample = ", ".join(sorted(state_dict)[:3])
         raise ConversionError(f"{unknown}: it has no U-Net weights ({UNET_PREFIX}*); its keys "
@@ -200,20 +202,22 @@ def detect_family(state_dict: Mapping[str, Any], path: Path) -> str:
                               f"bigG) nor the refiner's ({SDXL_PREFIX}0.model.* bigG alone)")
     if has(UNET_PREFIX + "label_emb."):
         raise ConversionError(f"{unknown}: its U-Net is class-conditioned (label_emb) without "
-                              f"SDXL's text towers ({SDXL_PREFIX}*): an upscaler or unCLIP "
-                              "model, which diffusion_jax does not support")
+                              f"SDXL's text towers ({SDXL_PREFIX}*), as SD 2.x unCLIP is, "
+                              "which diffusion_jax does not support")
     if clip == openclip:
         raise ConversionError(f"{unknown}: it needs exactly one text tower, {CLIP_PREFIX}* "
-                              f"(SD 1.x) or {OPENCLIP_PREFIX}* (SD 2.x), or SDXL's {SDXL_PREFIX}*")
+                              f"(SD 1.x) or {OPENCLIP_PREFIX}* (SD 2.x), or SDXL's "
+                              f"{SDXL_PREFIX}*")
     return "SD 1.x" if clip else "SD 2.x"
 
 
-def _transformer_depths(sd: Mapping[str, Any], blocks: list[str], middle: str) -> list:
-    """Transformer blocks per level, None where a level has no attention to count them in:
-    the middle block's count is the last level's (diffusers builds both from one entry)."""
+def _transformer_depths(sd: Mapping[str, Any], blocks: list[str]) -> list[int | None]:
+    """Transformer blocks per level (counted in its first input block), None where a level
+    has no attention; the middle block's count is the last level's (diffusers builds both
+    from one entry)."""
     count = lambda block: len(_indices(sd, f"{UNET_PREFIX}{block}.1.transformer_blocks."))
     depths = [count(block) or None for block in blocks]
-    depths[-1] = depths[-1] or count(middle)
+    depths[-1] = depths[-1] or count("middle_block")
     return depths
 
 
@@ -241,7 +245,7 @@ def infer_unet(sd: Mapping[str, Any], path: Path) -> dict:
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
         "cross_attention_dim": shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         "use_linear_projection": len(shape("middle_block.1.proj_in.weight")) == 2,
-        "transformer_layers_per_block": _transformer_depths(sd, firsts, "middle_block"),
+        "transformer_layers_per_block": _transformer_depths(sd, firsts),
     }
     if any(key.startswith(UNET_PREFIX + "label_emb.") for key in sd):
         # SDXL's micro-conditioning MLP reads pooled text + sinusoids of 5 or 6 numbers.
@@ -350,7 +354,7 @@ _RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj"
                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
                "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
-               # SDXL's micro-conditioning MLP: SGM's label embedding Sequential(Linear, SiLU, Linear).
+               # SDXL's micro-conditioning MLP: SGM's label_emb, Sequential(Linear, SiLU, Linear).
                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
@@ -543,8 +547,9 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping
     checkpoint_config["schedule"] = dict(given.get("schedule") or defaults["schedule"])
     for tower in system.text_towers:
         checkpoint_config[tower.tokenizer] = dict(
-            given.get(tower.tokenizer) or {**defaults[tower.tokenizer],
-                                           "max_length": configs[tower.name].max_position_embeddings})
+            given.get(tower.tokenizer) or {
+                **defaults[tower.tokenizer],
+                "max_length": configs[tower.name].max_position_embeddings})
     if system != system_lib.STABLE_DIFFUSION:
         checkpoint_config[system_lib.SYSTEM_SECTION] = system.to_dict()
         _check_time_ids(system, checkpoint_config, path)
@@ -565,7 +570,6 @@ def read_single_file(src: str | os.PathLike, *, config: Mapping[str, Any] | None
 
     `config` holds configs/*.py sections (unet, vae, text_encoder(_2), schedule,
     tokenizer(_2), pipeline); each one given replaces the family default and must agree
-    with the weights. `use_ema` takes
-    the U-Net from the EMA copy (`model_ema.*`)."""
+    with the weights. `use_ema` takes the U-Net from the EMA copy (`model_ema.*`)."""
     path = Path(src)
     return params_from_state_dict(read_weights_file(path), config, path, use_ema=use_ema)
