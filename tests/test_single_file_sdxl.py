@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -255,3 +256,36 @@ def test_bad_sdxl_single_file_is_one_clear_error(sdxl, tmp_path, capsys, corrupt
                          tmp_path / "out")
     assert_one_line_error(rc, err, str(path), *needles)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family, name", [("SDXL base", "sdxl_base"),
+                                          ("SDXL refiner", "sdxl_refiner")])
+def test_the_released_shapes_infer_the_released_configs(family, name):
+    """Inference alone, on key shapes of the full-size models (zero-stride arrays, no
+    memory; the keys by our own mapping, which the tests above check): the configs/*.py
+    architecture comes back, the refiner's depth as its unet/config.json writes it (4)."""
+    config = system.checkpoint_config(load(name))
+    layout = single_file.LAYOUTS[family]
+    state_dict = {}
+    for tower in layout.system.towers:
+        tower_config = system.tower_config(tower, config)
+        shapes = traverse_util.flatten_dict(tower.component.param_shapes(tower_config))
+        sources = single_file._sources(tower.name, tower_config, layout, use_ema=False)
+        for path, (key, transform) in sources.items():
+            shape = single_file._torch_shape(path, shapes[path].shape)
+            shape = (single_file._file_shape(transform, shape) if ".in_proj_" not in key
+                     else (3 * shape[0], *shape[1:]))
+            state_dict[key] = np.broadcast_to(np.float32(0), shape)
+    path = Path(f"{name}.safetensors")
+    assert single_file.detect_family(state_dict, path) == family
+    inferred = {"unet": single_file.infer_unet(state_dict, path),
+                "vae": single_file.infer_vae(state_dict, path)}
+    for text in layout.text:
+        inferred[text.tower] = single_file.infer_text_encoder(
+            state_dict, text, layout.system.tower(text.tower).kind, path)
+    for tower in layout.system.towers:
+        expected = system.tower_config(tower, config).to_dict()
+        if tower.name == "unet" and family == "SDXL refiner":
+            expected["transformer_layers_per_block"] = 4
+        found = single_file.model_config(tower.name, family, inferred[tower.name], None, path)
+        assert found.to_dict() == expected, tower.name
