@@ -204,6 +204,11 @@ def test_a_config_must_agree_with_the_transformer_depths(sdxl):
 
 def test_convert_command_writes_the_sdxl_checkpoint(sdxl, tmp_path, capsys):
     folder, _, path = sdxl["sdxl_base"]
+    # As SGM saves a model: its sigma table and OpenCLIP's logit scale besides the weights.
+    state_dict = {**safetensors_torch.load_file(path), "denoiser.sigmas": torch.rand(1000),
+                  "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6)}
+    path = tmp_path / "sgm.safetensors"
+    safetensors_torch.save_file(state_dict, path)
     rc, _, err = run_cli(capsys, "convert", "--from", "single-file", path, "--out",
                          tmp_path / "ckpt")
     assert rc == 0, err

@@ -53,9 +53,10 @@ OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_PREFIX = "conditioner.embedders."
 EMA_PREFIX = "model_ema."
 
-# LatentDiffusion's schedule buffers (the config's schedule re-derives them) and EMA counters.
+# LatentDiffusion's and SGM's (denoiser.sigmas) schedule buffers, which the config's schedule
+# re-derives, and EMA counters.
 IGNORED_KEYS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "denoiser.sigmas", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
