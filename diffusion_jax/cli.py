@@ -27,20 +27,22 @@ def _config_sections(spec: str | None) -> dict | None:
 def add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help="import diffusers or single-file weights as a diffusion_jax checkpoint",
-        description="Read Stable Diffusion 1.x / 2.x weights and write them as a new "
+        description="Read Stable Diffusion 1.x / 2.x or SDXL weights and write them as a new "
                     "diffusion_jax checkpoint directory (step 0). Everything is read and "
                     "checked in memory first; OUT appears complete or not at all.",
-        epilog="single-file defaults: the architecture (SD 1.x or 2.x, in/out channels, "
-               "widths, depths) is read from the weights. What weights cannot say is taken "
-               "from the released model of that family: SD 1.x -> configs/sd15.py (epsilon "
-               "prediction); SD 2.x -> configs/sd21.py (768px, v-prediction, upcast "
-               "attention). For SD 2.x-base pass --config configs/sd21_base.py; any section "
-               "of --config (unet, vae, text_encoder, schedule, tokenizer) replaces the "
-               "default and is checked against the weights.")
+        epilog="single-file defaults: the architecture (SD 1.x, 2.x, SDXL base or refiner, "
+               "in/out channels, widths, depths) is read from the weights. What weights cannot "
+               "say is taken from the released model of that family: SD 1.x -> configs/sd15.py "
+               "(epsilon prediction); SD 2.x -> configs/sd21.py (768px, v-prediction, upcast "
+               "attention); SDXL -> configs/sdxl_base.py or sdxl_refiner.py. For SD 2.x-base "
+               "pass --config configs/sd21_base.py; any section of --config (unet, vae, "
+               "text_encoder, schedule, tokenizer, ...) replaces the default and is checked "
+               "against the weights.")
     parser.add_argument("--from", dest="source_format", required=True,
                         choices=("diffusers", "single-file"),
                         help="diffusers: a pipeline folder (unet/, vae/, text_encoder/, ...); "
-                             "single-file: a CompVis / A1111 .safetensors or .ckpt file")
+                             "single-file: a CompVis / SGM (A1111, ComfyUI) .safetensors or "
+                             ".ckpt file")
     parser.add_argument("src", help="the diffusers folder or the single weights file")
     parser.add_argument("--out", required=True,
                         help="new checkpoint directory (must not exist, or be empty)")

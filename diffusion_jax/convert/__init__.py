@@ -1,7 +1,7 @@
 """Weights from elsewhere <-> diffusion_jax checkpoints.
 
     convert("diffusers", "path/to/sd-folder", "ckpt")         # diffusers pipeline folder
-    convert("single-file", "v1-5.safetensors", "ckpt")        # CompVis / A1111 file
+    convert("single-file", "v1-5.safetensors", "ckpt")        # CompVis / A1111 file (SD, SDXL)
     export("ckpt", "path/to/new-folder")                      # back to a diffusers folder
 
 The readers here turn one weights file into a flat {name: numpy array} dict. safetensors

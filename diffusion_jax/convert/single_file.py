@@ -1,29 +1,38 @@
-"""Single-file Stable Diffusion checkpoints (the CompVis LDM layout A1111 and ComfyUI use).
+"""Single-file Stable Diffusion checkpoints: the CompVis LDM layout of SD 1.x / 2.x and the
+Stability SGM layout of SDXL, as A1111 and ComfyUI use them.
 
-One state dict holds the whole system under LDM names:
+One state dict holds the whole system:
 
-    model.diffusion_model.*          U-Net (input_blocks / middle_block / output_blocks)
+    model.diffusion_model.*          U-Net (input_blocks / middle_block / output_blocks; SDXL's
+                                     micro-conditioning MLP is label_emb.0.0 / label_emb.0.2)
     first_stage_model.*              VAE (encoder.down.i.block.j, mid.attn_1 as 1x1 convs, ...)
     cond_stage_model.transformer.*   SD 1.x text tower: a transformers CLIPTextModel
     cond_stage_model.model.*         SD 2.x text tower: OpenCLIP ViT-H (fused in_proj q/k/v)
+    conditioner.embedders.0.transformer.*, conditioner.embedders.1.model.*
+                                     SDXL base: CLIP ViT-L (transformers names), OpenCLIP bigG
+    conditioner.embedders.0.model.*  SDXL refiner: OpenCLIP bigG alone
     model_ema.*                      EMA copy of the U-Net (dots removed from the names)
     betas, alphas_cumprod, ...       the training schedule, as buffers
 
-Each diffusers param name maps to one LDM key (plus a slice or a squeeze), so the loader walks
-the params the config's models have and fetches each from the file: a missing key, a key
-left over and a wrong shape are all reported with the file's own names.
+Each diffusers param name maps to one file key (plus a slice, a squeeze or a transpose), so
+the loader walks the params the config's models have and fetches each from the file: a
+missing key, a key left over and a wrong shape are all reported with the file's own names.
 
-The architecture comes from the weights: SD 1.x or 2.x from the text tower, channels, depths,
-attention placement, 4 or 9 input channels and the cross-attention width from shapes. What
-weights cannot tell (head counts, prediction type, resolution, attention upcast) defaults to
-the family's released model (SD 1.5; SD 2.1 768-v, as diffusers assumes) unless the caller's
-config gives it. SD 2.x conditions on OpenCLIP's penultimate layer, so its last block is
-dropped, as diffusers' 23-layer text encoder does.
+The architecture comes from the weights: the family from the text towers, channels, depths,
+transformer blocks per level, attention placement, 4 or 9 input channels, the
+cross-attention width and SDXL's micro-conditioning width from shapes. What weights cannot
+tell (head counts, prediction type, resolution, attention upcast, the VAE's scale) defaults
+to the family's released model (SD 1.5; SD 2.1 768-v, as diffusers assumes; SDXL base or
+refiner 1.0) unless the caller's config gives it. SD 2.x conditions on OpenCLIP's penultimate
+layer, so its last block is dropped, as diffusers' 23-layer text encoder does; SDXL's bigG
+tower keeps all its blocks (it reads the penultimate hidden state itself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 import os
 import re
 from pathlib import Path
@@ -37,27 +46,73 @@ from diffusion_jax.convert.torch_params import (ConversionError, key_report, sta
                                                 torch_key)
 from diffusion_jax import system as system_lib
 
-_SD = system_lib.STABLE_DIFFUSION  # the towers an LDM single file holds
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders."
 EMA_PREFIX = "model_ema."
 
-# LatentDiffusion's schedule buffers (the config's schedule re-derives them) and EMA counters.
+# LatentDiffusion's and SGM's (denoiser.sigmas) schedule buffers, which the config's schedule
+# re-derives, and EMA counters.
 IGNORED_KEYS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+    "denoiser.sigmas", "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod",
     "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
     "logvar", "model_ema.decay", "model_ema.num_updates",
-    CLIP_PREFIX + "text_model.embeddings.position_ids",
-    # OpenCLIP's contrastive head; SD conditions on the hidden states.
-    OPENCLIP_PREFIX + "text_projection", OPENCLIP_PREFIX + "logit_scale",
 })
 
-# What the weights cannot say, per family: the released SD 1.5 and SD 2.1 (768, v) models,
-# as configs/sd15.py and configs/sd21.py describe them ...
+
+@dataclasses.dataclass(frozen=True)
+class TextLayout:
+    """Where a file keeps one text tower, and under which names."""
+
+    tower: str  # the system's text tower it holds
+    prefix: str  # of its keys in the file
+    openclip: bool  # OpenCLIP names (fused q/k/v), else a transformers CLIPTextModel's
+    drop_last: bool = False  # SD 2.x: the file's last block is beyond diffusers' tower
+
+    @property
+    def ignored(self) -> frozenset[str]:
+        if not self.openclip:
+            return frozenset({self.prefix + "text_model.embeddings.position_ids"})
+        # OpenCLIP's contrastive head: SD 2.x conditions on hidden states only.
+        head = ("logit_scale", "text_projection") if self.drop_last else ("logit_scale",)
+        return frozenset(self.prefix + name for name in head)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """One family's single-file layout: the system it converts to and its text towers."""
+
+    system: system_lib.System
+    text: tuple[TextLayout, ...]
+    config_module: str  # configs/*.py of the released model: what the weights cannot say
+
+    def text_layout(self, name: str) -> TextLayout:
+        return next(t for t in self.text if t.tower == name)
+
+
+LAYOUTS = {
+    "SD 1.x": Layout(system_lib.STABLE_DIFFUSION,
+                     (TextLayout("text_encoder", CLIP_PREFIX, openclip=False),), "sd15"),
+    "SD 2.x": Layout(system_lib.STABLE_DIFFUSION,
+                     (TextLayout("text_encoder", OPENCLIP_PREFIX, openclip=True,
+                                 drop_last=True),), "sd21"),
+    "SDXL base": Layout(system_lib.SDXL_BASE,
+                        (TextLayout("text_encoder", SDXL_PREFIX + "0.transformer.",
+                                    openclip=False),
+                         TextLayout("text_encoder_2", SDXL_PREFIX + "1.model.", openclip=True)),
+                        "sdxl_base"),
+    "SDXL refiner": Layout(system_lib.SDXL_REFINER,
+                           (TextLayout("text_encoder_2", SDXL_PREFIX + "0.model.",
+                                       openclip=True),),
+                           "sdxl_refiner"),
+}
+
+# What the weights cannot say, for SD 1.x / 2.x: the released SD 1.5 and SD 2.1 (768, v)
+# models, as configs/sd15.py and configs/sd21.py describe them ...
 _UNSEEN_BY_WEIGHTS = {"unet": ("sample_size", "upcast_attention"),
                       "vae": ("sample_size", "scaling_factor", "norm_num_groups"),
                       "text_encoder": ("hidden_act",), "tokenizer": ("pad_token",)}
@@ -68,20 +123,21 @@ _TEXT_TOKEN_IDS = {"SD 1.x": {"bos_token_id": 0, "eos_token_id": 2, "pad_token_i
 
 
 def _family_sections(family: str) -> dict:
-    from diffusion_jax.configs import sd15, sd21
-
-    config = (sd15 if family == "SD 1.x" else sd21).get_config()
+    config = importlib.import_module(
+        f"diffusion_jax.configs.{LAYOUTS[family].config_module}").get_config()
+    if family not in _TEXT_TOKEN_IDS:  # SDXL: its config file whole; the weights override
+        return system_lib.checkpoint_config(config)
     sections = {name: {key: config[name][key] for key in keys}
                 for name, keys in _UNSEEN_BY_WEIGHTS.items()}
-    if family == "SD 1.x":  # SD 2.x's head counts follow from the widths (HEAD_CHANNELS)
+    if family == "SD 1.x":  # the others' head counts follow from the widths (HEAD_CHANNELS)
         sections["unet"]["attention_head_dim"] = config.unet.attention_head_dim[0]
     sections["text_encoder"].update(_TEXT_TOKEN_IDS[family])
     sections["schedule"] = config.schedule.to_dict()
     return sections
 
 
-FAMILY_DEFAULTS = {family: _family_sections(family) for family in _TEXT_TOKEN_IDS}
-HEAD_CHANNELS = 64  # SD 2.x U-Nets and both CLIP towers use 64-channel attention heads
+FAMILY_DEFAULTS = {family: _family_sections(family) for family in LAYOUTS}
+HEAD_CHANNELS = 64  # SD 2.x and SDXL U-Nets and all CLIP towers use 64-channel attention heads
 
 Source = tuple[str, Callable[[np.ndarray], np.ndarray]]  # (LDM key, value transform)
 
@@ -116,33 +172,54 @@ def _indices(state_dict: Mapping[str, Any], prefix: str) -> list[int]:
 def _shape(state_dict: Mapping[str, Any], key: str, path: Path) -> tuple[int, ...]:
     if key not in state_dict:
         raise ConversionError(f"{path}: unknown architecture: key {key} is missing, which every "
-                              "Stable Diffusion 1.x / 2.x checkpoint has")
+                              "Stable Diffusion checkpoint of its family has")
     return tuple(state_dict[key].shape)
 
 
 def detect_family(state_dict: Mapping[str, Any], path: Path) -> str:
-    """"SD 1.x" or "SD 2.x", from the text tower's keys; a clear error for anything else."""
+    """A LAYOUTS key ("SD 1.x", "SD 2.x", "SDXL base", "SDXL refiner"), from the text towers'
+    keys; a clear error for anything else."""
     def has(prefix: str) -> bool:
         return any(key.startswith(prefix) for key in state_dict)
 
-    unknown = f"{path}: unknown architecture, not a Stable Diffusion 1.x / 2.x single file"
-    if has("conditioner.embedders."):
-        raise ConversionError(f"{unknown}: conditioner.embedders.* is the SDXL / SD 3 layout, "
-                              "which diffusion_jax does not support")
+    unknown = (f"{path}: unknown architecture, not a Stable Diffusion 1.x / 2.x or SDXL "
+               "single file")
     if not has(UNET_PREFIX):
         sample = ", ".join(sorted(state_dict)[:3])
         raise ConversionError(f"{unknown}: it has no U-Net weights ({UNET_PREFIX}*); its keys "
                               f"start {sample} ... (a diffusers folder converts with --from diffusers)")
-    if has(UNET_PREFIX + "label_emb."):
-        raise ConversionError(f"{unknown}: its U-Net is class-conditioned (label_emb: SDXL, "
-                              "upscaler), which diffusion_jax does not support")
     if not has(VAE_PREFIX):
         raise ConversionError(f"{unknown}: it has no VAE weights ({VAE_PREFIX}*)")
     clip, openclip = has(CLIP_PREFIX), has(OPENCLIP_PREFIX)
+    if has(SDXL_PREFIX):
+        if clip or openclip:
+            raise ConversionError(f"{unknown}: it mixes SD 1.x / 2.x text towers "
+                                  f"(cond_stage_model.*) with SDXL ones ({SDXL_PREFIX}*)")
+        for family in ("SDXL base", "SDXL refiner"):  # keys left over are reported later
+            if all(has(t.prefix) for t in LAYOUTS[family].text):
+                return family
+        raise ConversionError(f"{unknown}: its text towers are neither SDXL base's "
+                              f"({SDXL_PREFIX}0.transformer.* CLIP-L and {SDXL_PREFIX}1.model.* "
+                              f"bigG) nor the refiner's ({SDXL_PREFIX}0.model.* bigG alone)")
+    if has(UNET_PREFIX + "label_emb."):
+        raise ConversionError(f"{unknown}: its U-Net is class-conditioned (label_emb) without "
+                              f"SDXL's text towers ({SDXL_PREFIX}*), as SD 2.x unCLIP is, "
+                              "which diffusion_jax does not support")
     if clip == openclip:
         raise ConversionError(f"{unknown}: it needs exactly one text tower, {CLIP_PREFIX}* "
-                              f"(SD 1.x) or {OPENCLIP_PREFIX}* (SD 2.x)")
+                              f"(SD 1.x) or {OPENCLIP_PREFIX}* (SD 2.x), or SDXL's "
+                              f"{SDXL_PREFIX}*")
     return "SD 1.x" if clip else "SD 2.x"
+
+
+def _transformer_depths(sd: Mapping[str, Any], blocks: list[str]) -> list[int | None]:
+    """Transformer blocks per level (counted in its first input block), None where a level
+    has no attention; the middle block's count is the last level's (diffusers builds both
+    from one entry)."""
+    count = lambda block: len(_indices(sd, f"{UNET_PREFIX}{block}.1.transformer_blocks."))
+    depths = [count(block) or None for block in blocks]
+    depths[-1] = depths[-1] or count("middle_block")
+    return depths
 
 
 def infer_unet(sd: Mapping[str, Any], path: Path) -> dict:
@@ -155,24 +232,27 @@ def infer_unet(sd: Mapping[str, Any], path: Path) -> dict:
     if rest or layers_per_block < 1:
         raise ConversionError(f"{path}: unknown architecture: {len(inputs)} U-Net input blocks "
                               f"do not make {levels} levels of equal depth")
-    if f"{UNET_PREFIX}middle_block.1.transformer_blocks.1.norm1.weight" in sd:
-        raise ConversionError(f"{path}: unknown architecture: U-Net transformers deeper than "
-                              "one block (SDXL-style) are not supported")
-    firsts = [1 + level * (layers_per_block + 1) for level in range(levels)]
+    firsts = [f"input_blocks.{1 + level * (layers_per_block + 1)}" for level in range(levels)]
     has_attention = lambda block: f"{UNET_PREFIX}{block}.1.proj_in.weight" in sd
-    down_attention = [has_attention(f"input_blocks.{b}") for b in firsts]
+    down_attention = [has_attention(b) for b in firsts]
     up_attention = [has_attention(f"output_blocks.{i * (layers_per_block + 1)}")
                     for i in range(levels)]
-    return {
+    inferred = {
         "in_channels": shape("input_blocks.0.0.weight")[1],
         "out_channels": shape("out.2.weight")[0],
-        "block_out_channels": [shape(f"input_blocks.{b}.0.out_layers.3.weight")[0] for b in firsts],
+        "block_out_channels": [shape(f"{b}.0.out_layers.3.weight")[0] for b in firsts],
         "layers_per_block": layers_per_block,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attention],
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
         "cross_attention_dim": shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         "use_linear_projection": len(shape("middle_block.1.proj_in.weight")) == 2,
+        "transformer_layers_per_block": _transformer_depths(sd, firsts),
     }
+    if any(key.startswith(UNET_PREFIX + "label_emb.") for key in sd):
+        # SDXL's micro-conditioning MLP reads pooled text + sinusoids of 5 or 6 numbers.
+        inferred.update(addition_embed_type="text_time",
+                        projection_class_embeddings_input_dim=shape("label_emb.0.0.weight")[1])
+    return inferred
 
 
 def infer_vae(sd: Mapping[str, Any], path: Path) -> dict:
@@ -189,9 +269,10 @@ def infer_vae(sd: Mapping[str, Any], path: Path) -> dict:
     }
 
 
-def infer_text_encoder(sd: Mapping[str, Any], family: str, path: Path) -> dict:
-    if family == "SD 1.x":
-        prefix = CLIP_PREFIX + "text_model."
+def infer_text_encoder(sd: Mapping[str, Any], layout: TextLayout, kind: str,
+                       path: Path) -> dict:
+    if not layout.openclip:
+        prefix = layout.prefix + "text_model."
         shape = lambda key: _shape(sd, prefix + key, path)
         vocab_size, hidden_size = shape("embeddings.token_embedding.weight")
         return {
@@ -200,26 +281,30 @@ def infer_text_encoder(sd: Mapping[str, Any], family: str, path: Path) -> dict:
             "num_hidden_layers": len(_indices(sd, prefix + "encoder.layers.")),
             "intermediate_size": shape("encoder.layers.0.mlp.fc1.weight")[0],
         }
-    shape = lambda key: _shape(sd, OPENCLIP_PREFIX + key, path)
+    shape = lambda key: _shape(sd, layout.prefix + key, path)
     vocab_size, hidden_size = shape("token_embedding.weight")
-    return {
+    blocks = len(_indices(sd, layout.prefix + "transformer.resblocks."))
+    inferred = {
         "vocab_size": vocab_size, "hidden_size": hidden_size,
         "max_position_embeddings": shape("positional_embedding")[0],
-        # The last block is dropped: SD 2.x conditions on the penultimate layer.
-        "num_hidden_layers": len(_indices(sd, OPENCLIP_PREFIX + "transformer.resblocks.")) - 1,
+        # SD 2.x conditions on the penultimate layer: diffusers' tower stops before the last.
+        "num_hidden_layers": blocks - 1 if layout.drop_last else blocks,
         "intermediate_size": shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
     }
+    if kind == "clip_text_projection":  # OpenCLIP's projection is [width, projection_dim]
+        inferred["projection_dim"] = shape("text_projection")[1]
+    return inferred
 
 
 def _family_defaults(name: str, family: str, inferred: Mapping[str, Any], path: Path) -> dict:
     defaults = dict(FAMILY_DEFAULTS[family][name])
-    if name == "text_encoder":
+    if name in LAYOUTS[family].system.text_names:
         defaults["num_attention_heads"] = inferred["hidden_size"] // HEAD_CHANNELS
-    if name == "unet" and family == "SD 2.x":
+    if name == "unet" and family != "SD 1.x":
         channels = inferred["block_out_channels"]
         if any(c % HEAD_CHANNELS for c in channels):
             raise ConversionError(f"{path}: U-Net widths {channels} are not multiples of "
-                                  f"{HEAD_CHANNELS}, so SD 2.x's head count does not apply; "
+                                  f"{HEAD_CHANNELS}, so {family}'s head count does not apply; "
                                   "give the unet section with --config")
         defaults["attention_head_dim"] = [c // HEAD_CHANNELS for c in channels]
     return defaults
@@ -229,19 +314,38 @@ def _as_config_value(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
+def _fill_depths(seen: list, default: Any) -> int | tuple[int, ...]:
+    """Transformer depths per level: the default's where a level has no attention (its depth
+    makes no weights); one int when all agree, as the released config.json files write it."""
+    if isinstance(default, int) or len(default) != len(seen):
+        default = [default if isinstance(default, int) else 1] * len(seen)
+    depths = [d if s is None else s for s, d in zip(seen, default)]
+    return depths[0] if len(set(depths)) == 1 else tuple(depths)
+
+
 def model_config(name: str, family: str, inferred: Mapping[str, Any],
                  given: Mapping[str, Any] | None, path: Path):
     """The component's config: the caller's section checked against the weights, or the
     family defaults completed by what the weights show."""
-    component = _SD.tower(name).component
+    component = LAYOUTS[family].system.tower(name).component
+    inferred = dict(inferred)
+    seen_depths = inferred.pop("transformer_layers_per_block", None)  # the U-Net's
     if given is None:
-        return component.config_from_dict({**_family_defaults(name, family, inferred, path),
-                                           **inferred})
+        defaults = _family_defaults(name, family, inferred, path)
+        if seen_depths is not None:
+            inferred["transformer_layers_per_block"] = _fill_depths(
+                seen_depths, defaults.get("transformer_layers_per_block", 1))
+        return component.config_from_dict({**defaults, **inferred})
     config = component.config_from_dict(given)
     for key, value in inferred.items():
         if _as_config_value(getattr(config, key)) != _as_config_value(value):
             raise ConversionError(f"{path}: the weights have {name}.{key}={value!r} but the "
                                   f"config says {getattr(config, key)!r}")
+    if seen_depths is not None and any(
+            s not in (None, d) for s, d in zip(seen_depths, config.depth_per_block)):
+        raise ConversionError(f"{path}: the weights have {seen_depths} transformer blocks per "
+                              f"level (None: no attention) but the config says "
+                              f"transformer_layers_per_block={config.transformer_layers_per_block!r}")
     return config
 
 
@@ -250,7 +354,9 @@ def model_config(name: str, family: str, inferred: Mapping[str, Any],
 _RESNET_NAMES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               # SDXL's micro-conditioning MLP: SGM's label_emb, Sequential(Linear, SiLU, Linear).
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _unet_resnet(rest: str) -> str:
@@ -323,6 +429,8 @@ def openclip_source(key: str) -> Source:
     """OpenCLIP name (without prefix) of a transformers CLIP key (without `text_model.`)."""
     if key in _OPENCLIP_FIXED:
         return _OPENCLIP_FIXED[key], _identity
+    if key == "text_projection.weight":  # OpenCLIP applies x @ P, P stored [width, projection]
+        return "text_projection", np.transpose
     m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
     if m is None:
         raise ConversionError(f"no OpenCLIP name for text encoder parameter {key}")
@@ -337,23 +445,23 @@ def ema_key(key: str) -> str:
     return EMA_PREFIX + key[len("model."):].replace(".", "")
 
 
-def _sources(name: str, config, family: str, use_ema: bool) -> dict[tuple[str, ...], Source]:
+def _sources(name: str, config, layout: Layout, use_ema: bool) -> dict[tuple[str, ...], Source]:
     """Flax param path -> (file key, transform) for every param of the component."""
-    component = _SD.tower(name).component
+    component = layout.system.tower(name).component
+    text = layout.text_layout(name) if name in layout.system.text_names else None
     sources = {}
     for path in traverse_util.flatten_dict(component.param_shapes(config)):
-        key = torch_key(path)
         if name == "unet":
-            ldm = UNET_PREFIX + unet_ldm_key(key, config)
+            ldm = UNET_PREFIX + unet_ldm_key(torch_key(path), config)
             sources[path] = (ema_key(ldm) if use_ema else ldm), _identity
         elif name == "vae":
-            ldm, transform = vae_ldm_source(key, config)
+            ldm, transform = vae_ldm_source(torch_key(path), config)
             sources[path] = VAE_PREFIX + ldm, transform
-        elif family == "SD 1.x":
-            sources[path] = CLIP_PREFIX + "text_model." + key, _identity
+        elif not text.openclip:
+            sources[path] = text.prefix + torch_key(path, component.torch_prefix), _identity
         else:
-            ldm, transform = openclip_source(key)
-            sources[path] = OPENCLIP_PREFIX + ldm, transform
+            ldm, transform = openclip_source(torch_key(path).removeprefix("text_model."))
+            sources[path] = text.prefix + ldm, transform
     return sources
 
 
@@ -368,25 +476,27 @@ def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ..
 # ----------------------------------------------------------------------------- loading
 
 
-def _ignored(key: str, family: str, text_layers: int, use_ema: bool) -> bool:
-    if key in IGNORED_KEYS:
+def _ignored(key: str, layout: Layout, configs: Mapping[str, Any], use_ema: bool) -> bool:
+    if key in IGNORED_KEYS or any(key in text.ignored for text in layout.text):
         return True
     if key.startswith(EMA_PREFIX if not use_ema else UNET_PREFIX):
         return True  # the U-Net copy not taken
-    return family == "SD 2.x" and key.startswith(
-        f"{OPENCLIP_PREFIX}transformer.resblocks.{text_layers}.")  # the dropped last block
+    return any(text.drop_last and key.startswith(
+        f"{text.prefix}transformer.resblocks.{configs[text.tower].num_hidden_layers}.")
+        for text in layout.text)  # SD 2.x's dropped last block
 
 
 def _gather(state_dict: Mapping[str, np.ndarray], configs: Mapping[str, Any], family: str,
             use_ema: bool, path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Each component's diffusers-named state dict, fetched from the file by the LDM names;
+    """Each component's diffusers-named state dict, fetched from the file by its own names;
     one ConversionError listing every missing, unexpected and mis-shaped key."""
+    layout = LAYOUTS[family]
     used, missing, mismatched, converted = set(), set(), [], {}
     for name, config in configs.items():
-        component = _SD.tower(name).component
+        component = layout.system.tower(name).component
         template = traverse_util.flatten_dict(component.param_shapes(config))
         converted[name] = {}
-        for param_path, (key, transform) in _sources(name, config, family, use_ema).items():
+        for param_path, (key, transform) in _sources(name, config, layout, use_ema).items():
             if key not in state_dict:
                 missing.add(key)
                 continue
@@ -395,48 +505,72 @@ def _gather(state_dict: Mapping[str, np.ndarray], configs: Mapping[str, Any], fa
             expected = _torch_shape(param_path, template[param_path].shape)
             if tuple(value.shape) != expected:
                 mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
-                                  f"expects {expected}")
+                                  f"expects {_file_shape(transform, expected)}")
                 continue
             converted[name][torch_key(param_path, component.torch_prefix)] = value
-    text_layers = configs["text_encoder"].num_hidden_layers
     unexpected = sorted(k for k in state_dict if k not in used
-                        and not _ignored(k, family, text_layers, use_ema))
+                        and not _ignored(k, layout, configs, use_ema))
     problems = key_report(missing, unexpected, mismatched)
     if problems:
         raise ConversionError(f"{path} does not match a {family} model: {problems}")
     return converted
 
 
+def _file_shape(transform: Callable, shape: tuple[int, ...]) -> tuple[int, ...]:
+    # The shape the file should hold, for the report; only a transpose changes it.
+    return shape[::-1] if transform is np.transpose else shape
+
+
+def _check_time_ids(system: system_lib.System, config: Mapping[str, Any], path: Path) -> None:
+    try:
+        system_lib.time_ids_width(system, config)
+    except ValueError as e:
+        raise ConversionError(f"{path}: {e}; give the unet section with --config") from None
+
+
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any] | None,
                            path: Path, use_ema: bool = False) -> tuple[dict, dict]:
-    """(params by item, checkpoint config) from an LDM state dict."""
+    """(params by item, checkpoint config) from a single file's state dict."""
     given = dict(config or {})
     family = detect_family(state_dict, path)
+    layout, defaults = LAYOUTS[family], FAMILY_DEFAULTS[family]
+    system = layout.system
     if use_ema and not any(k.startswith(EMA_PREFIX) and k not in IGNORED_KEYS for k in state_dict):
         raise ConversionError(f"{path} has no EMA weights ({EMA_PREFIX}*): convert without "
                               "--ema (an 'emaonly' file already stores the EMA U-Net as the model)")
-    inferred = {"unet": infer_unet(state_dict, path), "vae": infer_vae(state_dict, path),
-                "text_encoder": infer_text_encoder(state_dict, family, path)}
+    inferred = {"unet": infer_unet(state_dict, path), "vae": infer_vae(state_dict, path)}
+    for text in layout.text:
+        inferred[text.tower] = infer_text_encoder(state_dict, text, system.tower(text.tower).kind,
+                                                  path)
     configs = {name: model_config(name, family, inferred[name], given.get(name), path)
-               for name in _SD.names}
+               for name in system.names}
+    checkpoint_config = {name: configs[name].to_dict() for name in system.names}
+    checkpoint_config["schedule"] = dict(given.get("schedule") or defaults["schedule"])
+    for tower in system.text_towers:
+        checkpoint_config[tower.tokenizer] = dict(
+            given.get(tower.tokenizer) or {
+                **defaults[tower.tokenizer],
+                "max_length": configs[tower.name].max_position_embeddings})
+    if system != system_lib.STABLE_DIFFUSION:
+        checkpoint_config[system_lib.SYSTEM_SECTION] = system.to_dict()
+        _check_time_ids(system, checkpoint_config, path)
+    pipeline = given.get(system_lib.PIPELINE_SECTION) or defaults.get(system_lib.PIPELINE_SECTION)
+    if pipeline:
+        checkpoint_config[system_lib.PIPELINE_SECTION] = dict(pipeline)
     converted = _gather(state_dict, configs, family, use_ema, path)
-    items = {name: state_dict_to_params(converted[name], component.param_shapes(configs[name]),
-                                        prefix=component.torch_prefix, source=str(path))
-             for name, component in ((t.name, t.component) for t in _SD.towers)}
-    checkpoint_config = {name: configs[name].to_dict() for name in _SD.names}
-    checkpoint_config["schedule"] = dict(given.get("schedule") or FAMILY_DEFAULTS[family]["schedule"])
-    checkpoint_config["tokenizer"] = dict(
-        given.get("tokenizer") or {**FAMILY_DEFAULTS[family]["tokenizer"],
-                                   "max_length": configs["text_encoder"].max_position_embeddings})
+    items = {tower.name: state_dict_to_params(
+                 converted[tower.name], tower.component.param_shapes(configs[tower.name]),
+                 prefix=tower.component.torch_prefix, source=str(path))
+             for tower in system.towers}
     return items, checkpoint_config
 
 
 def read_single_file(src: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
                      use_ema: bool = False) -> tuple[dict, dict]:
-    """(params by item, checkpoint config) of a single-file SD 1.x / 2.x checkpoint.
+    """(params by item, checkpoint config) of a single-file SD 1.x / 2.x or SDXL checkpoint.
 
-    `config` holds configs/*.py sections (unet, vae, text_encoder, schedule, tokenizer); each
-    one given replaces the family default and must agree with the weights. `use_ema` takes
-    the U-Net from the EMA copy (`model_ema.*`)."""
+    `config` holds configs/*.py sections (unet, vae, text_encoder(_2), schedule,
+    tokenizer(_2), pipeline); each one given replaces the family default and must agree
+    with the weights. `use_ema` takes the U-Net from the EMA copy (`model_ema.*`)."""
     path = Path(src)
     return params_from_state_dict(read_weights_file(path), config, path, use_ema=use_ema)
