@@ -182,7 +182,7 @@ def add_sample(subparsers) -> None:
         sdxl.add_argument(f"--{name}", type=int, nargs=2, metavar=meta,
                           help=f"micro-conditioning: the {what}")
         sdxl.add_argument(f"--negative-{name}", type=int, nargs=2, metavar=meta,
-                          help=f"the negative prompt's --{name}")
+                          help=f"the negative prompt's (default: --{name})")
     sdxl.add_argument("--aesthetic-score", type=float,
                       help="refiner micro-conditioning (default: 6.0)")
     sdxl.add_argument("--negative-aesthetic-score", type=float,

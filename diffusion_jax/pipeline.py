@@ -293,8 +293,7 @@ class StableDiffusion:
             raise ValueError(f"height x width = {height} x {width}: both must be positive "
                              f"multiples of {multiple} (VAE factor {self.vae_factor} x U-Net "
                              f"downsampling {multiple // self.vae_factor})")
-        cond, negative_cond = self._micro_conditioning(height, width, count, micro_conditioning,
-                                                       mode)
+        cond, negative_cond = self._micro_conditioning(height, width, count, micro_conditioning)
         seeds = [seed + i for i in range(count)] if isinstance(seed, int) else list(seed)
         if len(seeds) != count:
             raise ValueError(f"{len(seeds)} seeds for {count} images: pass one int or one per image")
@@ -380,13 +379,13 @@ class StableDiffusion:
         return Prepared(program, plan, inputs, count, init_images)
 
     def _micro_conditioning(self, height: int, width: int, count: int,
-                            options: Mapping[str, Any], mode: str) -> tuple[dict, dict]:
+                            options: Mapping[str, Any]) -> tuple[dict, dict]:
         """SDXL's `time_ids` (cond, negative cond), [count, 5 or 6] float32 each, from the
-        MICRO_CONDITIONING options, with diffusers' defaults: sizes (height, width), crop
-        (0, 0), aesthetic scores 6 and 2.5; the negatives' sizes the positives', the negative
-        crop (0, 0), except in txt2img without negative options, where the negative numbers
-        are the positive ones (StableDiffusionXLPipeline; its img2img and inpaint pipelines
-        default the crop). Options the denoiser does not read are refused, not ignored."""
+        MICRO_CONDITIONING options. Defaults: sizes (height, width), crop (0, 0), aesthetic
+        score 6; each negative number the positive one, the negative aesthetic score 2.5.
+        (diffusers' SDXL pipelines differ among themselves there: txt2img reads negative
+        sizes only when both are given, img2img and inpaint never read the negative crop, the
+        refiner's defaults to (0, 0).) Options the denoiser does not read are refused."""
         unknown = sorted(set(options) - set(MICRO_CONDITIONING))
         if unknown:
             raise TypeError(f"unknown option(s) {unknown}; micro-conditioning options: "
@@ -414,16 +413,8 @@ class StableDiffusion:
                         crops_coords_top_left=given.get("crops_coords_top_left", (0, 0)),
                         target_size=given.get("target_size", size),
                         aesthetic_score=given.get("aesthetic_score", 6.0))
-        if mode == "txt2img" and not any(k.startswith("negative_") for k in given):
-            negative = positive
-        else:
-            negative = dict(original_size=given.get("negative_original_size",
-                                                    positive["original_size"]),
-                            crops_coords_top_left=given.get("negative_crops_coords_top_left",
-                                                            (0, 0)),
-                            target_size=given.get("negative_target_size",
-                                                  positive["target_size"]),
-                            aesthetic_score=given.get("negative_aesthetic_score", 2.5))
+        negative = {key: given.get("negative_" + key, positive[key]) for key in positive}
+        negative["aesthetic_score"] = given.get("negative_aesthetic_score", 2.5)
         return ({"time_ids": np.tile(system.time_ids(numbers, **positive), (count, 1))},
                 {"time_ids": np.tile(system.time_ids(numbers, **negative), (count, 1))})
 

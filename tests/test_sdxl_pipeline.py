@@ -24,7 +24,7 @@ from test_convert_sdxl import tiny_sdxl_config  # noqa: E402
 PROMPT = "a photo of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality"
 SIZE = 16  # 8x8 latents: the tiny VAE downsamples 2x
-PIXEL_TOLERANCE = 2e-3
+PIXEL_TOLERANCE = 1e-4  # observed: <= 2.1e-5 (DDIM), 1e-7 otherwise; the issue asks 2e-3
 STEPS, GUIDANCE = 5, 5.0
 
 
@@ -111,11 +111,12 @@ TXT2IMG = {
         ["--prompt-2", "an oil painting", "--negative-prompt-2", "a photo",
          "--original-size", "512", "768", "--crops-coords-top-left", "16", "32",
          "--target-size", "24", "16", "--negative-original-size", "256", "256",
-         "--negative-target-size", "32", "32"],
-        # (diffusers' txt2img reads the negative sizes only when both are given)
+         "--negative-target-size", "32", "32", "--negative-crops-coords-top-left", "4", "0"],
+        # (diffusers' txt2img reads negative numbers only when both negative sizes are given)
         dict(prompt_2="an oil painting", negative_prompt_2="a photo", original_size=(512, 768),
              crops_coords_top_left=(16, 32), target_size=(24, 16),
-             negative_original_size=(256, 256), negative_target_size=(32, 32))),
+             negative_original_size=(256, 256), negative_target_size=(32, 32),
+             negative_crops_coords_top_left=(4, 0))),
     # No negative options: the negative numbers are the positive ones, crop included.
     "crop_without_negatives": ("euler", NEGATIVE, ["--crops-coords-top-left", "8", "4"],
                                dict(crops_coords_top_left=(8, 4))),
@@ -126,12 +127,14 @@ TXT2IMG = {
 def test_txt2img_matches_diffusers(sdxl, case):
     base, ckpt, _, _, root = sdxl
     sampler, negative, flags, reference_options = TXT2IMG[case]
-    latents = _latents(1, count=2)
+    # One image where the negative numbers differ from the positive ones: diffusers' txt2img
+    # repeats its [negative, positive] time_ids per image, pairing them with the wrong rows.
+    latents = _latents(1, count=1 if "negative_crops_coords_top_left" in reference_options else 2)
     ours = _sample_cli(root, ckpt, f"txt2img_{case}", latents, "--sampler", sampler, *flags,
                        negative=negative)
     base.scheduler = _scheduler(base, sampler)
     expected = base(PROMPT, negative_prompt=negative or None, num_inference_steps=STEPS,
-                    guidance_scale=GUIDANCE, num_images_per_prompt=2,
+                    guidance_scale=GUIDANCE, num_images_per_prompt=len(latents),
                     latents=torch.from_numpy(latents), output_type="np",
                     **reference_options).images
     _check(case, ours, expected)
