@@ -193,6 +193,14 @@ def add_sample(subparsers) -> None:
     sdxl.add_argument("--denoising-end", type=float,
                       help="with --refiner: the fraction of the schedule the base model runs "
                            "(default: 0.8)")
+    parser.add_argument("--vae", metavar="DIR",
+                        help="a diffusers AutoencoderKL folder to decode (and encode) with "
+                             "instead of the checkpoint's VAE, e.g. SDXL's fp16-fix VAE")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        default="float32",
+                        help="compute dtype; params stay float32. Under float16 a VAE whose "
+                             "config says force_upcast (SD's, SDXL's) decodes in float32 "
+                             "(default: float32)")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-ema", action="store_true",
                         help="use the raw weights; default: the EMA weights where the "
@@ -295,6 +303,10 @@ def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count
         run["mask"] = args.mask
     run.update(checkpoint=pipe.source.directory, checkpoint_step=pipe.source.step,
                ema=pipe.source.ema, diffusion_jax_version=diffusion_jax.__version__)
+    if args.vae:
+        run["vae"] = args.vae
+    if args.dtype != "float32":
+        run["dtype"] = args.dtype
     if refiner is not None:
         run.update(refiner=refiner.source.directory, refiner_step=refiner.source.step,
                    denoising_end=denoising_end)
@@ -317,9 +329,11 @@ def run_sample(args: argparse.Namespace) -> None:
                               guidance_rescale=args.guidance_rescale, eta=args.eta,
                               num_images=args.num_images, strength=strength, spell=_flag)
     denoising_end = _sample_ensemble(args)
-    pipe = pipeline.load(args.checkpoint, step=args.step, use_ema=not args.no_ema)
-    refiner = None if args.refiner is None else pipeline.load(args.refiner,
-                                                              use_ema=not args.no_ema)
+    import jax.numpy as jnp
+
+    models = dict(use_ema=not args.no_ema, vae=args.vae, dtype=jnp.dtype(args.dtype))
+    pipe = pipeline.load(args.checkpoint, step=args.step, **models)
+    refiner = None if args.refiner is None else pipeline.load(args.refiner, **models)
     options = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
                    num_images=args.num_images, height=args.height, width=args.width,

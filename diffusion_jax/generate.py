@@ -119,7 +119,7 @@ def sample(models: system.Models, program: Program, plan: samplers.Plan,
     latents = samplers.run(plan, model_fn, latents, noises=noises, step_callback=step_callback)
     if program.output_latents:
         return latents
-    images = system.decode_latents(models, params, latents)
+    images = system.decode_latents(models, params, latents).astype(jnp.float32)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
 
 

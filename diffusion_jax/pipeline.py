@@ -576,11 +576,33 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str
 
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
          dtype: Any = jnp.float32, cache_dir: str | None = DEFAULT_CACHE_DIR,
-         devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None) -> StableDiffusion:
+         devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
+         vae: str | os.PathLike | None = None) -> StableDiffusion:
     """The pipeline of a checkpoint (converted or trained; a training workdir or one step
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
-    and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used."""
+    and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used. `vae`: a
+    diffusers AutoencoderKL folder used instead of the checkpoint's VAE (e.g. SDXL's
+    fp16-fix VAE), with its own scaling factor, as diffusers' `vae=` does. `dtype`: compute
+    dtype (params stay float32); under float16 a VAE whose config says `force_upcast` runs
+    in float32."""
     cache_dir = enable_compilation_cache(cache_dir)
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
+    if vae is not None:
+        params, config = with_vae(params, config, vae)
     return StableDiffusion(params, config, dtype=dtype, devices=devices, mesh=mesh,
                            export_programs=cache_dir is not None, source=source)
+
+
+def with_vae(params: Mapping[str, Any], config: Mapping[str, Any], vae: str | os.PathLike
+             ) -> tuple[dict, dict]:
+    """(params, config) with the VAE of folder `vae` in place of the system's."""
+    from diffusion_jax.convert import diffusers as convert_diffusers
+
+    name = system.from_config(config).vae.name
+    vae_params, vae_config = convert_diffusers.read_vae(vae)
+    channels = system.section(config, name)["latent_channels"]
+    if vae_config["latent_channels"] != channels:
+        raise ValueError(f"--vae {vae}: its latents have {vae_config['latent_channels']} "
+                         f"channels, the checkpoint's denoiser {channels}: a VAE of another "
+                         "model family")
+    return {**params, name: vae_params}, {**config, name: vae_config}

@@ -223,7 +223,10 @@ def build(system: System, config: Mapping[str, Any], *, dtype: Any = jnp.float32
         options = dict(dtype=dtype)
         if tower is system.denoiser:
             options.update(remat_policy=remat_policy, attention_impl=attention_impl)
-        modules.append((tower.name, tower.component.build(tower_config(tower, config), **options)))
+        tower_cfg = tower_config(tower, config)
+        if getattr(tower_cfg, "force_upcast", False) and jnp.dtype(dtype) == jnp.float16:
+            options["dtype"] = jnp.float32  # a VAE whose activations overflow float16
+        modules.append((tower.name, tower.component.build(tower_cfg, **options)))
     vae = section(config, system.vae.name)
     return Models(system, tuple(modules), float(vae["scaling_factor"]),
                   float(vae.get("shift_factor") or 0.0))

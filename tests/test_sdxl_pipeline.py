@@ -268,3 +268,25 @@ def test_options_a_model_does_not_read_are_refused(sdxl):
         refiner.prepare("img2img", "x", start_latents=np.zeros((1, 8, 8, 4)))
     with pytest.raises(ValueError, match="denoising_end=1.2: must be in"):
         base.prepare("txt2img", "x", denoising_end=1.2)
+
+
+def test_another_vae_folder_replaces_the_checkpoints(sdxl):
+    """`--vae DIR` (e.g. the fp16-fix SDXL VAE): decoded with that VAE and its scaling
+    factor, as diffusers' `vae=`; and `--dtype bfloat16` stays finite and near float32."""
+    base, ckpt, _, _, root = sdxl
+    torch.manual_seed(3)
+    vae = diffusers.AutoencoderKL(**{**base.vae.config, "scaling_factor": 0.2,
+                                     "force_upcast": False})
+    _randomize(vae)
+    vae.save_pretrained(root / "fp16_fix_vae")
+    latents = _latents(11)
+    flags = ["--sampler", "euler", "--vae", str(root / "fp16_fix_vae")]
+    ours = _sample_cli(root, ckpt, "vae", latents, *flags)
+    base.scheduler = _scheduler(base, "euler")
+    swapped = diffusers.StableDiffusionXLPipeline(**{**base.components, "vae": vae})
+    expected = swapped(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                       guidance_scale=GUIDANCE, latents=torch.from_numpy(latents),
+                       output_type="np").images
+    _check("--vae", ours, expected)
+    bf16 = _sample_cli(root, ckpt, "vae_bf16", latents, *flags, "--dtype", "bfloat16")
+    assert np.isfinite(bf16).all() and np.abs(bf16 - ours).max() < 0.1

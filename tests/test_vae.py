@@ -160,6 +160,39 @@ def test_bf16_decode_close_to_fp32(models):
     assert 0 < err <= 5e-2
 
 
+def test_activations_past_float16_range_stay_finite_in_bf16_and_upcast_fp16():
+    """The SD / SDXL VAEs' decoders reach activations beyond float16's 65504 (black or NaN
+    images in fp16 pipelines). Norm scales x30000 put a tiny decoder there: float16 compute
+    gives NaN, bfloat16 (float32's exponent range) stays finite and close, and the system
+    builds a `force_upcast` VAE in float32 under float16."""
+    from flax import traverse_util
+
+    from diffusion_jax import system
+
+    config = vae.AutoencoderKLConfig(block_out_channels=(8, 16), layers_per_block=1,
+                                     down_block_types=("DownEncoderBlock2D",) * 2,
+                                     up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4)
+    flat = traverse_util.flatten_dict(vae.init_params(config, jax.random.key(0)))
+    flat = {k: v * 30000.0 if k[0] == "decoder" and k[-1] == "scale" else v
+            for k, v in flat.items()}
+    params = traverse_util.unflatten_dict(flat)
+    z = jax.random.normal(jax.random.key(1), (1, 8, 8, 4))
+    decode = {dtype: vae.decode(vae.AutoencoderKL(config, dtype=dtype), params, z)
+              for dtype in (jnp.float32, jnp.bfloat16, jnp.float16)}
+    assert float(jnp.abs(decode[jnp.float32]).max()) > 65504  # past float16's range
+    assert not jnp.isfinite(decode[jnp.float16]).all()  # the failure being guarded against
+    assert jnp.isfinite(decode[jnp.bfloat16]).all()
+    assert rel_err(decode[jnp.bfloat16], decode[jnp.float32]) < 2e-2
+
+    sections = dict(system.checkpoint_config(tiny.get_config()), vae=config.to_dict())
+    models = system.build(system.STABLE_DIFFUSION, sections, dtype=jnp.float16)
+    assert models.vae.dtype == jnp.float32 and models["unet"].dtype == jnp.float16
+    upcast = vae.decode(models.vae, params, z)
+    np.testing.assert_allclose(upcast, decode[jnp.float32], rtol=1e-5, atol=1e-2)
+    fixed = dict(sections, vae=dict(config.to_dict(), force_upcast=False))  # an fp16-fix VAE
+    assert system.build(system.STABLE_DIFFUSION, fixed, dtype=jnp.float16).vae.dtype == jnp.float16
+
+
 def test_sd15_param_count():
     config = vae.AutoencoderKLConfig.from_dict(sd15.get_config().vae)
     shapes = jax.eval_shape(vae.init_params, config, jax.random.key(0))

@@ -127,12 +127,28 @@ def _check_class(tower: system_lib.Tower, config_json: Mapping[str, Any], path: 
 
 def read_component(folder: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
     """(params, normalized config dict) of one tower of a pipeline folder."""
-    component = tower.component
-    component_dir = folder / tower.name
-    config_path = component_dir / "config.json"
-    if not config_path.is_file():
+    if not (folder / tower.name / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Stable Diffusion diffusers folder: "
-                                f"{config_path} does not exist")
+                                f"{folder / tower.name / 'config.json'} does not exist")
+    return read_model_folder(folder / tower.name, tower)
+
+
+def read_vae(src: str | os.PathLike) -> tuple[dict, dict]:
+    """(params, config) of a VAE given on its own: a diffusers `AutoencoderKL` folder (e.g.
+    the fp16-fix SDXL VAE) or a pipeline folder holding one in vae/."""
+    folder = Path(src)
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {src}: no config.json there (nor in {src}/vae): give a "
+                                "diffusers AutoencoderKL folder")
+    return read_model_folder(folder, system_lib.Tower("vae", "vae"))
+
+
+def read_model_folder(component_dir: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
+    """(params, normalized config dict) of a diffusers / transformers model folder."""
+    component = tower.component
+    config_path = component_dir / "config.json"
     config_json = _read_json(config_path)
     _check_class(tower, config_json, config_path)
     try:

@@ -25,9 +25,8 @@ Dtype = Any
 VAE_NORM_EPS = 1e-6
 
 # config.json keys that describe the runtime, not the network's math (as do diffusers' private
-# `_class_name`, `_diffusers_version`, ... keys). `force_upcast` is diffusers' advice to run the
-# VAE in float32 under fp16 pipelines: a caller's dtype choice.
-_IGNORED_KEYS = frozenset({"force_upcast"})
+# `_class_name`, `_diffusers_version`, ... keys).
+_IGNORED_KEYS = frozenset()
 
 # Options this implementation fixes, with their one supported value. The first group are
 # config fields (kept so `to_dict` writes a complete diffusers config); the second group are
@@ -67,6 +66,9 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     sample_size: int = 512  # the training resolution; the network takes any multiple of 2^(n-1)
+    # The SD / SDXL VAEs' decoder activations pass float16's 65504: under float16 compute the
+    # VAE runs in float32 (`system.build`) unless its weights were fixed for fp16 (False).
+    force_upcast: bool = True
 
     def __post_init__(self):
         for key, supported in _FIXED_FIELDS.items():
