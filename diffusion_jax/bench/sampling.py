@@ -1,8 +1,7 @@
 """Sampling benchmarks on a random-weight checkpoint built from a config.
 
-`sample`: txt2img seconds per image, our compiled pipeline against diffusers'
-`StableDiffusionPipeline` with the same weights, starting latents, sampler and steps, in one
-process. Reports the median over repeats after a warm-up, the first call's compile time and
+`sample`: txt2img seconds per image, our compiled pipeline against diffusers' pipeline (SD's
+or SDXL's) with the same weights, starting latents, sampler and steps, in one process. Reports the median over repeats after a warm-up, the first call's compile time and
 the number of compilations.
 
 `compile`: the persistent compilation cache. The same txt2img job runs in two fresh processes
@@ -32,6 +31,7 @@ from diffusion_jax.bench.weights import random_params
 DIFFUSERS_SCHEDULERS = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
                         "dpmpp_2m": "DPMSolverMultistepScheduler", "pndm": "PNDMScheduler"}
 PROMPT, NEGATIVE_PROMPT = "a photo of a cat", "blurry"
+GUIDANCE = 7.5  # given to both: diffusers' SDXL pipeline defaults to 5, SD's to 7.5
 
 
 def _random_system(config: Mapping[str, Any], directory: Path) -> Path:
@@ -65,7 +65,8 @@ def bench_sample(config: Mapping[str, Any], *, sampler: str = "dpmpp_2m", steps:
         latents = _starting_latents(pipe, batch)
         prompts = [PROMPT] * batch
         run = lambda: pipe.txt2img(prompts, NEGATIVE_PROMPT, sampler=sampler, steps=steps,
-                                   init_latents=latents, output_type="float32")
+                                   guidance=GUIDANCE, init_latents=latents,
+                                   output_type="float32")
         start = time.perf_counter()
         ours_images = run()
         first_call = time.perf_counter() - start
@@ -90,9 +91,12 @@ def _torch_sample(ckpt, tmp, prompts, latents, sampler, steps, repeats, ours_ima
     from diffusion_jax import convert
 
     convert.export(ckpt, tmp / "diffusers", to="diffusers")
-    reference = diffusers.StableDiffusionPipeline.from_pretrained(
-        tmp / "diffusers", safety_checker=None, requires_safety_checker=False,
-        local_files_only=True)
+    # The pipeline class the exported model_index.json names (SD's or SDXL's).
+    index = json.loads((tmp / "diffusers" / "model_index.json").read_text())
+    extra = ({"safety_checker": None, "requires_safety_checker": False}
+             if "safety_checker" in index else {})
+    reference = diffusers.DiffusionPipeline.from_pretrained(
+        tmp / "diffusers", local_files_only=True, **extra)
     scheduler_class = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler])
     options = {"clip_sample": False} if sampler == "ddim" else {}
     if sampler == "pndm":
@@ -100,7 +104,8 @@ def _torch_sample(ckpt, tmp, prompts, latents, sampler, steps, repeats, ours_ima
     reference.scheduler = scheduler_class.from_config(reference.scheduler.config, **options)
     reference.set_progress_bar_config(disable=True)
     run = lambda: reference(prompts, negative_prompt=[NEGATIVE_PROMPT] * len(prompts),
-                            num_inference_steps=steps, latents=torch.from_numpy(latents),
+                            num_inference_steps=steps, guidance_scale=GUIDANCE,
+                            latents=torch.from_numpy(latents),
                             output_type="np").images
     with torch.inference_mode():
         torch_images = run()
