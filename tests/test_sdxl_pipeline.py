@@ -98,7 +98,8 @@ def _check(name, ours, expected):
 
 def _scheduler(pipe, sampler):
     cls = {"euler": diffusers.EulerDiscreteScheduler, "ddim": diffusers.DDIMScheduler,
-           "dpmpp_2m": diffusers.DPMSolverMultistepScheduler}[sampler]
+           "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+           "heun": diffusers.HeunDiscreteScheduler}[sampler]
     return cls.from_config(pipe.scheduler.config, clip_sample=False)
 
 
@@ -210,7 +211,7 @@ def test_refiner_img2img_matches_diffusers(sdxl, monkeypatch):
     _check("refiner img2img", ours, expected)
 
 
-@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
 def test_base_and_refiner_ensemble_matches_diffusers(sdxl, sampler):
     """diffusers' recipe: the base with denoising_end and output_type="latent", the refiner
     with denoising_start on those latents."""
