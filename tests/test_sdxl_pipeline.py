@@ -291,3 +291,31 @@ def test_another_vae_folder_replaces_the_checkpoints(sdxl):
     _check("--vae", ours, expected)
     bf16 = _sample_cli(root, ckpt, "vae_bf16", latents, *flags, "--dtype", "bfloat16")
     assert np.isfinite(bf16).all() and np.abs(bf16 - ours).max() < 0.1
+
+
+def test_the_released_sdxl_configs_trace_the_ensemble_at_1024():
+    """configs/sdxl_base.py and sdxl_refiner.py through `prepare` and the sampling program,
+    abstractly (jax.eval_shape: no weights, no compute): 1024x1024, base to 0.8, refiner on."""
+    import functools
+
+    import jax
+
+    from diffusion_jax import generate, system
+    from diffusion_jax.config_files import load
+
+    handed = None
+    for name in ("sdxl_base", "sdxl_refiner"):
+        config = system.checkpoint_config(load(name))
+        pipe = pipeline.StableDiffusion(None, config, export_programs=False)
+        if handed is None:
+            prepared = pipe.prepare("txt2img", "a cat", sampler="euler", steps=30,
+                                    denoising_end=0.8, output="latents")
+        else:
+            prepared = pipe.prepare("img2img", "a cat", sampler="euler", steps=30,
+                                    start_latents=np.zeros(handed.shape, np.float32),
+                                    denoising_start=0.8)
+        out = jax.eval_shape(functools.partial(generate.sample, pipe.models, prepared.program,
+                                               prepared.plan),
+                             system.param_shapes(pipe.system, config), prepared.inputs)
+        handed = out
+    assert prepared.plan.num_evaluations == 30 - 23 and out.shape == (1, 1024, 1024, 3)
