@@ -13,6 +13,7 @@ A Stable Diffusion folder as `StableDiffusionPipeline.save_pretrained` writes it
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -261,15 +262,41 @@ def component_config_json(tower: system_lib.Tower, config: Mapping[str, Any]) ->
     return {"architectures": [cls], "model_type": "clip_text_model", **normalized}
 
 
-def scheduler_class(schedule: Mapping[str, Any], sdxl: bool = False) -> str:
+@dataclasses.dataclass(frozen=True)
+class PipelineKind:
+    """What a diffusers pipeline folder of a system says besides its towers."""
+
+    pipeline_class: str  # model_index.json's _class_name
+    scheduler_class: str  # as the releases ship ("" : by prediction type, SD's)
+    pipeline_flags: bool  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
+    zeros_for_empty_prompt: bool = False  # the release's force_zeros_for_empty_prompt
+
+
+PIPELINE_KINDS = {
+    system_lib.STABLE_DIFFUSION: PipelineKind("StableDiffusionPipeline", "", False),
+    system_lib.SDXL_BASE: PipelineKind("StableDiffusionXLPipeline", "EulerDiscreteScheduler",
+                                       True, zeros_for_empty_prompt=True),
+    system_lib.SDXL_REFINER: PipelineKind("StableDiffusionXLImg2ImgPipeline",
+                                          "EulerDiscreteScheduler", True),
+}
+
+
+def pipeline_kind(system: system_lib.System, source: str) -> PipelineKind:
+    if system not in PIPELINE_KINDS:
+        raise ValueError(f"{source} is not a Stable Diffusion 1.x / 2.x or SDXL system; "
+                         "export to diffusers writes those only")
+    return PIPELINE_KINDS[system]
+
+
+def scheduler_class(schedule: Mapping[str, Any], kind: PipelineKind) -> str:
     # As the releases ship: SDXL with Euler; SD with PNDM (epsilon) or DDIM (768-v).
-    if sdxl:
-        return "EulerDiscreteScheduler"
+    if kind.scheduler_class:
+        return kind.scheduler_class
     return "DDIMScheduler" if schedule.get("prediction_type") == "v_prediction" else "PNDMScheduler"
 
 
-def scheduler_config_json(schedule: Mapping[str, Any], sdxl: bool = False) -> dict:
-    return {"_class_name": scheduler_class(schedule, sdxl),
+def scheduler_config_json(schedule: Mapping[str, Any], kind: PipelineKind) -> dict:
+    return {"_class_name": scheduler_class(schedule, kind),
             "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
             "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
             "trained_betas": None, **schedule}
@@ -277,30 +304,24 @@ def scheduler_config_json(schedule: Mapping[str, Any], sdxl: bool = False) -> di
 
 def model_index_json(config: Mapping[str, Any]) -> dict:
     system = system_lib.from_config(config)
+    kind = pipeline_kind(system, "the checkpoint")
     towers = {t.name: list(t.component.reference_class) for t in system.towers}
     tokenizers = {name: ["transformers", "CLIPTokenizer"] for name in system.tokenizer_sections}
-    if system in (system_lib.SDXL_BASE, system_lib.SDXL_REFINER):
-        base = system == system_lib.SDXL_BASE
-        return {"_class_name": "StableDiffusionXLPipeline" if base
-                else "StableDiffusionXLImg2ImgPipeline",
-                "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **towers, **tokenizers,
-                "scheduler": ["diffusers", scheduler_class(config["schedule"], sdxl=True)],
-                # Zeros for an empty negative prompt as the checkpoint says (else as the
-                # releases: base yes, refiner no); the refiner's U-Net reads an aesthetic score.
-                "force_zeros_for_empty_prompt": system_lib.pipeline_option(
-                    config, "force_zeros_for_empty_prompt", base),
-                "requires_aesthetics_score": system_lib.time_ids_width(system, config) == 5}
-    inpainting = config["unet"]["in_channels"] == 9  # latents, mask and masked-image latents
-    return {
-        "_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
-        "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
-        **towers,
-        "scheduler": ["diffusers", scheduler_class(config["schedule"])],
-        **tokenizers,
-        "feature_extractor": [None, None],
-        "safety_checker": [None, None],
-        "requires_safety_checker": False,
-    }
+    index = {"_class_name": kind.pipeline_class, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+             **towers, **tokenizers,
+             "scheduler": ["diffusers", scheduler_class(config["schedule"], kind)]}
+    if kind.pipeline_flags:
+        # Zeros for an empty negative prompt as the checkpoint says (else as the release);
+        # the refiner's U-Net reads an aesthetic score.
+        index["force_zeros_for_empty_prompt"] = system_lib.pipeline_option(
+            config, "force_zeros_for_empty_prompt", kind.zeros_for_empty_prompt)
+        index["requires_aesthetics_score"] = system_lib.time_ids_width(system, config) == 5
+    else:
+        if config["unet"]["in_channels"] == 9:  # latents, mask and masked-image latents
+            index["_class_name"] = "StableDiffusionInpaintPipeline"
+        index.update(feature_extractor=[None, None], safety_checker=[None, None],
+                     requires_safety_checker=False)
+    return index
 
 
 def _check_params(tower: system_lib.Tower, params: Any, config: Mapping[str, Any],
@@ -336,9 +357,7 @@ def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, 
         safetensors.numpy.save_file(state_dict, weights, metadata={"format": "pt"})
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json",
-                scheduler_config_json(config["schedule"],
-                                      sdxl=system in (system_lib.SDXL_BASE,
-                                                      system_lib.SDXL_REFINER)))
+                scheduler_config_json(config["schedule"], pipeline_kind(system, "the checkpoint")))
     for name in system.tokenizer_sections:
         tokenizer = config[name]
         CLIPTokenizer.bundled(pad_token=tokenizer["pad_token"],
@@ -353,10 +372,7 @@ def export_pipeline(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *
     checkpoint.check_new_directory(out)
     items, config, source = checkpoint.load_models(checkpoint_dir, step, use_ema=use_ema)
     system = system_lib.from_config(config)
-    known = (system_lib.STABLE_DIFFUSION, system_lib.SDXL_BASE, system_lib.SDXL_REFINER)
-    if system not in known:
-        raise ValueError(f"checkpoint {source.directory} is not a Stable Diffusion 1.x / 2.x or "
-                         "SDXL system; export to diffusers writes those only")
+    pipeline_kind(system, f"checkpoint {source.directory}")  # refused before anything is written
     for tower in system.towers:
         _check_params(tower, items[tower.name], config, f"checkpoint {source.directory}")
     with checkpoint.new_directory(out) as tmp:
