@@ -141,6 +141,13 @@ def test_txt2img_matches_diffusers(sdxl, case):
     _check(case, ours, expected)
 
 
+def _our_noise(monkeypatch, pipe, latents) -> None:
+    """diffusers' img2img draws its noise from its generator: give it ours (and the mode)."""
+    module = sys.modules[type(pipe).__module__]
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
+    _posterior_mode(monkeypatch, pipe)
+
+
 def _posterior_mode(monkeypatch, pipe) -> None:
     """diffusers encodes images with a posterior sample from its generator; ours with the mode."""
     module = sys.modules[type(pipe).__module__]
@@ -164,9 +171,7 @@ def test_img2img_matches_diffusers(sdxl, monkeypatch):
                        "--crops-coords-top-left", "8", "4")
     img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**base.components)
     img2img.scheduler = _scheduler(base, "euler")
-    module = sys.modules[type(img2img).__module__]
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
-    _posterior_mode(monkeypatch, img2img)
+    _our_noise(monkeypatch, img2img, latents)
     expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        crops_coords_top_left=(8, 4), output_type="np").images
@@ -201,9 +206,7 @@ def test_refiner_img2img_matches_diffusers(sdxl, monkeypatch):
                        "--init-image", str(root / "refiner_init.png"), "--strength", "0.4",
                        "--aesthetic-score", "7", "--negative-aesthetic-score", "2")
     refiner.scheduler = _scheduler(refiner, "euler")
-    module = sys.modules[type(refiner).__module__]
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
-    _posterior_mode(monkeypatch, refiner)
+    _our_noise(monkeypatch, refiner, latents)
     expected = refiner(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.4, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        aesthetic_score=7.0, negative_aesthetic_score=2.0,
