@@ -266,16 +266,23 @@ def test_fashion_mnist_reference_statistics_are_cached(tmp_path):
             (None, real[:40], "fashion_mnist_test_40.npz"),
             (32, resized_fashion_mnist("test", 32)[:40], "fashion_mnist_test_40_32px.npz")]:
         calls.clear()
+        totals = []
+        progress = lambda batches, total: totals.append(total) or batches
         with pytest.warns(RuntimeWarning, match="rank-deficient"):
-            mu, sigma = fid.reference_statistics_fashion_mnist(
-                num_examples=40, cache_dir=tmp_path, image_size=image_size, features=pixels)
-        assert sum(calls) == 40
+            stats = fid.fashion_mnist_reference(num_examples=40, cache_dir=tmp_path,
+                                                image_size=image_size, features=pixels,
+                                                progress=progress)
+        mu, sigma = stats.mu, stats.sigma
+        assert sum(calls) == 40 and totals == [40]
+        assert stats.count == 40 and stats.features.shape == (40, inception.FEATURE_DIM)
         pixel_count = expected[0].size
         np.testing.assert_allclose(mu[:pixel_count], expected.reshape(40, -1).mean(axis=0))
         again = fid.reference_statistics_fashion_mnist(
             num_examples=40, cache_dir=tmp_path, image_size=image_size, features=pixels)
-        assert sum(calls) == 40  # read from the cache
+        assert sum(calls) == 40  # read from the cache, features included (KID)
         np.testing.assert_array_equal(again[1], sigma)
+        cached = fid.load_stats_file(tmp_path / "fid_stats" / name)
+        np.testing.assert_array_equal(cached.features, stats.features)
         assert os.path.isfile(tmp_path / "fid_stats" / name)
 
 
@@ -344,18 +351,100 @@ def test_cli_writes_the_statistics_of_an_image_folder(features, tmp_path, monkey
 
 @pytest.mark.parametrize("argv, needles", [
     (["--images", "IMAGES", "--ref", "BAD_STATS"], ["has keys ['mean']", "`mu` and `sigma`"]),
-    (["--images", "IMAGES", "--ref", "stats.txt"], ["use fashion_mnist or a statistics .npz"]),
-    (["--images", "IMAGES"], ["--ref fashion_mnist|STATS.npz is needed"]),
+    (["--images", "IMAGES", "--ref", "stats.txt"], ["stats.txt does not exist", "a source is"]),
+    (["--images", "IMAGES"], ["fid needs two sources: `fid SRC REF`"]),
+    (["IMAGES", "MISSING"], ["missing does not exist; a source is an image folder"]),
+    (["EMPTY", "STATS"], ["holds no images"]),
+    (["IMAGES", "BAD_STATS"], ["has keys ['mean']", "`mu` and `sigma`"]),
+    (["TEXT", "IMAGES"], ["notes.txt is a .txt file; a source is an image folder"]),
+    (["IMAGES", "IMAGES", "STATS"], ["fid takes two sources, got 3"]),
+    (["STATS", "IMAGES", "--save-stats", "OUT"], ["stats.npz is already a statistics file"]),
+    (["--checkpoint", "MISSING", "IMAGES", "--prompt", "a"], ["--checkpoint", "does not exist"]),
     (["--checkpoint", "CKPT", "--ref", "STATS"], ["--checkpoint needs --prompt TEXT or --prompts"]),
 ])
-def test_cli_bad_input_is_one_line(tmp_path, capsys, argv, needles):
+def test_cli_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, needles):
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: pytest.fail(
+        "the Inception was loaded before the sources were checked"))
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "bad.npz", mean=np.zeros(2048))
     fid.save_stats(tmp_path / "stats.npz", rng.normal(size=2048), np.eye(2048))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("")
     paths = {"IMAGES": str(_image_folder(tmp_path / "images")), "CKPT": str(tmp_path / "ckpt"),
-             "BAD_STATS": str(tmp_path / "bad.npz"), "STATS": str(tmp_path / "stats.npz")}
+             "BAD_STATS": str(tmp_path / "bad.npz"), "STATS": str(tmp_path / "stats.npz"),
+             "MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty"),
+             "TEXT": str(tmp_path / "notes.txt"), "OUT": str(tmp_path / "out.npz")}
     assert cli.main(["fid", *[paths.get(a, a) for a in argv]]) == 1
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1
     for needle in needles:
         assert needle in err
+
+
+def _real_image_folder(directory, images):
+    """Fashion-MNIST test images as files: grayscale PNGs, every other one an upscaled RGB JPEG
+    in a subfolder (mixed sizes and modes, as a user's folder may hold)."""
+    from PIL import Image
+
+    (directory / "rgb").mkdir(parents=True)
+    for i, image in enumerate(images):
+        if i % 2:
+            rgb = Image.fromarray(image).convert("RGB").resize((40, 40), Image.Resampling.BICUBIC)
+            rgb.save(directory / "rgb" / f"{i}.jpg", quality=95)
+        else:
+            Image.fromarray(image).save(directory / f"{i}.png")
+    return directory
+
+
+def _fid_cli(argv, capsys):
+    assert cli.main(["fid", *map(str, argv), "--batch-size", str(BATCH)]) == 0
+    out, err = capsys.readouterr()
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    score = float(lines["FID"].split()[1])
+    kid = tuple(float(lines["KID"].split()[i]) for i in (1, 3)) if "KID" in lines else None
+    return score, kid, lines["FID"], err
+
+
+def test_cli_two_folders_equal_the_two_command_path(features, tmp_path, monkeypatch, capsys):
+    """`fid A B` = `fid --images B --save-stats` then `fid --images A --ref B.npz`, in either
+    order; --save-features files are sources with features (KID), mu/sigma-only ones are not."""
+    real, _ = fashion_mnist.load("test")
+    a = _real_image_folder(tmp_path / "a", real[:5])
+    b = _real_image_folder(tmp_path / "b", real[100:104])
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: features)
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        score, kid_ab, line, _ = _fid_cli([a, b, "--save-features", tmp_path / "a.npz"], capsys)
+        assert line == f"FID {score:.4f} (5 vs 4 samples)"
+        assert cli.main(["fid", "--images", str(b), "--save-stats", str(tmp_path / "b_stats.npz"),
+                         "--save-features", str(tmp_path / "b.npz"),
+                         "--batch-size", str(BATCH)]) == 0
+        capsys.readouterr()
+        two_commands, kid_two, _, _ = _fid_cli(["--images", a, "--ref", tmp_path / "b.npz"],
+                                               capsys)
+        reversed_score, kid_ba, _, _ = _fid_cli([b, a], capsys)
+    stats_only, no_kid, line, err = _fid_cli([tmp_path / "a.npz", tmp_path / "b_stats.npz"],
+                                              capsys)
+    print(f"FID {score:.4f}, KID {kid_ab}; reversed FID {reversed_score:.4f}, KID {kid_ba}")
+    assert score > 0 and two_commands == score and stats_only == score
+    assert abs(reversed_score - score) <= 1e-6 * score
+    # Both folders sample one distribution: KID ~ 0, unbiased hence of either sign.
+    assert kid_two == kid_ab and kid_ba is not None and abs(kid_ab[0]) < 3 * kid_ab[1]
+    assert no_kid is None and "KID: not computed" in err and "b_stats.npz" in err
+    assert line == f"FID {score:.4f} (5 vs 4 samples)"
+
+    saved_a, saved_b = fid.load_stats_file(tmp_path / "a.npz"), fid.load_stats_file(tmp_path / "b.npz")
+    assert saved_a.features.shape == (5, inception.FEATURE_DIM) and saved_a.count == 5
+    from diffusion_jax.eval import kid
+
+    mean, std, size = kid.kernel_inception_distance(saved_a.features, saved_b.features)
+    assert size == 4 and f"{mean:.6g}" == f"{kid_ab[0]:.6g}" and f"{std:.3g}" == f"{kid_ab[1]:.3g}"
+
+
+def test_progress_shows_the_rate_and_eta(capsys):
+    batches = list(cli._with_progress(iter([[0] * 4, [0] * 4, [0] * 2]), 10, "read A"))
+    assert len(batches) == 3
+    err = capsys.readouterr().err
+    assert "read A: 4/10 images (" in err and "images/s, ETA " in err
+    assert err.rstrip().split("\r")[-1].startswith("read A: 10/10 images (")
+    assert "ETA" not in err.split("\r")[-1]  # done
+    assert cli._eta(75.4) == "1:15" and cli._eta(3725) == "1:02:05"

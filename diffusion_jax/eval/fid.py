@@ -22,6 +22,7 @@ The weights are converted once: `diffusion-jax fid --setup` (see `inception.py`)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -232,20 +233,45 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def save_stats(path: str | os.PathLike, mu: Any, sigma: Any) -> None:
-    """`mu` and `sigma` (float64) as an .npz file readable by pytorch-fid and clean-fid."""
-    mu, sigma = _check_stats(mu, sigma, "statistics to save", dim=FEATURE_DIM)
+def _write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-        np.savez(f, mu=mu, sigma=sigma)
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
-def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(mu [2048], sigma [2048, 2048]) float64 from an .npz with keys `mu` and `sigma`
-    (ours, pytorch-fid's or clean-fid's)."""
+def save_stats(path: str | os.PathLike, mu: Any, sigma: Any, count: int | None = None) -> None:
+    """`mu` and `sigma` (float64) as an .npz file readable by pytorch-fid and clean-fid, with
+    the sample `count` beside them when given (they ignore other keys)."""
+    mu, sigma = _check_stats(mu, sigma, "statistics to save", dim=FEATURE_DIM)
+    _write_npz(path, mu=mu, sigma=sigma, **({} if count is None else {"count": np.int64(count)}))
+
+
+def save_features(path: str | os.PathLike, stats: "Stats") -> None:
+    """The pool features (float32 [N, 2048]) with their mu, sigma and count: a source for FID
+    and KID alike (and a stats file for pytorch-fid and clean-fid)."""
+    if stats.features is None:
+        raise ValueError(f"{path}: these statistics have no features to save")
+    mu, sigma = _check_stats(stats.mu, stats.sigma, "statistics to save", dim=FEATURE_DIM)
+    _write_npz(path, mu=mu, sigma=sigma, count=np.int64(stats.count),
+               features=np.asarray(stats.features, np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+    """What one side of FID / KID gives: float64 mu and sigma, the sample count (None when a
+    stats file does not say) and the pool features (None for mu / sigma-only files)."""
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int | None
+    features: np.ndarray | None = None
+
+
+def load_stats_file(path: str | os.PathLike) -> Stats:
+    """An .npz with `mu` and `sigma` (ours, pytorch-fid's or clean-fid's), and `features` and
+    `count` when ours wrote them (`save_features`, `save_stats`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"FID statistics file {path} does not exist")
@@ -259,8 +285,34 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         if not {"mu", "sigma"} <= set(data.files):
             raise ValueError(f"{path} has keys {sorted(data.files)}; FID statistics need `mu` "
                              "and `sigma` (as pytorch-fid and clean-fid write them)")
-        mu, sigma = data["mu"], data["sigma"]
-    return _check_stats(mu, sigma, str(path), dim=FEATURE_DIM)
+        mu, sigma = _check_stats(data["mu"], data["sigma"], str(path), dim=FEATURE_DIM)
+        features = data["features"] if "features" in data.files else None
+        count = int(data["count"]) if "count" in data.files else None
+    if features is not None:
+        if features.ndim != 2 or features.shape[1] != FEATURE_DIM:
+            raise ValueError(f"{path}: features have shape {features.shape}; expected "
+                             f"[N, {FEATURE_DIM}]")
+        count = len(features)
+    return Stats(mu, sigma, count, features)
+
+
+def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [2048], sigma [2048, 2048]) float64 from an .npz with keys `mu` and `sigma`
+    (ours, pytorch-fid's or clean-fid's)."""
+    stats = load_stats_file(path)
+    return stats.mu, stats.sigma
+
+
+def features_and_statistics(batches: Iterable[Any], features: Features) -> Stats:
+    """`statistics` that also keeps the features (float32: 8 KB an image), for KID."""
+    kept: list[np.ndarray] = []
+
+    def keep(batch: Any) -> np.ndarray:
+        kept.append(np.asarray(features(batch), np.float32))
+        return kept[-1]
+
+    mu, sigma, count = statistics(batches, keep)
+    return Stats(mu, sigma, count, np.concatenate(kept))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -271,19 +323,14 @@ def _batched(images: Sequence[Any], batch_size: int) -> Iterator[Sequence[Any]]:
         yield images[start:start + batch_size]
 
 
-def reference_statistics_fashion_mnist(split: str = "test", num_examples: int | None = None,
-                                       cache_dir: str | os.PathLike | None = None, *,
-                                       image_size: int | None = None,
-                                       features: Features | None = None,
-                                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the first `num_examples` (default: all) Fashion-MNIST images of
-    `split`, computed once and cached as an .npz in the cache directory.
+Progress = Callable[[Iterator[Any], int], Iterator[Any]]  # (batches, total) -> batches
 
-    `image_size`: first resize the 28x28 images as the training data pipeline does
-    (`data.sources.resized_fashion_mnist`), so that samples of a model trained at that size
-    and the reference reach the Inception through the same chain of resizes. `features`
-    (default: `load_inception(cache_dir)`) spares a second Inception when the caller has one.
-    """
+
+def fashion_mnist_stats_path(split: str = "test", num_examples: int | None = None,
+                             cache_dir: str | os.PathLike | None = None, *,
+                             image_size: int | None = None) -> Path:
+    """Where `fashion_mnist_reference` caches the statistics of these arguments (checked like
+    them: an invalid `num_examples` raises)."""
     from diffusion_jax.data import fashion_mnist
 
     images, _ = fashion_mnist.load(split)
@@ -293,18 +340,51 @@ def reference_statistics_fashion_mnist(split: str = "test", num_examples: int | 
     count = num_examples or len(images)
     size = image_size or images.shape[1]
     name = f"fashion_mnist_{split}_{count}" + (f"_{size}px" if size != images.shape[1] else "")
-    path = Path(cache_dir or inception.default_cache_dir()) / STATS_DIR / f"{name}.npz"
+    return Path(cache_dir or inception.default_cache_dir()) / STATS_DIR / f"{name}.npz"
+
+
+def fashion_mnist_reference(split: str = "test", num_examples: int | None = None,
+                            cache_dir: str | os.PathLike | None = None, *,
+                            image_size: int | None = None, features: Features | None = None,
+                            progress: Progress | None = None) -> Stats:
+    """The statistics and features of the first `num_examples` (default: all) Fashion-MNIST
+    images of `split`, computed once and cached as a features .npz in the cache directory
+    (files cached before features were kept give mu and sigma only).
+
+    `image_size`: first resize the 28x28 images as the training data pipeline does
+    (`data.sources.resized_fashion_mnist`), so that samples of a model trained at that size
+    and the reference reach the Inception through the same chain of resizes. `features`
+    (default: `load_inception(cache_dir)`) spares a second Inception when the caller has one;
+    `progress` wraps the stream of batches (10k images take ~13 min on a CPU).
+    """
+    from diffusion_jax.data import fashion_mnist
+
+    path = fashion_mnist_stats_path(split, num_examples, cache_dir, image_size=image_size)
     if path.is_file():
-        return load_stats(path)
-    if size != images.shape[1]:
+        return load_stats_file(path)
+    images, _ = fashion_mnist.load(split)
+    if image_size and image_size != images.shape[1]:
         from diffusion_jax.data.sources import resized_fashion_mnist
 
-        images = resized_fashion_mnist(split, size)
+        images = resized_fashion_mnist(split, image_size)
+    images = images[:num_examples or len(images)]
     features = features or load_inception(cache_dir)
-    batch_size = getattr(features, "batch_size", DEFAULT_BATCH_SIZE)
-    mu, sigma, _ = statistics(_batched(images[:count], batch_size), features)
-    save_stats(path, mu, sigma)
-    return mu, sigma
+    batches = _batched(images, getattr(features, "batch_size", DEFAULT_BATCH_SIZE))
+    stats = features_and_statistics(progress(batches, len(images)) if progress else batches,
+                                    features)
+    save_features(path, stats)
+    return stats
+
+
+def reference_statistics_fashion_mnist(split: str = "test", num_examples: int | None = None,
+                                       cache_dir: str | os.PathLike | None = None, *,
+                                       image_size: int | None = None,
+                                       features: Features | None = None,
+                                       ) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of `fashion_mnist_reference` (same arguments)."""
+    stats = fashion_mnist_reference(split, num_examples, cache_dir, image_size=image_size,
+                                    features=features)
+    return stats.mu, stats.sigma
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:
@@ -360,6 +440,54 @@ def fashion_mnist_prompts() -> list[str]:
     from diffusion_jax.data import fashion_mnist
 
     return [fashion_mnist.caption(label) for label in range(len(fashion_mnist.CLASS_NAMES))]
+
+
+# ----------------------------------------------------------------------------- two sources
+
+DATASET = "fashion_mnist"  # the bundled test split as a source
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One side of a comparison, checked before any Inception work: an image folder of
+    `count` images, a stats file (read: `stats`), or the bundled dataset (`stats` once cached)."""
+    spec: str
+    kind: str  # "folder" | "stats" | "dataset"
+    count: int | None = None
+    stats: Stats | None = None
+
+
+def check_source(spec: str, limit: int | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> Source:
+    """The source `spec` names, or one-line errors for a missing path, an empty folder, an
+    .npz without mu / sigma or a file of another type. `limit`: read a folder's first images."""
+    if spec == DATASET:
+        path = fashion_mnist_stats_path(cache_dir=cache_dir)
+        return Source(spec, "dataset", stats=load_stats_file(path) if path.is_file() else None)
+    path = Path(spec)
+    if path.is_dir():
+        return Source(spec, "folder", count=len(list_images(path)[:limit]))
+    kinds = f"an image folder, a statistics .npz (mu, sigma) or {DATASET}"
+    if not path.exists():
+        raise FileNotFoundError(f"{spec} does not exist; a source is {kinds}")
+    if path.suffix.lower() != ".npz":
+        raise ValueError(f"{spec} is a {path.suffix or 'extension-less'} file; a source is {kinds}")
+    stats = load_stats_file(path)
+    return Source(spec, "stats", count=stats.count, stats=stats)
+
+
+def source_stats(source: Source, features: Features | None, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
+                 progress: Progress | None = None) -> Stats:
+    """The statistics (and features, when the source has them) of a checked source; `features`
+    may be None when the source needs no Inception (`source.stats` is set)."""
+    if source.stats is not None:
+        return source.stats
+    if source.kind == "dataset":
+        return fashion_mnist_reference(features=features, progress=progress)
+    batches = image_folder_batches(source.spec, batch_size, limit=limit)
+    return features_and_statistics(progress(batches, source.count) if progress else batches,
+                                   features)
 
 
 # ----------------------------------------------------------------------------- benchmark
