@@ -776,8 +776,10 @@ def _fid_report(names: list[str], first, second) -> None:
     print(f"FID {score:.4f} ({counts})")
     without = [n for n, s in zip(names, (first, second)) if s.features is None]
     if without:
+        how = (f"delete {fid.fashion_mnist_stats_path()} (cached without them) to recompute it"
+               if FID_REF_DATASET in without else "write them with --save-features")
         print(f"KID: not computed, {' and '.join(without)} has mu and sigma only (KID needs "
-              "the features: write them with --save-features)", file=sys.stderr)
+              f"the features: {how})", file=sys.stderr)
         return
     mean, std, size = kid.kernel_inception_distance(first.features, second.features)
     print(f"KID {mean:.6g} ± {std:.3g} ({kid.SUBSETS} subsets of {size})")

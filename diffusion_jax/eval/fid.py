@@ -17,6 +17,11 @@ set of images or features is ever held whole. `.npz` stats files hold `mu` and `
 pytorch-fid's and clean-fid's, and are interchangeable with theirs (2048-d pool3 features).
 The distance itself equals pytorch-fid's to 1e-6 relative (`frechet_distance` says how).
 
+Sources (`check_source`, then `source_stats`): an image folder, a stats .npz, or the bundled
+Fashion-MNIST test split, each checked before the Inception is loaded. A features .npz
+(`save_features`: float32 pool features beside mu, sigma and count) is a stats file that also
+serves KID (`kid.py`), which needs the features themselves.
+
 The weights are converted once: `diffusion-jax fid --setup` (see `inception.py`).
 """
 
