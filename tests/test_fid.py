@@ -448,3 +448,25 @@ def test_progress_shows_the_rate_and_eta(capsys):
     assert err.rstrip().split("\r")[-1].startswith("read A: 10/10 images (")
     assert "ETA" not in err.split("\r")[-1]  # done
     assert cli._eta(75.4) == "1:15" and cli._eta(3725) == "1:02:05"
+
+
+def test_cli_fashion_mnist_in_either_position(tmp_path, monkeypatch, capsys):
+    """The dataset as a source, its statistics cached (here: made-up features), against a
+    features file: no Inception, FID symmetric, KID from the cached features."""
+    monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "load_inception", lambda *args, **kwargs: pytest.fail(
+        "cached statistics and a features file need no Inception"))
+    rng = np.random.default_rng(0)
+    stats = []
+    for n, shift in [(30, 0.0), (20, 0.3)]:
+        f = np.abs(rng.normal(size=(n, inception.FEATURE_DIM)) + shift).astype(np.float32)
+        with pytest.warns(RuntimeWarning, match="rank-deficient"):
+            stats.append(fid.features_and_statistics([f], lambda batch: batch))
+    fid.save_features(fid.fashion_mnist_stats_path(), stats[0])
+    fid.save_features(tmp_path / "samples.npz", stats[1])
+    forward = _fid_cli(["fashion_mnist", tmp_path / "samples.npz"], capsys)
+    backward = _fid_cli(["--ref", "fashion_mnist", tmp_path / "samples.npz"], capsys)
+    assert forward[2] == f"FID {forward[0]:.4f} (30 vs 20 samples)"
+    assert backward[2] == f"FID {backward[0]:.4f} (20 vs 30 samples)"
+    assert abs(forward[0] - backward[0]) <= 1e-6 * forward[0]
+    assert forward[1][0] > 0 and "fashion_mnist: cached statistics" in forward[3]
