@@ -114,7 +114,7 @@ def _check_models(config) -> None:
     """Constraints between the system's sections that the model constructors would only hit
     in a trace, read through the properties every kind's config has (models/__init__.py)."""
     towers = system_lib.from_config(config)
-    system_lib.check_runnable(config)
+    system_lib.time_ids_width(towers, config)  # a text_time U-Net's widths fit together
     denoiser = system_lib.denoiser_config(towers, config)
     vae = system_lib.vae_config(towers, config)
     texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
@@ -362,6 +362,9 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     shapes = {t.ids_key: jax.ShapeDtypeStruct((batch, config[t.tokenizer].max_length), np.int32)
               for t in towers.text_towers}
     shapes["label"] = jax.ShapeDtypeStruct((batch,), np.int32)
+    width = system_lib.time_ids_width(towers, config)
+    if width:  # SDXL's micro-conditioning, which the data pipeline builds per image
+        shapes["time_ids"] = jax.ShapeDtypeStruct((batch, width), np.float32)
     if data.source != "latents":
         shapes["image"] = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3),
                                                np.float32)
