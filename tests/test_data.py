@@ -429,8 +429,13 @@ def fake_encode(images):
     return np.concatenate([pooled, pooled.mean(-1, keepdims=True)], -1)
 
 
-def fake_text(input_ids):
+def fake_context(input_ids):
     return np.repeat(input_ids[..., None].astype(np.float32), 2, axis=-1)
+
+
+def fake_text(ids):
+    """The text towers' conditioning as frozen_towers.frozen_encoders gives it."""
+    return {"context": fake_context(ids["input_ids"])}
 
 
 def test_precomputed_latents_round_trip(tmp_path, tokenizer):
@@ -449,7 +454,7 @@ def test_precomputed_latents_round_trip(tmp_path, tokenizer):
         assert sorted(latent_batch) == ["context", "input_ids", "label", "latents"]
         np.testing.assert_allclose(latent_batch["latents"], fake_encode(image_batch["image"]), atol=1e-6)
         np.testing.assert_array_equal(latent_batch["input_ids"], image_batch["input_ids"])
-        np.testing.assert_array_equal(latent_batch["context"], fake_text(image_batch["input_ids"]))
+        np.testing.assert_array_equal(latent_batch["context"], fake_context(image_batch["input_ids"]))
 
     it = input_pipeline.make_train_iterator(latent_config, tokenizer)
     assert it.len_dataset == meta["splits"]["train"]
@@ -459,9 +464,9 @@ def test_precomputed_latents_round_trip(tmp_path, tokenizer):
     context = np.concatenate([b["context"] for b in batches])
     dropped = np.all(ids == tokenizer([""])[0], axis=1)
     assert 0 < dropped.sum() < len(dropped)
-    np.testing.assert_array_equal(context[dropped], np.broadcast_to(fake_text(tokenizer([""]))[0],
+    np.testing.assert_array_equal(context[dropped], np.broadcast_to(fake_context(tokenizer([""]))[0],
                                                                      context[dropped].shape))
-    np.testing.assert_array_equal(context[~dropped], fake_text(ids[~dropped]))
+    np.testing.assert_array_equal(context[~dropped], fake_context(ids[~dropped]))
 
 
 # --- worker processes and throughput ----------------------------------------------------------

@@ -199,14 +199,16 @@ class PrepareImage:
 
 @dataclasses.dataclass
 class PrepareLatents:
-    """Precomputed record -> Prepared row {"latents", the ids keys, "label"[, "context"]}.
-    Caption dropout swaps in the empty caption's ids (and its context, together: the loss
-    uses the batch's context in place of the ids); no flip, no crop: the augmentation was
-    fixed when the latents were written."""
+    """Precomputed record -> Prepared row {"latents", the ids keys, "label"[, "context",
+    "pooled"][, "time_ids" from the record's size and crop]}. Caption dropout swaps in the
+    empty caption's ids and its conditioning together (the loss uses the batch's
+    conditioning in place of the ids); no flip, no crop: the augmentation was fixed when the
+    latents were written."""
 
     caption_dropout: float
     empty_ids: dict[str, np.ndarray]  # ids key -> the empty caption's ids
-    null_context: np.ndarray | None
+    null_cond: dict[str, np.ndarray]  # cond key -> the empty caption's context / pooled
+    time_ids: TimeIds | None = None
 
     def __call__(self, record: dict[str, np.ndarray] | Skipped, rng: np.random.Generator | None = None):
         if isinstance(record, Skipped):
@@ -215,8 +217,10 @@ class PrepareLatents:
         arrays["label"] = np.int32(arrays["label"])
         if rng is not None and rng.random() < self.caption_dropout:
             arrays.update(self.empty_ids)
-            if self.null_context is not None:
-                arrays["context"] = self.null_context
+            arrays.update(self.null_cond)
+        if self.time_ids is not None:
+            arrays.update(micro_conditioning(self.time_ids, arrays["original_size"],
+                                             arrays["crop_top_left"]))
         return Prepared(arrays, "latents", ())
 
 
@@ -240,7 +244,12 @@ def make_prepare(data_config, text, source, time_ids: TimeIds | None = None):
     caption_ids = CaptionIds(text)
     if isinstance(source, sources.LatentsSource):
         _check_latents_ids(data_config, source, caption_ids.tokenizers)
-        return PrepareLatents(data_config.caption_dropout, caption_ids(""), source.null_context)
+        if time_ids is not None and not source.meta.get("micro_conditioning"):
+            raise ValueError(f"{data_config.path} holds no image sizes and crops (written for a "
+                             "U-Net without SDXL's micro-conditioning): rewrite the latents "
+                             "with `diffusion-jax precompute` and this config")
+        return PrepareLatents(data_config.caption_dropout, caption_ids(""), source.null_cond,
+                              time_ids)
     return PrepareImage(data_config.image_size, data_config.random_crop, data_config.random_flip,
                         data_config.caption_dropout, caption_ids, data_config.min_image_size,
                         time_ids)

@@ -498,22 +498,11 @@ def _resumed_state(run: Run, program: StageProgram, resume: dict
     return state, resume["stage_step"], states[jax.process_index()]
 
 
-def time_ids_fn(ckpt_config: Mapping[str, Any], data_config):
-    """(original size, crop top-left) -> a row's SDXL time_ids at the training resolution
-    (the refiner's aesthetic score from data.aesthetic_score); None for a denoiser without
-    micro-conditioning."""
-    width = system.time_ids_width(system.from_config(ckpt_config), ckpt_config)
-    if not width:
-        return None
-    side = data_config.image_size
-    return functools.partial(system.time_ids, width, target_size=(side, side),
-                             aesthetic_score=data_config.aesthetic_score)
-
-
 def _stage_data(run: Run, stage: Stage, data_state: dict | None):
     """(train iterator at `data_state`, held-out batches, global batch size) of a stage."""
     data_config = stage.data_config(run.config)
-    time_ids = time_ids_fn(run.ckpt_config, data_config)
+    time_ids = system.time_ids_fn(run.system, run.ckpt_config, data_config.image_size,
+                                  data_config.aesthetic_score)
     iterator = input_pipeline.make_train_iterator(
         data_config, run.text_inputs, process_index=jax.process_index(),
         process_count=jax.process_count(), time_ids=time_ids)
