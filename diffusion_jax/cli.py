@@ -403,7 +403,7 @@ def add_train(subparsers) -> None:
                     "checkpointing; rerun to resume.",
         epilog="bundled configs (usable after any install, by name or as configs/NAME.py): "
                "default (the CPU demo), sd15_finetune, sd21_finetune, "
-               "sd21_base_pretrain:256 / :512, tiny_train; a file of your own can import "
+               "sd21_base_pretrain:256 / :512, sdxl_finetune, tiny_train, tiny_sdxl_train; a file of your own can import "
                "them (`from diffusion_jax.configs import sd15_finetune`).")
     parser.add_argument("--config", default=DEFAULT_TRAIN_CONFIG,
                         help="a config file or bundled config name, optionally :ARG for its "

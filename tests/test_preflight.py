@@ -115,6 +115,24 @@ def test_resuming_a_workdir_of_another_architecture_says_so(tmp_path, capsys):
             "(text_encoder.num_hidden_layers was 2, now 1)") in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"micro_conditioning": False}, "these latents hold no image sizes and crops"),
+    ({"max_lengths": {"input_ids": 16, "input_ids_2": 8}}, "these latents hold the ids"),
+    ({"max_lengths": None, "max_length": 16}, "these latents hold the ids"),  # one tower's
+])
+def test_sdxl_latents_that_cannot_train_it_fail_in_one_line(tmp_path, capsys, change, message):
+    config = config_files.load("tiny_sdxl_train")
+    folder = _latents_folder(tmp_path / "latents", config, 32)
+    meta = json.loads((folder / sources.LATENTS_META).read_text())
+    meta.update(change)
+    (folder / sources.LATENTS_META).write_text(json.dumps(meta))
+    assert cli.main(["train", "--config", "tiny_sdxl_train", "--workdir", str(tmp_path / "w"),
+                     "--config.data.source=latents", f"--config.data.path={folder}",
+                     "--config.vae_training.steps=0", "--dry-run", "--no-compile"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
