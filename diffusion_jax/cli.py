@@ -387,7 +387,11 @@ def _save_pngs(images, out, is_folder: bool, run: dict, columns: int | None) -> 
 # Options that only some benchmarks take; the others reject them rather than ignore them.
 BENCH_ONLY_OPTIONS = {"remat": ("train",), "context": ("train",),
                       "compare": ("unet", "train", "vae", "sample"),
-                      "sampler": ("sample", "compile"), "steps": ("sample", "compile")}
+                      "sampler": ("sample", "compile"), "steps": ("sample", "compile"),
+                      "batch": ("unet", "train", "vae", "sample", "compile"),
+                      "dtype": ("unet", "train", "vae", "sample", "compile"),
+                      "repeats": ("unet", "train", "vae", "sample", "compile"),
+                      "devices": ("memory",)}
 
 
 def add_bench(subparsers) -> None:
@@ -401,7 +405,11 @@ def add_bench(subparsers) -> None:
                     "peak measured in the same run, peak memory, compile time and the device; "
                     "with --compare torch, the same work through diffusers PyTorch on the same "
                     "weights and ratio_vs_torch (our throughput over PyTorch's: above 1, we "
-                    "are faster). Needs the [test] extra for --compare.")
+                    "are faster). Needs the [test] extra for --compare. `memory` compiles a "
+                    "training config's U-Net step for --devices N fake CPU devices (no "
+                    "weights, no data) and prints XLA's argument, output, temporary and total "
+                    "bytes per device; --config.KEY=VALUE overrides apply (batch, mesh, "
+                    "remat, dtype come from the config).")
     from diffusion_jax.bench import BENCHMARKS
 
     parser.add_argument("what", choices=tuple(BENCHMARKS), help="what to measure")
@@ -424,6 +432,9 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--repeats", type=int,
                         help="timed runs after the warm-up (default: 5; sample and compile 3)")
     parser.add_argument("--compare", choices=["torch"], help="also run the PyTorch reference")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="memory: compile for N fake CPU devices standing in for N chips "
+                             "(default: 8)")
     parser.add_argument("--json", help="write the figures to this JSON file")
     parser.set_defaults(run=run_bench)
 
@@ -437,8 +448,12 @@ def run_bench(args: argparse.Namespace) -> None:
             raise ValueError(f"--{option} must be at least 1")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise FileNotFoundError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
-    config = _config_sections(args.config)
     from diffusion_jax import bench
+
+    if args.what in bench.TRAINING_CONFIG_BENCHMARKS:
+        bench.print_result(bench.run(args.what, _training_config(args)), args.json)
+        return
+    config = _config_sections(args.config)
 
     options = {name: getattr(args, name) for name in ("batch", "dtype", "remat", "context",
                                                       "sampler", "steps", "repeats")
@@ -446,6 +461,21 @@ def run_bench(args: argparse.Namespace) -> None:
     if args.compare:
         options["compare_torch"] = True
     bench.print_result(bench.run(args.what, config, **options), args.json)
+
+
+def _training_config(args: argparse.Namespace):
+    """The whole training config of `bench memory`, overrides applied, with the fake CPU
+    devices set up first (before anything starts a JAX backend)."""
+    from diffusion_jax import config_files
+    from diffusion_jax.config_overrides import apply_overrides
+
+    devices = 8 if args.devices is None else args.devices
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: must be at least 1")
+    _fake_cpu_devices(devices)
+    config = config_files.load(args.config)
+    apply_overrides(config, args.config_overrides)
+    return config
 
 
 # ----------------------------------------------------------------------------- train
@@ -466,7 +496,7 @@ def add_train(subparsers) -> None:
                     "checkpointing; rerun to resume.",
         epilog="bundled configs (usable after any install, by name or as configs/NAME.py): "
                "default (the CPU demo), sd15_finetune, sd21_finetune, "
-               "sd21_base_pretrain:256 / :512, tiny_train; a file of your own can import "
+               "sd21_base_pretrain:256 / :512, sdxl_finetune, tiny_train, tiny_sdxl_train; a file of your own can import "
                "them (`from diffusion_jax.configs import sd15_finetune`).")
     parser.add_argument("--config", default=DEFAULT_TRAIN_CONFIG,
                         help="a config file or bundled config name, optionally :ARG for its "
@@ -579,7 +609,6 @@ def run_precompute(args: argparse.Namespace) -> None:
     from diffusion_jax import config_files, parallel
     from diffusion_jax.config_overrides import apply_overrides
     from diffusion_jax.data import frozen_towers, precompute
-    from diffusion_jax.tokenizer import CLIPTokenizer
 
     if (args.process_index is None) != (args.process_count is None):
         raise ValueError("--process-index and --process-count go together")
@@ -592,12 +621,12 @@ def run_precompute(args: argparse.Namespace) -> None:
         index, count = parallel.process_info()
     else:
         index, count = args.process_index, args.process_count
-    tokenizer = CLIPTokenizer.bundled(**config.tokenizer)
-    plan = precompute.plan_webdataset(args.spec, args.out, config.data, tokenizer,
+    text = frozen_towers.text_inputs(config)
+    plan = precompute.plan_webdataset(args.spec, args.out, config.data, text,
                                       frozen_towers.describe(config), process_index=index,
                                       process_count=count)
-    encode, text = frozen_towers.frozen_encoders(config, frozen_towers.load_params(config))
-    result = precompute.encode_shards(plan, encode, text, tokenizer)
+    encode, cond = frozen_towers.frozen_encoders(config, frozen_towers.load_params(config))
+    result = precompute.encode_shards(plan, encode, cond, text, frozen_towers.time_ids(config))
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(result["skipped"].items())) or "none"
     print(f"wrote {result['written']} images from {result['shards_done']} shards to {plan.out} "
           f"({result['shards_before']} finished before); skipped: {skipped}")
@@ -859,9 +888,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     args = build_parser().parse_args(argv)
-    if overrides and args.run not in (run_train, run_precompute):
-        print(f"{PROG}: error: --config.KEY=VALUE overrides apply to `train` and `precompute` only",
-              file=sys.stderr)
+    if overrides and args.run not in (run_train, run_precompute) and not (
+            args.run is run_bench and args.what == "memory"):
+        print(f"{PROG}: error: --config.KEY=VALUE overrides apply to `train`, `precompute` and "
+              "`bench memory` only", file=sys.stderr)
         return 1
     args.config_overrides = overrides
     try:

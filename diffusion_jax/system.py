@@ -23,6 +23,7 @@ SD 1.x / 2.x checkpoints written before it existed are `STABLE_DIFFUSION`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from typing import Any, Mapping, Sequence
 
@@ -370,6 +371,25 @@ def time_ids(width: int, original_size: Sequence[int], crops_coords_top_left: Se
     if width == 5:
         return np.asarray((*sizes, aesthetic_score), np.float32)
     raise ValueError(f"time_ids of width {width}: SDXL's U-Nets take 6 (base) or 5 (refiner)")
+
+
+def time_ids_fn(system: System, config: Mapping[str, Any], image_size: int,
+                aesthetic_score: float = 6.0):
+    """(original size, crop top-left) -> one image's `time_ids` when training at
+    image_size x image_size (the target size; the refiner's aesthetic score); None for a
+    denoiser without micro-conditioning. A partial of `time_ids`: it pickles to grain's
+    workers."""
+    width = time_ids_width(system, config)
+    if not width:
+        return None
+    return functools.partial(time_ids, width, target_size=(image_size, image_size),
+                             aesthetic_score=aesthetic_score)
+
+
+def pooled_width(system: System, config: Mapping[str, Any]) -> int:
+    """Features of cond["pooled"] (0: no tower gives one)."""
+    return sum(tower_config(t, config).output_widths[t.pooled]
+               for t in system.text_towers if t.pooled)
 
 
 def context_width(system: System, config: Mapping[str, Any]) -> int:

@@ -148,6 +148,10 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
     (["train", "--config", TINY, "--remat", "everything"], "valid policies are"),
     (["vae", "--config", TINY, "--batch", "0"], "--batch must be at least 1"),
     (["vae", "--config", TINY, "--json", "no/such/dir/out.json"], "does not exist"),
+    (["unet", "--config", TINY, "--devices", "2"], "--devices applies to bench memory only"),
+    (["memory", "--config", "tiny_train", "--batch", "2"], "--batch applies to bench unet"),
+    (["unet", "--config", TINY, "--config.unet.sample_size=4"],
+     "overrides apply to `train`, `precompute` and `bench memory` only"),
 ])
 def test_bad_input_is_one_line_on_stderr(capsys, argv, needle):
     assert cli.main(["bench", *argv]) == 1
@@ -178,3 +182,29 @@ def test_unet_and_train_benchmarks_of_an_sdxl_shaped_unet_feed_the_micro_conditi
     # Encoded in the step: the pooled embedding comes from the second tower's projection.
     encoded = bench.run("train", config, batch=1, repeats=1, context="encoded")
     assert encoded["context"] == "encoded" and encoded["first_loss"] > 0
+
+
+def test_memory_compiles_a_training_config_for_fake_devices_and_reports_per_device_bytes(tmp_path):
+    """`bench memory` on configs/tiny_train.py for 2 fake devices, its params sharded over
+    both: XLA's figures of the trainer's own step, no weights or data read."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "memory.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "diffusion_jax.cli", "bench", "memory", "--config", "tiny_train",
+         "--devices", "2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+         "--config.mesh.fsdp_min_size=64", "--json", str(out)],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["devices"] == 2 and figures["mesh"] == {"data": 1, "fsdp": 2}
+    assert figures["global_batch"] == 8 and figures["per_device_batch"] == 4
+    assert figures["xla_total_bytes"] == (figures["xla_argument_bytes"] + figures["xla_output_bytes"]
+                                          + figures["xla_temp_bytes"] - figures["xla_alias_bytes"]) > 0
+    # The train state (float32 params, two AdamW moments, EMA) is sharded: each device holds
+    # about half of its 16 bytes per trained param.
+    assert figures["state_per_device_bytes"] < 0.75 * 16 * figures["trained_params"]
+    for key in ("argument_bytes_per_device", "temp_bytes_per_device", "total_bytes_per_device"):
+        assert key in result.stdout and figures[key].endswith(("KiB", "MiB", "GiB"))

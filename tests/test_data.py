@@ -251,6 +251,39 @@ def test_random_flip_and_crop(tmp_path, tokenizer, random_crop):
     assert offsets == ({0, 1, 2, 3, 4} if random_crop else {2})
 
 
+def sdxl_time_ids(original_size, crop_top_left):
+    """SDXL base's numbers at a 32x32 training resolution (trainer.time_ids_fn's for it)."""
+    return np.float32([*original_size, *crop_top_left, 32, 32])
+
+
+@pytest.mark.parametrize("random_crop", [False, True])
+def test_rows_carry_the_original_size_crop_and_time_ids(tmp_path, tokenizer, random_crop):
+    """As SDXL's training scripts record them: (h, w) before the resize, (top, left) of the
+    crop in the resized image; time_ids built from them per row."""
+    captioned_folder(tmp_path, 6)  # 40x36 images: resized to 36x32, 4 columns of crop slack
+    c = config(source="folder", path=str(tmp_path), eval_fraction=0.0, batch_size=6,
+               caption_dropout=0.0, random_flip=False, random_crop=random_crop)
+    source = input_pipeline.make_source(c, "train")
+    by_caption = {picture(i): source[i].image for i in range(6)}
+    lefts = set()
+    for batch in take(input_pipeline.make_train_iterator(c, tokenizer, time_ids=sdxl_time_ids), 4):
+        assert batch["time_ids"].shape == (6, 6) and batch["time_ids"].dtype == np.float32
+        np.testing.assert_array_equal(batch["original_size"], np.tile([36, 40], (6, 1)))
+        for caption, row, (top, left) in zip(captions(tokenizer, batch), batch["image"],
+                                             batch["crop_top_left"]):
+            resized = np.asarray(Image.fromarray(by_caption[caption]).resize((36, 32), Image.BICUBIC))
+            np.testing.assert_allclose(row, resized[top:top + 32, left:left + 32] / 127.5 - 1,
+                                       atol=1e-6)
+            lefts.add(int(left))
+        np.testing.assert_array_equal(batch["time_ids"], np.concatenate(
+            [batch["original_size"], batch["crop_top_left"], np.full((6, 2), 32)], 1))
+    assert lefts == ({0, 1, 2, 3, 4} if random_crop else {2})
+    rows, _ = input_pipeline.iterate_split(c, tokenizer, "train", held_out=False,
+                                           time_ids=sdxl_time_ids)  # as eval batches: centred
+    np.testing.assert_array_equal(next(rows)["time_ids"], [36, 40, 0, 2, 32, 32])
+    assert "time_ids" not in next(input_pipeline.make_train_iterator(c, tokenizer))  # SD: none
+
+
 def test_folder_malformed_captions_file_is_an_error(tmp_path, tokenizer):
     captioned_folder(tmp_path, 2)
     with open(tmp_path / "captions.jsonl", "a") as f:
@@ -396,8 +429,13 @@ def fake_encode(images):
     return np.concatenate([pooled, pooled.mean(-1, keepdims=True)], -1)
 
 
-def fake_text(input_ids):
+def fake_context(input_ids):
     return np.repeat(input_ids[..., None].astype(np.float32), 2, axis=-1)
+
+
+def fake_text(ids):
+    """The text towers' conditioning as frozen_towers.frozen_encoders gives it."""
+    return {"context": fake_context(ids["input_ids"])}
 
 
 def test_precomputed_latents_round_trip(tmp_path, tokenizer):
@@ -416,7 +454,7 @@ def test_precomputed_latents_round_trip(tmp_path, tokenizer):
         assert sorted(latent_batch) == ["context", "input_ids", "label", "latents"]
         np.testing.assert_allclose(latent_batch["latents"], fake_encode(image_batch["image"]), atol=1e-6)
         np.testing.assert_array_equal(latent_batch["input_ids"], image_batch["input_ids"])
-        np.testing.assert_array_equal(latent_batch["context"], fake_text(image_batch["input_ids"]))
+        np.testing.assert_array_equal(latent_batch["context"], fake_context(image_batch["input_ids"]))
 
     it = input_pipeline.make_train_iterator(latent_config, tokenizer)
     assert it.len_dataset == meta["splits"]["train"]
@@ -426,9 +464,9 @@ def test_precomputed_latents_round_trip(tmp_path, tokenizer):
     context = np.concatenate([b["context"] for b in batches])
     dropped = np.all(ids == tokenizer([""])[0], axis=1)
     assert 0 < dropped.sum() < len(dropped)
-    np.testing.assert_array_equal(context[dropped], np.broadcast_to(fake_text(tokenizer([""]))[0],
+    np.testing.assert_array_equal(context[dropped], np.broadcast_to(fake_context(tokenizer([""]))[0],
                                                                      context[dropped].shape))
-    np.testing.assert_array_equal(context[~dropped], fake_text(ids[~dropped]))
+    np.testing.assert_array_equal(context[~dropped], fake_context(ids[~dropped]))
 
 
 # --- worker processes and throughput ----------------------------------------------------------

@@ -147,3 +147,69 @@ def test_latents_written_for_one_tower_are_refused_for_two(tmp_path):
         input_pipeline.make_train_iterator(latents, inputs)
     with pytest.raises(ValueError, match="holds input_ids of length 16, the tokenizer makes 8"):
         input_pipeline.make_train_iterator(latents, system.TextInputs({"input_ids": type(one).bundled(max_length=8)}))
+
+
+# ----------------------------------------------------------------------------- SDXL, precomputed
+
+
+def _random_params(described, config, names):
+    """Random weights from the shapes: no init's per-op compiles (a minute here)."""
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32),
+                        system.param_shapes(described, config, names))
+
+
+def test_sdxl_latents_hold_both_towers_pooled_and_sizes_and_train_as_recomputed(tmp_path):
+    """Two text towers precomputed: the joined context, bigG's pooled embedding, each image's
+    size and crop; the loss on those equals the loss on the towers' own outputs, and caption
+    dropout swaps the empty caption's context and pooled in together."""
+    from PIL import Image
+
+    from diffusion_jax.config_files import load
+    from diffusion_jax.data import frozen_towers
+
+    (tmp_path / "images").mkdir()
+    for i in range(8):  # 40x36: resized to 36x32, cropped at the centre (2 columns in)
+        pixels = np.random.default_rng(i).integers(0, 256, (36, 40, 3), np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "images" / f"{i}.png")
+        (tmp_path / "images" / f"{i}.txt").write_text(f"a photo of {'abcdefgh'[i]}")
+    config = load("tiny_sdxl_train")
+    config.data.update(source="folder", path=str(tmp_path / "images"), eval_fraction=0.25,
+                       batch_size=4)
+    described = system.from_config(config)
+    params = _random_params(described, config, ("vae", "text_encoder", "text_encoder_2"))
+    encode, cond_fn = frozen_towers.frozen_encoders(config, params)
+    text, time_ids = frozen_towers.text_inputs(config), frozen_towers.time_ids(config)
+    meta = precompute.write_latents(encode, cond_fn, config.data, text, tmp_path / "latents",
+                                    time_ids=time_ids)
+    assert meta["cond_keys"] == ["context", "pooled"] and meta["micro_conditioning"]
+    assert meta["max_lengths"] == {"input_ids": 16, "input_ids_2": 16}
+
+    latents = input_pipeline.default_data_config()
+    latents.update(source="latents", path=str(tmp_path / "latents"), batch_size=4,
+                   image_size=32, caption_dropout=0.5)
+    it = input_pipeline.make_train_iterator(latents, text, time_ids=time_ids)
+    batch = next(it)
+    assert batch["context"].shape == (4, 16, 48) and batch["pooled"].shape == (4, 16)
+    np.testing.assert_array_equal(batch["time_ids"], np.tile([36, 40, 0, 2, 32, 32], (4, 1)))
+    rows = [b for b in (batch, *(next(it) for _ in range(5)))]
+    ids = np.concatenate([b["input_ids_2"] for b in rows])
+    pooled = np.concatenate([b["pooled"] for b in rows])
+    dropped = np.all(ids == text([""])["input_ids_2"], axis=1)
+    assert 0 < dropped.sum() < len(dropped)
+    null = cond_fn(text([""]))
+    np.testing.assert_allclose(pooled[dropped], np.broadcast_to(null["pooled"], pooled[dropped].shape))
+
+    models = system.build(described, config)
+    loss_fn = jax.jit(losses.diffusion_loss_fn(models, Schedule.from_config(config.schedule.to_dict())))
+    unet = {"unet": _random_params(described, config, ("unet",))["unet"]}
+    precomputed = float(loss_fn(unet, params, batch, jax.random.key(0))[0])
+    recomputed = float(loss_fn(unet, params, {k: v for k, v in batch.items()
+                                              if k not in ("context", "pooled")},
+                               jax.random.key(0))[0])
+    assert np.isfinite(precomputed) and precomputed == pytest.approx(recomputed, rel=1e-5)
+
+    precompute.write_latents(encode, cond_fn, config.data, text, tmp_path / "no_sizes")
+    latents.path = str(tmp_path / "no_sizes")
+    with pytest.raises(ValueError, match="holds no image sizes and crops"):
+        input_pipeline.make_train_iterator(latents, text, time_ids=time_ids)

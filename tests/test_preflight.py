@@ -23,13 +23,14 @@ import numpy as np
 import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from diffusion_jax import checkpoint, cli, config_files
+from diffusion_jax import checkpoint, cli, config_files, system
 from diffusion_jax.data import sources
 from diffusion_jax.training import preflight
 from diffusion_jax.training.trainer import model_config
 
 REPO = Path(__file__).resolve().parent.parent
-TRAINING_CONFIGS = ("default", "tiny_train", "sd15_finetune", "sd21_finetune",
+TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "sd15_finetune", "sdxl_finetune",
+                    "sd21_finetune",
                     "sd21_base_pretrain:256", "sd21_base_pretrain:512")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
                         "bench")
@@ -114,13 +115,31 @@ def test_resuming_a_workdir_of_another_architecture_says_so(tmp_path, capsys):
             "(text_encoder.num_hidden_layers was 2, now 1)") in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"micro_conditioning": False}, "these latents hold no image sizes and crops"),
+    ({"max_lengths": {"input_ids": 16, "input_ids_2": 8}}, "these latents hold the ids"),
+    ({"max_lengths": None, "max_length": 16}, "these latents hold the ids"),  # one tower's
+])
+def test_sdxl_latents_that_cannot_train_it_fail_in_one_line(tmp_path, capsys, change, message):
+    config = config_files.load("tiny_sdxl_train")
+    folder = _latents_folder(tmp_path / "latents", config, 32)
+    meta = json.loads((folder / sources.LATENTS_META).read_text())
+    meta.update(change)
+    (folder / sources.LATENTS_META).write_text(json.dumps(meta))
+    assert cli.main(["train", "--config", "tiny_sdxl_train", "--workdir", str(tmp_path / "w"),
+                     "--config.data.source=latents", f"--config.data.path={folder}",
+                     "--config.vae_training.steps=0", "--dry-run", "--no-compile"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
 # ----------------------------------------------------------------------------- fixtures
 
 
 def _stub_checkpoint(path: Path, config) -> Path:
     if not path.exists():
         checkpoint.save(path, 0, {n: {"stub": np.zeros(1, np.float32)}
-                                  for n in ("unet", "vae", "text_encoder")}, model_config(config))
+                                  for n in system.from_config(config).names}, model_config(config))
     return path
 
 
@@ -130,17 +149,24 @@ def _latents_folder(path: Path, config, image_size: int) -> Path:
         return path
     path.mkdir(parents=True)
     side = image_size // preflight.vae_factor(config)
+    towers = system.from_config(config)
+    lengths = {t.ids_key: config[t.tokenizer].max_length for t in towers.text_towers}
+    micro = bool(system.time_ids_width(towers, config))
     for split in ("train", "test"):
         writer = ArrayRecordWriter(str(path / f"{split}.array_record"), "group_size:1")
         for _ in range(2):
             writer.write(sources.encode_record({
                 "latents": np.zeros((side, side, config.vae.latent_channels), np.float32),
-                "input_ids": np.zeros(config.tokenizer.max_length, np.int32),
-                "label": np.int32(-1)}))
+                **{key: np.zeros(n, np.int32) for key, n in lengths.items()},
+                "label": np.int32(-1),
+                **({"original_size": np.int32([image_size] * 2),
+                    "crop_top_left": np.int32([0, 0])} if micro else {})}))
         writer.close()
     (path / sources.LATENTS_META).write_text(json.dumps({
         "source": "webdataset", "path": "", "image_size": image_size,
-        "max_length": config.tokenizer.max_length, "has_context": False,
+        **({"max_length": lengths["input_ids"]} if list(lengths) == ["input_ids"]
+           else {"max_lengths": lengths}),
+        "has_context": False, "micro_conditioning": micro,
         "splits": {"train": 2, "test": 2}, "skipped": {}}))
     return path
 
@@ -160,7 +186,7 @@ def _local_paths(config_spec: str, overrides: list[str], root: Path) -> list[str
         out.append(f"--config.init_from={_stub_checkpoint(root / f'ckpt_{tag}', config)}")
     if config.data.source == "latents":
         size = config.data.image_size
-        out.append(f"--config.data.path={_latents_folder(root / f'latents_{size}', config, size)}")
+        out.append(f"--config.data.path={_latents_folder(root / f'latents_{tag}_{size}', config, size)}")
     elif config.data.source == "folder":
         out.append(f"--config.data.path={_image_folder(root / 'images')}")
     return out
@@ -213,6 +239,8 @@ def test_every_training_config_passes_the_dry_run(tmp_path_factory):
     reports = _dry_runs(runs, 8, root)
     by_name = dict(zip(TRAINING_CONFIGS, reports))
     assert "unet 859,520,964" in by_name["sd15_finetune"]  # the released SD 1.5 U-Net
+    assert "unet 2,567,463,684" in by_name["sdxl_finetune"]  # SDXL base, at 1024x1024
+    assert "global batch 32 (4 per device)" in by_name["sdxl_finetune"]
     assert "unet 865,910,724" in by_name["sd21_finetune"]  # SD 2.1's
     assert "global batch 64 (8 per device)" in by_name["sd15_finetune"]
     assert "mesh {'data': 2, 'fsdp': 4}" in by_name["sd21_base_pretrain:256"]

@@ -146,3 +146,15 @@ def test_sdxl_architectures_count_as_released_and_fit_together(name, counts, cap
     unet = system.denoiser_config(towers, config)
     numbers = (unet.projection_class_embeddings_input_dim - pooled) // unet.addition_time_embed_dim
     assert numbers == (6 if name == "sdxl_base" else 5)  # sizes + crop (+ target | aesthetic)
+
+
+def test_time_ids_fn_gives_base_and_refiner_numbers_at_the_training_resolution():
+    from diffusion_jax.config_files import as_dict, load
+
+    base, refiner = (as_dict(load(name)) for name in ("sdxl_base", "sdxl_refiner"))
+    at_1024 = system.time_ids_fn(system.SDXL_BASE, base, 1024)
+    np.testing.assert_array_equal(at_1024((1536, 1024), (64, 0)), [1536, 1024, 64, 0, 1024, 1024])
+    scored = system.time_ids_fn(system.SDXL_REFINER, refiner, 1024, aesthetic_score=2.5)
+    np.testing.assert_array_equal(scored((768, 1024), (0, 8)), [768, 1024, 0, 8, 2.5])
+    assert system.time_ids_fn(system.STABLE_DIFFUSION, as_dict(load("sd15")), 512) is None
+    assert system.pooled_width(system.SDXL_BASE, base) == 1280

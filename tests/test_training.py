@@ -28,6 +28,7 @@ from diffusion_jax.training.state import TrainState, ema_decay, make_train_step
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_train.py"
+TINY_SDXL = REPO / "configs" / "tiny_sdxl_train.py"  # two text towers, pooled, time_ids
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -268,8 +269,8 @@ def _env(devices: int = 1) -> dict:
     return env
 
 
-def _train_command(workdir, *overrides):
-    return [sys.executable, "-m", "diffusion_jax.cli", "train", "--config", str(TINY),
+def _train_command(workdir, *overrides, config=TINY):
+    return [sys.executable, "-m", "diffusion_jax.cli", "train", "--config", str(config),
             "--workdir", str(workdir), *overrides]
 
 
@@ -280,17 +281,18 @@ def _final_params(workdir, names=("unet", "unet_ema", "vae", "optimizer")):
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """overrides -> the workdir of one uninterrupted run with them (each run once)."""
+    """overrides (and config) -> the workdir of one uninterrupted run with them (each run
+    once)."""
     runs = {}
 
-    def run(*overrides):
-        if overrides not in runs:
+    def run(*overrides, config=TINY):
+        if (config, overrides) not in runs:
             workdir = tmp_path_factory.mktemp("uninterrupted")
-            result = subprocess.run(_train_command(workdir, *overrides), capture_output=True,
-                                    text=True, cwd=REPO, env=_env())
+            result = subprocess.run(_train_command(workdir, *overrides, config=config),
+                                    capture_output=True, text=True, cwd=REPO, env=_env())
             assert result.returncode == 0, result.stderr[-3000:]
-            runs[overrides] = workdir
-        return runs[overrides]
+            runs[config, overrides] = workdir
+        return runs[config, overrides]
 
     return run
 
@@ -332,17 +334,19 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
     assert pipe.vae_config.scaling_factor == summary["vae_scaling_factor"]
 
 
-@pytest.mark.parametrize("overrides, items", [
-    ((), ("unet", "unet_ema", "vae", "optimizer")),
-    (TEXT_ENCODER_RUN, ("unet", "unet_ema", "vae", "text_encoder", "text_encoder_ema", "optimizer")),
-], ids=["unet", "text_encoder"])
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp_path, overrides,
-                                                              items):
-    uninterrupted = finished_run(*overrides)
+@pytest.mark.parametrize("config, overrides, items, checkpoints", [
+    (TINY, (), ("unet", "unet_ema", "vae", "optimizer"), (4, 8, 12)),
+    (TINY, TEXT_ENCODER_RUN, ("unet", "unet_ema", "vae", "text_encoder", "text_encoder_ema",
+                              "optimizer"), (4, 8, 12)),
+    (TINY_SDXL, (), ("unet", "unet_ema", "vae", "optimizer"), (2, 4)),
+], ids=["unet", "text_encoder", "sdxl"])
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp_path, config,
+                                                              overrides, items, checkpoints):
+    uninterrupted = finished_run(*overrides, config=config)
     workdir = tmp_path / "killed"
-    kill_after = int(np.random.default_rng().choice([4, 8, 12]))  # a checkpoint in either stage
-    process = subprocess.Popen(_train_command(workdir, *overrides), cwd=REPO, env=_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after = int(np.random.default_rng().choice(checkpoints))  # a checkpoint in either stage
+    process = subprocess.Popen(_train_command(workdir, *overrides, config=config), cwd=REPO,
+                               env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
         ckpts = workdir / "checkpoints"
@@ -351,12 +355,58 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    result = subprocess.run(_train_command(workdir, *overrides), capture_output=True, text=True,
-                            cwd=REPO, env=_env())
+    result = subprocess.run(_train_command(workdir, *overrides, config=config),
+                            capture_output=True, text=True, cwd=REPO, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
     expected, resumed = _final_params(uninterrupted, items), _final_params(workdir, items)
     jax.tree.map(np.testing.assert_array_equal, resumed, expected)
+
+
+def test_an_sdxl_shaped_run_trains_on_pooled_and_time_ids_and_checkpoints(finished_run):
+    """configs/tiny_sdxl_train.py: two text towers, the pooled bigG-like embedding and the
+    size/crop time_ids the data pipeline builds; the run ends without sample grids until the
+    pipeline feeds time_ids (the summary says nothing of samples)."""
+    workdir = finished_run(config=TINY_SDXL)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["diffusion_train_step_compilations"] == 1 and "samples" not in summary
+    assert np.isfinite(summary["diffusion_eval_loss"])
+    curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(c["loss"]) for c in curve if "loss" in c)
+    assert checkpoint.steps(workdir / "checkpoints")[-1] == 6  # 2 VAE + 4 U-Net steps
+    names = checkpoint.item_names(workdir / "checkpoints")
+    assert {"unet", "unet_ema", "vae", "text_encoder", "text_encoder_2"} <= set(names)
+    from diffusion_jax import system
+
+    saved = checkpoint.read_config(workdir / "checkpoints")
+    assert system.from_config(saved) == system.SDXL_BASE and saved["pipeline"]
+
+
+def test_the_loss_feeds_the_batch_time_ids_and_pooled_to_the_unet():
+    """A change of time_ids (or of the second tower's ids, hence pooled) changes the loss at
+    fixed noise: both reach the U-Net's micro-conditioning."""
+    from diffusion_jax import system
+    from diffusion_jax.diffusion import process
+
+    config = load_config_file(TINY_SDXL)
+    ckpt_config = trainer.model_config(config)
+    rng = np.random.default_rng(0)  # random weights without init's per-op compiles (~1 min)
+    towers = jax.tree.map(lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32),
+                          system.param_shapes(system.SDXL_BASE, ckpt_config))
+    models = system.build(system.SDXL_BASE, ckpt_config)
+    loss_fn = jax.jit(losses.diffusion_loss_fn(models, process.from_config(ckpt_config["schedule"])))
+    ids = system.text_inputs(system.SDXL_BASE, ckpt_config)(["a photo of a bag"] * 2)
+    batch = {"latents": np.zeros((2, 8, 8, 4), np.float32), **ids,
+             "time_ids": np.float32([[28, 28, 0, 0, 32, 32]] * 2)}
+    trained, frozen = partition.split(towers, (r"unet/.*",))
+    loss = lambda b: float(loss_fn(trained, frozen, b, jax.random.key(0))[0])
+    base = loss(batch)
+    assert np.isfinite(base)
+    assert loss({**batch, "time_ids": np.float32([[1024, 768, 64, 0, 32, 32]] * 2)}) != base
+    other = system.text_inputs(system.SDXL_BASE, ckpt_config)(["a coat"] * 2)["input_ids_2"]
+    assert loss({**batch, "input_ids_2": other}) != base
+    with pytest.raises(KeyError, match="time_ids"):
+        loss({k: v for k, v in batch.items() if k != "time_ids"})
 
 
 def test_every_tower_trained_with_ema_saves_and_samples_with_it(finished_run):
@@ -416,10 +466,12 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
                  before)
 
 
-def test_one_and_eight_devices_give_the_same_loss_curve(uninterrupted, tmp_path):
+@pytest.mark.parametrize("config", [TINY, TINY_SDXL], ids=["sd", "sdxl"])
+def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, tmp_path, config):
+    uninterrupted = finished_run(config=config)
     workdir = tmp_path / "eight"
     result = subprocess.run(_train_command(workdir, "--config.mesh.data=4", "--config.mesh.fsdp=2",
-                                           "--config.mesh.fsdp_min_size=64"),
+                                           "--config.mesh.fsdp_min_size=64", config=config),
                             capture_output=True, text=True, cwd=REPO, env=_env(devices=8))
     assert result.returncode == 0, result.stderr[-3000:]
     curve = lambda w: [json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()]

@@ -181,7 +181,7 @@ def expected_rows(good, config, tokenizer, keys):
     images = []
     for key in keys:
         image = np.asarray(Image.open(io.BytesIO(good[key][0])).convert("RGB"))
-        fitted, _ = input_pipeline.fit_image(image, config.data.image_size, None)
+        fitted, _, _ = input_pipeline.fit_image(image, config.data.image_size, None)
         images.append(fitted.astype(np.float32) / 127.5 - 1.0)
     posterior = vae.apply({"params": vae_params}, np.stack(images), method=vae.encode)
     return (np.asarray(posterior.mean) * config.vae.scaling_factor,

@@ -6,6 +6,7 @@ same config and weights (random, from our own init).
     vae      VAE encode (posterior mean) + decode           (models.py)
     sample   txt2img seconds per image                      (sampling.py)
     compile  first vs second process with the persistent compilation cache  (sampling.py)
+    memory   XLA's per-device memory of a training config's U-Net step on N devices (memory.py)
 
 Every model benchmark reports the median time after a warm-up, images/s, achieved FLOP/s
 (XLA's cost analysis of the executable timed) and its share of a matmul peak measured in the
@@ -25,7 +26,11 @@ BENCHMARKS = {"unet": ("models", "bench_unet", ("unet",)),
               "train": ("models", "bench_train", ("unet",)),
               "vae": ("models", "bench_vae", ("vae",)),
               "sample": ("sampling", "bench_sample", "system"),
-              "compile": ("sampling", "bench_compile", "system")}
+              "compile": ("sampling", "bench_compile", "system"),
+              "memory": ("memory", "bench_memory", "system")}
+# Benchmarks of a whole training config (its --config.KEY=VALUE overrides applied), compiled
+# for --devices N fake CPU devices; the others take a config's model sections.
+TRAINING_CONFIG_BENCHMARKS = ("memory",)
 
 
 def required_sections(what: str, config: Mapping[str, Any]) -> tuple[str, ...]:

@@ -12,7 +12,7 @@ the posterior's sampling noise, which the KL term keeps small in the SD VAEs.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +32,24 @@ def towers(config) -> tuple[str, ...]:
 
 def describe(config) -> dict:
     """What the latents are made with, as JSON (read from the config only: no weights)."""
-    return {"init_from": config.init_from or f"random init, seed {config.seed}",
-            "latents": "posterior mean * vae.scaling_factor",
-            "scaling_factor": float(config.vae.scaling_factor), "dtype": config.dtype}
+    described = {"init_from": config.init_from or f"random init, seed {config.seed}",
+                 "latents": "posterior mean * vae.scaling_factor",
+                 "scaling_factor": float(config.vae.scaling_factor), "dtype": config.dtype}
+    if time_ids(config) is not None:  # SD's settings stay as they were before SDXL
+        described["micro_conditioning"] = True
+    return described
+
+
+def text_inputs(config) -> system.TextInputs:
+    """Every text tower's tokenizer: the ids the records hold."""
+    return system.text_inputs(system.from_config(config), config)
+
+
+def time_ids(config):
+    """(original size, crop) -> time_ids at data.image_size for a U-Net with SDXL's
+    micro-conditioning (the records then keep each image's size and crop); else None."""
+    return system.time_ids_fn(system.from_config(config), config, config.data.image_size,
+                              config.data.aesthetic_score)
 
 
 def load_params(config) -> dict:
@@ -56,41 +71,40 @@ def load_params(config) -> dict:
                                      names=names)
 
 
-def _on_local_devices(fn, params) -> Callable[[np.ndarray], np.ndarray]:
-    """fn(params, rows) jitted with the rows split over this process's devices (padded to a
-    multiple of their count) and the params replicated; numpy in, float32 numpy out."""
+def _on_local_devices(fn, params) -> Callable[[Any], Any]:
+    """fn(params, rows) jitted with the rows (an array or a dict of arrays, one batch) split
+    over this process's devices (padded to a multiple of their count) and the params
+    replicated; numpy in, float32 numpy out (an array or a dict, as fn returns)."""
     devices = jax.local_devices()
     mesh = Mesh(np.asarray(devices), ("rows",))
     rows, replicated = NamedSharding(mesh, PartitionSpec("rows")), NamedSharding(mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
     jitted = jax.jit(fn, in_shardings=(replicated, rows), out_shardings=rows)
 
-    def call(x: np.ndarray) -> np.ndarray:
-        pad = -len(x) % len(devices)
-        padded = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
-        return np.asarray(jitted(params, padded), np.float32)[:len(x)]
+    def call(x):
+        n = len(jax.tree.leaves(x)[0])
+        pad = -n % len(devices)
+        padded = jax.tree.map(lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)])
+                              if pad else a, x)
+        return jax.tree.map(lambda a: np.asarray(a, np.float32)[:n], jitted(params, padded))
 
     return call
 
 
 def frozen_encoders(config, params: dict) -> tuple[Callable, Callable]:
     """(encode: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c],
-    text: input_ids int32 [B, L] -> context [B, L, D]), in config.dtype: the system's VAE
-    (posterior mean, shifted and scaled as the denoiser sees it) and its text tower's
-    cond["context"]. The records hold one tower's `input_ids`, so one text tower only."""
+    text: {ids key: int32 [B, L]} -> the conditioning {"context": [B, L, D][, "pooled":
+    [B, P]]}), in config.dtype: the system's VAE (posterior mean, shifted and scaled as the
+    denoiser sees it) and its text towers' `system.encode_text`, every tower at once."""
     described = system.from_config(config)
-    if len(described.text_towers) != 1:
-        raise ValueError(f"precompute writes one text tower's ids; this system has "
-                         f"{list(described.text_names)}")
     models = system.build(described, config, dtype=jnp.dtype(config.dtype))
-    (ids_key,) = described.ids_keys
     vae_name = described.vae.name
 
     def latents(p, images):
         return system.encode_latents(models, {vae_name: p}, images, rng=None)
 
-    def context(p, input_ids):
-        return system.encode_text(models, p, {ids_key: input_ids})["context"]
+    def cond(p, ids):
+        return system.encode_text(models, p, ids)
 
     return (_on_local_devices(latents, params[vae_name]),
-            _on_local_devices(context, {n: params[n] for n in described.text_names}))
+            _on_local_devices(cond, {n: params[n] for n in described.text_names}))

@@ -22,7 +22,7 @@ import collections
 import dataclasses
 import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import ml_collections
@@ -58,6 +58,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.random_crop = False        # random crop of the longer side after resizing; else center crop
     c.min_image_size = 0         # skip images whose shorter side is below this ("too_small"); 0: keep all
     c.random_flip = True         # random horizontal flip
+    c.aesthetic_score = 6.0      # SDXL refiner: the aesthetic score its time_ids carry for every image
     c.caption_dropout = 0.1      # fraction of captions replaced by "" (classifier-free guidance)
     c.batch_size = 64            # GLOBAL batch; each process yields batch_size // process_count
     c.seed = 0                   # shuffle and augmentation seed
@@ -114,9 +115,11 @@ class CaptionIds:
         return {"tokenizers": self.tokenizers, "_cache": {}}
 
 
-def fit_image(image: np.ndarray, size: int, crop_at: float | None) -> tuple[np.ndarray, bool]:
+def fit_image(image: np.ndarray, size: int, crop_at: float | None
+              ) -> tuple[np.ndarray, bool, tuple[int, int]]:
     """Resize the shorter side to `size` (bicubic, antialiased) and crop the longer one, at
-    `crop_at` in [0, 1) of the slack (None: centered). Returns (uint8 [size, size, 3], upscaled)."""
+    `crop_at` in [0, 1) of the slack (None: centered). Returns (uint8 [size, size, 3],
+    upscaled, the crop's (top, left) in the resized image)."""
     height, width = image.shape[:2]
     upscaled = min(height, width) < size
     if min(height, width) != size:
@@ -129,7 +132,7 @@ def fit_image(image: np.ndarray, size: int, crop_at: float | None) -> tuple[np.n
         top, left = slack_y // 2, slack_x // 2
     else:
         top, left = int(crop_at * (slack_y + 1)), int(crop_at * (slack_x + 1))
-    return image[top:top + size, left:left + size], upscaled
+    return image[top:top + size, left:left + size], upscaled, (top, left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +142,28 @@ class Prepared:
     conversions: tuple[str, ...]
 
 
+# SDXL's micro-conditioning: (original size (h, w), crop (top, left)) -> a row's time_ids,
+# e.g. functools.partial(system.time_ids, 6, target_size=(1024, 1024)). data/ takes it as a
+# callable: it imports no models.
+TimeIds = Callable[[tuple[int, int], tuple[int, int]], np.ndarray]
+MICRO_KEYS = ("original_size", "crop_top_left")  # int32 [2] per row, beside "time_ids"
+
+
+def micro_conditioning(time_ids: TimeIds, original_size, crop_top_left) -> dict[str, np.ndarray]:
+    """A row's size and crop numbers (kept so precompute can store them) and its time_ids."""
+    return {"original_size": np.asarray(original_size, np.int32),
+            "crop_top_left": np.asarray(crop_top_left, np.int32),
+            "time_ids": np.asarray(time_ids(tuple(original_size), tuple(crop_top_left)),
+                                   np.float32)}
+
+
 @dataclasses.dataclass
 class PrepareImage:
-    """Example -> Prepared row {"image", the ids keys ("input_ids", ...), "label"}; rng None: deterministic (eval).
-    Images whose shorter side is below `min_image_size` become Skipped("too_small")."""
+    """Example -> Prepared row {"image", the ids keys ("input_ids", ...), "label"} (+ with
+    `time_ids`, SDXL's "original_size" (h, w) before the resize, "crop_top_left" (top,
+    left) in the resized image, as SDXL's training scripts record them, and "time_ids");
+    rng None: deterministic (eval). Images whose shorter side is below `min_image_size`
+    become Skipped("too_small")."""
 
     image_size: int
     random_crop: bool
@@ -150,6 +171,7 @@ class PrepareImage:
     caption_dropout: float
     caption_ids: CaptionIds
     min_image_size: int = 0
+    time_ids: TimeIds | None = None
 
     def __call__(self, example: Example | Skipped, rng: np.random.Generator | None = None):
         if isinstance(example, Skipped):
@@ -162,27 +184,31 @@ class PrepareImage:
             crop_u, flip_u, drop_u = None, 1.0, 1.0
         else:  # always three draws, so switching one augmentation never shifts another's
             crop_u, flip_u, drop_u = rng.random(3)
-        image, upscaled = fit_image(example.image, self.image_size,
-                                    crop_u if self.random_crop else None)
+        image, upscaled, crop = fit_image(example.image, self.image_size,
+                                          crop_u if self.random_crop else None)
         if self.random_flip and flip_u < 0.5:
             image = image[:, ::-1]
         caption = "" if drop_u < self.caption_dropout else example.caption
         arrays = {"image": image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0),
                   **self.caption_ids(caption),
                   "label": np.int32(example.label)}
+        if self.time_ids is not None:
+            arrays.update(micro_conditioning(self.time_ids, (height, width), crop))
         return Prepared(arrays, example.name, example.conversions + (("upscaled",) if upscaled else ()))
 
 
 @dataclasses.dataclass
 class PrepareLatents:
-    """Precomputed record -> Prepared row {"latents", the ids keys, "label"[, "context"]}.
-    Caption dropout swaps in the empty caption's ids (and its context, together: the loss
-    uses the batch's context in place of the ids); no flip, no crop: the augmentation was
-    fixed when the latents were written."""
+    """Precomputed record -> Prepared row {"latents", the ids keys, "label"[, "context",
+    "pooled"][, "time_ids" from the record's size and crop]}. Caption dropout swaps in the
+    empty caption's ids and its conditioning together (the loss uses the batch's
+    conditioning in place of the ids); no flip, no crop: the augmentation was fixed when the
+    latents were written."""
 
     caption_dropout: float
     empty_ids: dict[str, np.ndarray]  # ids key -> the empty caption's ids
-    null_context: np.ndarray | None
+    null_cond: dict[str, np.ndarray]  # cond key -> the empty caption's context / pooled
+    time_ids: TimeIds | None = None
 
     def __call__(self, record: dict[str, np.ndarray] | Skipped, rng: np.random.Generator | None = None):
         if isinstance(record, Skipped):
@@ -191,8 +217,10 @@ class PrepareLatents:
         arrays["label"] = np.int32(arrays["label"])
         if rng is not None and rng.random() < self.caption_dropout:
             arrays.update(self.empty_ids)
-            if self.null_context is not None:
-                arrays["context"] = self.null_context
+            arrays.update(self.null_cond)
+        if self.time_ids is not None:
+            arrays.update(micro_conditioning(self.time_ids, arrays["original_size"],
+                                             arrays["crop_top_left"]))
         return Prepared(arrays, "latents", ())
 
 
@@ -210,14 +238,21 @@ def _check_latents_ids(data_config, source: sources.LatentsSource, tokenizers: d
                              "with it")
 
 
-def make_prepare(data_config, text, source):
-    """`text`: a `system.TextInputs` or one tokenizer (its ids are `input_ids`)."""
+def make_prepare(data_config, text, source, time_ids: TimeIds | None = None):
+    """`text`: a `system.TextInputs` or one tokenizer (its ids are `input_ids`); `time_ids`:
+    rows get SDXL's micro-conditioning (see PrepareImage), None: they do not."""
     caption_ids = CaptionIds(text)
     if isinstance(source, sources.LatentsSource):
         _check_latents_ids(data_config, source, caption_ids.tokenizers)
-        return PrepareLatents(data_config.caption_dropout, caption_ids(""), source.null_context)
+        if time_ids is not None and not source.meta.get("micro_conditioning"):
+            raise ValueError(f"{data_config.path} holds no image sizes and crops (written for a "
+                             "U-Net without SDXL's micro-conditioning): rewrite the latents "
+                             "with `diffusion-jax precompute` and this config")
+        return PrepareLatents(data_config.caption_dropout, caption_ids(""), source.null_cond,
+                              time_ids)
     return PrepareImage(data_config.image_size, data_config.random_crop, data_config.random_flip,
-                        data_config.caption_dropout, caption_ids, data_config.min_image_size)
+                        data_config.caption_dropout, caption_ids, data_config.min_image_size,
+                        time_ids)
 
 
 class ExampleCounter:
@@ -376,10 +411,11 @@ def _read_options(source) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=source.read_threads, prefetch_buffer_size=128)
 
 
-def make_train_iterator(data_config, text, *, process_index: int = 0,
-                        process_count: int = 1) -> TrainIterator:
+def make_train_iterator(data_config, text, *, process_index: int = 0, process_count: int = 1,
+                        time_ids: TimeIds | None = None) -> TrainIterator:
     """This process's infinite, shuffled, augmented batches of batch_size // process_count rows,
-    with the ids of every tokenizer of `text` (a `system.TextInputs`, or one tokenizer).
+    with the ids of every tokenizer of `text` (a `system.TextInputs`, or one tokenizer) and,
+    with `time_ids`, SDXL's micro-conditioning (see PrepareImage).
 
     Process i reads the disjoint shard `source[i::process_count]` and shuffles it with its own
     order per epoch; together the processes' batches make the global batch.
@@ -392,7 +428,7 @@ def make_train_iterator(data_config, text, *, process_index: int = 0,
     if len(shard) == 0:
         raise ValueError(f"process {process_index} of {process_count} has no examples: the "
                          f"dataset has only {len(source)}")
-    prepare = make_prepare(data_config, text, source)
+    prepare = make_prepare(data_config, text, source, time_ids)
     dataset = (EpochShuffle(shard, seed=_seed(data_config.seed, process_index, 0))
                .repeat(None)
                .random_map(prepare, seed=_seed(data_config.seed, process_index, 1))
@@ -415,11 +451,12 @@ def make_train_iterator(data_config, text, *, process_index: int = 0,
                          len_dataset=len(shard), fingerprint=fingerprint)
 
 
-def iterate_split(data_config, text, split: str, *, held_out: bool):
+def iterate_split(data_config, text, split: str, *, held_out: bool,
+                  time_ids: TimeIds | None = None):
     """(every prepared example of a split in order, deterministically: center crop, no flip,
     no caption dropout), with the counter that saw them."""
     source = make_source(data_config, split, held_out=held_out)
-    prepare = make_prepare(data_config, text, source)
+    prepare = make_prepare(data_config, text, source, time_ids)
     dataset = grain.MapDataset.source(source).map(functools.partial(prepare, rng=None))
     counter = ExampleCounter()
 
@@ -434,13 +471,14 @@ def iterate_split(data_config, text, split: str, *, held_out: bool):
     return examples(), counter
 
 
-def make_eval_batches(data_config, text, *, num_examples: int,
-                      batch_size: int) -> list[dict[str, np.ndarray]]:
+def make_eval_batches(data_config, text, *, num_examples: int, batch_size: int,
+                      time_ids: TimeIds | None = None) -> list[dict[str, np.ndarray]]:
     """The first `num_examples` usable examples of the held-out split, deterministic, in full
     batches of `batch_size` (a last partial batch is dropped so every batch has one shape)."""
     _check_config(data_config, 1)
     rows = []
-    examples, counter = iterate_split(data_config, text, data_config.eval_split, held_out=True)
+    examples, counter = iterate_split(data_config, text, data_config.eval_split, held_out=True,
+                                      time_ids=time_ids)
     for row in examples:
         if len(rows) == num_examples:
             break

@@ -1,15 +1,17 @@
 """Precomputed latents: a one-off pass that encodes a dataset with the frozen VAE (and,
-optionally, the frozen text encoder) and writes array_record files, as large trainers do to
+optionally, the frozen text towers) and writes array_record files, as large trainers do to
 save the VAE and text-encoder cost of every step. Two writers of one format: `write_latents`
 for the image sources of the data config, and `plan_webdataset` + `encode_shards` (the
 `diffusion-jax precompute` command) for WebDataset tar shards, per shard and per process.
 
 `write_latents` writes, into the folder `out_path`, `{split}.array_record` for the training and
-the eval split (one record per example: "latents", "input_ids", "label" and, with a `text_fn`,
-"context"), `latents.json` (what was written) and, with a `text_fn`, `null_context.npy` (the
-empty caption's context, which caption dropout swaps in). Training reads them back with
-`data.source = "latents"` and `data.path = out_path`: batches are then {"latents", "input_ids",
-"label"[, "context"]}. Images are encoded deterministically (center crop, no flip): the flip
+the eval split (one record per example: "latents", every text tower's ids ("input_ids",
+"input_ids_2", ...), "label", with a `text_fn` the conditioning ("context", the towers'
+outputs joined, and "pooled" where one gives it) and, for SDXL's micro-conditioning, the
+image's "original_size" and "crop_top_left"), `latents.json` (what was written) and, with a
+`text_fn`, `null_context.npy` (+ `null_pooled.npy`: the empty caption's conditioning, which
+caption dropout swaps in). Training reads them back with `data.source = "latents"` and
+`data.path = out_path`. Images are encoded deterministically (center crop, no flip): the flip
 and crop augmentation is fixed at writing time, as in those trainers.
 """
 
@@ -48,47 +50,81 @@ def _padded_batches(rows, batch_size: int):
         yield input_pipeline.stack_rows(batch + [batch[-1]] * (batch_size - real)), real
 
 
+def _ids_lengths(tokenizers: dict) -> dict:
+    """latents.json's (and a shard's settings') ids lengths: `max_length` for one text
+    tower's `input_ids`, as written before two towers; `max_lengths` by ids key otherwise."""
+    lengths = {key: tokenizer.max_length for key, tokenizer in tokenizers.items()}
+    if list(lengths) == ["input_ids"]:
+        return {"max_length": lengths["input_ids"]}
+    return {"max_lengths": lengths}
+
+
+def _record(batch: dict, cond: dict | None, i: int, ids_keys) -> dict:
+    """Row i of an encoded batch as a record: latents, ids, label, the conditioning and,
+    where the rows carry them, the image's size and crop."""
+    record = {"latents": batch["latents"][i], **{key: batch[key][i] for key in ids_keys},
+              "label": batch["label"][i]}
+    record.update({key: value[i] for key, value in (cond or {}).items()})
+    record.update({key: batch[key][i] for key in input_pipeline.MICRO_KEYS if key in batch})
+    return record
+
+
+def _write_null_cond(out: Path, text_fn, tokenizers: dict) -> list[str]:
+    """The empty caption's conditioning, one .npy per cond key (atomically: several processes
+    may finalize at once); returns the keys."""
+    null = text_fn({key: tokenizer([""]) for key, tokenizer in tokenizers.items()})
+    for key, value in null.items():
+        tmp = out / f"{sources.NULL_COND[key]}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(value, np.float32)[0])
+        os.replace(tmp, out / sources.NULL_COND[key])
+    return list(null)
+
+
 def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
-                  text_fn: Callable[[np.ndarray], np.ndarray] | None,
-                  data_config, tokenizer, out_path) -> dict:
+                  text_fn: Callable[[dict], dict] | None,
+                  data_config, text, out_path,
+                  time_ids: input_pipeline.TimeIds | None = None) -> dict:
     """Encodes `data_config.split` and `data_config.eval_split`; returns what latents.json says.
 
     encode_fn: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c], stored as
       returned (scale them, or sample the posterior, inside encode_fn as training expects).
-    text_fn: input_ids int32 [B, L] -> context [B, L, D], or None to store only input_ids.
+    text_fn: {ids key: int32 [B, L]} -> the conditioning {"context": [B, L, D][, "pooled":
+      [B, P]]}, or None to store only the ids.
+    text: a `system.TextInputs` (every text tower's ids) or one tokenizer (`input_ids`).
+    time_ids: records also hold each image's original size and crop (SDXL), see
+      input_pipeline.PrepareImage.
     Batches have data_config.batch_size rows.
     """
     if data_config.source == "latents":
         raise ValueError("data.source='latents' is already precomputed; point write_latents at "
                          "an image source (fashion_mnist, folder, tfds)")
+    tokenizers = input_pipeline.text_tokenizers(text)
     out = Path(out_path).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / sources.LATENTS_META).unlink(missing_ok=True)  # until the new files are complete
     meta = {"source": data_config.source, "path": data_config.path,
-            "image_size": data_config.image_size, "max_length": tokenizer.max_length,
-            "has_context": text_fn is not None,
+            "image_size": data_config.image_size, **_ids_lengths(tokenizers),
+            "has_context": text_fn is not None, "micro_conditioning": time_ids is not None,
             "splits": {}, "skipped": {}, "files": {}}
     splits = dict.fromkeys([(data_config.split, False), (data_config.eval_split, True)])
     for split, held_out in splits:
-        rows, counter = input_pipeline.iterate_split(data_config, tokenizer, split, held_out=held_out)
+        rows, counter = input_pipeline.iterate_split(data_config, text, split, held_out=held_out,
+                                                     time_ids=time_ids)
         writer = ArrayRecordWriter(str(out / f"{split}.array_record"), "group_size:1")
         try:
             for batch, real in _padded_batches(rows, data_config.batch_size):
-                latents = np.asarray(encode_fn(batch["image"]), np.float32)
-                context = None if text_fn is None else np.asarray(text_fn(batch["input_ids"]), np.float32)
+                batch["latents"] = np.asarray(encode_fn(batch["image"]), np.float32)
+                cond = None if text_fn is None else text_fn({k: batch[k] for k in tokenizers})
                 for i in range(real):
-                    record = {"latents": latents[i], "input_ids": batch["input_ids"][i],
-                              "label": batch["label"][i]}
-                    if context is not None:
-                        record["context"] = context[i]
-                    writer.write(sources.encode_record(record))
+                    writer.write(sources.encode_record(_record(batch, cond, i, tokenizers)))
         finally:
             writer.close()
         meta["splits"][split] = counter.examples
         meta["files"][split] = [f"{split}.array_record"]
         meta["skipped"][split] = dict(counter.skipped)
     if text_fn is not None:
-        np.save(out / sources.NULL_CONTEXT, np.asarray(text_fn(tokenizer([""])), np.float32)[0])
+        meta["cond_keys"] = _write_null_cond(out, text_fn, tokenizers)
     # Written last: its presence marks a complete folder for LatentsSource.
     (out / sources.LATENTS_META).write_text(json.dumps(meta, indent=2))
     return meta
@@ -156,10 +192,11 @@ def _check_finished(stats: dict, url: str, settings: dict, out: Path) -> None:
                          + "): rerun with those, or use a new --out")
 
 
-def plan_webdataset(spec: str, out_path, data_config, tokenizer, model: dict, *,
+def plan_webdataset(spec: str, out_path, data_config, text, model: dict, *,
                     process_index: int = 0, process_count: int = 1) -> ShardPlan:
     """Every check that needs no model: the spec, the shards, the out dir, the config and the
-    shards finished before. `model` is frozen_towers.describe(config)."""
+    shards finished before. `model` is frozen_towers.describe(config); `text` as in
+    write_latents."""
     from diffusion_jax.data import webdataset_shards
 
     urls = webdataset_shards.expand_spec(spec)
@@ -176,7 +213,7 @@ def plan_webdataset(spec: str, out_path, data_config, tokenizer, model: dict, *,
         raise ValueError(f"data.split and data.eval_split are both {data_config.split!r}: "
                          "name the held-out split differently")
     out = _writable_dir(out_path)
-    settings = {**model, "max_length": tokenizer.max_length,
+    settings = {**model, **_ids_lengths(input_pipeline.text_tokenizers(text)),
                 **{k: data_config[k] for k in ("image_size", "random_crop", "min_image_size",
                                                "eval_fraction", "seed", "split", "eval_split")}}
     shards = [(i, u) for i, u in enumerate(urls) if u in existing]
@@ -226,6 +263,7 @@ def _counts_since(counter: input_pipeline.ExampleCounter, before: dict) -> dict:
 
 def _encode_shard(plan: ShardPlan, index: int, url: str, encode_fn, text_fn, prepare,
                   counters, progress) -> None:
+    ids_keys = prepare.caption_ids.tokenizers
     config, out = plan.data_config, plan.out
     names = {False: RECORD_FILE.format(config.split, index),
              True: RECORD_FILE.format(config.eval_split, index)}
@@ -235,12 +273,11 @@ def _encode_shard(plan: ShardPlan, index: int, url: str, encode_fn, text_fn, pre
     try:
         for batch, real in _padded_batches(_shard_rows(url, prepare, config, counters),
                                            config.batch_size):
-            latents = encode_fn(batch["image"])
-            context = text_fn(batch["input_ids"])
+            batch["latents"] = encode_fn(batch["image"])
+            cond = text_fn({key: batch[key] for key in ids_keys})
             for i in range(real):
-                writers[bool(batch["held_out"][i])].write(sources.encode_record({
-                    "latents": latents[i], "input_ids": batch["input_ids"][i],
-                    "label": batch["label"][i], "context": context[i]}))
+                writers[bool(batch["held_out"][i])].write(
+                    sources.encode_record(_record(batch, cond, i, ids_keys)))
             progress.update(real)
     finally:
         for writer in writers.values():
@@ -260,17 +297,19 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def encode_shards(plan: ShardPlan, encode_fn, text_fn, tokenizer) -> dict:
+def encode_shards(plan: ShardPlan, encode_fn, text_fn, text,
+                  time_ids: input_pipeline.TimeIds | None = None) -> dict:
     """Encodes this process's unfinished shards, then finalizes if every shard is done.
-    encode_fn / text_fn as in write_latents (frozen_towers.frozen_encoders). Returns
+    encode_fn / text_fn / text / time_ids as in write_latents (frozen_towers.frozen_encoders,
+    frozen_towers.time_ids). Returns
     {"written", "skipped", "converted" (this run), "shards_done", "shards_failed",
     "finalized"}."""
     from tqdm import tqdm
 
     config = plan.data_config
     prepare = input_pipeline.PrepareImage(config.image_size, config.random_crop, random_flip=False,
-                                    caption_dropout=0.0, caption_ids=input_pipeline.CaptionIds(tokenizer),
-                                    min_image_size=config.min_image_size)
+                                    caption_dropout=0.0, caption_ids=input_pipeline.CaptionIds(text),
+                                    min_image_size=config.min_image_size, time_ids=time_ids)
     counters = {False: input_pipeline.ExampleCounter(), True: input_pipeline.ExampleCounter()}
     index, count = plan.process
     failed = []
@@ -293,21 +332,23 @@ def encode_shards(plan: ShardPlan, encode_fn, text_fn, tokenizer) -> dict:
               "converted": dict(sum((collections.Counter(t["converted"]) for t in totals), collections.Counter())),
               "shards_done": len(plan.todo) - len(failed), "shards_before": already,
               "shards_failed": failed}
-    result["finalized"] = finalize(plan, text_fn, tokenizer)
+    result["finalized"] = finalize(plan, text_fn, text, micro_conditioning=time_ids is not None)
     return result
 
 
-def finalize(plan: ShardPlan, text_fn, tokenizer) -> bool:
-    """Writes null_context.npy and then latents.json if every shard of the spec is finished
-    (by any process); returns whether it did."""
+def finalize(plan: ShardPlan, text_fn, text, micro_conditioning: bool = False) -> bool:
+    """Writes the empty caption's conditioning (null_context.npy, ...) and then latents.json
+    if every shard of the spec is finished (by any process); returns whether it did."""
     stats = [_read_stats(plan.out, index) for index, _ in plan.shards]
     if any(s is None for s in stats):
         return False
     for s, (_, url) in zip(stats, plan.shards):
         _check_finished(s, url, plan.settings, plan.out)
     config = plan.data_config
+    tokenizers = input_pipeline.text_tokenizers(text)
     meta = {"source": "webdataset", "path": plan.spec, "image_size": config.image_size,
-            "max_length": tokenizer.max_length, "has_context": True, "shards": len(stats),
+            **_ids_lengths(tokenizers), "has_context": True,
+            "micro_conditioning": micro_conditioning, "shards": len(stats),
             "settings": plan.settings, "splits": {}, "skipped": {}, "converted": {}, "files": {}}
     for split in (config.split, config.eval_split):
         counts = [s["splits"][split] for s in stats]
@@ -316,9 +357,6 @@ def finalize(plan: ShardPlan, text_fn, tokenizer) -> bool:
             meta[kind][split] = dict(sorted(sum((collections.Counter(c[kind]) for c in counts),
                                                 collections.Counter()).items()))
         meta["files"][split] = [RECORD_FILE.format(split, s["index"]) for s in stats]
-    null_tmp = plan.out / f"{sources.NULL_CONTEXT}.{os.getpid()}.tmp"
-    with open(null_tmp, "wb") as f:
-        np.save(f, text_fn(tokenizer([""]))[0].astype(np.float32))
-    os.replace(null_tmp, plan.out / sources.NULL_CONTEXT)
+    meta["cond_keys"] = _write_null_cond(plan.out, text_fn, tokenizers)
     _write_json(plan.out / sources.LATENTS_META, meta)  # last: it marks the folder complete
     return True

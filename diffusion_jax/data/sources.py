@@ -365,14 +365,23 @@ def decode_record(record: bytes) -> dict[str, np.ndarray]:
 
 LATENTS_META = "latents.json"
 NULL_CONTEXT = "null_context.npy"
+# The empty caption's conditioning, by cond key, which caption dropout swaps in.
+NULL_COND = {"context": NULL_CONTEXT, "pooled": "null_pooled.npy"}
+
+
+def cond_keys(meta: dict) -> list[str]:
+    """The conditioning keys a latents.json says its records hold (before two text towers,
+    only `has_context`)."""
+    return list(meta.get("cond_keys") or (["context"] if meta.get("has_context") else []))
 
 
 class LatentsSource:
     """Precomputed examples written by `precompute.write_latents` or `diffusion-jax precompute`:
     `latents.json` in the folder `path` lists the array_record files of each split (one
     `{split}.array_record`, or one `{split}-NNNNN.array_record` per WebDataset shard), each
-    record {"latents", "input_ids", "label"} and "context" when the text encoder's output was
-    stored too."""
+    record {"latents", the ids keys ("input_ids", ...), "label"}, the text towers'
+    conditioning ("context", "pooled") when it was stored too, and each image's
+    "original_size" and "crop_top_left" when it was written for SDXL's micro-conditioning."""
 
     read_threads = 0
 
@@ -396,7 +405,7 @@ class LatentsSource:
             raise FileNotFoundError(f"data.path={path!r}: {len(missing)} of the {split!r} files "
                                     f"{LATENTS_META} lists are missing (e.g. {missing[0]})")
         self.split = split
-        self.null_context = np.load(root / NULL_CONTEXT) if self.meta["has_context"] else None
+        self.null_cond = {key: np.load(root / NULL_COND[key]) for key in cond_keys(self.meta)}
         self._records = ArrayRecordDataSource([str(p) for p in paths])
         if len(self._records) == 0:
             raise ValueError(f"data.path={path!r}: the {split!r} split holds no examples")

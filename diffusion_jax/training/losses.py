@@ -53,11 +53,12 @@ def vae_loss_fn(models: system.Models, reconstruction_loss: str, kl_weight: floa
     return loss_fn
 
 
-def batch_cond(models: system.Models, params: Params, batch: Mapping[str, jax.Array]
-               ) -> dict[str, jax.Array] | None:
-    """The batch's precomputed conditioning (precomputed latents carry `context`), where the
-    loss may use it: the batch holds every key the text towers give and no text tower is
-    trained (a trained one must see its own forward). None: encode the ids."""
+def precomputed_cond(models: system.Models, params: Params, batch: Mapping[str, jax.Array]
+                     ) -> dict[str, jax.Array] | None:
+    """The batch's precomputed text conditioning (precomputed latents carry `context`, and
+    `pooled` where a tower gives one), where the loss may use it: the batch holds every key
+    the text towers give and no text tower is trained (a trained one must see its own
+    forward). None: encode the ids."""
     trained_text = any(name in params for name in models.system.text_names)
     keys = models.system.cond_keys
     if trained_text or not all(key in batch for key in keys):
@@ -65,12 +66,26 @@ def batch_cond(models: system.Models, params: Params, batch: Mapping[str, jax.Ar
     return {key: batch[key] for key in keys}
 
 
+def batch_cond(models: system.Models, towers: Params, params: Params,
+               batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The denoiser's conditioning of a batch: the text towers' (`context`, `pooled`;
+    precomputed or encoded from the ids by `towers`, the whole params tree) and SDXL's
+    micro-conditioning `time_ids` [B, 5 or 6], which the data pipeline builds per image."""
+    cond = precomputed_cond(models, params, batch)
+    if cond is None:
+        cond = system.encode_text(models, towers,
+                                  {key: batch[key] for key in models.system.ids_keys})
+    if "time_ids" in batch:
+        cond["time_ids"] = batch["time_ids"]
+    return cond
+
+
 def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess, *,
                       min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> LossFn:
     """Batches hold `image` (or precomputed `latents`), the text towers' ids (`input_ids`,
-    ...) and maybe their precomputed conditioning (`context`, used when the text towers are
-    frozen: see `batch_cond`); `params` holds the trained towers (the denoiser, maybe text
-    towers), `frozen` the others."""
+    ...), maybe their precomputed conditioning (`context`, `pooled`, used when the text
+    towers are frozen) and SDXL's `time_ids` (see `batch_cond`); `params` holds the trained
+    towers (the denoiser, maybe text towers), `frozen` the others."""
 
     def loss_fn(params, frozen, batch, rng):
         towers = partition.combine(frozen, params)
@@ -79,10 +94,7 @@ def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess
             x0 = batch["latents"]
         else:
             x0 = system.encode_latents(models, towers, batch["image"], rng_latent)
-        cond = batch_cond(models, params, batch)
-        if cond is None:
-            cond = system.encode_text(models, towers,
-                                      {key: batch[key] for key in models.system.ids_keys})
+        cond = batch_cond(models, towers, params, batch)
         b = x0.shape[0]
         t = process.sample_time(noise_process, rng_t, (b,))
         noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)

@@ -114,7 +114,7 @@ def _check_models(config) -> None:
     """Constraints between the system's sections that the model constructors would only hit
     in a trace, read through the properties every kind's config has (models/__init__.py)."""
     towers = system_lib.from_config(config)
-    system_lib.check_runnable(config)
+    system_lib.time_ids_width(towers, config)  # a text_time U-Net's widths fit together
     denoiser = system_lib.denoiser_config(towers, config)
     vae = system_lib.vae_config(towers, config)
     texts = [(t, system_lib.tower_config(t, config)) for t in towers.text_towers]
@@ -205,6 +205,17 @@ def _check_data(config) -> None:
         if stage_steps(config)["vae"]:
             raise _fail("vae_training.steps", config.vae_training.steps,
                         "precomputed latents have no images to train a VAE on: set it to 0")
+        towers = system_lib.from_config(config)
+        if system_lib.time_ids_width(towers, config) and not source.meta.get("micro_conditioning"):
+            raise _fail("data.path", data.path, "these latents hold no image sizes and crops, "
+                        "which SDXL's time_ids are made of: rewrite them with `diffusion-jax "
+                        "precompute` and this config")
+        lengths = {t.ids_key: config[t.tokenizer].max_length for t in towers.text_towers}
+        written = source.meta.get("max_lengths") or {"input_ids": source.meta.get("max_length")}
+        if any(written.get(key) != length for key, length in lengths.items()):
+            raise _fail("data.path", data.path, f"these latents hold the ids {written}, the "
+                        f"text towers read {lengths}: rewrite them with `diffusion-jax "
+                        "precompute` and this config")
 
 
 def _rules(config, key: str) -> tuple[str, ...]:
@@ -328,17 +339,23 @@ def _check_sections(config) -> None:
                          f"needs ({', '.join(sections)})")
 
 
-def validate(config, workdir=None) -> int | None:
-    """Every check that needs no compile; raises a one-line ValueError. Returns the step the
-    workdir would resume from (None: a fresh run)."""
-    from diffusion_jax.training.trainer import model_config
-
+def check_config(config) -> None:
+    """The checks of the config alone (no data, checkpoint or workdir is read): what
+    `bench memory` needs before it compiles."""
     _check_sections(config)
     _check_choices(config)
     _check_ranges(config)
     _check_models(config)
     _check_final_eval(config)
     _check_mesh(config)
+
+
+def validate(config, workdir=None) -> int | None:
+    """Every check that needs no compile; raises a one-line ValueError. Returns the step the
+    workdir would resume from (None: a fresh run)."""
+    from diffusion_jax.training.trainer import model_config
+
+    check_config(config)
     _check_data(config)
     ckpt_config = model_config(config)
     _check_rules(config, ckpt_config)
@@ -362,6 +379,9 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     shapes = {t.ids_key: jax.ShapeDtypeStruct((batch, config[t.tokenizer].max_length), np.int32)
               for t in towers.text_towers}
     shapes["label"] = jax.ShapeDtypeStruct((batch,), np.int32)
+    width = system_lib.time_ids_width(towers, config)
+    if width:  # SDXL's micro-conditioning, which the data pipeline builds per image
+        shapes["time_ids"] = jax.ShapeDtypeStruct((batch, width), np.float32)
     if data.source != "latents":
         shapes["image"] = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3),
                                                np.float32)
@@ -369,10 +389,14 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     side = data.image_size // vae_factor(config)
     channels = system_lib.vae_config(towers, config).latent_channels
     shapes["latents"] = jax.ShapeDtypeStruct((batch, side, side, channels), np.float32)
-    if _latents_meta(data).get("has_context"):  # the loss then reads it (losses.batch_cond)
+    written = sources.cond_keys(_latents_meta(data))  # the loss then reads them (batch_cond)
+    if "context" in written:
         length = config[towers.text_towers[0].tokenizer].max_length
         shapes["context"] = jax.ShapeDtypeStruct(
             (batch, length, system_lib.context_width(towers, config)), np.float32)
+    if "pooled" in written:
+        shapes["pooled"] = jax.ShapeDtypeStruct(
+            (batch, system_lib.pooled_width(towers, config)), np.float32)
     return shapes
 
 
