@@ -10,8 +10,7 @@ both text towers (their joined context, bigG's pooled embedding, each image's si
         --config.init_from=gs://b/ckpt/sdxl --config.data.path=/gcs/b/latents/sdxl-1024
 
 Per-device memory of the step for 8, 16 and 32 chips: `diffusion-jax bench memory --config
-sdxl_finetune --devices N` (BENCHMARKS.md). Sample grids wait for the pipeline to feed SDXL's
-time_ids: until then a run trains and checkpoints without them.
+sdxl_finetune --devices N` (BENCHMARKS.md).
 """
 
 import ml_collections
@@ -35,5 +34,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.remat_policy = "nothing_saveable"  # recompute each U-Net block in the backward
     config.mesh.data = 1  # every param sharded over every chip (ZeRO-3) ...
     config.mesh.fsdp = -1  # ... which the 10.3 GB U-Net + 2 x 10.3 GB AdamW + EMA need
-    config.sample.steps = 30  # denoising steps of the grids (once the pipeline samples SDXL)
+    config.sample.steps = 30  # denoising steps of the sample grids
     return config

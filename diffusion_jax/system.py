@@ -172,18 +172,6 @@ def pipeline_option(config: Mapping[str, Any], name: str, default: Any = False) 
         config, PIPELINE_SECTION) else default
 
 
-def check_runnable(config: Mapping[str, Any]) -> None:
-    """Raises a one-line ValueError for a system that converts, exports and counts but that
-    sampling and training do not feed yet: a U-Net with SDXL's size/crop micro-conditioning
-    (its `time_ids`; issue 15 wires them)."""
-    towers = from_config(config)
-    if getattr(denoiser_config(towers, config), "addition_embed_type", None) == "text_time":
-        raise ValueError(f"the {towers.denoiser.name} takes SDXL's size/crop micro-conditioning "
-                         "(time_ids), which sampling and training do not give yet: SDXL "
-                         "checkpoints convert, export and count (diffusion-jax params), but do "
-                         "not sample or train in this version")
-
-
 def section(config: Mapping[str, Any], name: str) -> dict:
     """A config section as a plain dict (a ConfigDict's or a JSON dict's)."""
     value = config[name]

@@ -218,18 +218,6 @@ class Run:
             self._sampler = GridSampler(self)
         return self._sampler
 
-    @functools.cached_property
-    def draws_grids(self) -> bool:
-        """Whether the pipeline samples this system. It does not feed SDXL's time_ids yet
-        (its side of issue 15; drop this when it does): such a run trains and checkpoints
-        without grids rather than failing after its last step."""
-        if system.time_ids_width(self.system, self.ckpt_config):
-            log.warning("no sample grids or sampled evaluations in this run: the pipeline "
-                        "does not feed SDXL's size/crop time_ids yet; the checkpoints train "
-                        "and save as usual")
-            return False
-        return True
-
     @property
     def is_main(self) -> bool:
         return jax.process_index() == 0
@@ -549,7 +537,7 @@ def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainStat
             progress.record(step, {"eval_loss": eval_loss})
             if stage.keeps_best:
                 metrics_for_best = {"eval_loss": eval_loss}
-        if stage.draws_samples and config.sample_every_steps and run.draws_grids and (
+        if stage.draws_samples and config.sample_every_steps and (
                 stage_step % config.sample_every_steps == 0) and not last:
             with progress.outside_steps():
                 _sync_towers(run, program, state)
@@ -631,8 +619,6 @@ def _process_rows(batch: Mapping[str, np.ndarray]) -> dict:
 
 def _final(run: Run) -> None:
     """The final sample grid and the config's evaluators, with the EMA copies."""
-    if not run.draws_grids:
-        return
     params = sampling_params(run)
     sampler = run.sampler()
     run.summary["samples"] = str(sampler.grid(run.checkpointer.latest_step(), params))
