@@ -29,6 +29,9 @@ from diffusion_jax.training.state import TrainState, ema_decay, make_train_step
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_train.py"
 TINY_SDXL = REPO / "configs" / "tiny_sdxl_train.py"  # two text towers, pooled, time_ids
+# The tests that share the uninterrupted tiny SDXL run go to one pytest-xdist worker
+# (pytest.ini: --dist loadgroup), so the run is made once, not once per worker.
+SDXL_RUN_GROUP = pytest.mark.xdist_group("tiny_sdxl_run")
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -338,7 +341,8 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
     (TINY, (), ("unet", "unet_ema", "vae", "optimizer"), (4, 8, 12)),
     (TINY, TEXT_ENCODER_RUN, ("unet", "unet_ema", "vae", "text_encoder", "text_encoder_ema",
                               "optimizer"), (4, 8, 12)),
-    (TINY_SDXL, (), ("unet", "unet_ema", "vae", "optimizer"), (2, 4)),
+    pytest.param(TINY_SDXL, (), ("unet", "unet_ema", "vae", "optimizer"), (2, 4),
+                 marks=SDXL_RUN_GROUP),
 ], ids=["unet", "text_encoder", "sdxl"])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp_path, config,
                                                               overrides, items, checkpoints):
@@ -363,6 +367,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp
     jax.tree.map(np.testing.assert_array_equal, resumed, expected)
 
 
+@SDXL_RUN_GROUP
 def test_an_sdxl_shaped_run_trains_on_pooled_and_time_ids_and_checkpoints(finished_run):
     """configs/tiny_sdxl_train.py: two text towers, the pooled bigG-like embedding and the
     size/crop time_ids the data pipeline builds; the final grid is sampled through the
@@ -467,7 +472,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
                  before)
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_SDXL], ids=["sd", "sdxl"])
+@pytest.mark.parametrize("config", [TINY, pytest.param(TINY_SDXL, marks=SDXL_RUN_GROUP)],
+                         ids=["sd", "sdxl"])
 def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, tmp_path, config):
     uninterrupted = finished_run(config=config)
     workdir = tmp_path / "eight"
