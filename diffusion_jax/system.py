@@ -336,8 +336,7 @@ def time_ids_width(system: System, config: Mapping[str, Any]) -> int:
     unet = denoiser_config(system, config)
     if getattr(unet, "addition_embed_type", None) != "text_time":
         return 0
-    pooled = sum(tower_config(t, config).output_widths[t.pooled]
-                 for t in system.text_towers if t.pooled)
+    pooled = pooled_width(system, config)
     numbers, rest = divmod(unet.projection_class_embeddings_input_dim - pooled,
                            unet.addition_time_embed_dim)
     if rest or numbers not in (5, 6):
