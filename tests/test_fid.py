@@ -441,13 +441,13 @@ def test_cli_two_folders_equal_the_two_command_path(features, tmp_path, monkeypa
 
 
 def test_progress_shows_the_rate_and_eta(capsys):
-    batches = list(cli._with_progress(iter([[0] * 4, [0] * 4, [0] * 2]), 10, "read A"))
+    batches = list(cli.common.with_progress(iter([[0] * 4, [0] * 4, [0] * 2]), 10, "read A"))
     assert len(batches) == 3
     err = capsys.readouterr().err
     assert "read A: 4/10 images (" in err and "images/s, ETA " in err
     assert err.rstrip().split("\r")[-1].startswith("read A: 10/10 images (")
     assert "ETA" not in err.split("\r")[-1]  # done
-    assert cli._eta(75.4) == "1:15" and cli._eta(3725) == "1:02:05"
+    assert cli.common.eta(75.4) == "1:15" and cli.common.eta(3725) == "1:02:05"
 
 
 def test_cli_fashion_mnist_in_either_position(tmp_path, monkeypatch, capsys):
