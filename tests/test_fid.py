@@ -65,6 +65,40 @@ def test_features_match_the_torchscript_model(features, torchscript_file):
     assert error <= 1e-3
 
 
+def test_torchscript_tensors_read_without_torch_equal_torch_jit_load(torchscript_file, tmp_path):
+    """The main job needs no torch: default_1.pt's tensors through convert/torch_archive.py
+    are bitwise torch.jit.load's state dict, and converting them works where torch cannot be
+    imported at all."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from diffusion_jax.convert import torch_archive
+
+    expected = torch.jit.load(str(torchscript_file), map_location="cpu").state_dict()
+    found = torch_archive.read_state_dict(torchscript_file)
+    assert found.keys() == expected.keys() and len(found) == 376
+    for key, tensor in expected.items():
+        assert found[key].dtype == tensor.numpy().dtype, key
+        np.testing.assert_array_equal(found[key], tensor.numpy(), err_msg=key)
+
+    script = ("import sys; sys.modules['torch'] = None  # any import of torch fails\n"
+              "from diffusion_jax.eval import inception\n"
+              f"path = inception.setup_weights({str(torchscript_file)!r}, {str(tmp_path)!r})\n"
+              "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+              "print(path)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    ours = inception.load_params(tmp_path)
+    reference = inception.params_from_file(torchscript_file)
+    flat = lambda p: traverse_util.flatten_dict(p)
+    assert flat(ours).keys() == flat(reference).keys()
+    for key, value in flat(reference).items():
+        np.testing.assert_array_equal(flat(ours)[key], np.asarray(value, np.float32))
+
+
 # torchvision's InceptionV3 (pytorch-fid's module names) in definition order, which is the
 # TorchScript port's layer order.
 _PYTORCH_FID_BRANCHES = {

