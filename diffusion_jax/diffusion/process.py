@@ -17,14 +17,13 @@ The DDPM table (`schedule.Schedule`: integer t in [0, T), alpha = sqrt(abar_t), 
 sqrt(1 - abar_t), the model fed t itself) is one implementation; `from_config` builds the one a
 config section names.
 
-A rectified flow (Flux, SD3) plugs in as one more: a pytree `FlowProcess` (its timestep shift
-static) with `prediction_type = "flow"` that registers `alpha_sigma` -> (1 - t, t) for float t
-in [0, 1], `sample_time` -> its (shifted, logit-normal or uniform) training times and
-`model_time` -> t * 1000 (SD3) or t (Flux). `add_noise`, `training_target` (the velocity
-eps - x_0), `snr`, `min_snr_weight` and `prediction_to_x0_eps` then apply to it unchanged, and
-`from_config` returns it for a flow config (`use_flow_sigmas` / FlowMatch scheduler keys),
-which it refuses today. Its samplers (`flow_euler`, ...) are plans over its sigmas, as the
-DDPM samplers are plans over the table.
+The rectified flow of SD3 and Flux (`flow.FlowProcess`) is the other: `prediction_type =
+"flow"`, `alpha_sigma` -> (1 - t, t) for float t in [0, 1], `sample_time` -> its shifted
+logit-normal (or uniform, or mode) training times, `model_time` -> t * 1000. `add_noise`,
+`training_target` (the velocity eps - x_0), `snr`, `min_snr_weight` and
+`prediction_to_x0_eps` apply to it unchanged, and `from_config` returns it for a FlowMatch
+scheduler config. Its samplers (`flow_euler`, `flow_heun`, and `dpmpp_2m` / `unipc` on flow
+sigmas) are plans over its sigmas, as the DDPM samplers are plans over the table.
 """
 
 from __future__ import annotations
@@ -155,7 +154,10 @@ def min_snr_weight(snr: jax.Array, gamma: float, prediction_type: str) -> jax.Ar
 
 def from_config(section: Mapping[str, Any]) -> NoiseProcess:
     """The noise process a config's `schedule` section (diffusers scheduler keys) describes:
-    the DDPM table. Flow configs (`use_flow_sigmas=True`) are refused with a one-line error."""
-    # schedule imports this module for the registrations, so it is imported on first use.
-    from diffusion_jax.diffusion import schedule
+    a rectified flow (`flow.FlowProcess`) for a FlowMatch scheduler config, else the DDPM
+    table. A DDPM scheduler with `use_flow_sigmas=True` is refused in one line."""
+    # Both implementations import this module for the registrations: imported on first use.
+    from diffusion_jax.diffusion import flow, schedule
+    if flow.is_flow_config(section):
+        return flow.FlowProcess.from_config(section)
     return schedule.Schedule.from_config(section)

@@ -13,6 +13,13 @@ Names (k-diffusion / ComfyUI) and the diffusers scheduler each one reproduces st
     unipc            UniPCMultistepScheduler, bh2, order 2, predict_x0 (karras)
     lcm              LCMScheduler (original_inference_steps=50, timestep_scaling=10)
 
+and on a rectified-flow schedule (`flow.FlowConfig`, a FlowMatch scheduler config):
+
+    flow_euler       FlowMatchEulerDiscreteScheduler (shift, dynamic shift by `mu`, `sigmas`)
+    flow_heun        FlowMatchHeunDiscreteScheduler
+    dpmpp_2m         DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)
+    unipc            UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=shift)
+
 The schedule (betas, prediction_type, timestep_spacing, steps_offset, zero-terminal-SNR) comes
 from a `schedule.Schedule` or a diffusers scheduler config; `karras=True` is diffusers'
 `use_karras_sigmas`.
@@ -65,18 +72,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax.diffusion import flow, process
+from diffusion_jax.diffusion.flow import FlowConfig, FlowProcess
 from diffusion_jax.diffusion.schedule import (Schedule, ScheduleConfig, make_alphas_cumprod,
                                               make_sigmas, posterior_coefficients,
                                               prediction_to_x0_eps)
 
 SAMPLERS = ("ddpm", "ddim", "pndm", "euler", "euler_ancestral", "heun", "dpmpp_2m",
             "dpmpp_2m_sde", "unipc", "lcm")
+FLOW_SAMPLERS = ("flow_euler", "flow_heun", "dpmpp_2m", "unipc")  # on a FlowConfig schedule
 KARRAS_SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc")
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation grid
 LCM_TIMESTEP_SCALING = 10.0
@@ -306,16 +317,43 @@ def _solver_schedule(config, n, karras, round_karras_timesteps):
     return t, np.append(sigmas, 0.0).astype(np.float32).astype(np.float64)
 
 
+def _flow_solver_schedule(config: FlowConfig, n, sampler, mu):
+    """DPMSolverMultistep / UniPCMultistep with `use_flow_sigmas=True` (`flow_shift` = the
+    config's shift, or e^mu for a dynamic one): their n flow sigmas, a final 0, and the
+    integer timesteps they feed the model (truncated, as their int64 cast does)."""
+    T = config.num_train_timesteps
+    if sampler == "dpmpp_2m":  # diffusers shifts 1 - alphas, flips, drops the last (zero)
+        shift = math.exp(mu) if mu is not None and config.use_dynamic_shifting else config.shift
+        s = 1.0 - np.linspace(1, 1 / T, n + 1)
+        s = np.flip(shift * s / (1 + (shift - 1) * s))[:-1].copy()
+    else:
+        s = flow.shift_sigmas(config, np.linspace(1, 1 / T, n + 1)[:-1], mu)
+        if config.shift_terminal:
+            s = flow._stretch_to_terminal(config, s)
+        if abs(s[0] - 1) < 1e-6:
+            s[0] -= 1e-6  # UniPC keeps log(alpha) finite at its first step
+    t = (s * T).astype(np.int64)
+    s = np.append(s, 0.0).astype(np.float32).astype(np.float64)
+    return t, 1 - s, s
+
+
+def _solver_points(config, n, karras, sampler, mu, round_karras_timesteps):
+    """(timesteps [n], alpha [n + 1], sigma [n + 1]) of a DPM-Solver / UniPC run."""
+    if isinstance(config, FlowConfig):
+        return _flow_solver_schedule(config, n, sampler, mu)
+    t, s = _solver_schedule(config, n, karras, round_karras_timesteps)
+    return (t, *_vp(s))
+
+
 def _log_snr(alpha, sigma):
     with np.errstate(divide="ignore"):  # sigma = 0 after the last step: lambda = inf
         return np.log(alpha) - np.log(sigma)
 
 
-def _plan_dpmpp(config, n, start, eta, karras, *, sde):
+def _plan_dpmpp(config, n, start, eta, karras, *, sde, mu=None, sigmas=None):
     """DPM-Solver++(2M), data prediction, midpoint; first order on its first and last step."""
-    t, s = _solver_schedule(config, n, karras,
-                            config.beta_schedule != "squaredcos_cap_v2")
-    alpha, sigma = _vp(s)
+    t, alpha, sigma = _solver_points(config, n, karras, "dpmpp_2m", mu,
+                                     getattr(config, "beta_schedule", "") != "squaredcos_cap_v2")
     lam = _log_snr(alpha, sigma)
     i = np.arange(start, n)
     h = lam[i + 1] - lam[i]
@@ -333,12 +371,11 @@ def _plan_dpmpp(config, n, start, eta, karras, *, sde):
     return rows, alpha, sigma, 1.0, sde
 
 
-def _plan_unipc(config, n, start, eta, karras):
+def _plan_unipc(config, n, start, eta, karras, mu=None, sigmas=None):
     """UniPC-bh2, data prediction, order 2 (first order on its first and last step): each
     step first corrects the previous step's result with the new prediction (UniC), then
     predicts the next state (UniP). Both are linear in the state and the predictions."""
-    t, s = _solver_schedule(config, n, karras, True)
-    alpha, sigma = _vp(s)
+    t, alpha, sigma = _solver_points(config, n, karras, "unipc", mu, True)
     lam = _log_snr(alpha, sigma)
     order = {i: 1 if i in (start, n - 1) else 2 for i in range(start, n)}
     cols = {k: [] for k in ("corrector", "c_x", "c_cur", "c_prev", "c_prev2",
@@ -400,12 +437,47 @@ def _plan_lcm(config, n, start, eta, karras):
     return rows, *_discrete_levels(abar[t]), 1.0, True
 
 
+# Rectified flow (FlowMatchEulerDiscreteScheduler / FlowMatchHeunDiscreteScheduler): the state
+# is x = (1 - s) x0 + s eps itself, the model is fed s * T and predicts the velocity dx/ds.
+
+def _flow_rows(config, s_in, level, **coefficients):
+    s_in = np.asarray(s_in, np.float32)
+    return _rows(timestep=s_in * np.float32(config.num_train_timesteps),
+                 input_scale=np.ones(len(s_in)), alpha=1 - s_in.astype(np.float64),
+                 sigma=s_in, level=level, **coefficients)
+
+
+def _plan_flow_euler(config, n, start, eta, karras, mu=None, sigmas=None):
+    s = flow.inference_sigmas(config, n, mu=mu, sigmas=sigmas)
+    i = np.arange(start, n)
+    rows = _flow_rows(config, s[i], i + 1, dt=s[i + 1] - s[i])
+    return rows, 1 - s, s, 1.0, False
+
+
+def _plan_flow_heun(config, n, start, eta, karras, mu=None, sigmas=None):
+    """As `heun`: an Euler evaluation at s_i, then one at s_{i+1} averaging the two
+    velocities (none after the last step, which ends at s = 0)."""
+    s = flow.inference_sigmas(config, n, mu=mu, sigmas=sigmas)
+    cols = {k: [] for k in ("sigma_in", "dt", "second", "level")}
+    for i in range(start, n):
+        last = i == n - 1
+        for second in (False,) if last else (False, True):
+            cols["sigma_in"].append(s[i + 1] if second else s[i])
+            cols["dt"].append(s[i + 1] - s[i]), cols["second"].append(second)
+            cols["level"].append(i + 1 if second or last else 0)
+    rows = _flow_rows(config, cols["sigma_in"], cols["level"], dt=np.array(cols["dt"]),
+                      second=np.array(cols["second"]))
+    return rows, 1 - s, s, 1.0, False
+
+
 # ---------------------------------------------------------------------------------------
 # Device side: one pure step per sampler, (state, prediction, row, noise) -> state.
 
 def _read(state, pred, row, prediction_type):
     x_in = state["x"] * row["input_scale"]
-    return prediction_to_x0_eps(pred, x_in, row["alpha"], row["sigma"], prediction_type)
+    # The table's conversion drops alpha^2 + sigma^2 = 1; a flow state is not on that circle.
+    convert = process.prediction_to_x0_eps if prediction_type == "flow" else prediction_to_x0_eps
+    return convert(pred, x_in, row["alpha"], row["sigma"], prediction_type)
 
 
 def ddpm_step(state, pred, row, noise, prediction_type):
@@ -472,6 +544,18 @@ def unipc_step(state, pred, row, noise, prediction_type):
             "x_last": x, "m_prev": m, "m_prev2": state["m_prev"]}
 
 
+def flow_euler_step(state, pred, row, noise, prediction_type):
+    return {"x": state["x"] + row["dt"] * pred}
+
+
+def flow_heun_step(state, pred, row, noise, prediction_type):
+    second = row["second"]
+    x = jnp.where(second, state["saved"] + 0.5 * (state["d"] + pred) * row["dt"],
+                  state["x"] + pred * row["dt"])
+    return {"x": x, "saved": jnp.where(second, state["saved"], state["x"]),
+            "d": jnp.where(second, state["d"], pred)}
+
+
 def lcm_step(state, pred, row, noise, prediction_type):
     x0, _ = _read(state, pred, row, prediction_type)
     denoised = row["c_out"] * x0 + row["c_skip"] * state["x"]
@@ -496,26 +580,55 @@ _REGISTRY = {
     "dpmpp_2m_sde": _SamplerSpec(functools.partial(_plan_dpmpp, sde=True), dpmpp_step, ("x0_prev",)),
     "unipc": _SamplerSpec(_plan_unipc, unipc_step, ("x_last", "m_prev", "m_prev2")),
     "lcm": _SamplerSpec(_plan_lcm, lcm_step),
+    "flow_euler": _SamplerSpec(_plan_flow_euler, flow_euler_step),
+    "flow_heun": _SamplerSpec(_plan_flow_heun, flow_heun_step, ("saved", "d")),
 }
 
 
 # ---------------------------------------------------------------------------------------
 # Public API.
 
-def _schedule_config(schedule: Schedule | ScheduleConfig | Mapping[str, Any]) -> ScheduleConfig:
-    if isinstance(schedule, Schedule):
+AnySchedule = Schedule | ScheduleConfig | FlowProcess | FlowConfig | Mapping[str, Any]
+
+
+def _schedule_config(schedule: AnySchedule) -> ScheduleConfig | FlowConfig:
+    if isinstance(schedule, (Schedule, FlowProcess)):
         return schedule.config
-    return schedule if isinstance(schedule, ScheduleConfig) else ScheduleConfig.from_dict(schedule)
+    if isinstance(schedule, (ScheduleConfig, FlowConfig)):
+        return schedule
+    return FlowConfig.from_dict(schedule) if flow.is_flow_config(schedule) \
+        else ScheduleConfig.from_dict(schedule)
 
 
-def make_plan(name: str, schedule: Schedule | ScheduleConfig | Mapping[str, Any], num_steps: int,
-              *, eta: float = 0.0, karras: bool = False, start_step: int = 0) -> Plan:
+def _check_flow_options(name: str, config, karras: bool, mu, sigmas) -> None:
+    if isinstance(config, FlowConfig):
+        if name not in FLOW_SAMPLERS:
+            raise ValueError(f"sampler {name!r} is for DDPM schedules; a flow-matching schedule "
+                             f"samples with {list(FLOW_SAMPLERS)}.")
+        if karras:
+            raise ValueError("karras sigmas are not supported on a flow-matching schedule.")
+        if sigmas is not None and name not in ("flow_euler", "flow_heun"):
+            raise ValueError(f"sigmas: {name} on flow sigmas makes its own; only flow_euler "
+                             "and flow_heun take custom sigmas.")
+    elif name.startswith("flow_") or mu is not None or sigmas is not None:
+        raise ValueError(f"{name if name.startswith('flow_') else 'mu / sigmas'}: only for a "
+                         "flow-matching schedule (a FlowMatch scheduler config); this one is DDPM.")
+
+
+def make_plan(name: str, schedule: AnySchedule, num_steps: int, *, eta: float = 0.0,
+              karras: bool = False, start_step: int = 0, mu: float | None = None,
+              sigmas: np.ndarray | None = None) -> Plan:
     """The step schedule of sampler `name` for `num_steps` inference steps, of which the
     first `start_step` are skipped (img2img). Host-side: it reads only the schedule's (static)
-    config, so it also works on a `Schedule` traced through `jax.jit`."""
+    config, so it also works on a `Schedule` traced through `jax.jit`. On a flow schedule,
+    `mu` is the image-size shift of a dynamic one (`flow.resolution_mu`) and `sigmas` the
+    unshifted sigmas to visit (diffusers' `set_timesteps(sigmas=)`; Flux's pipeline passes
+    linspace(1, 1/n, n))."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown sampler {name!r}; valid samplers: {list(SAMPLERS)}.")
+        raise ValueError(f"unknown sampler {name!r}; valid samplers: "
+                         f"{list(dict.fromkeys(SAMPLERS + FLOW_SAMPLERS))}.")
     config = _schedule_config(schedule)
+    _check_flow_options(name, config, karras, mu, sigmas)
     if not 1 <= num_steps <= config.num_train_timesteps:
         raise ValueError(f"num_steps={num_steps}: must be in 1 .. {config.num_train_timesteps}.")
     if not 0 <= start_step < num_steps:
@@ -524,8 +637,9 @@ def make_plan(name: str, schedule: Schedule | ScheduleConfig | Mapping[str, Any]
         raise ValueError(f"karras sigmas apply to {list(KARRAS_SAMPLERS)}, not {name!r}.")
     if (eta and name != "ddim") or eta < 0:
         raise ValueError(f"eta={eta}: only ddim takes eta, and it must be >= 0.")
+    extra = {"mu": mu, "sigmas": sigmas} if isinstance(config, FlowConfig) else {}
     rows, signal, noise, init, stochastic = _REGISTRY[name].build(
-        config, num_steps, start_step, eta, karras)
+        config, num_steps, start_step, eta, karras, **extra)
     return Plan(name, config.prediction_type, num_steps, start_step, init,
                 np.asarray(signal, np.float32), np.asarray(noise, np.float32), rows, stochastic,
                 config.num_train_timesteps)
@@ -628,16 +742,17 @@ def run(plan: Plan, model_fn: ModelFn, latents: jax.Array, rng: jax.Array | None
     return (state["x"], trajectory) if return_trajectory else state["x"]
 
 
-def sample(name: str, model_fn: ModelFn, noise: jax.Array,
-           schedule: Schedule | ScheduleConfig | Mapping[str, Any], num_steps: int,
-           rng: jax.Array | None = None, *, eta: float = 0.0, karras: bool = False,
-           start_step: int = 0, init_latents: jax.Array | None = None,
+def sample(name: str, model_fn: ModelFn, noise: jax.Array, schedule: AnySchedule,
+           num_steps: int, rng: jax.Array | None = None, *, eta: float = 0.0,
+           karras: bool = False, start_step: int = 0, mu: float | None = None,
+           sigmas: np.ndarray | None = None, init_latents: jax.Array | None = None,
            noises: jax.Array | None = None,
            step_callback: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
            return_trajectory: bool = False):
     """`make_plan`, `initial_latents` and `run` in one call (traceable; the schedule's
     config and the options are static). `noise` is unit Gaussian noise of the latents' shape."""
-    plan = make_plan(name, schedule, num_steps, eta=eta, karras=karras, start_step=start_step)
+    plan = make_plan(name, schedule, num_steps, eta=eta, karras=karras, start_step=start_step,
+                     mu=mu, sigmas=sigmas)
     latents = initial_latents(plan, noise, init_latents)
     return run(plan, model_fn, latents, rng, noises=noises, step_callback=step_callback,
                return_trajectory=return_trajectory)

@@ -1,0 +1,178 @@
+"""Rectified flow (diffusion/flow.py): whole sampler trajectories against diffusers' flow
+schedulers, img2img noising, Flux's resolution shift, and the process functions.
+
+Error as in test_samplers.py: max over evaluations of max|ours - diffusers| over
+max(1, max|state|); bound 1e-5 in float32. The model is a fixed nonlinear function of (x, t).
+"""
+
+import math
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from diffusion_jax.diffusion import flow, process, samplers
+
+SHAPE = (2, 4, 8, 8)
+TOL = 1e-5
+SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+       "shift": 3.0}
+FLUX = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+        "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+        "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
+def model_torch(x, t):
+    t = torch.as_tensor(t).to(torch.float32)
+    return (torch.tanh(x) * (0.9 + 0.1 * torch.cos(t / 300))
+            + 0.05 * torch.roll(x, 1, -1) * torch.sin(t / 150))
+
+
+def model_jax(x, t):
+    return jnp.tanh(x) * (0.9 + 0.1 * jnp.cos(t / 300)) + 0.05 * jnp.roll(x, 1, -1) * jnp.sin(t / 150)
+
+
+def noise(seed=0):
+    return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+
+
+def reference(name, config):
+    """diffusers' scheduler for our sampler `name` on FlowMatch `config`, as a user swaps it
+    in (`use_flow_sigmas`, `flow_shift`, `flow_prediction` for the multistep solvers)."""
+    keys = {k: v for k, v in config.items() if not k.startswith("_")}
+    if name == "flow_euler":
+        return diffusers.FlowMatchEulerDiscreteScheduler(**keys)
+    if name == "flow_heun":
+        return diffusers.FlowMatchHeunDiscreteScheduler(
+            num_train_timesteps=keys["num_train_timesteps"], shift=keys["shift"])
+    cls = {"dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+           "unipc": diffusers.UniPCMultistepScheduler}[name]
+    return cls(use_flow_sigmas=True, flow_shift=keys["shift"], prediction_type="flow_prediction",
+               use_dynamic_shifting=keys.get("use_dynamic_shifting", False))
+
+
+def diffusers_trajectory(scheduler, n, x, *, start=0, init=None, **set_timesteps):
+    scheduler.set_timesteps(n, **set_timesteps)
+    timesteps = scheduler.timesteps[start * scheduler.order:]
+    x = torch.from_numpy(x)
+    if init is not None:  # SD3 / Flux img2img: scale_noise at the first remaining timestep
+        scheduler.set_begin_index(start * scheduler.order)
+        if hasattr(scheduler, "scale_noise"):
+            x = scheduler.scale_noise(torch.from_numpy(init), timesteps[:1], x)
+        else:  # the multistep solvers' add_noise, on flow sigmas the same (1 - s) x0 + s eps
+            x = scheduler.add_noise(torch.from_numpy(init), x, timesteps[:1])
+    states = []
+    for t in timesteps:
+        x = scheduler.step(model_torch(x, t), t, x).prev_sample
+        states.append(x.numpy())
+    return np.stack(states), scheduler
+
+
+def trajectory_error(ours, theirs):
+    ours = np.asarray(ours)
+    assert ours.shape == theirs.shape
+    return float(np.max(np.abs(ours - theirs)) / max(1.0, np.abs(theirs).max()))
+
+
+CASES = [  # (sampler, config, steps, our make_plan options = diffusers' set_timesteps options)
+    ("flow_euler", SD3, 10, {}),
+    ("flow_euler", FLUX, 12, {"mu": calculate_shift(1024), "sigmas": np.linspace(1, 1 / 12, 12)}),
+    ("flow_euler", {**SD3, "shift_terminal": 0.1}, 8, {}),
+    ("flow_euler", {**FLUX, "time_shift_type": "linear"}, 6, {"mu": 1.3}),
+    ("flow_heun", SD3, 10, {}),
+    ("dpmpp_2m", SD3, 10, {}),
+    ("dpmpp_2m", FLUX, 20, {"mu": 0.9}),
+    ("unipc", SD3, 10, {}),
+    ("unipc", FLUX, 20, {"mu": 0.9}),
+]
+
+
+@pytest.mark.parametrize("name, config, n, options", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_trajectory_matches_diffusers(name, config, n, options):
+    theirs, scheduler = diffusers_trajectory(reference(name, config), n, noise(), **options)
+    plan = samplers.make_plan(name, config, n, **options)
+    np.testing.assert_allclose(plan.timesteps, scheduler.timesteps.numpy(), rtol=1e-6)
+    _, ours = samplers.run(plan, model_jax, jnp.asarray(noise()), return_trajectory=True)
+    assert trajectory_error(ours, theirs) < TOL
+
+
+@pytest.mark.parametrize("name", ["flow_euler", "dpmpp_2m"])
+def test_img2img_noising_and_trajectory_match_diffusers(name):
+    n, start = 10, 4
+    init = noise(1)
+    theirs, _ = diffusers_trajectory(reference(name, SD3), n, noise(), start=start, init=init)
+    plan = samplers.make_plan(name, SD3, n, start_step=start)
+    x = samplers.initial_latents(plan, jnp.asarray(noise()), jnp.asarray(init))
+    _, ours = samplers.run(plan, model_jax, x, return_trajectory=True)
+    assert trajectory_error(ours, theirs) < TOL
+
+
+def test_resolution_mu_is_calculate_shift():
+    config = flow.FlowConfig.from_dict(FLUX)
+    for seq_len in (256, 1024, 4096, 6000):
+        assert flow.resolution_mu(config, seq_len) == pytest.approx(calculate_shift(seq_len),
+                                                                    rel=1e-12)
+
+
+def test_the_process_is_x_t_equals_one_minus_t_x0_plus_t_eps():
+    p = process.from_config(SD3)
+    assert isinstance(p, flow.FlowProcess) and p.prediction_type == "flow"
+    rng = np.random.default_rng(0)
+    x0, eps = (jnp.asarray(rng.standard_normal((3, 4, 2, 2)), jnp.float32) for _ in range(2))
+    t = jnp.asarray([0.1, 0.5, 0.9], jnp.float32)
+    tt = t[:, None, None, None]
+    np.testing.assert_allclose(jax.jit(process.add_noise)(p, x0, eps, t),
+                               (1 - tt) * x0 + tt * eps, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(process.training_target(p, x0, eps, t), eps - x0, atol=1e-6)
+    np.testing.assert_allclose(process.model_time(p, t), t * 1000, rtol=1e-6)
+    np.testing.assert_allclose(process.snr(p, t), ((1 - t) / t) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "uniform", "mode"])
+def test_training_times_follow_the_sd3_densities_then_the_shift(scheme):
+    """Our draws against diffusers' `compute_density_for_timestep_sampling` (SD3 training),
+    shifted by SD3's shift 3 as its scripts' sigmas are: two-sample KS distance."""
+    count = 20_000
+    config = {**SD3, "time_sampling": scheme, "logit_mean": 0.0, "logit_std": 1.0,
+              "mode_scale": 1.29}
+    ours = np.sort(np.asarray(process.sample_time(process.from_config(config),
+                                                  jax.random.PRNGKey(0), (count,))))
+    u = compute_density_for_timestep_sampling(scheme, count, logit_mean=0.0, logit_std=1.0,
+                                              mode_scale=1.29,
+                                              generator=torch.Generator().manual_seed(0)).numpy()
+    theirs = np.sort(3 * u / (1 + 2 * u))
+    grid = np.linspace(0, 1, 201)
+    ks = np.max(np.abs(np.searchsorted(ours, grid) - np.searchsorted(theirs, grid))) / count
+    assert ks < 0.02  # 1.36 * sqrt(2 / n) = 0.0136 at the 5% level
+    assert ours.min() > 0 and ours.max() <= 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="euler", schedule=SD3), "a flow-matching schedule samples with"),
+    (dict(name="flow_euler", schedule={"beta_schedule": "scaled_linear"}), "only for a flow-matching"),
+    (dict(name="flow_euler", schedule=FLUX), "pass mu"),
+    (dict(name="flow_euler", schedule=SD3, karras=True), "karras sigmas are not supported"),
+    (dict(name="unipc", schedule=SD3, sigmas=np.linspace(1, 0.1, 10)), "only flow_euler and flow_heun"),
+    (dict(name="flow_euler", schedule={**SD3, "stochastic_sampling": True}), "stochastic_sampling=True"),
+    (dict(name="flow_euler", schedule={**SD3, "prediction_type": "epsilon"}), "predicts the flow"),
+    (dict(name="flow_euler", schedule=SD3, sigmas=np.linspace(1, 0.1, 9)), "9 values for 10 steps"),
+])
+def test_bad_options_are_one_line_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        samplers.make_plan(kwargs.pop("name"), kwargs.pop("schedule"), 10, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_flow_config_round_trips_diffusers_keys():
+    config = flow.FlowConfig.from_dict(FLUX)
+    saved = config.to_dict()
+    assert "time_sampling" not in saved
+    assert diffusers.FlowMatchEulerDiscreteScheduler(**saved).config.use_dynamic_shifting
+    assert flow.FlowConfig.from_dict(saved) == config
+    assert math.isclose(flow.inference_sigmas(config, 4, mu=0.0)[0], 1.0)
