@@ -33,11 +33,12 @@ from jax.sharding import Mesh
 
 from diffusion_jax import checkpoint, generate, parallel, program_cache, system
 from diffusion_jax.diffusion import samplers
-from diffusion_jax.diffusion import process
+from diffusion_jax.diffusion import flow, process
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla")
 KARRAS_SUFFIX = "_karras"
-SAMPLER_NAMES = samplers.SAMPLERS + tuple(s + KARRAS_SUFFIX for s in samplers.KARRAS_SAMPLERS)
+SAMPLER_NAMES = tuple(dict.fromkeys(samplers.SAMPLERS + samplers.FLOW_SAMPLERS)) + tuple(
+    s + KARRAS_SUFFIX for s in samplers.KARRAS_SAMPLERS)
 # What a generation call (and `diffusion-jax sample`) uses unless told otherwise.
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_GUIDANCE = "dpmpp_2m", 25, 7.5
 # SDXL's size and crop conditioning (diffusers' argument names): sizes (height, width), crops
@@ -195,7 +196,7 @@ class StableDiffusion:
                                    attention_impl=attention_impl)
         self.denoiser_config = system.denoiser_config(self.system, self.config)
         self.vae_config = system.vae_config(self.system, self.config)
-        self.schedule = process.from_config(self.config["schedule"])  # the DDPM table today
+        self.schedule = process.from_config(self.config["schedule"])  # DDPM table or flow
         self.text_inputs = system.text_inputs(self.system, self.config)
         mesh_config = parallel.default_mesh_config()
         self.mesh = mesh if mesh is not None else parallel.make_mesh(
@@ -334,7 +335,8 @@ class StableDiffusion:
             start_step = samplers.denoising_start_step(name, self.schedule, steps,
                                                        denoising_start, karras=karras)
         else:
-            start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(steps, strength)
+            start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(
+                steps, strength, flow=isinstance(self.schedule, flow.FlowProcess))
         plan = samplers.make_plan(name, self.schedule, steps, eta=eta, karras=karras,
                                   start_step=start_step)
         if denoising_end is not None:
@@ -511,7 +513,8 @@ class StableDiffusion:
 # What A1111 (and Forge, ComfyUI's A1111 importers, civitai) call our samplers.
 A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler",
                        "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                       "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM"}
+                       "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM",
+                       "flow_euler": "Euler", "flow_heun": "Heun"}
 
 
 def a1111_sampler_name(sampler: str) -> str:

@@ -176,3 +176,29 @@ def test_flow_config_round_trips_diffusers_keys():
     assert diffusers.FlowMatchEulerDiscreteScheduler(**saved).config.use_dynamic_shifting
     assert flow.FlowConfig.from_dict(saved) == config
     assert math.isclose(flow.inference_sigmas(config, 4, mu=0.0)[0], 1.0)
+
+
+@pytest.mark.parametrize("n", [5, 10, 28])
+def test_img2img_start_step_rounds_as_the_flow_pipelines(n):
+    for strength in np.linspace(0.05, 1.0, 20):
+        init_timestep = min(n * strength, n)  # SD3 / Flux img2img get_timesteps
+        expected = int(max(n - init_timestep, 0))
+        if expected >= n:
+            continue
+        assert samplers.img2img_start_step(n, float(strength), flow=True) == expected
+
+
+def test_scheduler_config_is_written_and_read_as_flow_match(tmp_path):
+    from diffusion_jax import system
+    from diffusion_jax.convert import diffusers as convert_diffusers
+
+    kind = convert_diffusers.PIPELINE_KINDS[system.STABLE_DIFFUSION]
+    written = convert_diffusers.scheduler_config_json(FLUX, kind)
+    assert written["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(written)
+    assert scheduler.config.use_dynamic_shifting and scheduler.config.max_shift == 1.15
+    (tmp_path / "scheduler").mkdir()
+    scheduler.save_config(tmp_path / "scheduler")
+    read = convert_diffusers.read_schedule(tmp_path)
+    assert flow.FlowConfig.from_dict(read) == flow.FlowConfig.from_dict(FLUX)
+    assert isinstance(process.from_config(read), flow.FlowProcess)

@@ -380,3 +380,61 @@ def test_same_images_on_one_and_eight_devices(systems):
     result = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT, str(ckpt)], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _flow_pipeline(ckpt):
+    """The converted tiny pipeline's weights on SD3's rectified-flow schedule."""
+    params, config, _ = pipeline.checkpoint.load_models(ckpt)
+    config = {**config, "schedule": {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                     "num_train_timesteps": 1000, "shift": 3.0}}
+    return pipeline.StableDiffusion(params, config, export_programs=False)
+
+
+def _diffusers_flow_loop(reference, latents, *, steps, start=0, init_image=None):
+    """What diffusers' SD3 pipelines do (CFG, FlowMatchEulerDiscreteScheduler steps, img2img
+    by scale_noise from t_start = int(n - n strength)) with this U-Net, VAE and text tower."""
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(steps)
+    timesteps = scheduler.timesteps[start:]
+    positive, negative = reference.encode_prompt(PROMPT, "cpu", len(latents), True, NEGATIVE)
+    x = torch.from_numpy(latents)
+    with torch.no_grad():
+        if init_image is not None:
+            pixels = torch.from_numpy(init_image).permute(2, 0, 1)[None].float() / 127.5 - 1
+            encoded = reference.vae.encode(pixels).latent_dist.mode()
+            encoded = (encoded * reference.vae.config.scaling_factor).repeat(len(latents), 1, 1, 1)
+            scheduler.set_begin_index(start)
+            x = scheduler.scale_noise(encoded, timesteps[:1], x)
+        for t in timesteps:
+            out = reference.unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat(
+                [negative, positive])).sample
+            uncond, cond = out.chunk(2)
+            x = scheduler.step(uncond + 7.5 * (cond - uncond), t, x).prev_sample
+        images = reference.vae.decode(x / reference.vae.config.scaling_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def test_rectified_flow_schedule_txt2img_and_img2img_match_diffusers_loop(systems):
+    """A checkpoint whose schedule is a FlowMatch config samples as a rectified flow, through
+    the same pipeline: pixels equal diffusers' flow loop on the same weights."""
+    reference, ckpt, _ = systems
+    pipe = _flow_pipeline(ckpt)
+    latents = _latents(4)
+    ours = pipe.txt2img(PROMPT, NEGATIVE, sampler="flow_euler", steps=5, guidance=7.5,
+                        num_images=2, height=SIZE, width=SIZE, init_latents=latents,
+                        output_type="float32")
+    expected = _diffusers_flow_loop(reference, latents, steps=5)
+    assert np.abs(expected - 0.5).max() > 0.05
+    error = np.abs(ours - expected).max()
+    print(f"flow txt2img: max pixel error {error:.2e}")
+    assert error <= PIXEL_TOLERANCE
+
+    image = (np.random.default_rng(5).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    ours = pipe.img2img(PROMPT, image, NEGATIVE, strength=0.55, sampler="flow_euler", steps=5,
+                        guidance=7.5, num_images=2, height=SIZE, width=SIZE,
+                        init_latents=latents, output_type="float32")
+    # 5 steps at strength 0.55: the flow pipelines skip int(5 - 2.75) = 2 (SD's skip 3).
+    expected = _diffusers_flow_loop(reference, latents, steps=5, start=2, init_image=image)
+    error = np.abs(ours - expected).max()
+    print(f"flow img2img: max pixel error {error:.2e}")
+    assert error <= PIXEL_TOLERANCE

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from diffusion_jax import checkpoint
 from diffusion_jax.convert import read_weights_file
+from diffusion_jax.diffusion import flow
 from diffusion_jax.convert.torch_params import (ConversionError, params_to_state_dict,
                                                 state_dict_to_params)
 from diffusion_jax import system as system_lib
@@ -169,8 +170,15 @@ def read_model_folder(component_dir: Path, tower: system_lib.Tower) -> tuple[dic
 
 
 def read_schedule(folder: Path) -> dict:
+    """The `schedule` section of a pipeline folder: a FlowMatch scheduler's keys as they are
+    (checked by `flow.FlowConfig`), else the DDPM keys with SD's values where absent."""
     path = folder / "scheduler" / "scheduler_config.json"
     scheduler = _read_json(path) if path.is_file() else {}
+    if flow.is_flow_config(scheduler):
+        try:
+            return flow.FlowConfig.from_dict(scheduler).to_dict()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     if scheduler.get("trained_betas") is not None:
         raise ValueError(f"{path}: trained_betas (an explicit beta list) is not supported; "
                          f"supported beta schedules are named by beta_schedule")
@@ -290,12 +298,18 @@ def pipeline_kind(system: system_lib.System, source: str) -> PipelineKind:
 
 def scheduler_class(schedule: Mapping[str, Any], kind: PipelineKind) -> str:
     # As the releases ship: SDXL with Euler; SD with PNDM (epsilon) or DDIM (768-v).
+    if flow.is_flow_config(schedule):
+        return "FlowMatchEulerDiscreteScheduler"
     if kind.scheduler_class:
         return kind.scheduler_class
     return "DDIMScheduler" if schedule.get("prediction_type") == "v_prediction" else "PNDMScheduler"
 
 
 def scheduler_config_json(schedule: Mapping[str, Any], kind: PipelineKind) -> dict:
+    if flow.is_flow_config(schedule):  # a rectified flow: the scheduler every flow release ships
+        return {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                **flow.FlowConfig.from_dict(schedule).to_dict()}
     return {"_class_name": scheduler_class(schedule, kind),
             "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
             "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,

@@ -645,11 +645,14 @@ def make_plan(name: str, schedule: AnySchedule, num_steps: int, *, eta: float = 
                 config.num_train_timesteps)
 
 
-def img2img_start_step(num_steps: int, strength: float) -> int:
-    """Steps skipped at img2img `strength` (diffusers' `get_timesteps`: t_start)."""
+def img2img_start_step(num_steps: int, strength: float, *, flow: bool = False) -> int:
+    """Steps skipped at img2img `strength` (diffusers' `get_timesteps`: t_start). Its SD
+    pipelines skip n - int(n strength) steps, its flow pipelines (SD3, Flux) int(n - n strength):
+    one more where n strength is fractional."""
     if not 0 <= strength <= 1:
         raise ValueError(f"strength={strength}: must be in [0, 1].")
-    start = num_steps - min(int(num_steps * strength), num_steps)
+    start = int(max(num_steps - num_steps * strength, 0)) if flow else \
+        num_steps - min(int(num_steps * strength), num_steps)
     if start >= num_steps:
         raise ValueError(f"strength={strength} leaves none of the {num_steps} steps to run.")
     return start
