@@ -250,3 +250,22 @@ def test_cli_bad_input_is_one_line_before_loading(argv, needle, clip_folder, tmp
     assert code == 1 and out == ""
     assert err.count("\n") == 1 and err.startswith("diffusion-jax: error: "), err
     assert needle in err, err
+
+
+def test_pytorch_model_bin_loads_like_safetensors(clip_folder, tmp_path):
+    from flax import traverse_util
+
+    from diffusion_jax.convert import read_safetensors
+
+    for path in clip_folder.iterdir():
+        if path.name != "model.safetensors":
+            (tmp_path / path.name).write_bytes(path.read_bytes())
+    state_dict = read_safetensors(clip_folder / "model.safetensors")
+    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()},
+               tmp_path / "pytorch_model.bin")  # read back with torch.load(weights_only=True)
+    from_bin = clip_score.load_params(clip_score.check_clip_folder(tmp_path))
+    from_safetensors = clip_score.load_params(clip_score.check_clip_folder(clip_folder))
+    flat_bin, flat_safetensors = (traverse_util.flatten_dict(p) for p in (from_bin, from_safetensors))
+    assert flat_bin.keys() == flat_safetensors.keys()
+    for key, value in flat_bin.items():
+        np.testing.assert_array_equal(value, flat_safetensors[key], err_msg=str(key))
