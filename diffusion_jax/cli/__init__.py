@@ -1,7 +1,7 @@
 """The `diffusion-jax` command: one subcommand per job, each a thin call into the library.
 
 A subcommand is a function `add_<name>(subparsers)` in this package's module for its job
-(weights, sample, bench, train, fid) that declares its arguments and sets
+(weights, sample, bench, train, fid, clip_score) that declares its arguments and sets
 `run=<function taking the parsed args>`; add one to SUBCOMMANDS to grow the command.
 Errors in what the user gave (paths, files, configs) print one line to stderr and exit 1.
 """
@@ -12,13 +12,14 @@ import argparse
 import sys
 from typing import Sequence
 
-from diffusion_jax.cli import bench, fid, sample, train, weights
+from diffusion_jax.cli import bench, clip_score, fid, sample, train, weights
 from diffusion_jax.cli.bench import BENCH_ONLY_OPTIONS  # noqa: F401  (tests read it here)
 from diffusion_jax.cli.common import PROG
 
 
 SUBCOMMANDS = (weights.add_convert, weights.add_export, weights.add_params, sample.add_sample,
-               bench.add_bench, train.add_train, fid.add_fid, train.add_precompute)
+               bench.add_bench, train.add_train, fid.add_fid, clip_score.add_clip_score,
+               train.add_precompute)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 PROG = "diffusion-jax"
 
@@ -34,6 +35,18 @@ def fake_cpu_devices(count: int) -> None:
 
 CHECKPOINT_HELP = ("checkpoint directory; a training workdir (its checkpoints/) or one step "
                    "folder (DIR/STEP) works too")
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a --prompts FILE: its non-empty lines, stripped."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--prompts {path} does not exist")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts")
+    return prompts
 
 
 def eta(seconds: float) -> str:

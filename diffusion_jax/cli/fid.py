@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion_jax.cli.common import CHECKPOINT_HELP, with_progress
+from diffusion_jax.cli.common import CHECKPOINT_HELP, read_prompts, with_progress
 from diffusion_jax.cli.sample import add_sampler_args, flag
 
 
@@ -89,11 +89,7 @@ def _fid_prompts(args: argparse.Namespace, ref: str | None) -> list[str]:
     if args.prompt:
         return [args.prompt]
     if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines()]
-        prompts = [p for p in prompts if p]
-        if not prompts:
-            raise ValueError(f"--prompts {args.prompts} holds no prompts")
-        return prompts
+        return read_prompts(args.prompts)
     if ref == FID_REF_DATASET:
         return fid.fashion_mnist_prompts()
     raise ValueError(f"--checkpoint needs --prompt TEXT or --prompts FILE (the class captions "

@@ -26,7 +26,9 @@ INDEXED_MODULES = frozenset({
     "downsamplers", "upsamplers", "layers", "to_out", "net",
 })
 
-_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# A bare nn.Parameter (CLIP's class token) keeps its name.
+_LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias",
+                  "class_embedding": "class_embedding"}
 
 
 class ConversionError(ValueError):

@@ -9,6 +9,9 @@ text encoders (saved by transformers 4) prefix every key with `text_model.` and 
 
     state_dict_to_params(sd, template, prefix="text_model.", ignore=[r"position_ids$"])
 
+The transformer encoder (`CLIPEncoder`: attention, MLP, pre-LN layers) is shared with the
+vision tower (`clip_vision.py`), which runs it without the causal mask.
+
 SDXL's second tower, OpenCLIP ViT-bigG/14's text model (32 layers), is a
 `CLIPTextModelWithProjection`: the text model under `text_model` plus a bias-free
 `text_projection` of the pooled output. Its config is a `CLIPTextWithProjectionConfig` (the
@@ -44,9 +47,37 @@ ACTIVATIONS = {
 # for those, transformers pools at argmax(input_ids), which is the EOS id 49407 in CLIP's vocab.
 LEGACY_EOS_TOKEN_ID = 2
 
-# Dropout keys must be zero: this model has no dropout (SD keeps its text tower frozen).
+# Dropout keys must be zero: these models have no dropout (SD keeps its text tower frozen).
 _ZERO_KEYS = ("dropout", "attention_dropout")
 _MODEL_TYPES = ("clip_text_model", "clip")
+
+
+def check_encoder_config(config: Any) -> None:
+    """What `CLIPEncoder` needs of a text or vision config: a supported activation and whole
+    attention heads."""
+    name = type(config).__name__
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{name}: hidden_act={config.hidden_act!r} is not supported; "
+                         f"supported: {sorted(ACTIVATIONS)}.")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"{name}: hidden_size={config.hidden_size} is not divisible "
+                         f"by num_attention_heads={config.num_attention_heads}.")
+
+
+def config_fields(cls: type, d: Mapping[str, Any], model_types: tuple[str, ...]) -> dict:
+    """The keys of a transformers config dict that dataclass `cls` has, after checking its
+    model_type and that it asks for no dropout. Keys that do not change the network
+    (`architectures`, `initializer_range`, `torch_dtype`, ...) are dropped."""
+    model_type = d.get("model_type", model_types[0])
+    if model_type not in model_types:
+        raise ValueError(f"{cls.__name__}: model_type={model_type!r} is not supported; "
+                         f"supported: {list(model_types)}.")
+    for key in _ZERO_KEYS:
+        if d.get(key, 0.0):
+            raise ValueError(f"{cls.__name__}: {key}={d[key]!r} is not supported; "
+                             "supported: 0.0 (no dropout).")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in fields}
 
 
 @jax.tree_util.register_static  # a pytree without leaves: passes through jit / eval_shape
@@ -68,12 +99,7 @@ class CLIPTextConfig:
     projection_dim: int = 768  # only CLIPTextModelWithProjection uses it; kept for export
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPTextConfig: hidden_act={self.hidden_act!r} is not supported; "
-                             f"supported: {sorted(ACTIVATIONS)}.")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIPTextConfig: hidden_size={self.hidden_size} is not divisible "
-                             f"by num_attention_heads={self.num_attention_heads}.")
+        check_encoder_config(self)
         if not isinstance(self.eos_token_id, int):
             raise ValueError(f"CLIPTextConfig: eos_token_id={self.eos_token_id!r} is not "
                              "supported; supported: a single int.")
@@ -97,16 +123,7 @@ class CLIPTextConfig:
         network (`architectures`, `initializer_range`, `torch_dtype`, ...) are ignored."""
         if "text_config" in d:
             d = d["text_config"]
-        model_type = d.get("model_type", "clip_text_model")
-        if model_type not in _MODEL_TYPES:
-            raise ValueError(f"CLIPTextConfig: model_type={model_type!r} is not supported; "
-                             f"supported: {list(_MODEL_TYPES)}.")
-        for key in _ZERO_KEYS:
-            if d.get(key, 0.0):
-                raise ValueError(f"CLIPTextConfig: {key}={d[key]!r} is not supported; "
-                                 "supported: 0.0 (no dropout).")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return cls(**config_fields(cls, d, _MODEL_TYPES))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -152,7 +169,7 @@ class CLIPTextWithProjectionOutput(CLIPTextOutput):
     text_embeds: jax.Array
 
 
-def _layer_norm(config: CLIPTextConfig, name: str, dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(config: Any, name: str, dtype: Dtype) -> nn.LayerNorm:
     # Two-pass variance, as PyTorch: the E[x^2]-E[x]^2 form loses digits on the residual stream.
     return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=jnp.float32,
                         use_fast_variance=False, name=name)
@@ -180,10 +197,11 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased q/k/v/out projections."""
+    """Multi-head self-attention with biased q/k/v/out projections; causal for text."""
 
-    config: CLIPTextConfig
+    config: Any  # CLIPTextConfig or CLIPVisionConfig: the fields check_encoder_config reads
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -192,12 +210,12 @@ class CLIPAttention(nn.Module):
         # No padding mask: SD conditions on all 77 positions, padding included, and the causal
         # mask already keeps every token before the first EOS blind to the padding.
         out = dot_product_attention(q, k, v, heads=self.config.num_attention_heads,
-                                    is_causal=True)
+                                    is_causal=self.causal)
         return proj(name="out_proj")(out)
 
 
 class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
+    config: Any
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -210,25 +228,29 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    config: CLIPTextConfig
+    config: Any
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        x = x + CLIPAttention(cfg, self.dtype, name="self_attn")(
-            _layer_norm(cfg, "layer_norm1", self.dtype)(x))
+        x = x + CLIPAttention(cfg, self.dtype, self.causal, name="self_attn")(
+            layer_norm(cfg, "layer_norm1", self.dtype)(x))
         return x + CLIPMLP(cfg, self.dtype, name="mlp")(
-            _layer_norm(cfg, "layer_norm2", self.dtype)(x))
+            layer_norm(cfg, "layer_norm2", self.dtype)(x))
 
 
 class CLIPEncoder(nn.Module):
-    config: CLIPTextConfig
+    """The layers of either tower: causal for text, bidirectional (causal=False) for images."""
+
+    config: Any
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     def setup(self):
         # A list attribute: Flax names the entries `layers_0`, `layers_1`, ...
-        self.layers = [CLIPEncoderLayer(self.config, self.dtype)
+        self.layers = [CLIPEncoderLayer(self.config, self.dtype, self.causal)
                        for _ in range(self.config.num_hidden_layers)]
 
     def __call__(self, x: jax.Array, num_layers: int | None = None) -> tuple[jax.Array, ...]:
@@ -248,8 +270,8 @@ class CLIPTextModel(nn.Module):
 
     def setup(self):
         self.embeddings = CLIPTextEmbeddings(self.config, self.dtype)
-        self.encoder = CLIPEncoder(self.config, self.dtype)
-        self.final_layer_norm = _layer_norm(self.config, "final_layer_norm", self.dtype)
+        self.encoder = CLIPEncoder(self.config, self.dtype, causal=True)
+        self.final_layer_norm = layer_norm(self.config, "final_layer_norm", self.dtype)
 
     def __call__(self, input_ids: jax.Array) -> CLIPTextOutput:
         """input_ids: [B, T] int, T <= max_position_embeddings."""
