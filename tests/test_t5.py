@@ -1,9 +1,14 @@
-"""T5EncoderModel against transformers' PyTorch model on the same random weights.
+"""T5EncoderModel against transformers' PyTorch model on the same random weights, and
+T5Tokenizer against transformers' T5 tokenizer on tiny vocabularies made here (no T5
+vocabulary is bundled or downloaded).
 
 Error measure: max|ours - reference| / max(1, max|reference|), float32 unless stated.
 """
 
 import copy
+import io
+import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers, trainers
 from transformers.models.t5.modeling_t5 import T5Attention as ReferenceT5Attention
 
 from diffusion_jax import models
 from diffusion_jax.configs import t5 as t5_configs
 from diffusion_jax.convert.torch_params import params_to_state_dict, state_dict_to_params
 from diffusion_jax.models import t5
+from diffusion_jax.tokenizer import T5Tokenizer
 
 TOL = 1e-5
 COMPONENT = models.KINDS["t5"]
@@ -181,3 +188,128 @@ def test_from_dict_rejects_unsupported_values(key, value, supported):
     message = str(excinfo.value)
     assert key in message and supported in message, message
 
+
+# --- T5Tokenizer -------------------------------------------------------------------------------
+
+CORPUS = [
+    "a photo of a cat sitting on the mat", "a lighthouse at dusk, oil painting",
+    "the quick brown fox jumps over the lazy dog", "studio photo of a corgi, 85mm lens",
+    "an astronaut riding a horse on mars, highly detailed", "a bowl of ramen, steam, close-up",
+] * 10
+LONG_PROMPT = "a highly detailed photo of a lighthouse at dusk " * 6
+PROMPTS = [
+    "a photo of a cat", "", "   A  photo\tof a\n\nDOG  ", "ramen, 85mm, astronaut!",
+    "zebra xylophone q", "a cat <extra_id_0> on a mat </s> end",
+    "a\u3000cat \uff46\uff55\uff4c\uff4c \ufb01 cafe\u0301",  # NFKC: ideographic space, full width, ligature
+    LONG_PROMPT,
+]
+MAX_LENGTH = 24
+
+
+def unigram_vocab() -> list[tuple[str, float]]:
+    """A Unigram model trained here with the `tokenizers` library, T5's special tokens first."""
+    tokenizer = Tokenizer(tokenizer_models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.train_from_iterator(CORPUS, trainers.UnigramTrainer(
+        vocab_size=150, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    return [tuple(entry) for entry in json.loads(tokenizer.to_str())["model"]["vocab"]]
+
+
+def reference_ids(reference, prompts, max_length=MAX_LENGTH):
+    out = reference(prompts, padding="max_length", max_length=max_length, truncation=True)
+    return np.array(out["input_ids"]), np.array(out["attention_mask"])
+
+
+def check_against(reference, ours: T5Tokenizer):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids, mask = ours.encode(PROMPTS)
+    long_row = PROMPTS.index(LONG_PROMPT)
+    assert [str(w.message).split(" is ")[0] for w in caught] == [f"prompt {long_row}"]
+    expected_ids, expected_mask = reference_ids(reference, PROMPTS)
+    assert ids.dtype == mask.dtype == np.int32 and ids.shape == (len(PROMPTS), MAX_LENGTH)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(mask, expected_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        np.testing.assert_array_equal(ours(PROMPTS), ids)
+        np.testing.assert_array_equal(ours("a photo of a cat")[0], ids[0])
+    assert ours.pad_token_id == 0 and ids[1, 0] == ours.eos_token_id and not ids[1, 1:].any()
+    assert ids[long_row, -1] == ours.eos_token_id and mask[long_row].all()  # truncated, EOS kept
+    assert ours.decode(ids[0]) == reference.decode(expected_ids[0], skip_special_tokens=True)
+
+
+def test_tokenizer_json_matches_transformers(tmp_path):
+    reference = transformers.T5Tokenizer(vocab=unigram_vocab(), extra_ids=10)
+    reference.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").exists() and not (tmp_path / "spiece.model").exists()
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ours = T5Tokenizer.from_pretrained(tmp_path, max_length=MAX_LENGTH)
+    assert ours.vocab_size == len(reloaded)
+    check_against(reloaded, ours)
+    # A sentinel written in a prompt is the special token, as transformers matches it.
+    assert reloaded.convert_tokens_to_ids("<extra_id_0>") in ours("<extra_id_0>")[0]
+
+
+def test_tokenizer_max_length_from_folder(tmp_path):
+    transformers.T5Tokenizer(vocab=unigram_vocab(), extra_ids=0, model_max_length=24
+                             ).save_pretrained(tmp_path)
+    assert T5Tokenizer.from_pretrained(tmp_path).max_length == 24
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("model_max_length")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert T5Tokenizer.from_pretrained(tmp_path).max_length == 512
+
+
+@pytest.fixture(scope="module")
+def spiece_model() -> bytes:
+    """A SentencePiece Unigram model trained here, with T5's ids (pad 0, EOS 1, unk 2) and
+    SentencePiece's default NFKC normalization (a precompiled charsmap, as T5's has)."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=40, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    return model.getvalue()
+
+
+def test_spiece_model_matches_transformers(tmp_path, spiece_model):
+    """A folder with only spiece.model against the tokenizer transformers converts from it."""
+    (tmp_path / "spiece.model").write_bytes(spiece_model)
+    reference = transformers.T5Tokenizer.from_pretrained(tmp_path, extra_ids=0)
+    ours = T5Tokenizer.from_pretrained(tmp_path, max_length=MAX_LENGTH)
+    assert ours.vocab_size == 40
+    prompts = [p for p in PROMPTS if "<extra_id" not in p]  # sentinels: transformers' additions
+    expected_ids, expected_mask = reference_ids(reference, prompts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids, mask = ours.encode(prompts)
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_array_equal(mask, expected_mask)
+
+
+def test_transformers4_tokenizer_json_matches_transformers(tmp_path, spiece_model):
+    """A tokenizer.json laid out as transformers 4's converter wrote T5's (Precompiled charsmap,
+    right strip, runs of spaces replaced; a Metaspace pre-tokenizer), which transformers 5
+    rebuilds in its own layout on loading and we run as written: the same ids."""
+    (tmp_path / "spm").mkdir()
+    (tmp_path / "spm" / "spiece.model").write_bytes(spiece_model)
+    transformers.T5Tokenizer.from_pretrained(tmp_path / "spm", extra_ids=5).save_pretrained(
+        tmp_path / "t5")
+    folder = tmp_path / "t5"
+    (folder / "spiece.model").unlink(missing_ok=True)
+    backend = json.loads((folder / "tokenizer.json").read_text())
+    assert backend["normalizer"]["type"] == "Precompiled"
+    backend["normalizer"] = {"type": "Sequence", "normalizers": [
+        backend["normalizer"], {"type": "Strip", "strip_left": False, "strip_right": True},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": "\u2581"}]}
+    backend["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
+                                "prepend_scheme": "always", "split": True}
+    (folder / "tokenizer.json").write_text(json.dumps(backend))
+    check_against(transformers.AutoTokenizer.from_pretrained(folder),
+                  T5Tokenizer.from_pretrained(folder, max_length=MAX_LENGTH))
+
+
+def test_tokenizer_folder_without_vocabulary(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor spiece.model"):
+        T5Tokenizer.from_pretrained(tmp_path)
