@@ -15,6 +15,7 @@ INSTALL_REQUIRES = [
     "webdataset>=1.0.2",  # WebDataset tar shards: spec expansion, sample grouping (data/webdataset_shards.py)
     "absl-py>=2.0",  # data/input_pipeline.py marks absl flags parsed before grain starts workers
     "tokenizers>=0.21",
+    "sentencepiece>=0.2",  # T5 tokenizer folders that hold only spiece.model (tokenizer.py)
     "numpy>=1.26",
     "pillow>=10",
     "scipy>=1.11",  # FID: symmetric eigendecompositions (scipy.linalg.eigh)

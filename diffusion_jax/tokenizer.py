@@ -1,4 +1,5 @@
-"""CLIP BPE tokenizer over the bundled vocabulary, equal to transformers' `CLIPTokenizer`.
+"""Tokenizers of the text towers: CLIP BPE over the bundled vocabulary, equal to transformers'
+`CLIPTokenizer`; T5's SentencePiece model read from a checkpoint's folder (`T5Tokenizer`).
 
 The vocabulary is openai/CLIP's `bpe_simple_vocab_16e6.txt.gz`, shipped in `assets/`; it is
 turned into a 49408-entry vocab and 48894 merges exactly as openai/CLIP's `simple_tokenizer`
@@ -16,6 +17,10 @@ The padding token follows the checkpoint: SD 1.x pads with `<|endoftext|>`, SD 2
 (id 0). Like transformers, the padding token is a special token, so with "!" padding a "!"
 in a prompt becomes id 0 (the bare "!"), not 256 ("!" ending a word) as openai/CLIP would
 give; that is what a diffusers SD 2.x pipeline feeds its text encoder.
+
+No T5 vocabulary ships with the package: `T5Tokenizer.from_pretrained` reads the Flux / SD3
+checkpoint's `tokenizer_2/` or `tokenizer_3/` folder, its `tokenizer.json` through the
+`tokenizers` library, or, where that is absent, its `spiece.model` through `sentencepiece`.
 """
 
 from __future__ import annotations
@@ -217,3 +222,145 @@ class CLIPTokenizer:
             tokens = tokens[:tokens.index(self.eos_token_id)]
         text = self._backend.decode(tokens, skip_special_tokens=False)
         return text.replace(END_OF_WORD, " ").strip()
+
+
+# T5's special tokens as transformers' T5Tokenizer names them (folders may say otherwise).
+T5_EOS_TOKEN = "</s>"
+T5_PAD_TOKEN = "<pad>"
+# The length T5 was pre-trained at: the default where a folder sets no model_max_length.
+T5_DEFAULT_MAX_LENGTH = 512
+
+
+class _TokenizersBackend:
+    """A `tokenizer.json` (the Unigram model with its normalizer, pre-tokenizer and added
+    tokens, the sentinels `<extra_id_N>` among them) as the `tokenizers` library runs it."""
+
+    def __init__(self, path: Path):
+        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer.no_truncation()  # the file may carry settings; lengths are ours
+        self.tokenizer.no_padding()
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(prompts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+class _SentencePieceBackend:
+    """A `spiece.model` as SentencePiece runs it. Its pieces are all it knows: the sentinels
+    that transformers adds as special tokens (`<extra_id_N>`, no prompt holds them) are not
+    matched in text."""
+
+    def __init__(self, path: Path):
+        try:
+            import sentencepiece
+        except ImportError as e:  # a dependency of the package; say so if it is missing
+            raise ImportError(f"{path.parent} holds only spiece.model, which needs the "
+                              "sentencepiece package (pip install sentencepiece)") from e
+        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        return self.processor.encode(prompts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode([i for i in ids if not self.processor.is_control(i)])
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.processor.piece_to_id(token)
+        return i if self.processor.id_to_piece(i) == token else None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+
+class T5Tokenizer:
+    """Prompts -> int32 ids [B, max_length]: SentencePiece tokens, EOS `</s>`, then padding
+    (`<pad>`, id 0), as transformers' T5 tokenizer gives them with `padding="max_length",
+    max_length=max_length, truncation=True` (a diffusers Flux / SD3 pipeline's call)."""
+
+    def __init__(self, backend: _TokenizersBackend | _SentencePieceBackend, *,
+                 eos_token: str = T5_EOS_TOKEN, pad_token: str = T5_PAD_TOKEN,
+                 max_length: int = T5_DEFAULT_MAX_LENGTH):
+        if max_length < 1:
+            raise ValueError(f"max_length={max_length}: needs room for EOS")
+        ids = {token: backend.token_to_id(token) for token in (eos_token, pad_token)}
+        missing = [token for token, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"token(s) {missing} are not in the vocabulary: not a T5 tokenizer")
+        self._backend = backend
+        self.eos_token, self.pad_token = eos_token, pad_token
+        self.eos_token_id, self.pad_token_id = ids[eos_token], ids[pad_token]
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, max_length: int | None = None) -> T5Tokenizer:
+        """Reads a transformers T5 tokenizer folder (a checkpoint's `tokenizer_2/` or
+        `tokenizer_3/`): tokenizer.json, else spiece.model. The special tokens come from
+        special_tokens_map.json over tokenizer_config.json, as transformers takes them;
+        max_length defaults to the folder's model_max_length, else 512."""
+        directory = Path(directory)
+        if (directory / "tokenizer.json").exists():
+            backend = _TokenizersBackend(directory / "tokenizer.json")
+        elif (directory / "spiece.model").exists():
+            backend = _SentencePieceBackend(directory / "spiece.model")
+        else:
+            raise FileNotFoundError(f"{directory} holds neither tokenizer.json nor spiece.model")
+        config = _read_json(directory / "tokenizer_config.json")
+        special = _read_json(directory / "special_tokens_map.json")
+        token = lambda name, default: _token_content(
+            special.get(name, config.get(name))) or default
+        if max_length is None:
+            folder_length = config.get("model_max_length", _UNSET_MAX_LENGTH)
+            max_length = (T5_DEFAULT_MAX_LENGTH if folder_length >= _UNSET_MAX_LENGTH
+                          else int(folder_length))
+        return cls(backend, eos_token=token("eos_token", T5_EOS_TOKEN),
+                   pad_token=token("pad_token", T5_PAD_TOKEN), max_length=max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        """Entries of the vocabulary, added tokens included (the T5-XXL embedding has 32,128
+        rows for the 32,100 of its tokenizer)."""
+        return self._backend.vocab_size
+
+    def __call__(self, prompts: str | Sequence[str]) -> np.ndarray:
+        """int32 [B, max_length]. A prompt too long keeps its first max_length - 1 tokens and
+        its EOS (as transformers truncates), with a warning naming what was dropped."""
+        return self.encode(prompts)[0]
+
+    def encode(self, prompts: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, attention_mask), both int32 [B, max_length]; the mask is 1 on the tokens and
+        their EOS, 0 on the padding."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        room = self.max_length - 1
+        ids = np.full((len(prompts), self.max_length), self.pad_token_id, dtype=np.int32)
+        mask = np.zeros((len(prompts), self.max_length), dtype=np.int32)
+        for row, tokens in enumerate(self._backend.encode(list(prompts))):
+            if len(tokens) > room:
+                dropped = tokens[room:]
+                warnings.warn(
+                    f"prompt {row} is {len(tokens)} tokens, T5 takes {room} here: dropped the "
+                    f"last {len(dropped)} tokens ({self.decode(dropped)!r})", stacklevel=2)
+                tokens = tokens[:room]
+            ids[row, :len(tokens) + 1] = [*tokens, self.eos_token_id]
+            mask[row, :len(tokens) + 1] = 1
+        return ids, mask
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str | list[str]:
+        """Text of one id sequence (a str) or of a batch [B, L] (a list), up to its first EOS."""
+        ids = np.asarray(ids)
+        if ids.ndim == 2:
+            return [self.decode(row) for row in ids]
+        tokens = [int(i) for i in ids]
+        if self.eos_token_id in tokens:
+            tokens = tokens[:tokens.index(self.eos_token_id)]
+        return self._backend.decode(tokens)

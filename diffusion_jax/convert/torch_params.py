@@ -24,6 +24,7 @@ from flax import traverse_util
 INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
     "downsamplers", "upsamplers", "layers", "to_out", "net",
+    "block", "layer",  # transformers T5: encoder.block.N.layer.M
 })
 
 # A bare nn.Parameter (CLIP's class token) keeps its name.

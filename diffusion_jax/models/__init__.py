@@ -100,6 +100,12 @@ register(Component("clip_text_projection", "diffusion_jax.models.clip_text",
                    torch_ignore=(r"position_ids$",),
                    reference_class=("transformers", "CLIPTextModelWithProjection"),
                    weights_stem="model"))
+# The T5 v1.1 encoder of Flux (text_encoder_2) and SD3 (text_encoder_3): `shared.weight` is
+# its token embedding; transformers' tied `encoder.embed_tokens.weight`, where a file has it,
+# is the same tensor.
+register(Component("t5", "diffusion_jax.models.t5", "T5Config", "T5EncoderModel",
+                   torch_ignore=(r"^encoder\.embed_tokens\.weight$",),
+                   reference_class=("transformers", "T5EncoderModel"), weights_stem="model"))
 
 
 def count_params(tree: Any) -> int:
