@@ -57,7 +57,10 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
     config.checkpoint = dict(
         every_steps=1000,  # steps between checkpoints, counted per stage; each stage's end too
         keep=2,  # the last K checkpoints ...
-        keep_best=1,  # ... plus the best K by eval loss
+        keep_best=1,  # ... plus the best K by best_metric
+        # eval_loss, or a final_eval metric run every final_eval.every_steps: fid | kid
+        # (lower is better), class_accuracy | clip_score (higher is better)
+        best_metric="eval_loss",
     )
     config.log_every_steps = 50  # steps between train logs (TensorBoard, metrics.jsonl), NaN checks
     config.eval_every_steps = 1000  # steps between held-out losses (also at each stage's end)
@@ -71,11 +74,19 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
         steps=25,  # denoising steps
         guidance=7.5,  # classifier-free guidance scale (1: conditional only); negative prompt ""
     )
-    # Final evaluation of the demo (0 disables each; both need data.source=fashion_mnist):
-    # class accuracy of samples by a Fashion-MNIST classifier and FID against its test split.
+    # Evaluations after training, and every every_steps U-Net steps (0 disables each):
+    # class accuracy of samples by a Fashion-MNIST classifier (needs data.source=fashion_mnist),
+    # FID and KID against a reference, CLIP score. Logged to TensorBoard (eval/*),
+    # metrics.jsonl and summary.json.
     config.final_eval = dict(
         samples_per_class=0,  # samples per class (10 classes) scored by the classifier
-        fid_samples=0,  # generated images for FID, captions cycling through the classes
-        fid_reference_examples=500,  # test-split images in the (cached) reference statistics
+        fid_samples=0,  # generated images for FID (and KID)
+        # fashion_mnist (its test split; captions cycle through the classes), or an image
+        # folder / statistics or features .npz (diffusion-jax fid's sources; sample.prompts)
+        fid_reference="fashion_mnist",
+        fid_reference_examples=500,  # fashion_mnist: test-split images in the reference
+        clip_score_samples=0,  # generated images of sample.prompts (cycled) for CLIP score
+        clip_model="",  # a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14)
+        every_steps=0,  # also every K U-Net steps (a multiple of checkpoint.every_steps); 0: at the end
     )
     return config

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import uuid
@@ -370,7 +371,8 @@ def create(directory: str | os.PathLike, items: Mapping[str, Any],
 
 class TrainingCheckpointer:
     """The trainer's view of a checkpoint directory: one long-lived Orbax manager that saves
-    asynchronously, keeps the last `keep` steps plus the `keep_best` lowest by `eval_loss`,
+    asynchronously, keeps the last `keep` steps plus the `keep_best` best by `best_metric`
+    (lowest, or highest with `higher_is_better`) among the steps saved with that metric,
     and restores typed pytrees (optimizer state) from templates.
 
     A step holds the model items (`unet`, `unet_ema`, `vae`, `text_encoder`, ...), pytree
@@ -379,7 +381,8 @@ class TrainingCheckpointer:
     other checkpoint."""
 
     def __init__(self, directory: str | os.PathLike, *, pytree_items: Iterable[str],
-                 json_items: Iterable[str], keep: int = 2, keep_best: int = 1):
+                 json_items: Iterable[str], keep: int = 2, keep_best: int = 1,
+                 best_metric: str = "eval_loss", higher_is_better: bool = False):
         self.directory = _orbax_path(as_path(directory))
         self.pytree_items, self.json_items = tuple(pytree_items), tuple(json_items)
         handlers = {name: ocp.StandardCheckpointHandler() for name in self.pytree_items}
@@ -387,8 +390,10 @@ class TrainingCheckpointer:
                          for name in (*self.json_items, CONFIG_ITEM)})
         policies = [ocp.checkpoint_managers.LatestN(keep)]
         if keep_best:
+            worst = -math.inf if higher_is_better else math.inf  # a step saved without it
             policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda metrics: metrics["eval_loss"], reverse=True, n=keep_best,
+                get_metric_fn=lambda metrics: float(metrics.get(best_metric, worst)),
+                reverse=not higher_is_better, n=keep_best,
                 keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),

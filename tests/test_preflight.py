@@ -176,6 +176,11 @@ def _local_paths(config_spec: str, overrides: list[str], root: Path) -> list[str
     """The overrides with init_from and data.path pointed at local stand-ins of what the
     example names (a gs:// bucket cannot be reached here)."""
     config = config_files.load(config_spec)
+    stand_ins = {"--config.final_eval.fid_reference=": lambda: _image_folder(root / "images"),
+                 "--config.final_eval.clip_model=": lambda: _clip_folder(root / "clip")}
+    replaced = [f"{key}{make()}" for key, make in stand_ins.items()
+                if any(o.startswith(key) for o in overrides)]
+    overrides = [o for o in overrides if not o.startswith(tuple(stand_ins))] + replaced
     out = [o for o in overrides if not o.startswith(("--config.init_from=", "--config.data.path="))]
     config_overrides = [o[len("--config."):].split("=", 1) for o in out]
     from diffusion_jax.config_overrides import apply_overrides
@@ -191,6 +196,25 @@ def _local_paths(config_spec: str, overrides: list[str], root: Path) -> list[str
     elif config.data.source == "folder":
         out.append(f"--config.data.path={_image_folder(root / 'images')}")
     return out
+
+
+def _clip_folder(path: Path) -> Path:
+    """A transformers CLIPModel folder of random weights (what final_eval.clip_model names)."""
+    if not path.exists():
+        import transformers
+
+        from diffusion_jax.tokenizer import CLIPTokenizer
+
+        transformers.CLIPModel(transformers.CLIPConfig(
+            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2),
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, image_size=32, patch_size=8),
+            projection_dim=8)).save_pretrained(path)
+        CLIPTokenizer.bundled().save_pretrained(path)
+        transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={
+            "height": 32, "width": 32}).save_pretrained(path)
+    return path
 
 
 def _image_folder(path: Path) -> Path:

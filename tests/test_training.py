@@ -209,9 +209,85 @@ def test_evaluators_come_from_config_final_eval():
 
     config = load_config_file(TINY)
     assert evaluators.from_config(config) == []
-    config.final_eval.update(dict(samples_per_class=3, fid_samples=20, fid_reference_examples=50))
+    config.final_eval.update(dict(samples_per_class=3, fid_samples=20, fid_reference_examples=50,
+                                  clip_score_samples=6, clip_model="clip"))
+    prompts = tuple(config.sample.prompts)
     assert evaluators.from_config(config) == [
-        evaluators.FashionMnistClassAccuracy(3), evaluators.FashionMnistFid(20, 50, 32)]
+        evaluators.FashionMnistClassAccuracy(3),
+        evaluators.Fid(20, "fashion_mnist", 50, 32, prompts),
+        evaluators.ClipScore(6, "clip", prompts)]
+    assert evaluators.metrics_of(evaluators.from_config(config)) == {
+        "class_accuracy", "fid", "kid", "clip_score"}
+
+
+def _tiny_clip_folder(folder: Path) -> Path:
+    """A random-weight transformers CLIPModel folder (the bundled CLIP vocabulary)."""
+    import transformers
+
+    from diffusion_jax.tokenizer import CLIPTokenizer
+
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=8)
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config)
+    with torch.no_grad():  # a direction both towers share, so the scores are positive
+        for norm, projection in ((model.vision_model.post_layernorm, model.visual_projection),
+                                 (model.text_model.final_layer_norm, model.text_projection)):
+            norm.bias.add_(0.5)
+            projection.weight[0] += 0.1
+    model.save_pretrained(folder)
+    CLIPTokenizer.bundled().save_pretrained(folder)
+    transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                       crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(checkpoint=dict(best_metric="fid")), "does not run during training"),
+    (dict(checkpoint=dict(best_metric="sharpness")), "use one of"),
+    (dict(final_eval=dict(clip_score_samples=4, clip_model="/nonexistent/clip")),
+     "final_eval.clip_model='/nonexistent/clip'"),
+    (dict(final_eval=dict(fid_samples=4, fid_reference="/nonexistent/ref")),
+     "final_eval.fid_reference='/nonexistent/ref'"),
+    (dict(final_eval=dict(every_steps=3)), "multiple of checkpoint.every_steps=4"),
+])
+def test_evaluation_settings_are_checked_before_training(overrides, message):
+    from diffusion_jax.training import preflight
+
+    config = load_config_file(TINY)
+    for section, values in overrides.items():
+        config[section].update(values)
+    with pytest.raises(ValueError, match=message) as info:
+        preflight.check_config(config)
+    assert "\n" not in str(info.value)
+
+
+def test_evaluators_run_during_training_and_rank_the_best_checkpoint(finished_run,
+                                                                    tmp_path_factory):
+    """final_eval.every_steps=4: CLIP score at U-Net steps 4 and 8 (global 10, 14), logged to
+    metrics.jsonl and TensorBoard; the final summary reuses the last step's; the kept
+    checkpoints are the latest and the best by clip_score."""
+    clip = _tiny_clip_folder(tmp_path_factory.mktemp("clip"))
+    workdir = finished_run("--config.final_eval.clip_score_samples=4",
+                           f"--config.final_eval.clip_model={clip}",
+                           "--config.final_eval.every_steps=4",
+                           "--config.checkpoint.best_metric=clip_score", "--config.checkpoint.keep=1")
+    curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    scores = {c["step"]: c["clip_score"] for c in curve if "clip_score" in c}
+    assert sorted(scores) == [10, 14] and all(c["stage"] == "diffusion" for c in curve
+                                              if "clip_score" in c)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["clip_score"] == scores[14] and summary["clip_score_samples"] == 4
+    assert _tensorboard_tags(workdir).count("eval/clip_score") == 2
+    assert all(s > 0 for s in scores.values()) and scores[10] != scores[14]
+    best = max(scores, key=scores.get)
+    assert checkpoint.steps(workdir / "checkpoints") == sorted({14, best})
 
 
 # ----------------------------------------------------------------------------- config

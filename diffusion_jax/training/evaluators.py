@@ -58,44 +58,105 @@ def load_inception():
 
 
 @dataclasses.dataclass(frozen=True)
-class FashionMnistFid:
-    """FID of samples (captions cycling through the classes) against the test split."""
+class Fid:
+    """FID and KID of `samples` images against `reference`: the bundled Fashion-MNIST test split
+    (its first `reference_examples`, resized to `image_size` as training saw them; captions
+    cycling through the classes) or what `diffusion-jax fid` takes as a source (an image
+    folder, a statistics or features .npz), with `prompts` cycled. KID needs the reference's
+    features (not a mu / sigma-only .npz)."""
 
     samples: int
+    reference: str
     reference_examples: int
     image_size: int
+    prompts: tuple[str, ...]
 
     def evaluate(self, sampler, params: Mapping[str, Any], workdir: epath.Path) -> dict:
-        from diffusion_jax.data import fashion_mnist
-        from diffusion_jax.eval import fid
+        from diffusion_jax.eval import fid, kid
 
         try:
             features = load_inception()
         except (fid.WeightsMissing, OSError, RuntimeError) as e:  # e.g. no network, no pip
             log.warning("FID skipped: %s", e)
             return {"fid": f"skipped: {' '.join(str(e).split())}"}
-        labels = [i % len(fashion_mnist.CLASS_NAMES) for i in range(self.samples)]
-        images = sampler.generate([fashion_mnist.caption(c) for c in labels],
-                                  [100_000 + i for i in range(self.samples)], params)
-        mu, sigma, n = fid.statistics([images[i:i + 100] for i in range(0, self.samples, 100)],
-                                      features)
-        ref_mu, ref_sigma = fid.reference_statistics_fashion_mnist(
-            split="test", num_examples=self.reference_examples, image_size=self.image_size,
-            features=features)
-        value = float(fid.frechet_distance(mu, sigma, ref_mu, ref_sigma))
-        log.info("FID (%d samples vs %d Fashion-MNIST test images): %.2f", n,
-                 self.reference_examples, value)
-        return {"fid_samples": n, "fid_reference_examples": self.reference_examples,
-                "fid": round(value, 3)}
+        if self.reference == fid.DATASET:
+            from diffusion_jax.data import fashion_mnist
+
+            prompts = [fashion_mnist.caption(i % len(fashion_mnist.CLASS_NAMES))
+                       for i in range(self.samples)]
+            reference = fid.fashion_mnist_reference(
+                split="test", num_examples=self.reference_examples, image_size=self.image_size,
+                features=features)
+        else:
+            prompts = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
+            reference = fid.source_stats(fid.check_source(self.reference), features)
+        images = sampler.generate(prompts, [100_000 + i for i in range(self.samples)], params)
+        ours = fid.features_and_statistics(
+            [images[i:i + 100] for i in range(0, self.samples, 100)], features)
+        value = float(fid.frechet_distance(ours.mu, ours.sigma, reference.mu, reference.sigma))
+        result = {"fid_samples": ours.count, "fid": round(value, 3)}
+        if self.reference == fid.DATASET:
+            result["fid_reference_examples"] = self.reference_examples
+        if reference.features is not None:
+            mean, std, _ = kid.kernel_inception_distance(ours.features, reference.features)
+            result.update(kid=round(mean, 6), kid_std=round(std, 6))
+        log.info("FID (%d samples vs %s): %.2f%s", ours.count, self.reference, value,
+                 f", KID {result['kid']:.5f}" if "kid" in result else "")
+        return result
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipScore:
+    """torchmetrics' CLIP score of `samples` images of `prompts` (cycled) under the
+    transformers CLIPModel folder `clip_model`."""
+
+    samples: int
+    clip_model: str
+    prompts: tuple[str, ...]
+
+    def evaluate(self, sampler, params: Mapping[str, Any], workdir: epath.Path) -> dict:
+        from diffusion_jax.eval import clip_score
+
+        prompts = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
+        images = sampler.generate(prompts, [200_000 + i for i in range(self.samples)], params)
+        images = np.round(np.asarray(images) * 255).clip(0, 255).astype(np.uint8)
+        result = clip_score.clip_score([list(zip(images, prompts))],
+                                       self.scorer())
+        log.info("CLIP score (%d samples): %.3f", result.count, result.score)
+        return {"clip_score": round(result.score, 4), "clip_score_samples": result.count}
+
+    def scorer(self):
+        """The CLIP model, loaded and compiled once per run."""
+        from diffusion_jax.eval import clip_score
+
+        if self.clip_model not in _SCORERS:
+            _SCORERS[self.clip_model] = clip_score.load_clip(self.clip_model)
+        return _SCORERS[self.clip_model]
+
+
+_SCORERS: dict[str, Any] = {}
+# The metrics evaluators report, and which way is better (checkpoint.best_metric ranks by one).
+HIGHER_IS_BETTER = {"eval_loss": False, "fid": False, "kid": False, "class_accuracy": True,
+                    "clip_score": True}
 
 
 def from_config(config) -> list:
     """The evaluators `config.final_eval` asks for (a count of 0 leaves one out)."""
     final = config.final_eval
+    prompts = tuple(config.sample.prompts)
     evaluators = []
     if final.samples_per_class:
         evaluators.append(FashionMnistClassAccuracy(final.samples_per_class))
     if final.fid_samples:
-        evaluators.append(FashionMnistFid(final.fid_samples, final.fid_reference_examples,
-                                          config.data.image_size))
+        evaluators.append(Fid(final.fid_samples, final.fid_reference,
+                              final.fid_reference_examples, config.data.image_size, prompts))
+    if final.clip_score_samples:
+        evaluators.append(ClipScore(final.clip_score_samples, final.clip_model, prompts))
     return evaluators
+
+
+def metrics_of(evaluators: list) -> set[str]:
+    """The numbers the evaluators put in the summary that a best checkpoint can rank by."""
+    names = {FashionMnistClassAccuracy: {"class_accuracy"}, Fid: {"fid", "kid"},
+             ClipScore: {"clip_score"}}
+    return set().union(*(names[type(e)] for e in evaluators)) if evaluators else set()

@@ -102,7 +102,8 @@ def _check_ranges(config) -> None:
                 "sample.seeds_per_prompt", "sample.steps"):
         _check_range(config, key, 1)
     for key in ("checkpoint.keep_best", "sample_every_steps", "final_eval.samples_per_class",
-                "final_eval.fid_samples", "data.num_workers"):
+                "final_eval.fid_samples", "final_eval.clip_score_samples",
+                "final_eval.every_steps", "data.num_workers"):
         _check_range(config, key, 0)
     _check_range(config, "data.caption_dropout", 0, 1)
     _check_range(config, "sample.guidance", 0, low_open=True)
@@ -161,12 +162,44 @@ def vae_factor(config) -> int:
 
 
 def _check_final_eval(config) -> None:
+    """The evaluators' inputs (reference, CLIP folder: cheap checks, nothing loaded) and what
+    the best checkpoint ranks by."""
+    from diffusion_jax.eval import clip_score, fid
+    from diffusion_jax.training import evaluators
+
     final = config.final_eval
-    if (final.samples_per_class or final.fid_samples) and config.data.source != "fashion_mnist":
+    fashion_fid = final.fid_samples and final.fid_reference == fid.DATASET
+    if (final.samples_per_class or fashion_fid) and config.data.source != "fashion_mnist":
         key = "final_eval.samples_per_class" if final.samples_per_class else "final_eval.fid_samples"
-        raise _fail(key, final[key.split(".")[1]], "the demo's class accuracy and FID score "
-                    "Fashion-MNIST prompts: set it to 0 for data.source="
-                    f"{config.data.source!r}")
+        raise _fail(key, final[key.split(".")[1]], "the demo's class accuracy and Fashion-MNIST "
+                    "FID score Fashion-MNIST prompts: set it to 0 (or final_eval.fid_reference "
+                    f"to your reference images) for data.source={config.data.source!r}")
+    if final.fid_samples and final.fid_reference != fid.DATASET:
+        try:
+            fid.check_source(final.fid_reference)
+        except (OSError, ValueError) as e:
+            raise _fail("final_eval.fid_reference", final.fid_reference, str(e)) from None
+    if final.clip_score_samples:
+        try:
+            clip_score.check_clip_folder(final.clip_model)
+        except (OSError, ValueError) as e:
+            raise _fail("final_eval.clip_model", final.clip_model,
+                        f"{e} (CLIP score needs a transformers CLIPModel folder)") from None
+    every, checkpoint_every = final.every_steps, config.checkpoint.every_steps
+    if every and every % checkpoint_every:
+        raise _fail("final_eval.every_steps", every, f"must be a multiple of "
+                    f"checkpoint.every_steps={checkpoint_every}, so the evaluated steps are saved")
+    metric = config.checkpoint.best_metric
+    if metric not in evaluators.HIGHER_IS_BETTER:
+        raise _fail("checkpoint.best_metric", metric,
+                    f"use one of {sorted(evaluators.HIGHER_IS_BETTER)}")
+    produced = evaluators.metrics_of(evaluators.from_config(config))
+    if metric != "eval_loss" and config.checkpoint.keep_best and (
+            metric not in produced or not every):
+        raise _fail("checkpoint.best_metric", metric,
+                    "ranks checkpoints by an evaluation that does not run during training: "
+                    f"enable it in final_eval and set final_eval.every_steps (it gives "
+                    f"{sorted(produced) or 'nothing'})")
 
 
 def _check_mesh(config) -> tuple[int, int]:

@@ -19,7 +19,6 @@ WORKDIR may be a gs:// URI (TPU pods, whose VMs share no disk): every file goes 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -210,6 +209,7 @@ class Run:
     towers: dict  # {tower: current params}, the one params tree every stage partitions
     summary: dict
     ema: dict = dataclasses.field(default_factory=dict)  # {tower: whole tree, EMA leaves in}
+    final_results: dict | None = None  # the evaluators' results at the last step, if run there
     _sampler: Any = None
 
     def sampler(self) -> GridSampler:
@@ -304,7 +304,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         workdir / "checkpoints", pytree_items=(
             *towers.names, *(name + checkpoint.EMA_SUFFIX for name in towers.names), OPT_ITEM),
         json_items=(TRAINER_ITEM,), keep=config.checkpoint.keep,
-        keep_best=config.checkpoint.keep_best)
+        keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
+        higher_is_better=evaluators.HIGHER_IS_BETTER[config.checkpoint.best_metric])
     # An extended run keeps the figures of the stages it does not run again.
     run = Run(config=config, workdir=workdir, mesh=mesh,
               text_inputs=system.text_inputs(towers, ckpt_config), checkpointer=checkpointer,
@@ -542,6 +543,16 @@ def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainStat
             with progress.outside_steps():
                 _sync_towers(run, program, state)
                 run.sampler().grid(step, sampling_params(run))  # on every process
+        every = config.final_eval.every_steps
+        if stage.draws_samples and every and _due(stage_step, every, last):
+            with progress.outside_steps():
+                _sync_towers(run, program, state)
+                results = _run_evaluators(run, step)
+            numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+            progress.record(step, numbers)
+            metrics_for_best = {**(metrics_for_best or {}), **numbers}
+            if last:
+                run.final_results = results
         if _due(stage_step, config.checkpoint.every_steps, last):
             with progress.outside_steps():
                 _sync_towers(run, program, state)
@@ -617,13 +628,23 @@ def _process_rows(batch: Mapping[str, np.ndarray]) -> dict:
 # ----------------------------------------------------------------------------- samples, evals
 
 
-def _final(run: Run) -> None:
-    """The final sample grid and the config's evaluators, with the EMA copies."""
-    params = sampling_params(run)
-    sampler = run.sampler()
-    run.summary["samples"] = str(sampler.grid(run.checkpointer.latest_step(), params))
+def _run_evaluators(run: Run, step: int) -> dict:
+    """The config's evaluators on the weights we sample with (on every process: generation
+    spans their devices), logged under eval/ in TensorBoard."""
+    results = {}
     for evaluator in evaluators.from_config(run.config):
-        run.summary.update(evaluator.evaluate(sampler, params, run.workdir))
+        results.update(evaluator.evaluate(run.sampler(), sampling_params(run), run.workdir))
+    run.scalars(step, {k: v for k, v in results.items() if isinstance(v, (int, float))}, "eval")
+    return results
+
+
+def _final(run: Run) -> None:
+    """The final sample grid and the config's evaluators, with the EMA copies (their results
+    from the last step where final_eval.every_steps ran them there)."""
+    step = run.checkpointer.latest_step()
+    run.summary["samples"] = str(run.sampler().grid(step, sampling_params(run)))
+    results = run.final_results if run.final_results is not None else _run_evaluators(run, step)
+    run.summary.update(results)
 
 
 def print_summary(summary: Mapping[str, Any]) -> None:
