@@ -28,7 +28,7 @@ import test_sdxl_pipeline as xl  # noqa: E402
 from test_sdxl_pipeline import sdxl  # noqa: E402,F401  (the tiny SDXL fixture)
 
 PIXEL_TOLERANCE = 2e-3
-STEPS = 3
+STEPS = 5  # and 2 images, as test_pipeline's DDIM run: the same compiled program
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,8 @@ def sd15_loras(sd15):
         # self_attn entries, to_k_lora unexpected; test_kohya_and_peft_names_agree has them)
         "lora_te_": (reference.text_encoder, 3, [
             ("encoder.layers.0.mlp.fc1", 4), ("encoder.layers.1.mlp.fc2", 4)])},
-        seed=3, rename=lambda prefix, name: name if prefix == "lora_unet_" else "text_model." + name)
+        seed=3, rename=lambda prefix, name: (
+            name if prefix == "lora_unet_" else "text_model." + name))
     return {"peft": root / "peft.safetensors", "kohya": root / "kohya.safetensors"}
 
 
@@ -136,7 +137,10 @@ def _check(name, ours, expected, base, tolerance=PIXEL_TOLERANCE):
     assert error <= tolerance, f"{name}: max pixel error {error:.2e}"
 
 
-SD_CASES = {"peft": {"peft": 0.8}, "kohya": {"kohya": 0.8}, "two_at_once": {"peft": 0.8, "kohya": 0.5}}
+SD_CALL = dict(prompt=sd.PROMPT, negative_prompt=sd.NEGATIVE, num_inference_steps=STEPS,
+               guidance_scale=7.5, num_images_per_prompt=2, height=sd.SIZE, width=sd.SIZE)
+SD_CASES = {"peft": {"peft": 0.8}, "kohya": {"kohya": 0.8},
+            "two_at_once": {"peft": 0.8, "kohya": 0.5}}
 
 
 @pytest.mark.parametrize("case", sorted(SD_CASES))
@@ -147,10 +151,8 @@ def test_sd_loras_match_diffusers(sd15, sd15_loras, case):
     flags = [arg for file, weight in loras.items() for arg in ("--lora", f"{file}:{weight}")]
     ours = sd._sample_cli(root, ckpt, f"lora_{case}", latents, "--sampler", "ddim",
                           "--steps", str(STEPS), *flags)
-    call = dict(prompt=sd.PROMPT, negative_prompt=sd.NEGATIVE, num_inference_steps=STEPS,
-                guidance_scale=7.5, num_images_per_prompt=2, height=sd.SIZE, width=sd.SIZE)
-    base = reference(**call, latents=torch.from_numpy(latents), output_type="np").images
-    _check(case, ours, _reference(reference, loras, latents, **call), base)
+    base = reference(**SD_CALL, latents=torch.from_numpy(latents), output_type="np").images
+    _check(case, ours, _reference(reference, loras, latents, **SD_CALL), base)
 
 
 def test_a_text_tower_lora_alone_matches_diffusers(sd15, tmp_path):
@@ -162,10 +164,8 @@ def test_a_text_tower_lora_alone_matches_diffusers(sd15, tmp_path):
     latents = sd._latents(1)
     ours = sd._sample_cli(root, ckpt, "lora_text", latents, "--sampler", "ddim",
                           "--steps", str(STEPS), "--lora", f"{file}:0.8")
-    call = dict(prompt=sd.PROMPT, negative_prompt=sd.NEGATIVE, num_inference_steps=STEPS,
-                guidance_scale=7.5, num_images_per_prompt=2, height=sd.SIZE, width=sd.SIZE)
-    base = reference(**call, latents=torch.from_numpy(latents), output_type="np").images
-    _check("text tower", ours, _reference(reference, {file: 0.8}, latents, **call), base)
+    base = reference(**SD_CALL, latents=torch.from_numpy(latents), output_type="np").images
+    _check("text tower", ours, _reference(reference, {file: 0.8}, latents, **SD_CALL), base)
 
 
 def _sgm(prefix: str, name: str) -> str:
@@ -217,7 +217,8 @@ def test_the_png_records_the_loras(sd15, sd15_loras):
     assert cli.main(["sample", "--checkpoint", str(ckpt), "--prompt", sd.PROMPT,
                      "--steps", str(STEPS), "--sampler", "ddim", "--num-images", "2",
                      "--height", str(sd.SIZE), "--width", str(sd.SIZE), "--out", str(out),
-                     "--lora", str(sd15_loras["kohya"]), "--lora", f"{sd15_loras['peft']}:0.5"]) == 0
+                     "--lora", str(sd15_loras["kohya"]),
+                     "--lora", f"{sd15_loras['peft']}:0.5"]) == 0
     assert json.loads(Image.open(out).text["loras"]) == [
         {"file": str(sd15_loras["kohya"]), "weight": 1.0},
         {"file": str(sd15_loras["peft"]), "weight": 0.5}]
@@ -327,7 +328,8 @@ def test_modules_matching_no_layer_are_refused(sd15, tmp_path):
 
 def test_a_shape_mismatch_names_the_key(sd15, tmp_path):
     _, ckpt, _ = sd15
-    file = _state(tmp_path / "x.safetensors", {f"{Q}.{k}": v for k, v in _lora(down=(4, 31)).items()})
+    file = _state(tmp_path / "x.safetensors",
+                  {f"{Q}.{k}": v for k, v in _lora(down=(4, 31)).items()})
     with pytest.raises(ValueError, match=rf"{Q} has shapes down \(4, 31\), up \(32, 4\), which do "
                                          r"not make that layer's \(32, 32\) weight"):
         pipeline.load(ckpt, loras=[(file, 1.0)], cache_dir=None)
@@ -344,9 +346,10 @@ def test_a_lora_for_another_family_says_so(sd15, sd15_loras, sdxl, tmp_path):
     te2 = _state(tmp_path / "te2.safetensors", {
         f"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.{k}": v
         for k, v in _lora(down=(4, 32), up=(32, 4)).items()})
-    with pytest.raises(ValueError, match=r"another model family: lora_te2_text_model_encoder_layers"
-                                         r"_0_self_attn_q_proj addresses text_encoder_2, which this "
-                                         r"checkpoint does not have \(it has unet, vae, text_encoder\)"):
+    with pytest.raises(ValueError, match=(
+            r"another model family: lora_te2_text_model_encoder_layers_0_self_attn_q_proj "
+            r"addresses text_encoder_2, which this checkpoint does not have \(it has unet, vae, "
+            r"text_encoder\)")):
         pipeline.load(sd_ckpt, loras=[(te2, 1.0)], cache_dir=None)
     te1 = _state(tmp_path / "te1.safetensors", {
         f"lora_te1_text_model_encoder_layers_0_self_attn_q_proj.{k}": v

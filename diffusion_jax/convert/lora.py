@@ -33,6 +33,7 @@ matching no layer or a factor of the wrong shape is refused in one line that nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,6 +41,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -54,6 +57,7 @@ KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder",
                   "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
 _KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te1_|lora_te2_|lora_te_)([^.]+)\."
                         r"(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_PARTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _DIFFUSERS_TOWERS = ("unet", "text_encoder", "text_encoder_2")
 _FACTORS = {"lora_A": "down", "lora_B": "up", "lora.down": "down", "lora.up": "up",
             "lora_linear_layer.down": "down", "lora_linear_layer.up": "up",
@@ -140,11 +144,11 @@ def _peft_alpha(metadata: Mapping[str, Any], tower: str, module: str, rank: int
                 ) -> tuple[float, bool]:
     """(alpha, rsLoRA) of a diffusers-format module: its LoraConfig's alpha_pattern entry
     (the first pattern matching, as PEFT picks it), lora_alpha, else the rank."""
+    rslora = bool(metadata.get(f"{tower}.use_rslora"))
     for pattern, alpha in (metadata.get(f"{tower}.alpha_pattern") or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(alpha), bool(metadata.get(f"{tower}.use_rslora"))
-    return (float(metadata.get(f"{tower}.lora_alpha", rank)),
-            bool(metadata.get(f"{tower}.use_rslora")))
+            return float(alpha), rslora
+    return float(metadata.get(f"{tower}.lora_alpha", rank)), rslora
 
 
 def _diffusers_name(key: str) -> tuple[str, str, str] | None:
@@ -172,8 +176,7 @@ def read(path: str | os.PathLike) -> LoraFile:
     unknown = []
     for key, value in state_dict.items():
         if m := _KOHYA_KEY.match(key):
-            tower, name, kind, kohya = KOHYA_PREFIXES[m[1]], m[2], m[3].split(".")[0], True
-            kind = {"lora_down": "down", "lora_up": "up"}.get(kind, kind)
+            tower, name, kind, kohya = KOHYA_PREFIXES[m[1]], m[2], _KOHYA_PARTS[m[3]], True
             shown = m[1] + m[2]
         elif parsed := _diffusers_name(key):
             (tower, name, kind), kohya = parsed, False
@@ -261,7 +264,7 @@ def _context_width(system_layers: Mapping[str, Mapping[str, Layer]]) -> int | No
 
 
 def _family(width: int) -> str:
-    return f"{width} ({FAMILY_BY_CONTEXT[width]})" if width in FAMILY_BY_CONTEXT else str(width)
+    return f" ({FAMILY_BY_CONTEXT[width]})" if width in FAMILY_BY_CONTEXT else ""
 
 
 def _check_family(lora: LoraFile, system: system_lib.System,
@@ -282,8 +285,9 @@ def _check_family(lora: LoraFile, system: system_lib.System,
                 and module.down.shape[1] != ours:
             raise ValueError(
                 f"LoRA {lora.path} is for another model family: its cross-attention reads "
-                f"{_family(module.down.shape[1])}-wide text features ({module.key}), this "
-                f"checkpoint's U-Net {_family(ours)}-wide ones; use a LoRA made for this model")
+                f"{module.down.shape[1]}-wide text features{_family(module.down.shape[1])} "
+                f"({module.key}), this checkpoint's U-Net {ours}-wide ones{_family(ours)}; "
+                "use a LoRA made for this model")
 
 
 def _resolve(lora: LoraFile, system_layers: Mapping[str, Mapping[str, Layer]]
@@ -325,13 +329,9 @@ def merge(params: Mapping[str, Any], config: Mapping[str, Any],
           loras: Sequence[tuple[LoraFile, float]]) -> dict:
     """`params` ({tower name: params}) with each LoRA's deltas times its user weight added,
     in float32 on the default device; the towers no LoRA touches are returned as they are."""
-    import jax
-    import jax.numpy as jnp
-
     system = system_lib.from_config(config)
     towers = {m.tower for lora, _ in loras for m in lora.modules}
-    system_layers = {t: layers(system, config, t) for t in system.names
-                     if t in towers and t in _DIFFUSERS_TOWERS}
+    system_layers = {t: layers(system, config, t) for t in towers if t in system.names}
     deltas: dict[tuple[str, tuple[str, ...]], list] = {}
     for lora, weight in loras:
         _check_family(lora, system, system_layers)
@@ -341,13 +341,23 @@ def merge(params: Mapping[str, Any], config: Mapping[str, Any],
     changed = {tower for tower, _ in deltas}
     flat = {name: traverse_util.flatten_dict(params[name]) for name in changed}
     for (tower, path), terms in deltas.items():
-        delta = sum(scale * jnp.matmul(jnp.asarray(m.up.reshape(m.up.shape[0], -1)),
-                                       jnp.asarray(m.down.reshape(m.down.shape[0], -1)),
-                                       precision=jax.lax.Precision.HIGHEST)
-                    for scale, m, _ in terms)
-        delta = to_flax_layout(path, delta.reshape(terms[0][2].torch_shape))
-        flat[tower][path] = jnp.asarray(flat[tower][path], jnp.float32) + delta
+        layer = terms[0][2]
+        flat[tower][path] = _merged(
+            jnp.asarray(flat[tower][path], jnp.float32),
+            [m.up.reshape(m.up.shape[0], -1) for _, m, _ in terms],
+            [m.down.reshape(m.down.shape[0], -1) for _, m, _ in terms],
+            np.asarray([scale for scale, _, _ in terms], np.float32), leaf=path[-1],
+            torch_shape=layer.torch_shape)
     return {**params, **{name: traverse_util.unflatten_dict(flat[name]) for name in changed}}
+
+
+@functools.partial(jax.jit, static_argnames=("leaf", "torch_shape"))
+def _merged(weight, ups, downs, scales, *, leaf, torch_shape):
+    """weight + sum_i scales[i] * ups[i] @ downs[i], the sum shaped [out, in, (kh, kw)] as
+    PyTorch holds the layer and laid out as our `leaf` param. One compile per shape."""
+    delta = sum(scales[i] * jnp.matmul(up, down, precision=jax.lax.Precision.HIGHEST)
+                for i, (up, down) in enumerate(zip(ups, downs)))
+    return weight + to_flax_layout((leaf,), delta.reshape(torch_shape))
 
 
 def parse_flag(spec: str) -> tuple[str, float]:
