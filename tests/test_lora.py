@@ -238,44 +238,53 @@ def test_scale_is_weight_times_alpha_over_rank_and_pt_files_read_the_same(sd15_l
         np.testing.assert_array_equal(a.down, b.down)
 
 
-def test_kohya_and_peft_names_agree(sd15, sdxl, tmp_path):
+def test_kohya_peft_and_old_diffusers_names_agree(sd15, sdxl, tmp_path):
     """The same factors under kohya names (the U-Net's SGM ones for SDXL; the text towers'
-    self_attn, which diffusers cannot load from kohya files here) and under PEFT names
-    merge into the same params."""
+    self_attn, which diffusers cannot load from kohya files here), PEFT names (in a pickled
+    .pt file) and diffusers' older names (.lora.down, .lora_linear_layer.down, the
+    attention processors' to_k_lora) merge into the same params."""
     from diffusion_jax import checkpoint
 
     rng = np.random.default_rng(0)
     factors = lambda rows, cols: {"down": rng.standard_normal((4, cols)),
                                   "up": rng.standard_normal((rows, 4))}
-    cases = [(sd15[1], {
-        ("lora_te_text_model_encoder_layers_0_self_attn_k_proj",
-         "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"): factors(32, 32),
-        ("lora_te_text_model_encoder_layers_1_self_attn_out_proj",
-         "text_encoder.encoder.layers.1.self_attn.out_proj"): factors(32, 32)}),
+    te, xl_block = "text_model.encoder.layers", "down_blocks.1.attentions.1.transformer_blocks.0"
+    cases = [(sd15[1], {  # (kohya, PEFT, old diffusers with {} for down / up): factors
+        (f"lora_te_{te.replace('.', '_')}_0_self_attn_k_proj",
+         f"text_encoder.{te}.0.self_attn.k_proj",
+         f"text_encoder.{te}.0.self_attn.to_k_lora.{{}}.weight"): factors(32, 32),
+        (f"lora_te_{te.replace('.', '_')}_1_mlp_fc1", "text_encoder.encoder.layers.1.mlp.fc1",
+         f"text_encoder.{te}.1.mlp.fc1.lora_linear_layer.{{}}.weight"): factors(37, 32)}),
         (sdxl[1], {
         ("lora_unet_input_blocks_5_1_transformer_blocks_0_attn2_to_v",
-         "unet.down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v"): factors(64, 48),
-        ("lora_unet_output_blocks_2_0_skip_connection",
-         "unet.up_blocks.0.resnets.2.conv_shortcut"): {
+         f"unet.{xl_block}.attn2.to_v",
+         f"unet.{xl_block}.attn2.processor.to_v_lora.{{}}.weight"): factors(64, 48),
+        ("lora_unet_output_blocks_2_0_skip_connection", "unet.up_blocks.0.resnets.2.conv_shortcut",
+         "unet.up_blocks.0.resnets.2.conv_shortcut.lora.{}.weight"): {
              "down": rng.standard_normal((4, 128, 1, 1)), "up": rng.standard_normal((64, 4, 1, 1))},
-        ("lora_te2_text_model_encoder_layers_1_self_attn_v_proj",
-         "text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj"): factors(32, 32)})]
+        (f"lora_te2_{te.replace('.', '_')}_1_self_attn_out_proj",
+         f"text_encoder_2.{te}.1.self_attn.out_proj",
+         f"text_encoder_2.{te}.1.self_attn.to_out_lora.{{}}.weight"): factors(32, 32)})]
     for ckpt, modules in cases:
         kohya = _state(tmp_path / "kohya.safetensors", {
-            f"{k}.lora_{part}.weight": v[part] for (k, _), v in modules.items() for part in v}
-            | {f"{k}.alpha": np.float32(2) for k, _ in modules})
-        peft_file = tmp_path / "peft.pt"  # and a pickled one, read with weights_only=True
+            f"{k}.lora_{part}.weight": v[part] for (k, _, _), v in modules.items() for part in v}
+            | {f"{k}.alpha": np.float32(2) for k, _, _ in modules})  # alpha 2 / rank 4
+        peft_file = tmp_path / "peft.pt"  # read with torch.load(weights_only=True)
         torch.save({f"{p}.lora_{'A' if part == 'down' else 'B'}.weight": torch.as_tensor(
-            v[part] * (0.5 if part == "up" else 1), dtype=torch.float32)
-            for (_, p), v in modules.items() for part in v}, peft_file)
+            v[part] / (2 if part == "up" else 1), dtype=torch.float32)  # alpha = rank, up / 2
+            for (_, p, _), v in modules.items() for part in v}, peft_file)
+        old = _state(tmp_path / "old.safetensors", {
+            o.format(part): v[part] / (2 if part == "up" else 1)
+            for (_, _, o), v in modules.items() for part in v})
         params, config, _ = checkpoint.load_models(ckpt)
-        a = lora.merge(params, config, [(lora.read(kohya), 0.7)])  # alpha 2 / rank 4
-        b = lora.merge(params, config, [(lora.read(peft_file), 0.7)])  # alpha = rank, up / 2
+        merged = [lora.merge(params, config, [(lora.read(file), 0.7)])
+                  for file in (kohya, peft_file, old)]
         changed = 0
-        for tower in a:
-            for x, y, z in zip(*(jax.tree.leaves(t[tower]) for t in (a, b, params))):
-                np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
-                changed += not np.array_equal(np.asarray(x), np.asarray(z))
+        for tower in params:
+            for x, y, z, base in zip(*(jax.tree.leaves(t[tower]) for t in (*merged, params))):
+                np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(x, z, rtol=1e-6, atol=1e-6)
+                changed += not np.array_equal(x, base)
         assert changed == len(modules)
 
 

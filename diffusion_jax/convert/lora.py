@@ -328,7 +328,9 @@ def _resolve(lora: LoraFile, system_layers: Mapping[str, Mapping[str, Layer]]
 def merge(params: Mapping[str, Any], config: Mapping[str, Any],
           loras: Sequence[tuple[LoraFile, float]]) -> dict:
     """`params` ({tower name: params}) with each LoRA's deltas times its user weight added,
-    in float32 on the default device; the towers no LoRA touches are returned as they are."""
+    computed in float32 on the default device and returned as host arrays (which the
+    pipeline places on its mesh, on one host or several); the towers no LoRA touches are
+    returned as they are."""
     system = system_lib.from_config(config)
     towers = {m.tower for lora, _ in loras for m in lora.modules}
     system_layers = {t: layers(system, config, t) for t in towers if t in system.names}
@@ -342,12 +344,12 @@ def merge(params: Mapping[str, Any], config: Mapping[str, Any],
     flat = {name: traverse_util.flatten_dict(params[name]) for name in changed}
     for (tower, path), terms in deltas.items():
         layer = terms[0][2]
-        flat[tower][path] = _merged(
+        flat[tower][path] = np.asarray(_merged(  # back on the host, as the checkpoint's are
             jnp.asarray(flat[tower][path], jnp.float32),
             [m.up.reshape(m.up.shape[0], -1) for _, m, _ in terms],
             [m.down.reshape(m.down.shape[0], -1) for _, m, _ in terms],
             np.asarray([scale for scale, _, _ in terms], np.float32), leaf=path[-1],
-            torch_shape=layer.torch_shape)
+            torch_shape=layer.torch_shape))
     return {**params, **{name: traverse_util.unflatten_dict(flat[name]) for name in changed}}
 
 
