@@ -578,7 +578,7 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
          dtype: Any = jnp.float32, cache_dir: str | None = DEFAULT_CACHE_DIR,
          devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
          vae: str | os.PathLike | None = None,
-         loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> StableDiffusion:
+         loras: Sequence[tuple[Any, float]] = ()) -> StableDiffusion:
     """The pipeline of a checkpoint (converted or trained; a training workdir or one step
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
     and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used. `vae`: a
@@ -586,7 +586,8 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
     fp16-fix VAE), with its own scaling factor, as diffusers' `vae=` does. `dtype`: compute
     dtype (params stay float32); under float16 a VAE whose config says `force_upcast` runs
     in float32. `loras`: (file, weight) pairs, kohya / A1111 or diffusers / PEFT LoRA files
-    merged into the params in float32 before anything compiles (`convert.lora`)."""
+    (paths, or what `convert.lora.read` made of them) merged into the params in float32
+    before anything compiles."""
     cache_dir = enable_compilation_cache(cache_dir)
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
     if vae is not None:
@@ -618,10 +619,9 @@ def with_loras(params: Mapping[str, Any], config: Mapping[str, Any],
     `convert.lora.read` made of them."""
     from diffusion_jax.convert import lora
 
-    pairs = [tuple(entry) for entry in loras]
-    if any(len(pair) != 2 for pair in pairs):
+    if any(isinstance(entry, (str, os.PathLike)) or len(entry) != 2 for entry in loras):
         raise ValueError(f"loras={list(loras)!r}: give (file, weight) pairs, e.g. "
                          "[('style.safetensors', 0.8)]")
     return lora.merge(params, config, [
         (source if isinstance(source, lora.LoraFile) else lora.read(source), float(weight))
-        for source, weight in pairs])
+        for source, weight in loras])

@@ -335,6 +335,11 @@ def test_modules_matching_no_layer_are_refused(sd15, tmp_path):
         pipeline.load(ckpt, loras=[(file, 1.0)], cache_dir=None)
 
 
+def test_python_loras_are_file_weight_pairs(sd15, sd15_loras):
+    with pytest.raises(ValueError, match=r"give \(file, weight\) pairs, e.g. "):
+        pipeline.load(sd15[1], loras=[str(sd15_loras["kohya"])], cache_dir=None)
+
+
 def test_a_shape_mismatch_names_the_key(sd15, tmp_path):
     _, ckpt, _ = sd15
     file = _state(tmp_path / "x.safetensors",
