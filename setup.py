@@ -36,6 +36,7 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "diffusers>=0.36",
         "transformers>=4.50",
+        "peft>=0.15",  # diffusers' load_lora_weights: the LoRA reference (tests/test_lora.py)
         "scipy>=1.11",
         # tests/test_colab.py executes the colab/ notebooks in a Jupyter kernel
         "nbclient>=0.10",

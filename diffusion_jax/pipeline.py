@@ -580,18 +580,23 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
          dtype: Any = jnp.float32, cache_dir: str | None = DEFAULT_CACHE_DIR,
          devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
-         vae: str | os.PathLike | None = None) -> StableDiffusion:
+         vae: str | os.PathLike | None = None,
+         loras: Sequence[tuple[Any, float]] = ()) -> StableDiffusion:
     """The pipeline of a checkpoint (converted or trained; a training workdir or one step
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
     and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used. `vae`: a
     diffusers AutoencoderKL folder used instead of the checkpoint's VAE (e.g. SDXL's
     fp16-fix VAE), with its own scaling factor, as diffusers' `vae=` does. `dtype`: compute
     dtype (params stay float32); under float16 a VAE whose config says `force_upcast` runs
-    in float32."""
+    in float32. `loras`: (file, weight) pairs, kohya / A1111 or diffusers / PEFT LoRA files
+    (paths, or what `convert.lora.read` made of them) merged into the params in float32
+    before anything compiles."""
     cache_dir = enable_compilation_cache(cache_dir)
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
     if vae is not None:
         params, config = with_vae(params, config, vae)
+    if loras:
+        params = with_loras(params, config, loras)
     return StableDiffusion(params, config, dtype=dtype, devices=devices, mesh=mesh,
                            export_programs=cache_dir is not None, source=source)
 
@@ -609,3 +614,17 @@ def with_vae(params: Mapping[str, Any], config: Mapping[str, Any], vae: str | os
                          f"channels, the checkpoint's denoiser {channels}: a VAE of another "
                          "model family")
     return {**params, name: vae_params}, {**config, name: vae_config}
+
+
+def with_loras(params: Mapping[str, Any], config: Mapping[str, Any],
+               loras: Sequence[tuple[Any, float]]) -> dict:
+    """`params` with the LoRAs merged in, each times its weight: files, or what
+    `convert.lora.read` made of them."""
+    from diffusion_jax.convert import lora
+
+    if any(isinstance(entry, (str, os.PathLike)) or len(entry) != 2 for entry in loras):
+        raise ValueError(f"loras={list(loras)!r}: give (file, weight) pairs, e.g. "
+                         "[('style.safetensors', 0.8)]")
+    return lora.merge(params, config, [
+        (source if isinstance(source, lora.LoraFile) else lora.read(source), float(weight))
+        for source, weight in loras])

@@ -75,6 +75,10 @@ def add_sample(subparsers) -> None:
     sdxl.add_argument("--denoising-end", type=float,
                       help="with --refiner: the fraction of the schedule the base model runs "
                            "(default: 0.8)")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help="a LoRA merged into the --checkpoint's models at WEIGHT (default "
+                             "1.0): kohya / A1111 or diffusers / PEFT .safetensors (.ckpt/.pt "
+                             "too, read safely); repeat for several")
     parser.add_argument("--vae", metavar="DIR",
                         help="a diffusers AutoencoderKL folder to decode (and encode) with "
                              "instead of the checkpoint's VAE, e.g. SDXL's fp16-fix VAE")
@@ -168,7 +172,8 @@ def _sample_ensemble(args: argparse.Namespace) -> float | None:
 
 
 def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count: int,
-                   refiner=None, denoising_end: float | None = None) -> dict:
+                   refiner=None, denoising_end: float | None = None,
+                   loras: list[tuple[str, float]] = ()) -> dict:
     """Everything needed to make the same images again, as PNG text metadata."""
     import diffusion_jax
 
@@ -185,6 +190,8 @@ def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count
         run["mask"] = args.mask
     run.update(checkpoint=pipe.source.directory, checkpoint_step=pipe.source.step,
                ema=pipe.source.ema, diffusion_jax_version=diffusion_jax.__version__)
+    if loras:
+        run["loras"] = [{"file": file, "weight": weight} for file, weight in loras]
     if args.vae:
         run["vae"] = args.vae
     if args.dtype != "float32":
@@ -199,6 +206,7 @@ def run_sample(args: argparse.Namespace) -> None:
     import numpy as np
 
     from diffusion_jax import pipeline
+    from diffusion_jax.convert import lora
 
     # Everything the user gave is checked before the checkpoint loads.
     out, is_folder = _sample_output(args.out)
@@ -211,10 +219,12 @@ def run_sample(args: argparse.Namespace) -> None:
                               guidance_rescale=args.guidance_rescale, eta=args.eta,
                               num_images=args.num_images, strength=strength, spell=flag)
     denoising_end = _sample_ensemble(args)
+    loras = [lora.parse_flag(spec) for spec in args.lora]  # (file, weight)
     import jax.numpy as jnp
 
     models = dict(use_ema=not args.no_ema, vae=args.vae, dtype=jnp.dtype(args.dtype))
-    pipe = pipeline.load(args.checkpoint, step=args.step, **models)
+    read = [(lora.read(file), weight) for file, weight in loras]  # bad files fail here
+    pipe = pipeline.load(args.checkpoint, step=args.step, loras=read, **models)
     refiner = None if args.refiner is None else pipeline.load(args.refiner, **models)
     options = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
@@ -244,7 +254,7 @@ def run_sample(args: argparse.Namespace) -> None:
             np.save(f, images)
     else:
         _save_pngs(images, out, is_folder, _sample_record(
-            args, pipe, strength, len(images), refiner, denoising_end), args.columns)
+            args, pipe, strength, len(images), refiner, denoising_end, loras), args.columns)
     print(f"wrote {len(images)} image(s) to {out}")
 
 

@@ -49,7 +49,7 @@ def torch_key(path: tuple[str, ...], prefix: str = "") -> str:
     return prefix + ".".join(parts)
 
 
-def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+def to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel" and value.ndim == 4:  # conv OIHW -> HWIO
         return value.transpose(2, 3, 1, 0)
     if path[-1] == "kernel" and value.ndim == 2:  # linear (out, in) -> (in, out)
@@ -57,7 +57,7 @@ def _to_flax_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
+def to_torch_layout(path: tuple[str, ...], value: np.ndarray) -> np.ndarray:
     if path[-1] == "kernel" and value.ndim == 4:
         return value.transpose(3, 2, 0, 1)
     if path[-1] == "kernel" and value.ndim == 2:
@@ -99,10 +99,10 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping[str, A
             missing.append(key)
             continue
         used.add(key)
-        value = _to_flax_layout(path, np.asarray(state_dict[key]))
+        value = to_flax_layout(path, np.asarray(state_dict[key]))
         if tuple(value.shape) != tuple(leaf.shape):
             mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, "
-                              f"model expects {tuple(_to_torch_layout(path, np.empty(leaf.shape)).shape)}")
+                              f"model expects {tuple(to_torch_layout(path, np.empty(leaf.shape)).shape)}")
             continue
         params[path] = value.astype(np.float32)
     unexpected = [k for k in state_dict if k not in used and k.startswith(prefix)
@@ -118,6 +118,6 @@ def state_dict_to_params(state_dict: Mapping[str, Any], template: Mapping[str, A
 def params_to_state_dict(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
     """The PyTorch state dict (numpy float32, contiguous) of a Flax param tree."""
     return {
-        torch_key(path, prefix): np.ascontiguousarray(_to_torch_layout(path, np.asarray(value, np.float32)))
+        torch_key(path, prefix): np.ascontiguousarray(to_torch_layout(path, np.asarray(value, np.float32)))
         for path, value in traverse_util.flatten_dict(params).items()
     }
