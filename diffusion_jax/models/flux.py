@@ -149,15 +149,19 @@ def text_ids(length: int) -> np.ndarray:
     return np.zeros((length, 3), np.float32)
 
 
+def _host_ids(ids) -> np.ndarray:
+    if isinstance(ids, jax.core.Tracer):
+        raise TypeError("Flux position ids are computed on the host: pass img_ids / txt_ids "
+                        "as numpy arrays (fixed by the shapes), not traced values")
+    return np.asarray(ids, np.float32)
+
+
 def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...],
                 theta: float = ROPE_THETA) -> tuple[np.ndarray, np.ndarray]:
     """FluxPosEmbed: (cos, sin) [S, sum(axes_dims)] float32 of position ids [S, n_axes], each
     axis's angles pos * theta^(-2j/d) in float64, every value repeated twice (the pairs
     (2j, 2j + 1) that one angle rotates)."""
-    if isinstance(ids, jax.core.Tracer):
-        raise TypeError("Flux position ids are computed on the host: pass img_ids / txt_ids "
-                        "as numpy arrays (fixed by the shapes), not traced values")
-    pos = np.asarray(ids, np.float32).astype(np.float64)
+    pos = _host_ids(ids).astype(np.float64)
     cos, sin = [], []
     for axis, dim in enumerate(axes_dims):
         freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
@@ -274,10 +278,12 @@ class FluxAttention(nn.Module):
         q = norm("norm_q")(split(proj(name="to_q")(x)))
         k = norm("norm_k")(split(proj(name="to_k")(x)))
         v = split(proj(name="to_v")(x))
-        if context is not None:
-            q = jnp.concatenate([norm("norm_added_q")(split(proj(name="add_q_proj")(context))), q], 1)
-            k = jnp.concatenate([norm("norm_added_k")(split(proj(name="add_k_proj")(context))), k], 1)
-            v = jnp.concatenate([split(proj(name="add_v_proj")(context)), v], 1)
+        if context is not None:  # the text tokens first
+            text_q = norm("norm_added_q")(split(proj(name="add_q_proj")(context)))
+            text_k = norm("norm_added_k")(split(proj(name="add_k_proj")(context)))
+            text_v = split(proj(name="add_v_proj")(context))
+            q, k, v = (jnp.concatenate(pair, axis=1)
+                       for pair in ((text_q, q), (text_k, k), (text_v, v)))
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         merge = lambda y: y.reshape(*y.shape[:-2], inner)
         out = dot_product_attention(merge(q), merge(k), merge(v), heads=self.heads,
@@ -403,11 +409,8 @@ class FluxTransformer2DModel(nn.Module):
                              f"{hidden_states.shape[1]} image and "
                              f"{encoder_hidden_states.shape[1]} text tokens, got "
                              f"{np.shape(img_ids)} / {np.shape(txt_ids)}")
-        for ids in (txt_ids, img_ids):
-            if isinstance(ids, jax.core.Tracer):
-                rope_tables(ids, cfg.axes_dims_rope)  # raises, saying why
-        rope = tuple(jnp.asarray(r) for r in rope_tables(
-            np.concatenate([np.asarray(txt_ids), np.asarray(img_ids)]), cfg.axes_dims_rope))
+        ids = np.concatenate([_host_ids(txt_ids), _host_ids(img_ids)])  # text first
+        rope = tuple(jnp.asarray(r) for r in rope_tables(ids, cfg.axes_dims_rope))
 
         batch = hidden_states.shape[0]
         per_example = lambda v: jnp.broadcast_to(jnp.asarray(v).astype(self.dtype) * 1000,
