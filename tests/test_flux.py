@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
+from flax import traverse_util
 
 from diffusion_jax import models
 from diffusion_jax.configs import flux_dev, flux_schnell
-from diffusion_jax.convert.torch_params import params_to_state_dict, state_dict_to_params
+from diffusion_jax.convert.torch_params import (params_to_state_dict, state_dict_to_params,
+                                                torch_key)
 from diffusion_jax.models import flux
 
 TOL = 1e-5
@@ -187,6 +189,18 @@ def test_released_param_counts(config_module, guidance, count):
     n = models.count_params(COMPONENT.param_shapes(config))
     print(f"{config_module.__name__}: {n:,} parameters")
     assert n == count
+
+
+def test_released_layout_maps_by_rename():
+    """Every key and shape of FLUX.1-dev's state dict (the model built on the meta device:
+    no memory) is one of our params under the mechanical rename, and nothing else is."""
+    config = flux.FluxConfig.from_dict(FLUX_DEV_CONFIG_JSON)
+    with torch.device("meta"):
+        ref = diffusers.FluxTransformer2DModel(**config.to_dict())
+    expected = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    ours = {torch_key(path): leaf.shape[::-1]  # Linear kernels are transposed
+            for path, leaf in traverse_util.flatten_dict(COMPONENT.param_shapes(config)).items()}
+    assert ours == expected
 
 
 def test_from_dict_round_trip_and_unknown_keys():
