@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_jax.configs import sd15, sd21, tiny
+from diffusion_jax.configs import flux_dev, sd15, sd21, tiny
 from diffusion_jax.convert.torch_params import state_dict_to_params
 from diffusion_jax.models import vae
 
@@ -199,6 +199,55 @@ def test_sd15_param_count():
     assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == 83_653_863
 
 
+def test_flux_vae_param_count():
+    config = vae.AutoencoderKLConfig.from_dict(flux_dev.get_config().vae)
+    assert config == vae.AutoencoderKLConfig.from_dict(FLUX_CONFIG_JSON)
+    shapes = jax.eval_shape(vae.init_params, config, jax.random.key(0))
+    assert "quant_conv" not in shapes and "post_quant_conv" not in shapes
+    assert sum(x.size for x in jax.tree_util.tree_leaves(shapes)) == 83_819_683
+
+
+def test_without_quant_convs_matches_diffusers():
+    """Flux's VAE options (16 latent channels, no quant_conv / post_quant_conv) on the tiny
+    architecture: encode and decode as diffusers."""
+    config = vae.AutoencoderKLConfig.from_dict(dict(
+        tiny.get_config().vae, latent_channels=16, use_quant_conv=False,
+        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159))
+    torch.manual_seed(1)
+    ref = diffusers.AutoencoderKL(**config.to_dict()).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    state_dict = {k: v.numpy() for k, v in ref.state_dict().items()}
+    params = state_dict_to_params(state_dict, jax.eval_shape(vae.init_params, config,
+                                                             jax.random.key(0)))
+    model = vae.AutoencoderKL(config)
+    x = images(config, seed=5)
+    z = np.random.default_rng(6).normal(size=(2, 8, 8, 16)).astype(np.float32)
+    with torch.no_grad():
+        dist = ref.encode(torch.from_numpy(nchw(x))).latent_dist
+        decoded = nhwc(ref.decode(torch.from_numpy(nchw(z))).sample)
+    posterior = vae.encode(model, params, x)
+    errors = {"mean": rel_err(posterior.mean, nhwc(dist.mean)),
+              "logvar": rel_err(posterior.logvar, nhwc(dist.logvar)),
+              "decode": rel_err(vae.decode(model, params, z), decoded)}
+    print("no-quant-conv VAE errors", errors)
+    assert max(errors.values()) <= TOL, errors
+
+
+# FLUX.1-dev's vae/config.json (schnell's is the same).
+FLUX_CONFIG_JSON = {
+    "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0.dev0", "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True, "in_channels": 3, "latent_channels": 16, "latents_mean": None,
+    "latents_std": None, "layers_per_block": 2, "mid_block_add_attention": True,
+    "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024, "scaling_factor": 0.3611,
+    "shift_factor": 0.1159, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "use_post_quant_conv": False, "use_quant_conv": False,
+}
+
+
 # vae/config.json of the released SD 1.5 and SD 2.1 (diffusers 0.6 / 0.8 era: no scaling_factor).
 SD15_CONFIG_JSON = {
     "_class_name": "AutoencoderKL", "_diffusers_version": "0.6.0", "act_fn": "silu",
@@ -229,9 +278,6 @@ def test_from_dict_accepts_released_and_current_configs():
     ("act_fn", "relu", "'silu'"),
     ("down_block_types", ["AttnDownEncoderBlock2D"] * 4, "'DownEncoderBlock2D'"),
     ("up_block_types", ["AttnUpDecoderBlock2D"] * 4, "'UpDecoderBlock2D'"),
-    ("shift_factor", 0.1159, "None"),
-    ("use_quant_conv", False, "True"),
-    ("use_post_quant_conv", False, "True"),
     ("mid_block_add_attention", False, "True"),
     ("latents_mean", [0.0] * 4, "None"),
     ("norm_type", "spatial", "supported keys"),

@@ -25,6 +25,7 @@ INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
     "downsamplers", "upsamplers", "layers", "to_out", "net",
     "block", "layer",  # transformers T5: encoder.block.N.layer.M
+    "single_transformer_blocks",  # Flux
 })
 
 # A bare nn.Parameter (CLIP's class token) keeps its name.

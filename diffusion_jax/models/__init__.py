@@ -106,6 +106,9 @@ register(Component("clip_text_projection", "diffusion_jax.models.clip_text",
 register(Component("t5", "diffusion_jax.models.t5", "T5Config", "T5EncoderModel",
                    torch_ignore=(r"^encoder\.embed_tokens\.weight$",),
                    reference_class=("transformers", "T5EncoderModel"), weights_stem="model"))
+# The Flux.1 transformer (a pipeline's `transformer` folder); it has no buffers.
+register(Component("flux", "diffusion_jax.models.flux", "FluxConfig", "FluxTransformer2DModel",
+                   reference_class=("diffusers", "FluxTransformer2DModel")))
 
 
 def count_params(tree: Any) -> int:

@@ -30,12 +30,9 @@ _IGNORED_KEYS = frozenset()
 
 # Options this implementation fixes, with their one supported value. The first group are
 # config fields (kept so `to_dict` writes a complete diffusers config); the second group are
-# per-channel latent statistics of later VAEs that SD 1.x/2.x leave unset.
+# per-channel latent statistics of later VAEs that SD 1.x/2.x and Flux leave unset.
 _FIXED_FIELDS = {
     "act_fn": "silu",
-    "shift_factor": None,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
     "mid_block_add_attention": True,
 }
 _FIXED_UNMODELLED_KEYS = {"latents_mean": None, "latents_std": None}
@@ -61,9 +58,9 @@ class AutoencoderKLConfig:
     norm_num_groups: int = 32
     act_fn: str = "silu"
     scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
+    shift_factor: float | None = None  # Flux's: latents = (z - shift_factor) * scaling_factor
+    use_quant_conv: bool = True  # the 1x1 conv after the encoder (Flux's VAE has none)
+    use_post_quant_conv: bool = True  # the 1x1 conv before the decoder (Flux's: none)
     mid_block_add_attention: bool = True
     sample_size: int = 512  # the training resolution; the network takes any multiple of 2^(n-1)
     # The SD / SDXL VAEs' decoder activations pass float16's 65504: under float16 compute the
@@ -284,12 +281,15 @@ class AutoencoderKL(nn.Module):
         cfg = self.config
         self.encoder = Encoder(cfg, dtype=self.dtype)
         self.decoder = Decoder(cfg, dtype=self.dtype)
-        self.quant_conv = conv(2 * cfg.latent_channels, 1, name="quant_conv", dtype=self.dtype)
-        self.post_quant_conv = conv(cfg.latent_channels, 1, name="post_quant_conv",
-                                    dtype=self.dtype)
+        identity = lambda x: x
+        self.quant_conv = (conv(2 * cfg.latent_channels, 1, name="quant_conv", dtype=self.dtype)
+                           if cfg.use_quant_conv else identity)
+        self.post_quant_conv = (conv(cfg.latent_channels, 1, name="post_quant_conv",
+                                     dtype=self.dtype) if cfg.use_post_quant_conv else identity)
 
     def encode(self, x: jax.Array) -> DiagonalGaussian:
-        """Images NHWC in [-1, 1] -> posterior over unscaled latents."""
+        """Images NHWC in [-1, 1] -> posterior over unscaled latents (shift_factor and
+        scaling_factor are the system's to apply)."""
         moments = self.quant_conv(self.encoder(x.astype(self.dtype)))
         return DiagonalGaussian.from_moments(moments.astype(jnp.float32))
 
