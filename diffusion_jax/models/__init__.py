@@ -106,6 +106,11 @@ register(Component("clip_text_projection", "diffusion_jax.models.clip_text",
 register(Component("t5", "diffusion_jax.models.t5", "T5Config", "T5EncoderModel",
                    torch_ignore=(r"^encoder\.embed_tokens\.weight$",),
                    reference_class=("transformers", "T5EncoderModel"), weights_stem="model"))
+# SD3 / SD3.5's denoiser (diffusers `transformer/`). `pos_embed.pos_embed` in its state dict is
+# the constant sin-cos table, recomputed on the host rather than loaded.
+register(Component("mmdit", "diffusion_jax.models.mmdit", "SD3TransformerConfig",
+                   "SD3Transformer2DModel", torch_ignore=(r"^pos_embed\.pos_embed$",),
+                   reference_class=("diffusers", "SD3Transformer2DModel")))
 
 
 def count_params(tree: Any) -> int:
