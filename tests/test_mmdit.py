@@ -19,8 +19,9 @@ from diffusion_jax.models import mmdit
 
 TOL = 1e-5
 COMPONENT = models.KINDS["mmdit"]
-# 16 x 16 position grid of 2x2 patches: an 8x8 latent (4x4 patches) and a 6x10 one use
-# off-centre crops of it; sample_size 8 sets the grid's scale (base size 4).
+# 16 x 16 position grid of 2x2 patches: a 6x10 latent (3x5 patches, non-square) uses an
+# off-centre crop of it; sample_size 8 sets the grid's scale (base size 4). More crops are
+# checked exactly in test_position_embedding_is_diffusers_buffer.
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
             pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16)
@@ -28,9 +29,6 @@ VARIANTS = {
     "sd3": TINY,
     "sd35": dict(TINY, qk_norm="rms_norm", dual_attention_layers=(0,)),  # attn2 in block 0
 }
-LATENT_SIZES = [(8, 8), (6, 10)]
-
-
 def rel_err(ours, ref) -> float:
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
@@ -72,9 +70,9 @@ def inputs(height: int, width: int, seed: int = 0):
     return latents, timestep, context, pooled
 
 
-@pytest.mark.parametrize("height, width", LATENT_SIZES)
-def test_matches_diffusers(variant, height, width):
+def test_matches_diffusers(variant):
     name, ref, config, params = variant
+    height, width = 6, 10
     latents, timestep, context, pooled = inputs(height, width)
     with torch.no_grad():
         expected = ref(torch.from_numpy(latents), torch.from_numpy(context),
@@ -86,6 +84,26 @@ def test_matches_diffusers(variant, height, width):
     err = rel_err(np.asarray(ours).transpose(0, 3, 1, 2), expected)
     print(f"{name} {height}x{width}: rel err {err:.2e}")
     assert err < TOL
+
+
+def test_bfloat16_denoise_with_remat():
+    """The system's denoiser call (cond dict) in bfloat16 compute with remat, on the SD3.5
+    variant (every module): float32 out, near the float32 reference. Measured 3.1e-2 (2.4e-2
+    with attention_impl="xla"); diffusers' own model cast to bfloat16 is at 1.6e-2 here, these
+    random weights being far larger than trained ones."""
+    ref = reference_model(VARIANTS["sd35"])
+    config = COMPONENT.config_from_dict(VARIANTS["sd35"])
+    params = state_dict_to_params(torch_state_dict(ref), COMPONENT.param_shapes(config),
+                                  ignore=COMPONENT.torch_ignore)
+    latents, timestep, context, pooled = inputs(6, 10, seed=1)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(latents), torch.from_numpy(context),
+                       torch.from_numpy(pooled), torch.from_numpy(timestep)).sample.numpy()
+    model = COMPONENT.build(config, dtype=jnp.bfloat16, remat_policy="nothing_saveable")
+    ours = jax.jit(lambda p, x: COMPONENT.denoise(model, p, x, timestep, {
+        "context": context, "pooled": pooled}))(params, latents.transpose(0, 2, 3, 1))
+    assert ours.dtype == jnp.float32
+    assert rel_err(np.asarray(ours).transpose(0, 3, 1, 2), expected) < 5e-2
 
 
 def test_position_embedding_is_diffusers_buffer(variant):
