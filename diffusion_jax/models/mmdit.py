@@ -194,7 +194,8 @@ class PatchEmbed(nn.Module):
     def __call__(self, latents: jax.Array) -> jax.Array:
         cfg = self.config
         p = cfg.patch_size
-        x = conv(cfg.inner_dim, p, stride=p, padding="VALID", name="proj", dtype=self.dtype)(latents)
+        x = conv(cfg.inner_dim, p, stride=p, padding="VALID", name="proj",
+                 dtype=self.dtype)(latents)
         b, h, w, d = x.shape
         x = x.reshape(b, h * w, d)
         return x + position_embedding(cfg, h, w).astype(x.dtype)[None]
@@ -391,10 +392,11 @@ class SD3Transformer2DModel(nn.Module):
                  encoder_hidden_states: jax.Array, pooled_projections: jax.Array) -> jax.Array:
         cfg = self.config
         check_sample_shape(cfg, hidden_states.shape)
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.joint_attention_dim:
+        context_shape = encoder_hidden_states.shape
+        if len(context_shape) != 3 or context_shape[-1] != cfg.joint_attention_dim:
             raise ValueError(f"encoder_hidden_states must be [batch, tokens, "
                              f"{cfg.joint_attention_dim}], got shape "
-                             f"{tuple(encoder_hidden_states.shape)}")
+                             f"{tuple(context_shape)}")
         if pooled_projections.shape != (hidden_states.shape[0], cfg.pooled_projection_dim):
             raise ValueError(f"pooled_projections must be [batch, {cfg.pooled_projection_dim}], "
                              f"got shape {tuple(pooled_projections.shape)}")
