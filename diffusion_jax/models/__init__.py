@@ -109,6 +109,11 @@ register(Component("t5", "diffusion_jax.models.t5", "T5Config", "T5EncoderModel"
 # The Flux.1 transformer (a pipeline's `transformer` folder); it has no buffers.
 register(Component("flux", "diffusion_jax.models.flux", "FluxConfig", "FluxTransformer2DModel",
                    reference_class=("diffusers", "FluxTransformer2DModel")))
+# SD3 / SD3.5's denoiser (diffusers `transformer/`). `pos_embed.pos_embed` in its state dict is
+# the constant sin-cos table, recomputed on the host rather than loaded.
+register(Component("mmdit", "diffusion_jax.models.mmdit", "SD3TransformerConfig",
+                   "SD3Transformer2DModel", torch_ignore=(r"^pos_embed\.pos_embed$",),
+                   reference_class=("diffusers", "SD3Transformer2DModel")))
 
 
 def count_params(tree: Any) -> int:
