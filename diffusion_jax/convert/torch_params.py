@@ -24,6 +24,7 @@ from flax import traverse_util
 INDEXED_MODULES = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
     "downsamplers", "upsamplers", "layers", "to_out", "net",
+    "controlnet_down_blocks", "blocks",  # ControlNet: zero convs, conditioning-embedding convs
 })
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}

@@ -88,6 +88,8 @@ def register(component: Component) -> Component:
 
 register(Component("unet", "diffusion_jax.models.unet", "UNetConfig", "UNet2DConditionModel",
                    reference_class=("diffusers", "UNet2DConditionModel")))
+register(Component("controlnet", "diffusion_jax.models.controlnet", "ControlNetConfig",
+                   "ControlNetModel", reference_class=("diffusers", "ControlNetModel")))
 register(Component("vae", "diffusion_jax.models.vae", "AutoencoderKLConfig", "AutoencoderKL",
                    reference_class=("diffusers", "AutoencoderKL")))
 register(Component("clip_text", "diffusion_jax.models.clip_text", "CLIPTextConfig",
