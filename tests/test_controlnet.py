@@ -4,6 +4,7 @@ the released parameter counts, and config errors. Relative error as in test_unet
 
 import functools
 import json
+import json
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,90 @@ def test_config_errors():
         ControlNetModel(config).apply({"params": params}, x["sample"], 0, x["context"],
                                       x["image"][:, :-4])
 
+
+
+def test_diffusers_folder_round_trip(tmp_path):
+    """`convert --from diffusers` of a ControlNetModel folder -> a checkpoint of the
+    ControlNet alone -> `export --to diffusers` -> diffusers loads the same weights."""
+    from diffusion_jax import checkpoint, system
+    from diffusion_jax.cli import main
+
+    config, model, params = controlnet_reference("SDXL")
+    model.save_pretrained(tmp_path / "cn")
+    main(["convert", "--from", "diffusers", str(tmp_path / "cn"), "--out", str(tmp_path / "ckpt")])
+    items, saved, _ = checkpoint.load_models(tmp_path / "ckpt")
+    assert system.from_config(saved) == system.CONTROLNET and list(items) == ["controlnet"]
+    assert ControlNetConfig.from_dict(saved["controlnet"]) == config
+    jax.tree.map(np.testing.assert_array_equal, items["controlnet"], jax.tree.map(np.asarray, params))
+
+    main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--to", "diffusers",
+          "--out", str(tmp_path / "back")])
+    back = diffusers.ControlNetModel.from_pretrained(tmp_path / "back")
+
+    def plain(cfg):
+        return json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}))
+    assert plain(back.config) == plain(model.config)
+    ref = model.state_dict()
+    assert back.state_dict().keys() == ref.keys()
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+
+
+def original_layout_file(model, config, path, prefix: str) -> None:
+    """The model's weights under the original ControlNet names (our mapping)."""
+    import safetensors.torch
+
+    from diffusion_jax.convert.controlnet_file import controlnet_ldm_key
+
+    state_dict = {prefix + controlnet_ldm_key(k, config): v.contiguous()
+                  for k, v in model.state_dict().items()}
+    if prefix:  # a v1.0 file carries SD 1.5 beside the ControlNet: left out
+        state_dict["model.diffusion_model.out.2.bias"] = torch.zeros(4)
+    safetensors.torch.save_file(state_dict, path)
+
+
+def test_single_file_matches_diffusers_loader(tmp_path):
+    """A `control_model.*` file (input_hint_block, zero_convs, middle_block_out) read by
+    `convert --from single-file` and by diffusers' `ControlNetModel.from_single_file`: the
+    same weights as the model it was written from."""
+    from diffusion_jax import convert, system
+
+    # The released hint net, SD 1.x's text width and groups: what the weights do not say
+    # (heads, groups) is SD 1.5's.
+    unet = dict(SD1_UNET, block_out_channels=(32, 32, 64), norm_num_groups=32,
+                cross_attention_dim=768)
+    config = ControlNetConfig.from_unet(UNetConfig.from_dict(unet))
+    model = diffusers.ControlNetModel(**config.to_dict()).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "cn")
+    original_layout_file(model, config, tmp_path / "control_sd15_tiny.safetensors",
+                         "control_model.")
+    loaded = diffusers.ControlNetModel.from_single_file(
+        str(tmp_path / "control_sd15_tiny.safetensors"), config=str(tmp_path / "cn"))
+    ref = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, ref[key]), key
+
+    items, saved = convert.import_weights("single-file", tmp_path / "control_sd15_tiny.safetensors")
+    assert system.from_config(saved) == system.CONTROLNET
+    jax.tree.map(np.testing.assert_array_equal, items["controlnet"],
+                 jax.tree.map(np.asarray, to_ours(model, "controlnet", config)))
+    # Head counts are not in the weights: SD 1.x's 8, the rest as the model.
+    assert ControlNetConfig.from_dict(saved["controlnet"]) == ControlNetConfig.from_dict(
+        dict(config.to_dict(), attention_head_dim=8))
+
+
+def test_single_file_sdxl_layout(tmp_path):
+    """An SDXL ControlNet without the prefix (label_emb, transformer depths 1 and 2): read
+    back with its config given; a config that disagrees with the weights is refused."""
+    from diffusion_jax import convert
+
+    config, model, params = controlnet_reference("SDXL")
+    original_layout_file(model, config, tmp_path / "cn_xl.safetensors", "")
+    items, saved = convert.import_weights("single-file", tmp_path / "cn_xl.safetensors",
+                                          config={"controlnet": config.to_dict()})
+    assert ControlNetConfig.from_dict(saved["controlnet"]) == config
+    jax.tree.map(np.testing.assert_array_equal, items["controlnet"], jax.tree.map(np.asarray, params))
+    with pytest.raises(ValueError, match="conditioning_embedding_out_channels"):
+        convert.import_weights("single-file", tmp_path / "cn_xl.safetensors", config={
+            "controlnet": dict(config.to_dict(), conditioning_embedding_out_channels=(8, 16))})
