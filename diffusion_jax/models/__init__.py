@@ -13,7 +13,9 @@ config class the properties the system's checks and geometry read:
 - a text tower: `encode_text(model, params, ids) -> {output name: array}`; config
   `output_widths` ({output name: features}), `max_tokens`;
 - a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`;
-  config `latent_channels`, `downsampling_factor`.
+  config `latent_channels`, `downsampling_factor`;
+- a ControlNet (an adapter): `control(model, params, x, t, cond, image, scale, guess_mode)
+  -> {"down_residuals": ..., "mid_residual": ...}`, conditioning the denoiser reads.
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class Component:
 
     def denoise(self, model, params, x, t, cond):
         return self.module().denoise(model, params, x, t, cond)
+
+    def control(self, model, params, x, t, cond, image, scale, guess_mode: bool = False) -> dict:
+        return self.module().control(model, params, x, t, cond, image, scale, guess_mode)
 
     def encode_text(self, model, params, ids) -> dict:
         return self.module().encode_text(model, params, ids)

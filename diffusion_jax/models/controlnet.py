@@ -160,8 +160,8 @@ class ControlNetModel(nn.Module):
     """(latents [B, H, W, C], timesteps, text [B, T, D], control image [B, 8H, 8W, 3]) ->
     (down residuals, one per U-Net skip, mid residual), float32.
 
-    `conditioning_scale` multiplies every residual (an array is fine: it may be traced);
-    `guess_mode` scales them by `guess_mode_scales` times it instead, as diffusers does."""
+    `conditioning_scale` multiplies every residual: a scalar or one per batch row [B] (traced
+    or not); `guess_mode` scales them by `guess_mode_scales` times it, as diffusers does."""
 
     config: ControlNetConfig
     dtype: Dtype = jnp.float32
@@ -198,12 +198,12 @@ class ControlNetModel(nn.Module):
         mid = conv(x.shape[-1], 1, name="controlnet_mid_block", dtype=self.dtype)(x)
 
         scale = jnp.asarray(conditioning_scale, jnp.float32)
-        if guess_mode and not cfg.global_pool_conditions:
-            scales = jnp.asarray(guess_mode_scales(len(down))) * scale
-        else:
-            scales = jnp.broadcast_to(scale, (len(down) + 1,))
-        down = [r.astype(jnp.float32) * scales[i] for i, r in enumerate(down)]
-        mid = mid.astype(jnp.float32) * scales[-1]
+        if scale.ndim:  # one per batch row
+            scale = scale.reshape(-1, 1, 1, 1)
+        weights = (guess_mode_scales(len(down)) if guess_mode and not cfg.global_pool_conditions
+                   else np.ones(len(down) + 1, np.float32))
+        down = [r.astype(jnp.float32) * (scale * w) for r, w in zip(down, weights)]
+        mid = mid.astype(jnp.float32) * (scale * weights[-1])
         if cfg.global_pool_conditions:
             down = [jnp.mean(r, axis=(1, 2), keepdims=True) for r in down]
             mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
