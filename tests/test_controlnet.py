@@ -125,8 +125,7 @@ def compiled_controlnet(name: str, guess_mode: bool):
     return jax.jit(fn).lower(params, x, 1.0).compile({"xla_backend_optimization_level": 0})
 
 
-@pytest.mark.parametrize("name, scale, guess_mode", [
-    ("SD1", 1.0, False), ("SD1", 0.6, True), ("SDXL", 0.75, False)])
+@pytest.mark.parametrize("name, scale, guess_mode", [("SD1", 0.6, True), ("SDXL", 0.75, False)])
 def test_residuals_match_diffusers(name, scale, guess_mode):
     config, model, params = controlnet_reference(name)
     x = inputs(config)

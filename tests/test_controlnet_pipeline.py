@@ -3,6 +3,8 @@ StableDiffusionXLControlNetPipeline on the same tiny random weights and starting
 (the tiny pipelines of test_pipeline.py and test_sdxl_pipeline.py, ControlNets made from
 their U-Nets by `ControlNetModel.from_unet`)."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,39 @@ def test_sample_controlnet_matches_diffusers(systems, sampler, guess_mode):
     print(f"{sampler} guess_mode={guess_mode}: max pixel error {error:.2e}, the ControlNet "
           f"moves pixels by {np.abs(expected - without).max():.2e}")
     assert np.abs(expected - without).max() > 20 * PIXEL_TOLERANCE  # it steers the images
+    assert error <= PIXEL_TOLERANCE
+
+
+def test_img2img_controlnet_matches_diffusers(systems, monkeypatch):
+    """img2img with a ControlNet vs StableDiffusionControlNetImg2ImgPipeline, given our noise
+    and the posterior mode (as test_pipeline's img2img test does)."""
+    reference, ckpt, cn_ckpt, image, root = systems
+    init = (np.random.default_rng(4).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    Image.fromarray(init).save(root / "init.png")
+    latents = _latents(6, count=1)
+    np.save(root / "img2img_latents.npy", latents)
+    assert cli.main(["sample", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--negative-prompt",
+                     NEGATIVE, "--sampler", "ddim", "--steps", "5", "--guidance", "7.5",
+                     "--init-image", str(root / "init.png"), "--strength", "0.6",
+                     "--init-latents", str(root / "img2img_latents.npy"), "--controlnet",
+                     str(cn_ckpt), "--control-image", str(image), "--control-scale", "0.8",
+                     "--out", str(root / "img2img.npy")]) == 0
+    ours = np.load(root / "img2img.npy")
+
+    img2img = diffusers.StableDiffusionControlNetImg2ImgPipeline(**reference.components)
+    img2img.scheduler = diffusers.DDIMScheduler.from_config(reference.scheduler.config,
+                                                            clip_sample=False)
+    module = sys.modules[type(img2img).__module__]
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None,
+                        sample_mode="sample": original(output, sample_mode="argmax"))
+    expected = img2img(PROMPT, image=Image.fromarray(init), control_image=Image.open(image),
+                       negative_prompt=NEGATIVE, strength=0.6, num_inference_steps=5,
+                       guidance_scale=7.5, controlnet_conditioning_scale=0.8,
+                       height=SIZE, width=SIZE, output_type="np").images
+    error = np.abs(ours - expected).max()
+    print(f"img2img with ControlNet: max pixel error {error:.2e}")
     assert error <= PIXEL_TOLERANCE
 
 
