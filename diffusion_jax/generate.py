@@ -19,6 +19,9 @@
     masks                 [B, H, W, 1], 1 = repaint: inpaint
     start_latents         [B, h, w, C]: img2img continuing another model's latents (an SDXL
                           refiner after the base), taken as they are: no VAE, no noise added
+    control_image         [B, H, W, 3] in [0, 1]: the ControlNet's image (a system with one)
+    control_scales        [B, evaluations]: its conditioning scale at each model evaluation
+                          (0 outside control_start .. control_end)
 
 Everything model-specific goes through `system` (text encoding, denoising, the VAE), and the
 conditioning is the pytree the text towers give.
@@ -55,6 +58,7 @@ class Program:
     start_latents: bool = False  # continue given latents (the refiner of an ensemble)
     denoising_end: float | None = None  # stop there (the base of an ensemble): the plan's cut
     output_latents: bool = False  # return the latents, not decoded images
+    guess_mode: bool = False  # ControlNet guess mode: residuals for the positive half only
 
 
 def input_shardings(inputs: Mapping[str, Any], mesh) -> dict:
@@ -91,12 +95,16 @@ def sample(models: system.Models, program: Program, plan: samplers.Plan,
             masked = system.encode_latents(models, params, init_images * (masks < 0.5))
             extra_channels = jnp.concatenate([latent_mask, masked], axis=-1)
 
-    def model_fn(x, t):
+    def model_fn(x, t, control_scale=None):
+        step_cond = cond
+        if control_scale is not None:  # the ControlNet reads the latents without extra channels
+            step_cond = {**cond, **control_residuals(models, program, params, cond,
+                                                     inputs["control_image"], x, t, control_scale)}
         if extra_channels is not None:
             x = jnp.concatenate([x, extra_channels.astype(x.dtype)], axis=-1)
         if not program.guided:
-            return system.denoise(models, params, x, t, cond)
-        both = system.denoise(models, params, jnp.concatenate([x, x]), t, cond)
+            return system.denoise(models, params, x, t, step_cond)
+        both = system.denoise(models, params, jnp.concatenate([x, x]), t, step_cond)
         uncond, positive = jnp.split(both, 2)
         guided = uncond + inputs["guidance"] * (positive - uncond)
         return rescale_guidance(guided, positive, inputs["guidance_rescale"])
@@ -116,11 +124,33 @@ def sample(models: system.Models, program: Program, plan: samplers.Plan,
     step_callback = keep_known if blends else None
 
     noises = jnp.swapaxes(inputs["step_noise"], 0, 1) if plan.stochastic else None  # [E, B, ...]
-    latents = samplers.run(plan, model_fn, latents, noises=noises, step_callback=step_callback)
+    control_scales = inputs["control_scales"].T if "control_image" in inputs else None  # [E, B]
+    latents = samplers.run(plan, model_fn, latents, noises=noises, step_callback=step_callback,
+                           evaluation_inputs=control_scales)
     if program.output_latents:
         return latents
     images = system.decode_latents(models, params, latents).astype(jnp.float32)
     return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+
+
+def control_residuals(models: system.Models, program: Program, params: Mapping[str, Any],
+                      cond: Mapping[str, jax.Array], image: jax.Array, x: jax.Array,
+                      t: jax.Array, scale: jax.Array) -> dict:
+    """The system's ControlNet's residuals for the denoiser's batch (doubled under guidance,
+    negative rows first), as diffusers' ControlNet pipelines compute them: on both halves, or
+    in guess mode on the positive half only, with zeros for the negative one."""
+    (tower,) = models.system.adapters
+    def residuals(x, cond, image, scale):
+        return tower.component.control(models[tower.name], params[tower.name], x, t, cond,
+                                       image, scale, program.guess_mode)
+    if not program.guided:
+        return residuals(x, cond, image, scale)
+    if program.guess_mode:
+        positive = jax.tree.map(lambda a: jnp.split(a, 2)[1], dict(cond))
+        out = residuals(x, positive, image, scale)
+        return jax.tree.map(lambda r: jnp.concatenate([jnp.zeros_like(r), r]), out)
+    twice = lambda a: jnp.concatenate([a, a])
+    return residuals(twice(x), cond, twice(image), twice(scale))
 
 
 def rescale_guidance(guided: jax.Array, cond: jax.Array, rescale: jax.Array) -> jax.Array:

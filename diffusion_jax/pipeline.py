@@ -170,6 +170,28 @@ def _on_mesh(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(place, tree, shardings)
 
 
+def _control_image(image: Any, height: int, width: int) -> np.ndarray:
+    """A ControlNet's image as diffusers' control image processor makes it: RGB, resized to
+    the output with Lanczos, float32 [H, W, 3] in [0, 1] (not normalised to [-1, 1])."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    if isinstance(image, Image.Image):
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.LANCZOS)
+    return _image_array(image, height, width, "control image", 3)
+
+
+def control_scales(evaluations: int, scale: float, start: float, end: float) -> np.ndarray:
+    """The ControlNet's scale at each model evaluation, float32 [evaluations]: `scale` where
+    evaluation i of n lies within start .. end (diffusers' `controlnet_keep`), else 0."""
+    i = np.arange(evaluations)
+    keep = ~((i / evaluations < start) | ((i + 1) / evaluations > end))
+    return (scale * keep).astype(np.float32)
+
+
 class StableDiffusion:
     """A loaded text-to-image system: its models (from the checkpoint's system description),
     params placed on a mesh, schedule and tokenizers."""
@@ -198,6 +220,7 @@ class StableDiffusion:
         self.vae_config = system.vae_config(self.system, self.config)
         self.schedule = process.from_config(self.config["schedule"])  # DDPM table or flow
         self.text_inputs = system.text_inputs(self.system, self.config)
+        self.controlnet = next((t for t in self.system.adapters if t.kind == "controlnet"), None)
         mesh_config = parallel.default_mesh_config()
         self.mesh = mesh if mesh is not None else parallel.make_mesh(
             mesh_config, jax.local_devices() if devices is None else devices)
@@ -252,6 +275,8 @@ class StableDiffusion:
                 negative_prompt_2: str | Sequence[str] | None = None,
                 denoising_end: float | None = None, denoising_start: float | None = None,
                 start_latents: np.ndarray | None = None, output: str = "images",
+                control_image: Any = None, control_scale: float = 1.0,
+                control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False,
                 **micro_conditioning) -> Prepared:
         """Validates a request (before anything is traced or compiled) and builds the inputs
         of its program: tokens, noise, and images, masks, step noise and guidance scalars
@@ -260,7 +285,13 @@ class StableDiffusion:
         SDXL: `prompt_2` / `negative_prompt_2` for the second text tower (default: the
         first's); the micro-conditioning of `MICRO_CONDITIONING` (diffusers' names and
         defaults); `denoising_end` stops early and, with output="latents", hands the latents
-        to a refiner's `prepare("img2img", ..., start_latents=, denoising_start=)`."""
+        to a refiner's `prepare("img2img", ..., start_latents=, denoising_start=)`.
+
+        ControlNet (a pipeline loaded with `controlnet=`): `control_image` (PIL image, path or
+        [H, W, 3] array in [0, 1]; images are resized to the output with Lanczos, as
+        diffusers' control image processor does), its residuals scaled by `control_scale`
+        during the fraction `control_start` .. `control_end` of the steps (diffusers'
+        control_guidance_start / _end), `guess_mode` as diffusers'."""
         if mode not in generate.MODES:
             raise ValueError(f"mode={mode!r}: use one of {', '.join(generate.MODES)}")
         if mode == "txt2img" and strength != 1.0:
@@ -269,6 +300,7 @@ class StableDiffusion:
             raise ValueError(f"output={output!r}: use 'images' or 'latents'")
         validate_options(sampler=sampler, steps=steps, guidance_rescale=guidance_rescale, eta=eta,
                          num_images=num_images, strength=None if mode == "txt2img" else strength)
+        self._check_control(control_image, control_scale, control_start, control_end, guess_mode)
         name, karras = parse_sampler(sampler)
         prompts = _expanded(prompt, num_images, None, "prompt")
         count = len(prompts)
@@ -352,7 +384,9 @@ class StableDiffusion:
             noise_only_start=mode == "inpaint" and strength == 1.0,
             masked_image_input=mode == "inpaint" and self.masked_image_input,
             zero_negative_text=bool(zero_negative), start_latents=start_latents is not None,
-            denoising_end=denoising_end, output_latents=output == "latents")
+            denoising_end=denoising_end, output_latents=output == "latents",
+            guess_mode=self.controlnet is not None and (guess_mode or system.tower_config(
+                self.controlnet, self.config).global_pool_conditions))
         inputs["text"] = self.text_inputs(prompts, prompts_2)
         if cond:
             inputs["cond"] = cond
@@ -376,9 +410,33 @@ class StableDiffusion:
                 np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(s), stream),
                                              (plan.num_evaluations, *latent_shape)))
                 for s in seeds])
+        if self.controlnet is not None:
+            image = _control_image(control_image, height, width)
+            inputs["control_image"] = np.repeat(image[None], count, axis=0)
+            inputs["control_scales"] = np.tile(control_scales(
+                plan.num_evaluations, control_scale, control_start, control_end), (count, 1))
         pad = (-count) % self.mesh.size  # every device gets rows
         inputs = jax.tree.map(lambda a: _padded(a, pad) if np.ndim(a) else a, inputs)
         return Prepared(program, plan, inputs, count, init_images)
+
+    def _check_control(self, image: Any, scale: float, start: float, end: float,
+                       guess_mode: bool) -> None:
+        given = (["control_image"] if image is not None else []) + [
+            name for name, value, default in (
+                ("control_scale", scale, 1.0), ("control_start", start, 0.0),
+                ("control_end", end, 1.0), ("guess_mode", guess_mode, False))
+            if value != default]
+        if self.controlnet is None:
+            if given:
+                raise ValueError(f"{', '.join(given)}: this pipeline has no ControlNet; load "
+                                 "one with pipeline.load(..., controlnet=DIR) (--controlnet)")
+            return
+        if image is None:
+            raise ValueError("this pipeline has a ControlNet: pass its control_image "
+                             "(--control-image)")
+        if not 0 <= start < end <= 1:
+            raise ValueError(f"control_start={start}, control_end={end}: need "
+                             "0 <= start < end <= 1 (fractions of the steps)")
 
     def _micro_conditioning(self, height: int, width: int, count: int,
                             options: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -581,7 +639,8 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
          dtype: Any = jnp.float32, cache_dir: str | None = DEFAULT_CACHE_DIR,
          devices: Sequence[jax.Device] | None = None, mesh: Mesh | None = None,
          vae: str | os.PathLike | None = None,
-         loras: Sequence[tuple[Any, float]] = ()) -> StableDiffusion:
+         loras: Sequence[tuple[Any, float]] = (),
+         controlnet: str | os.PathLike | None = None) -> StableDiffusion:
     """The pipeline of a checkpoint (converted or trained; a training workdir or one step
     folder works too, see `checkpoint.resolve`): EMA weights where the checkpoint has them
     and `use_ema`. `pipe.source` records the checkpoint, step and EMA choice used. `vae`: a
@@ -590,13 +649,20 @@ def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool
     dtype (params stay float32); under float16 a VAE whose config says `force_upcast` runs
     in float32. `loras`: (file, weight) pairs, kohya / A1111 or diffusers / PEFT LoRA files
     (paths, or what `convert.lora.read` made of them) merged into the params in float32
-    before anything compiles."""
+    before anything compiles. `controlnet`: a ControlNet checkpoint (`convert` of a
+    ControlNetModel folder or an original control_*.safetensors) whose residuals steer the
+    U-Net."""
     cache_dir = enable_compilation_cache(cache_dir)
     params, config, source = checkpoint.load_models(directory, step, use_ema=use_ema)
+    if system.from_config(config).adapter_only:
+        raise ValueError(f"{directory} is a ControlNet checkpoint on its own: sample with the "
+                         "base model's checkpoint and give this one as --controlnet")
     if vae is not None:
         params, config = with_vae(params, config, vae)
     if loras:
         params = with_loras(params, config, loras)
+    if controlnet is not None:
+        params, config = with_controlnet(params, config, controlnet, use_ema=use_ema)
     return StableDiffusion(params, config, dtype=dtype, devices=devices, mesh=mesh,
                            export_programs=cache_dir is not None, source=source)
 
@@ -628,3 +694,28 @@ def with_loras(params: Mapping[str, Any], config: Mapping[str, Any],
     return lora.merge(params, config, [
         (source if isinstance(source, lora.LoraFile) else lora.read(source), float(weight))
         for source, weight in loras])
+
+
+def with_controlnet(params: Mapping[str, Any], config: Mapping[str, Any],
+                    directory: str | os.PathLike, *, use_ema: bool = True) -> tuple[dict, dict]:
+    """(params, config) of the system with the ControlNet checkpoint `directory` added as
+    its `controlnet` adapter, after checking it fits the denoiser."""
+    base = system.from_config(config)
+    cn_params, cn_config, _ = checkpoint.load_models(directory, use_ema=use_ema)
+    if system.from_config(cn_config) != system.CONTROLNET:
+        raise ValueError(f"--controlnet {directory}: not a ControlNet checkpoint (convert a "
+                         "diffusers ControlNetModel folder or a control_*.safetensors file)")
+    (tower,) = system.CONTROLNET.adapters
+    ours = system.tower_config(tower, cn_config)
+    unet = system.denoiser_config(base, config)
+    fields = ("block_out_channels", "layers_per_block", "cross_attention_dim",
+              "addition_embed_type", "projection_class_embeddings_input_dim")
+    differ = [f"{f}: ControlNet {getattr(ours, f)!r}, {base.denoiser.name} {getattr(unet, f)!r}"
+              for f in fields if getattr(ours, f) != getattr(unet, f)]
+    if differ:
+        raise ValueError(f"--controlnet {directory} does not fit this checkpoint's "
+                         f"{base.denoiser.name} (a ControlNet of another model family?): "
+                         + "; ".join(differ))
+    sections = dict(config, **{tower.name: cn_config[tower.name]})
+    sections[system.SYSTEM_SECTION] = system.with_adapters(base, (tower,)).to_dict()
+    return {**params, tower.name: cn_params[tower.name]}, sections

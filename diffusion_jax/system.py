@@ -1,6 +1,6 @@
 """The one description of a model system that everything else iterates.
 
-A system is a denoiser, a VAE and a list of text towers (plus adapters, later), each a `Tower`:
+A system is a denoiser, a VAE, a list of text towers and a list of adapters, each a `Tower`:
 the name of its checkpoint item and config section, and its `kind`, which says which model
 code builds it (`models.KINDS`). Checkpoint items, conversion, training, the pipeline,
 `params` and `bench` take their lists of models from here; a new family is new model modules,
@@ -12,9 +12,14 @@ a new kind and a new `System` value, not a branch in each of those files.
     cond = encode_text(models, params, ids)                    # {"context": [1, 77, 768]}
     eps = denoise(models, params, x_t, t, cond)
 
-Conditioning is a dict pytree (`context` today; `pooled`, `time_ids`, control residuals, ...
-later): what the text towers give is combined here, and the denoiser's kind says how it
-takes the dict. Classifier-free guidance doubles every leaf with one `tree_map`.
+Conditioning is a dict pytree (`context`; `pooled`, `time_ids`; a ControlNet's
+`down_residuals` and `mid_residual`): what the text towers give is combined here, and the
+denoiser's kind says how it takes the dict. Classifier-free guidance doubles every leaf with
+one `tree_map`.
+
+Adapters are models that feed the denoiser (a ControlNet). A ControlNet converted on its own
+is a system of that adapter alone (`CONTROLNET`: no denoiser, VAE or text tower), which a
+checkpoint holds like any other; `with_adapters` joins it to a base system for sampling.
 
 The checkpoint config holds the description as its `system` section (`System.to_dict`); the
 SD 1.x / 2.x checkpoints written before it existed are `STABLE_DIFFUSION`.
@@ -65,14 +70,20 @@ class TextTower(Tower):
 
 @dataclasses.dataclass(frozen=True)
 class System:
-    denoiser: Tower
-    vae: Tower
+    denoiser: Tower | None  # None (and vae None, no text towers): an adapter-only system
+    vae: Tower | None
     text_towers: tuple[TextTower, ...]
+    adapters: tuple[Tower, ...] = ()
 
     @property
     def towers(self) -> tuple[Tower, ...]:
         """Every model, in the order params are initialised (model i from fold_in(seed, i))."""
-        return (self.denoiser, self.vae, *self.text_towers)
+        base = () if self.denoiser is None else (self.denoiser, self.vae)
+        return (*base, *self.text_towers, *self.adapters)
+
+    @property
+    def adapter_only(self) -> bool:
+        return self.denoiser is None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -95,7 +106,8 @@ class System:
     @property
     def config_sections(self) -> tuple[str, ...]:
         """The sections a checkpoint config of this system holds (besides `system`)."""
-        return (*self.names, "schedule", *self.tokenizer_sections)
+        schedule = () if self.adapter_only else ("schedule",)
+        return (*self.names, *schedule, *self.tokenizer_sections)
 
     @property
     def cond_keys(self) -> tuple[str, ...]:
@@ -107,13 +119,22 @@ class System:
         return tuple(t.ids_key for t in self.text_towers)
 
     def to_dict(self) -> dict:
-        return {"denoiser": dataclasses.asdict(self.denoiser), "vae": dataclasses.asdict(self.vae),
-                "text_towers": [dataclasses.asdict(t) for t in self.text_towers]}
+        d = {"denoiser": self.denoiser and dataclasses.asdict(self.denoiser),
+             "vae": self.vae and dataclasses.asdict(self.vae),
+             "text_towers": [dataclasses.asdict(t) for t in self.text_towers]}
+        if self.adapters:  # absent otherwise: the systems before adapters read the same
+            d["adapters"] = [dataclasses.asdict(t) for t in self.adapters]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "System":
-        system = cls(Tower(**d["denoiser"]), Tower(**d["vae"]),
-                     tuple(TextTower(**t) for t in d["text_towers"]))
+        system = cls(d["denoiser"] and Tower(**d["denoiser"]), d["vae"] and Tower(**d["vae"]),
+                     tuple(TextTower(**t) for t in d["text_towers"]),
+                     tuple(Tower(**t) for t in d.get("adapters", ())))
+        if (system.denoiser is None) != (system.vae is None) or (
+                system.denoiser is None and (system.text_towers or not system.adapters)):
+            raise ValueError("system: a denoiser and a VAE, or neither (an adapter-only system: "
+                             "adapters and no text towers)")
         unknown = [t.kind for t in system.towers if t.kind not in KINDS]
         if unknown:
             raise ValueError(f"system: unknown model kind(s) {unknown}; known: {list(KINDS)}")
@@ -137,6 +158,15 @@ SDXL_BASE = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
                                           context="penultimate_hidden_state"), _BIGG))
 SDXL_REFINER = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
                       text_towers=(_BIGG,))
+
+# A ControlNet on its own (diffusers `ControlNetModel`), for SD 1.x/2.x or SDXL alike.
+CONTROLNET = System(denoiser=None, vae=None, text_towers=(),
+                    adapters=(Tower("controlnet", "controlnet"),))
+
+
+def with_adapters(base: System, adapters: Sequence[Tower]) -> System:
+    """`base` with the adapters added (a sampling run's base + ControlNets)."""
+    return dataclasses.replace(base, adapters=(*base.adapters, *adapters))
 
 
 def from_config(config: Mapping[str, Any]) -> System:
@@ -206,11 +236,12 @@ class Models:
 
 def build(system: System, config: Mapping[str, Any], *, dtype: Any = jnp.float32,
           remat_policy: str | None = None, attention_impl: str | None = None) -> Models:
-    """The modules of every tower. `remat_policy` and `attention_impl` go to the denoiser."""
+    """The modules of every tower. `remat_policy` and `attention_impl` go to the denoiser and
+    the adapters."""
     modules = []
     for tower in system.towers:
         options = dict(dtype=dtype)
-        if tower is system.denoiser:
+        if tower is system.denoiser or tower in system.adapters:
             options.update(remat_policy=remat_policy, attention_impl=attention_impl)
         tower_cfg = tower_config(tower, config)
         if getattr(tower_cfg, "force_upcast", False) and jnp.dtype(dtype) == jnp.float16:

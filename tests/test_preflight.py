@@ -33,7 +33,7 @@ TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "sd15_finetune",
                     "sd21_finetune",
                     "sd21_base_pretrain:256", "sd21_base_pretrain:512")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
-                        "bench", "flux_dev", "flux_schnell")
+                        "bench", "flux_dev", "flux_schnell", "controlnet_sd15", "controlnet_sdxl")
 
 
 def test_the_lists_above_are_every_bundled_config():

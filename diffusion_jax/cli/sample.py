@@ -79,6 +79,22 @@ def add_sample(subparsers) -> None:
                         help="a LoRA merged into the --checkpoint's models at WEIGHT (default "
                              "1.0): kohya / A1111 or diffusers / PEFT .safetensors (.ckpt/.pt "
                              "too, read safely); repeat for several")
+    control = parser.add_argument_group(
+        "ControlNet", "steer the U-Net with a ControlNet checkpoint (`convert` of a diffusers "
+        "ControlNetModel folder or of an original control_*.safetensors file) and its image")
+    control.add_argument("--controlnet", metavar="DIR", help="the ControlNet checkpoint")
+    control.add_argument("--control-image", metavar="PNG",
+                         help="its image (edges, depth, pose, ...), resized to the output")
+    control.add_argument("--control-scale", type=float, default=1.0,
+                         help="scale of its residuals (default: 1)")
+    control.add_argument("--control-start", type=float, default=0.0,
+                         help="fraction of the steps where it starts acting (default: 0)")
+    control.add_argument("--control-end", type=float, default=1.0,
+                         help="fraction of the steps where it stops (default: 1)")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="its residuals on the positive prompt's half only, scaled up "
+                              "from 0.1 at the first skip to 1 at the mid block (diffusers' "
+                              "guess_mode)")
     parser.add_argument("--vae", metavar="DIR",
                         help="a diffusers AutoencoderKL folder to decode (and encode) with "
                              "instead of the checkpoint's VAE, e.g. SDXL's fp16-fix VAE")
@@ -171,6 +187,25 @@ def _sample_ensemble(args: argparse.Namespace) -> float | None:
     return end
 
 
+def _control_options(args: argparse.Namespace) -> dict:
+    """The ControlNet options given, as pipeline keywords ({} without --controlnet)."""
+    if args.controlnet is None:
+        defaults = dict(control_image=None, control_scale=1.0, control_start=0.0,
+                        control_end=1.0, guess_mode=False)
+        given = [flag(k) for k, default in defaults.items() if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) --controlnet DIR")
+        return {}
+    if args.refiner is not None:
+        raise ValueError("--controlnet with --refiner is not supported: the refiner's U-Net "
+                         "takes no ControlNet")
+    if args.control_image is None:
+        raise ValueError("--controlnet needs --control-image")
+    return dict(control_image=args.control_image, control_scale=args.control_scale,
+                control_start=args.control_start, control_end=args.control_end,
+                guess_mode=args.guess_mode)
+
+
 def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count: int,
                    refiner=None, denoising_end: float | None = None,
                    loras: list[tuple[str, float]] = ()) -> dict:
@@ -194,6 +229,10 @@ def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count
         run["loras"] = [{"file": file, "weight": weight} for file, weight in loras]
     if args.vae:
         run["vae"] = args.vae
+    if args.controlnet:
+        run.update(controlnet=args.controlnet, control_image=args.control_image,
+                   control_scale=args.control_scale, control_start=args.control_start,
+                   control_end=args.control_end, guess_mode=args.guess_mode)
     if args.dtype != "float32":
         run["dtype"] = args.dtype
     if refiner is not None:
@@ -220,16 +259,18 @@ def run_sample(args: argparse.Namespace) -> None:
                               num_images=args.num_images, strength=strength, spell=flag)
     denoising_end = _sample_ensemble(args)
     loras = [lora.parse_flag(spec) for spec in args.lora]  # (file, weight)
+    control = _control_options(args)
     import jax.numpy as jnp
 
     models = dict(use_ema=not args.no_ema, vae=args.vae, dtype=jnp.dtype(args.dtype))
     read = [(lora.read(file), weight) for file, weight in loras]  # bad files fail here
-    pipe = pipeline.load(args.checkpoint, step=args.step, loras=read, **models)
+    pipe = pipeline.load(args.checkpoint, step=args.step, loras=read,
+                         controlnet=args.controlnet, **models)
     refiner = None if args.refiner is None else pipeline.load(args.refiner, **models)
     options = dict(sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                    guidance_rescale=args.guidance_rescale, eta=args.eta, seed=args.seed,
                    num_images=args.num_images, height=args.height, width=args.width,
-                   output_type="float32")
+                   output_type="float32", **control)
     if args.init_latents:
         options["init_latents"] = np.load(args.init_latents, allow_pickle=False)
     if refiner is not None:

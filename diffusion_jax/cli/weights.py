@@ -25,9 +25,10 @@ def add_convert(subparsers) -> None:
                "against the weights.")
     parser.add_argument("--from", dest="source_format", required=True,
                         choices=("diffusers", "single-file"),
-                        help="diffusers: a pipeline folder (unet/, vae/, text_encoder/, ...); "
-                             "single-file: a CompVis / SGM (A1111, ComfyUI) .safetensors or "
-                             ".ckpt file")
+                        help="diffusers: a pipeline folder (unet/, vae/, text_encoder/, ...) "
+                             "or a ControlNetModel folder; single-file: a CompVis / SGM "
+                             "(A1111, ComfyUI) .safetensors or .ckpt file, or an original "
+                             "ControlNet file (control_*.pth / .safetensors)")
     parser.add_argument("src", help="the diffusers folder or the single weights file")
     parser.add_argument("--out", required=True,
                         help="new checkpoint directory (must not exist, or be empty)")

@@ -2,6 +2,8 @@
 
     convert("diffusers", "path/to/sd-folder", "ckpt")         # diffusers pipeline folder
     convert("single-file", "v1-5.safetensors", "ckpt")        # CompVis / A1111 file (SD, SDXL)
+    convert("diffusers", "sd-controlnet-canny", "cn")         # a ControlNetModel folder
+    convert("single-file", "control_v11p_sd15_canny.pth", "cn")  # original ControlNet layout
     export("ckpt", "path/to/new-folder")                      # back to a diffusers folder
 
 The readers here turn one weights file into a flat {name: numpy array} dict. safetensors

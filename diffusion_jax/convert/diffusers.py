@@ -1,4 +1,4 @@
-"""diffusers pipeline folders <-> Flax params and the checkpoint config.
+"""diffusers pipeline folders (and ControlNet folders) <-> Flax params and the checkpoint config.
 
 A Stable Diffusion folder as `StableDiffusionPipeline.save_pretrained` writes it:
 
@@ -9,6 +9,10 @@ A Stable Diffusion folder as `StableDiffusionPipeline.save_pretrained` writes it
     scheduler/     scheduler_config.json (optional when reading: SD's schedule is the default)
     tokenizer/     (optional when reading: only its padding token and length are kept; the
                    vocabulary must be CLIP's, which diffusion_jax ships)
+
+A ControlNet folder (`ControlNetModel.save_pretrained`: config.json with `_class_name`
+ControlNetModel, diffusion_pytorch_model.safetensors) is a checkpoint of `system.CONTROLNET`,
+its one model item `controlnet`, and is written back the same way.
 """
 
 from __future__ import annotations
@@ -131,7 +135,9 @@ def read_component(folder: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
     """(params, normalized config dict) of one tower of a pipeline folder."""
     if not (folder / tower.name / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Stable Diffusion diffusers folder: "
-                                f"{folder / tower.name / 'config.json'} does not exist")
+                                f"{folder / tower.name / 'config.json'} does not exist (nor "
+                                "is it a ControlNet folder: a config.json of _class_name "
+                                "ControlNetModel)")
     return read_model_folder(folder / tower.name, tower)
 
 
@@ -236,11 +242,27 @@ def detect_system(folder: Path) -> system_lib.System:
     return system_lib.STABLE_DIFFUSION
 
 
+def is_model_folder(folder: Path, class_name: str) -> bool:
+    """Whether `folder` holds one diffusers model of that class (its config.json says so)."""
+    path = folder / "config.json"
+    return path.is_file() and _read_json(path).get("_class_name") == class_name
+
+
+def read_adapter(folder: Path, system: system_lib.System) -> tuple[dict[str, Any], dict]:
+    """(params, checkpoint config) of an adapter-only system's one model folder."""
+    (tower,) = system.towers
+    params, config = read_model_folder(folder, tower)
+    return {tower.name: params}, {tower.name: config, system_lib.SYSTEM_SECTION: system.to_dict()}
+
+
 def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
-    """(params by item, checkpoint config) of a diffusers Stable Diffusion folder."""
+    """(params by item, checkpoint config) of a diffusers Stable Diffusion folder, or of a
+    ControlNet folder."""
     folder = Path(src)
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers folder {folder} does not exist")
+    if is_model_folder(folder, "ControlNetModel"):
+        return read_adapter(folder, system_lib.CONTROLNET)
     system = detect_system(folder)
     _check_model_index(folder, system)
     items, config = {}, {}
@@ -354,21 +376,26 @@ def _check_params(tower: system_lib.Tower, params: Any, config: Mapping[str, Any
                               + ", ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
 
 
-def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Writes a diffusers StableDiffusionPipeline folder into the (existing) `folder`."""
+def write_model_folder(directory: Path, tower: system_lib.Tower, params: Any,
+                       config: Mapping[str, Any]) -> None:
+    """config.json and the safetensors weights of one model, into the existing `directory`."""
     import safetensors.numpy
 
+    component = tower.component
+    _write_json(directory / "config.json", component_config_json(tower, config))
+    state_dict = params_to_state_dict(params, prefix=component.torch_prefix)
+    weights = directory / f"{component.weights_stem}.safetensors"
+    safetensors.numpy.save_file(state_dict, weights, metadata={"format": "pt"})
+
+
+def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Writes a diffusers StableDiffusionPipeline folder into the (existing) `folder`."""
     from diffusion_jax.tokenizer import CLIPTokenizer
 
     system = system_lib.from_config(config)
     for tower in system.towers:
-        name, component = tower.name, tower.component
-        directory = folder / name
-        directory.mkdir()
-        _write_json(directory / "config.json", component_config_json(tower, config[name]))
-        state_dict = params_to_state_dict(items[name], prefix=component.torch_prefix)
-        weights = directory / f"{component.weights_stem}.safetensors"
-        safetensors.numpy.save_file(state_dict, weights, metadata={"format": "pt"})
+        (folder / tower.name).mkdir()
+        write_model_folder(folder / tower.name, tower, items[tower.name], config[tower.name])
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json",
                 scheduler_config_json(config["schedule"], pipeline_kind(system, "the checkpoint")))
@@ -386,8 +413,13 @@ def export_pipeline(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *
     checkpoint.check_new_directory(out)
     items, config, source = checkpoint.load_models(checkpoint_dir, step, use_ema=use_ema)
     system = system_lib.from_config(config)
-    pipeline_kind(system, f"checkpoint {source.directory}")  # refused before anything is written
+    if not system.adapter_only:
+        pipeline_kind(system, f"checkpoint {source.directory}")  # refused before writing
     for tower in system.towers:
         _check_params(tower, items[tower.name], config, f"checkpoint {source.directory}")
     with checkpoint.new_directory(out) as tmp:
-        write_pipeline(tmp, items, config)
+        if system.adapter_only:  # a ControlNet: its model folder alone
+            (tower,) = system.towers
+            write_model_folder(tmp, tower, items[tower.name], config[tower.name])
+        else:
+            write_pipeline(tmp, items, config)

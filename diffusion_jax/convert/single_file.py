@@ -212,46 +212,54 @@ def detect_family(state_dict: Mapping[str, Any], path: Path) -> str:
     return "SD 1.x" if clip else "SD 2.x"
 
 
-def _transformer_depths(sd: Mapping[str, Any], blocks: list[str]) -> list[int | None]:
+def _transformer_depths(sd: Mapping[str, Any], blocks: list[str],
+                        prefix: str = UNET_PREFIX) -> list[int | None]:
     """Transformer blocks per level (counted in its first input block), None where a level
     has no attention; the middle block's count is the last level's (diffusers builds both
     from one entry)."""
-    count = lambda block: len(_indices(sd, f"{UNET_PREFIX}{block}.1.transformer_blocks."))
+    count = lambda block: len(_indices(sd, f"{prefix}{block}.1.transformer_blocks."))
     depths = [count(block) or None for block in blocks]
     depths[-1] = depths[-1] or count("middle_block")
     return depths
 
 
-def infer_unet(sd: Mapping[str, Any], path: Path) -> dict:
-    """The U-Net config fields the shapes determine."""
-    shape = lambda key: _shape(sd, UNET_PREFIX + key, path)
-    inputs = _indices(sd, UNET_PREFIX + "input_blocks.")
-    downsamplers = [i for i in inputs if f"{UNET_PREFIX}input_blocks.{i}.0.op.weight" in sd]
+def infer_encoder(sd: Mapping[str, Any], path: Path, prefix: str = UNET_PREFIX) -> dict:
+    """The config fields the shapes of the encoder half (time_embed, input_blocks,
+    middle_block, label_emb) determine: the U-Net's, or a ControlNet's (its own prefix)."""
+    shape = lambda key: _shape(sd, prefix + key, path)
+    inputs = _indices(sd, prefix + "input_blocks.")
+    downsamplers = [i for i in inputs if f"{prefix}input_blocks.{i}.0.op.weight" in sd]
     levels = len(downsamplers) + 1
     layers_per_block, rest = divmod(len(inputs) - 1 - len(downsamplers), levels)
     if rest or layers_per_block < 1:
-        raise ConversionError(f"{path}: unknown architecture: {len(inputs)} U-Net input blocks "
+        raise ConversionError(f"{path}: unknown architecture: {len(inputs)} input blocks "
                               f"do not make {levels} levels of equal depth")
     firsts = [f"input_blocks.{1 + level * (layers_per_block + 1)}" for level in range(levels)]
-    has_attention = lambda block: f"{UNET_PREFIX}{block}.1.proj_in.weight" in sd
-    down_attention = [has_attention(b) for b in firsts]
-    up_attention = [has_attention(f"output_blocks.{i * (layers_per_block + 1)}")
-                    for i in range(levels)]
+    down_attention = [f"{prefix}{b}.1.proj_in.weight" in sd for b in firsts]
     inferred = {
         "in_channels": shape("input_blocks.0.0.weight")[1],
-        "out_channels": shape("out.2.weight")[0],
         "block_out_channels": [shape(f"{b}.0.out_layers.3.weight")[0] for b in firsts],
         "layers_per_block": layers_per_block,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in down_attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention],
         "cross_attention_dim": shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1],
         "use_linear_projection": len(shape("middle_block.1.proj_in.weight")) == 2,
-        "transformer_layers_per_block": _transformer_depths(sd, firsts),
+        "transformer_layers_per_block": _transformer_depths(sd, firsts, prefix),
     }
-    if any(key.startswith(UNET_PREFIX + "label_emb.") for key in sd):
+    if any(key.startswith(prefix + "label_emb.") for key in sd):
         # SDXL's micro-conditioning MLP reads pooled text + sinusoids of 5 or 6 numbers.
         inferred.update(addition_embed_type="text_time",
                         projection_class_embeddings_input_dim=shape("label_emb.0.0.weight")[1])
+    return inferred
+
+
+def infer_unet(sd: Mapping[str, Any], path: Path) -> dict:
+    """The U-Net config fields the shapes determine."""
+    inferred = infer_encoder(sd, path)
+    step = inferred["layers_per_block"] + 1
+    up_attention = [f"{UNET_PREFIX}output_blocks.{i * step}.1.proj_in.weight" in sd
+                    for i in range(len(inferred["block_out_channels"]))]
+    inferred["out_channels"] = _shape(sd, UNET_PREFIX + "out.2.weight", path)[0]
+    inferred["up_block_types"] = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attention]
     return inferred
 
 
@@ -567,10 +575,18 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping
 
 def read_single_file(src: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
                      use_ema: bool = False) -> tuple[dict, dict]:
-    """(params by item, checkpoint config) of a single-file SD 1.x / 2.x or SDXL checkpoint.
+    """(params by item, checkpoint config) of a single-file SD 1.x / 2.x or SDXL checkpoint,
+    or of a ControlNet in its original layout (`controlnet_file`).
 
     `config` holds configs/*.py sections (unet, vae, text_encoder(_2), schedule,
     tokenizer(_2), pipeline); each one given replaces the family default and must agree
     with the weights. `use_ema` takes the U-Net from the EMA copy (`model_ema.*`)."""
     path = Path(src)
-    return params_from_state_dict(read_weights_file(path), config, path, use_ema=use_ema)
+    state_dict = read_weights_file(path)
+    from diffusion_jax.convert import controlnet_file
+
+    if controlnet_file.prefix_of(state_dict) is not None:  # a ControlNet in the original layout
+        if use_ema:
+            raise ConversionError(f"{path} is a ControlNet: it has no EMA weights (no --ema)")
+        return controlnet_file.params_from_state_dict(state_dict, config, path)
+    return params_from_state_dict(state_dict, config, path, use_ema=use_ema)

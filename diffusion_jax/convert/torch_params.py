@@ -26,6 +26,7 @@ INDEXED_MODULES = frozenset({
     "downsamplers", "upsamplers", "layers", "to_out", "net",
     "block", "layer",  # transformers T5: encoder.block.N.layer.M
     "single_transformer_blocks",  # Flux
+    "controlnet_down_blocks", "blocks",  # ControlNet: zero convs, conditioning-embedding convs
 })
 
 # A bare nn.Parameter (CLIP's class token) keeps its name.

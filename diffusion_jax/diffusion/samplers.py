@@ -715,9 +715,11 @@ def initial_latents(plan: Plan, noise: jax.Array, init_latents: jax.Array | None
 def run(plan: Plan, model_fn: ModelFn, latents: jax.Array, rng: jax.Array | None = None, *,
         noises: jax.Array | None = None,
         step_callback: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
-        return_trajectory: bool = False):
+        return_trajectory: bool = False, evaluation_inputs: Any = None):
     """Run the plan from `latents` (see `initial_latents`): returns the final latents, and
-    with `return_trajectory` also the state after every model evaluation. Traceable."""
+    with `return_trajectory` also the state after every model evaluation. Traceable.
+    `evaluation_inputs`: a pytree of arrays with one row per model evaluation (leading axis),
+    given to the model as `model_fn(x, t, row)` (a ControlNet's scale at that step)."""
     sampler = _REGISTRY[plan.sampler]
     evaluations = plan.num_evaluations
     if noises is not None and noises.shape != (evaluations, *latents.shape):
@@ -728,10 +730,11 @@ def run(plan: Plan, model_fn: ModelFn, latents: jax.Array, rng: jax.Array | None
     step = functools.partial(sampler.step, prediction_type=plan.prediction_type)
 
     def body(state, xs):
-        row, index, noise = xs
+        row, index, noise, extra = xs
         if plan.stochastic and noise is None:
             noise = jax.random.normal(jax.random.fold_in(rng, index), latents.shape, latents.dtype)
-        pred = model_fn(state["x"] * row["input_scale"], row["timestep"])
+        model_args = () if evaluation_inputs is None else (extra,)
+        pred = model_fn(state["x"] * row["input_scale"], row["timestep"], *model_args)
         new = step(state, pred, row, noise if plan.stochastic else None)
         new = {k: v.astype(state[k].dtype) for k, v in new.items()}
         if step_callback is not None:
@@ -740,7 +743,7 @@ def run(plan: Plan, model_fn: ModelFn, latents: jax.Array, rng: jax.Array | None
         return new, new["x"] if return_trajectory else None
 
     state = {"x": latents, **{k: jnp.zeros_like(latents) for k in sampler.history}}
-    xs = (rows, jnp.arange(evaluations), noises)
+    xs = (rows, jnp.arange(evaluations), noises, evaluation_inputs)
     state, trajectory = jax.lax.scan(body, state, xs)
     return (state["x"], trajectory) if return_trajectory else state["x"]
 

@@ -13,7 +13,9 @@ config class the properties the system's checks and geometry read:
 - a text tower: `encode_text(model, params, ids) -> {output name: array}`; config
   `output_widths` ({output name: features}), `max_tokens`;
 - a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`;
-  config `latent_channels`, `downsampling_factor`.
+  config `latent_channels`, `downsampling_factor`;
+- a ControlNet (an adapter): `control(model, params, x, t, cond, image, scale, guess_mode)
+  -> {"down_residuals": ..., "mid_residual": ...}`, conditioning the denoiser reads.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class Component:
     def denoise(self, model, params, x, t, cond):
         return self.module().denoise(model, params, x, t, cond)
 
+    def control(self, model, params, x, t, cond, image, scale, guess_mode: bool = False) -> dict:
+        return self.module().control(model, params, x, t, cond, image, scale, guess_mode)
+
     def encode_text(self, model, params, ids) -> dict:
         return self.module().encode_text(model, params, ids)
 
@@ -88,6 +93,8 @@ def register(component: Component) -> Component:
 
 register(Component("unet", "diffusion_jax.models.unet", "UNetConfig", "UNet2DConditionModel",
                    reference_class=("diffusers", "UNet2DConditionModel")))
+register(Component("controlnet", "diffusion_jax.models.controlnet", "ControlNetConfig",
+                   "ControlNetModel", reference_class=("diffusers", "ControlNetModel")))
 register(Component("vae", "diffusion_jax.models.vae", "AutoencoderKLConfig", "AutoencoderKL",
                    reference_class=("diffusers", "AutoencoderKL")))
 register(Component("clip_text", "diffusion_jax.models.clip_text", "CLIPTextConfig",

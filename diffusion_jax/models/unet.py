@@ -351,6 +351,64 @@ def check_sample_shape(config: UNetConfig, shape: tuple[int, ...]) -> None:
                          f"sides must be multiples of {8 * multiple}")
 
 
+def time_embedding(config: UNetConfig, timesteps: jax.Array | int | float, batch: int,
+                   text_embeds: jax.Array | None, time_ids: jax.Array | None, *,
+                   dtype: Dtype) -> jax.Array:
+    """The embedding every resnet reads: diffusers' `time_embedding(time_proj(t))`, plus
+    `add_embedding(concat(text_embeds, add_time_proj(time_ids)))` for a "text_time" config.
+    Call it inside a compact method: its layers are the caller's `time_embedding` and
+    `add_embedding` (the U-Net's and the ControlNet's alike)."""
+    channels = config.block_out_channels[0]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (batch,))
+    t_emb = timestep_embedding(timesteps, channels, flip_sin_to_cos=config.flip_sin_to_cos,
+                               freq_shift=config.freq_shift)
+    temb = TimestepEmbedding(4 * channels, dtype=dtype, name="time_embedding")(t_emb)
+    if config.addition_embed_type != "text_time":
+        return temb
+    if text_embeds is None or time_ids is None:
+        raise ValueError("this model (addition_embed_type='text_time') needs text_embeds "
+                         "(the pooled text embedding) and time_ids (size and crop numbers)")
+    numbers = jnp.asarray(time_ids, jnp.float32)
+    sinusoids = timestep_embedding(numbers.reshape(-1), config.addition_time_embed_dim,
+                                   flip_sin_to_cos=config.flip_sin_to_cos,
+                                   freq_shift=config.freq_shift).reshape(batch, -1)
+    features = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), sinusoids], axis=-1)
+    if features.shape[-1] != config.projection_class_embeddings_input_dim:
+        raise ValueError(f"text_embeds + time_ids embeddings have {features.shape[-1]} "
+                         f"features; projection_class_embeddings_input_dim is "
+                         f"{config.projection_class_embeddings_input_dim}")
+    return temb + TimestepEmbedding(4 * channels, dtype=dtype, name="add_embedding")(features)
+
+
+def check_context(config: UNetConfig, encoder_hidden_states: jax.Array) -> None:
+    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != config.cross_attention_dim:
+        raise ValueError(f"encoder_hidden_states must be [batch, tokens, {config.cross_attention_dim}], "
+                         f"got shape {tuple(encoder_hidden_states.shape)}")
+
+
+def encoder(config: UNetConfig, sample: jax.Array, temb: jax.Array, context: jax.Array, *,
+            dtype: Dtype, remat_policy: str | None, attention_impl: str | None,
+            hint: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+    """The encoder half: `conv_in` (+ `hint`, the ControlNet's embedded control image), the
+    down blocks and the mid block, as the caller's submodules (call it inside a compact
+    method). Returns the mid block's output and the skips: conv_in's output, then every
+    down-block output, which the U-Net's up path and the ControlNet's zero convs read."""
+    blocks = dict(dtype=dtype, attention_impl=attention_impl)
+    down_block, mid_block = (_remat(b, remat_policy) for b in (DownBlock, MidBlock))
+    channels, heads, depth = config.block_out_channels, config.heads_per_block, config.depth_per_block
+    x = conv(channels[0], 3, name="conv_in", dtype=dtype)(sample)
+    if hint is not None:
+        x = x + hint
+    skips = [x]
+    for i, block_type in enumerate(config.down_block_types):
+        x, block_skips = down_block(config, channels[i], heads[i], depth[i],
+                                    block_type == "CrossAttnDownBlock2D", i < len(channels) - 1,
+                                    name=f"down_blocks_{i}", **blocks)(x, temb, context)
+        skips.extend(block_skips)
+    x = mid_block(config, heads[-1], depth[-1], name="mid_block", **blocks)(x, temb, context)
+    return x, skips
+
+
 class UNet2DConditionModel(nn.Module):
     """Denoiser eps/v(x_t, t, text): [B, H, W, C] NHWC latents, [B] or scalar timesteps (int
     or float), [B, T, D] text hidden states -> [B, H, W, out_channels] float32.
@@ -367,68 +425,44 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
                  encoder_hidden_states: jax.Array, text_embeds: jax.Array | None = None,
-                 time_ids: jax.Array | None = None) -> jax.Array:
+                 time_ids: jax.Array | None = None,
+                 down_residuals: tuple[jax.Array, ...] | None = None,
+                 mid_residual: jax.Array | None = None) -> jax.Array:
         """`text_embeds` [B, pooled] and `time_ids` [B, numbers]: the "text_time"
-        micro-conditioning (SDXL); other U-Nets take neither."""
+        micro-conditioning (SDXL); other U-Nets take neither. `down_residuals` (one per
+        skip) and `mid_residual`: a ControlNet's outputs, added to the skips and to the mid
+        block's output as diffusers' `down_block_additional_residuals` /
+        `mid_block_additional_residual`."""
         cfg = self.config
         check_sample_shape(cfg, sample.shape)
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(f"encoder_hidden_states must be [batch, tokens, {cfg.cross_attention_dim}], "
-                             f"got shape {tuple(encoder_hidden_states.shape)}")
-        blocks = dict(dtype=self.dtype, attention_impl=self.attention_impl)
-        down_block, mid_block, up_block = (_remat(b, self.remat_policy)
-                                           for b in (DownBlock, MidBlock, UpBlock))
-        channels = cfg.block_out_channels
+        check_context(cfg, encoder_hidden_states)
+        temb = time_embedding(cfg, timesteps, sample.shape[0], text_embeds, time_ids,
+                              dtype=self.dtype)
+        x, skips = encoder(cfg, sample, temb, encoder_hidden_states, dtype=self.dtype,
+                           remat_policy=self.remat_policy, attention_impl=self.attention_impl)
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for the U-Net's "
+                                 f"{len(skips)} skips")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            x = x + mid_residual.astype(x.dtype)
+
+        up_block = _remat(UpBlock, self.remat_policy)
+        channels, heads, depth = cfg.block_out_channels, cfg.heads_per_block, cfg.depth_per_block
         n = len(channels)
-
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
-        t_emb = timestep_embedding(timesteps, channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   freq_shift=cfg.freq_shift)
-        temb = TimestepEmbedding(4 * channels[0], dtype=self.dtype, name="time_embedding")(t_emb)
-        if cfg.addition_embed_type == "text_time":
-            temb = temb + self._text_time_embedding(text_embeds, time_ids, sample.shape[0])
-        heads, depth = cfg.heads_per_block, cfg.depth_per_block
-
-        x = conv(channels[0], 3, name="conv_in", dtype=self.dtype)(sample)
-        skips = [x]
-        for i, block_type in enumerate(cfg.down_block_types):
-            x, block_skips = down_block(cfg, channels[i], heads[i], depth[i],
-                                        block_type == "CrossAttnDownBlock2D", i < n - 1,
-                                        name=f"down_blocks_{i}", **blocks)(x, temb, encoder_hidden_states)
-            skips.extend(block_skips)
-
-        x = mid_block(cfg, heads[-1], depth[-1], name="mid_block", **blocks)(
-            x, temb, encoder_hidden_states)
-
         for i, block_type in enumerate(cfg.up_block_types):
             block_skips = tuple(skips[-(cfg.layers_per_block + 1):])
             del skips[-(cfg.layers_per_block + 1):]
             x = up_block(cfg, channels[n - 1 - i], heads[n - 1 - i], depth[n - 1 - i],
-                         block_type == "CrossAttnUpBlock2D", i < n - 1,
-                         name=f"up_blocks_{i}", **blocks)(x, block_skips, temb, encoder_hidden_states)
+                         block_type == "CrossAttnUpBlock2D", i < n - 1, dtype=self.dtype,
+                         attention_impl=self.attention_impl,
+                         name=f"up_blocks_{i}")(x, block_skips, temb, encoder_hidden_states)
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out",
                                dtype=self.dtype)(x))
         x = conv(cfg.out_channels, 3, name="conv_out", dtype=self.dtype)(x)
         return x.astype(jnp.float32)
-
-    def _text_time_embedding(self, text_embeds, time_ids, batch: int) -> jax.Array:
-        """diffusers' `add_embedding(concat(text_embeds, add_time_proj(time_ids)))`."""
-        cfg = self.config
-        if text_embeds is None or time_ids is None:
-            raise ValueError("this U-Net (addition_embed_type='text_time') needs text_embeds "
-                             "(the pooled text embedding) and time_ids (size and crop numbers)")
-        numbers = jnp.asarray(time_ids, jnp.float32)
-        sinusoids = timestep_embedding(numbers.reshape(-1), cfg.addition_time_embed_dim,
-                                       flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                       freq_shift=cfg.freq_shift).reshape(batch, -1)
-        features = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), sinusoids], axis=-1)
-        if features.shape[-1] != cfg.projection_class_embeddings_input_dim:
-            raise ValueError(f"text_embeds + time_ids embeddings have {features.shape[-1]} "
-                             f"features; projection_class_embeddings_input_dim is "
-                             f"{cfg.projection_class_embeddings_input_dim}")
-        return TimestepEmbedding(4 * cfg.block_out_channels[0], dtype=self.dtype,
-                                 name="add_embedding")(features)
 
 
 def init_params(config: UNetConfig, rng: jax.Array) -> dict:
@@ -451,8 +485,10 @@ def init_params(config: UNetConfig, rng: jax.Array) -> dict:
 def denoise(model: UNet2DConditionModel, params: dict, x: jax.Array, t: jax.Array,
             cond: dict) -> jax.Array:
     """The system's denoiser call: cross-attention reads cond["context"]; a "text_time" U-Net
-    also cond["pooled"] and cond["time_ids"]."""
-    if model.config.addition_embed_type == "text_time":
-        return model.apply({"params": params}, x, t, cond["context"], cond["pooled"],
-                           cond["time_ids"])
-    return model.apply({"params": params}, x, t, cond["context"])
+    also cond["pooled"] and cond["time_ids"]; a ControlNet's residuals come as
+    cond["down_residuals"] and cond["mid_residual"] where present."""
+    text_time = model.config.addition_embed_type == "text_time"
+    return model.apply({"params": params}, x, t, cond["context"],
+                       cond["pooled"] if text_time else None,
+                       cond["time_ids"] if text_time else None,
+                       cond.get("down_residuals"), cond.get("mid_residual"))
