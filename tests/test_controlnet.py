@@ -4,7 +4,6 @@ the released parameter counts, and config errors. Relative error as in test_unet
 
 import functools
 import json
-import json
 
 import jax
 import jax.numpy as jnp
