@@ -64,7 +64,7 @@ class TextTower(Tower):
 
     tokenizer: str = "tokenizer"  # config section of its tokenizer
     ids_key: str = "input_ids"  # batch / inputs key of its token ids
-    context: str = "last_hidden_state"  # output joined (on the feature axis) into cond["context"]
+    context: str = "last_hidden_state"  # output joined (on the feature axis) into cond["context"]; "" for none
     pooled: str = ""  # output joined into cond["pooled"]; "" for none
 
 
@@ -158,6 +158,14 @@ SDXL_BASE = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
                                           context="penultimate_hidden_state"), _BIGG))
 SDXL_REFINER = System(denoiser=Tower("unet", "unet"), vae=Tower("vae", "vae"),
                       text_towers=(_BIGG,))
+
+# Flux.1: CLIP ViT-L gives only its pooled output (the modulation), T5-XXL only its context
+# (the text tokens of the joint attention); the transformer on 2x2-packed 16-channel latents.
+FLUX = System(denoiser=Tower("transformer", "flux"), vae=Tower("vae", "vae"),
+              text_towers=(TextTower("text_encoder", "clip_text", context="",
+                                     pooled="pooler_output"),
+                           TextTower("text_encoder_2", "t5", tokenizer="tokenizer_2",
+                                     ids_key="input_ids_2")))
 
 # A ControlNet on its own (diffusers `ControlNetModel`), for SD 1.x/2.x or SDXL alike.
 CONTROLNET = System(denoiser=None, vae=None, text_towers=(),
@@ -318,13 +326,14 @@ def _join(values: list[jax.Array]) -> jax.Array:
 
 def encode_text(models: Models, params: Mapping[str, Any], ids: Mapping[str, jax.Array]
                 ) -> dict[str, jax.Array]:
-    """Token ids (by ids key) -> the conditioning: every tower's `context` output joined on
-    the feature axis, and the `pooled` outputs likewise where towers give one."""
+    """Token ids (by ids key) -> the conditioning: the `context` outputs of the towers that
+    give one joined on the feature axis, and the `pooled` outputs likewise."""
     contexts, pooled = [], []
     for tower in models.system.text_towers:
         outputs = tower.component.encode_text(models[tower.name], params[tower.name],
                                               ids[tower.ids_key])
-        contexts.append(outputs[tower.context])
+        if tower.context:
+            contexts.append(outputs[tower.context])
         if tower.pooled:
             pooled.append(outputs[tower.pooled])
     cond = {"context": _join(contexts)}

@@ -182,13 +182,32 @@ FLUX_DEV_CONFIG_JSON = {
     (flux_dev, True, 11_901_408_320),
     (flux_schnell, False, 11_891_178_560),
 ])
-def test_released_param_counts(config_module, guidance, count):
+def test_released_param_counts(config_module, guidance, count, capsys):
+    """`diffusion-jax params` of the whole system: the transformer, the Flux VAE, CLIP-L and
+    T5-XXL at their released counts."""
+    from diffusion_jax import cli
+
     config = COMPONENT.config_from_dict(config_module.get_config().transformer)
     assert config == flux.FluxConfig.from_dict(dict(FLUX_DEV_CONFIG_JSON,
                                                     guidance_embeds=guidance))
-    n = models.count_params(COMPONENT.param_shapes(config))
-    print(f"{config_module.__name__}: {n:,} parameters")
-    assert n == count
+    name = config_module.__name__.rsplit(".", 1)[1]
+    assert cli.main(["params", "--config", name]) == 0
+    printed = dict(line.split() for line in capsys.readouterr().out.splitlines())
+    assert printed == {"transformer": f"{count:,}", "vae": "83,819,683",
+                       "text_encoder": "123,060,480", "text_encoder_2": "4,762,310,656",
+                       "total": f"{count + 83_819_683 + 123_060_480 + 4_762_310_656:,}"}
+
+
+def test_the_flux_system_reads_pooled_clip_and_t5_context():
+    from diffusion_jax import system
+    from diffusion_jax.diffusion import flow, process
+
+    config = flux_dev.get_config()
+    assert system.from_config(config) == system.FLUX
+    assert system.System.from_dict(system.FLUX.to_dict()) == system.FLUX
+    assert system.FLUX.cond_keys == ("context", "pooled")
+    schedule = process.from_config(config.schedule.to_dict())
+    assert isinstance(schedule, flow.FlowProcess) and schedule.config.use_dynamic_shifting
 
 
 def test_released_layout_maps_by_rename():
