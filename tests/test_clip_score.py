@@ -269,3 +269,24 @@ def test_pytorch_model_bin_loads_like_safetensors(clip_folder, tmp_path):
     assert flat_bin.keys() == flat_safetensors.keys()
     for key, value in flat_bin.items():
         np.testing.assert_array_equal(value, flat_safetensors[key], err_msg=str(key))
+
+
+def test_each_process_pairs_its_share_of_the_batches_with_their_prompts(monkeypatch):
+    """Process 1 of 2 generates batches 1 and 3 (of 4): its images pair with prompts 2-3 and
+    6 (the last batch is short); the pairs come back in order by `parallel.gather_batches`,
+    which tests/test_fid.py checks across two real processes."""
+    from diffusion_jax import parallel
+    from diffusion_jax.eval import fid
+
+    prompts = [f"prompt {i}" for i in range(7)]
+    monkeypatch.setattr(parallel, "my_batches", lambda n: range(1, n, 2))
+
+    def fake_batches(checkpoint, prompts, num_samples, *, batch_size, **_):
+        for k in parallel.my_batches(-(-num_samples // batch_size)):
+            n = min(batch_size, num_samples - k * batch_size)
+            yield np.full((n, 4, 4, 3), k, np.uint8)
+
+    monkeypatch.setattr(fid, "generated_batches", fake_batches)
+    batches = list(clip_score.generated_pairs("ckpt", prompts, batch_size=2))
+    assert [[(int(image[0, 0, 0]), caption) for image, caption in b] for b in batches] == [
+        [(1, "prompt 2"), (1, "prompt 3")], [(3, "prompt 6")]]

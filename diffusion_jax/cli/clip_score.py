@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from diffusion_jax.cli.common import CHECKPOINT_HELP, read_prompts, with_progress
+from diffusion_jax.cli.common import (CHECKPOINT_HELP, generation_share, read_prompts,
+                                      with_progress)
 from diffusion_jax.cli.sample import add_sampler_args, flag
 
 
@@ -75,9 +76,22 @@ def run_clip_score(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     folder = clip_score.check_clip_folder(args.clip)
+    if args.checkpoint:  # generation runs on every process of a jax.distributed job
+        from diffusion_jax import parallel
+
+        parallel.initialize_distributed()
     batches, total, label = _pairs(args)
     scorer = clip_score.load_clip(folder, batch_size=args.batch_size)
-    result = clip_score.clip_score(with_progress(batches, total, label), scorer)
+    if args.checkpoint:
+        import jax
+
+        label, mine = generation_share(total, args.batch_size)
+        result = clip_score.generated_clip_score(with_progress(batches, mine, label), scorer,
+                                                 total, args.batch_size)
+        if jax.process_index() != 0:  # every process holds the same score; one reports
+            return
+    else:
+        result = clip_score.clip_score(with_progress(batches, total, label), scorer)
     if result.negative:
         print(f"{result.negative} of {result.count} pairs have a negative cosine (the mean "
               f"is {result.mean:.4f} before the clamp at 0)", file=sys.stderr)

@@ -67,3 +67,18 @@ def with_progress(batches, total: int | None, label: str):
               f"{left})", end="", file=sys.stderr, flush=True)
         yield batch
     print(file=sys.stderr)
+
+
+def generation_share(total: int, batch_size: int) -> tuple[str, int]:
+    """The progress label and image count of this process's share of a generation job."""
+    import jax
+
+    from diffusion_jax import parallel
+
+    count = jax.process_count()
+    if count == 1:
+        return "generated", total
+    mine = parallel.my_batches(-(-total // batch_size))
+    images = sum(min(batch_size, total - k * batch_size) for k in mine)
+    return f"generated (process {jax.process_index()} of {count})", images
+

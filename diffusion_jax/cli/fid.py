@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from diffusion_jax.cli.common import CHECKPOINT_HELP, read_prompts, with_progress
+from diffusion_jax.cli.common import (CHECKPOINT_HELP, generation_share, read_prompts,
+                                      with_progress)
 from diffusion_jax.cli.sample import add_sampler_args, flag
 
 
@@ -176,6 +177,10 @@ def run_fid(args: argparse.Namespace) -> None:
     if args.num_samples is not None and args.num_samples < 2:
         raise ValueError(f"--num-samples {args.num_samples}: FID needs at least 2 samples")
     specs = _fid_sources(args)
+    if args.checkpoint:  # generation runs on every process of a jax.distributed job
+        from diffusion_jax import parallel
+
+        parallel.initialize_distributed()
     # Every source is checked (paths, files, prompts) before the Inception is loaded.
     sources = [None if spec is None else fid.check_source(spec, limit=args.num_samples)
                for spec in specs]
@@ -191,10 +196,15 @@ def run_fid(args: argparse.Namespace) -> None:
     for source in sources:
         if source is None:
             batches, total = generated
-            stats.append(fid.features_and_statistics(
-                with_progress(batches, total, "generated"), features))
+            label, mine = generation_share(total, args.batch_size)
+            stats.append(fid.generated_statistics(with_progress(batches, mine, label), features,
+                                                  total, args.batch_size))
         else:
             stats.append(_fid_source_stats(source, features, args))
+    import jax
+
+    if jax.process_index() != 0:  # every process holds the same statistics; one reports
+        return
     _fid_save(args, stats[0])
     if len(stats) == 2:
         names = [spec or args.checkpoint for spec in specs]

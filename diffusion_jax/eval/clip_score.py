@@ -240,10 +240,15 @@ class CLIPScorer:
 
     def pair_scores(self, pairs: Sequence[Pair]) -> np.ndarray:
         """float64 [N]: 100 * cos(image features, text features) of each pair, unclamped."""
-        images, texts = (f.astype(np.float64) for f in self.features(pairs))
-        images /= np.linalg.norm(images, axis=-1, keepdims=True)
-        texts /= np.linalg.norm(texts, axis=-1, keepdims=True)
-        return 100.0 * np.sum(images * texts, axis=-1)
+        return scores_of_features(*self.features(pairs))
+
+
+def scores_of_features(images: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """float64 [N]: 100 * cos of each (image features, text features) row pair."""
+    images, texts = images.astype(np.float64), texts.astype(np.float64)
+    images /= np.linalg.norm(images, axis=-1, keepdims=True)
+    texts /= np.linalg.norm(texts, axis=-1, keepdims=True)
+    return 100.0 * np.sum(images * texts, axis=-1)
 
 
 def load_clip(folder: CLIPFolder | str | os.PathLike, *, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -264,9 +269,24 @@ class CLIPScore:
 
 def clip_score(batches: Iterable[Sequence[Pair]], scorer: CLIPScorer) -> CLIPScore:
     """torchmetrics' CLIPScore of every (image, caption) pair in `batches`, streamed."""
+    return _score_of((scorer.pair_scores(pairs) for pairs in batches))
+
+
+def generated_clip_score(batches: Iterable[Sequence[Pair]], scorer: CLIPScorer,
+                         num_pairs: int, batch_size: int) -> CLIPScore:
+    """`clip_score` of `generated_pairs`' batches: this process's share scored here, the
+    features of every process gathered in prompt order, so the score is a one-process run's."""
+    from diffusion_jax import parallel
+
+    local = [np.concatenate(scorer.features(pairs), axis=-1) for pairs in batches]
+    width = scorer.folder.config.projection_dim
+    every = parallel.gather_batches(local, -(-num_pairs // batch_size), (2 * width,), np.float32)
+    return _score_of(scores_of_features(f[:, :width], f[:, width:]) for f in every)
+
+
+def _score_of(score_batches: Iterable[np.ndarray]) -> CLIPScore:
     total, count, negative = 0.0, 0, 0
-    for pairs in batches:
-        scores = scorer.pair_scores(pairs)
+    for scores in score_batches:
         total += float(scores.sum())
         count += len(scores)
         negative += int((scores < 0).sum())
@@ -337,11 +357,13 @@ def folder_batches(source, batch_size: int = DEFAULT_BATCH_SIZE) -> Iterator[lis
 def generated_pairs(checkpoint: str | os.PathLike, prompts: Sequence[str], *,
                     batch_size: int = 8, seed: int = 0, **sampling) -> Iterator[list[Pair]]:
     """One txt2img image per prompt, image i from prompts[i] with seed `seed + i` (as `fid
-    --checkpoint` generates), paired with its prompt."""
+    --checkpoint` generates), paired with its prompt; with several processes, this one's
+    share of the batches (as `fid.generated_batches`)."""
+    from diffusion_jax import parallel
     from diffusion_jax.eval import fid
 
-    done = 0
-    for images in fid.generated_batches(checkpoint, prompts, len(prompts),
-                                        batch_size=batch_size, seed=seed, **sampling):
-        yield list(zip(images, prompts[done:done + len(images)]))
-        done += len(images)
+    batches = fid.generated_batches(checkpoint, prompts, len(prompts), batch_size=batch_size,
+                                    seed=seed, **sampling)
+    # This process's share: the batches parallel.my_batches names, in that order.
+    for k, images in zip(parallel.my_batches(-(-len(prompts) // batch_size)), batches):
+        yield list(zip(images, prompts[k * batch_size:k * batch_size + len(images)]))

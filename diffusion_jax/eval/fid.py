@@ -428,16 +428,33 @@ def generated_batches(checkpoint: str | os.PathLike, prompts: Sequence[str], num
                       batch_size: int = 8, seed: int = 0, **sampling) -> Iterator[np.ndarray]:
     """uint8 [B, H, W, 3] batches of `num_samples` txt2img images from a checkpoint, prompts
     cycled, image i with seed `seed + i`. Every call generates a full batch (one compiled
-    program); the last one is cut to size."""
-    from diffusion_jax import pipeline
+    program); the last one is cut to size. With several processes (jax.distributed) each
+    generates its share, every process_count-th batch (`parallel.my_batches`), on its own
+    devices; `parallel.gather_batches` puts the results back in order."""
+    from diffusion_jax import parallel, pipeline
 
     if not prompts:
         raise ValueError("no prompts to generate from")
-    pipe = pipeline.load(checkpoint)
-    for start in range(0, num_samples, batch_size):
+    pipe = pipeline.load(checkpoint, devices=jax.local_devices())
+    for k in parallel.my_batches(-(-num_samples // batch_size)):
+        start = k * batch_size
         batch_prompts = [prompts[(start + i) % len(prompts)] for i in range(batch_size)]
         images = pipe.txt2img(batch_prompts, seed=seed + start, **sampling)
         yield images[: num_samples - start]
+
+
+def generated_statistics(batches: Iterable[Any], features: Features, num_samples: int,
+                         batch_size: int) -> Stats:
+    """The Stats of `generated_batches`' images: this process's batches through the Inception,
+    the features of every process gathered in seed order, so that mu and sigma are a
+    one-process run's bit for bit."""
+    from diffusion_jax import parallel
+
+    local = [np.asarray(features(batch), np.float32) for batch in batches]
+    every = parallel.gather_batches(local, -(-num_samples // batch_size), (FEATURE_DIM,),
+                                    np.float32)
+    mu, sigma, count = statistics(every, lambda f: f)
+    return Stats(mu, sigma, count, np.concatenate(every))
 
 
 def fashion_mnist_prompts() -> list[str]:
