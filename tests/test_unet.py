@@ -12,7 +12,8 @@ import pytest
 
 from diffusion_jax.configs import sd15, sd21, tiny
 from diffusion_jax.convert.torch_params import state_dict_to_params
-from diffusion_jax.models.unet import REMAT_POLICIES, UNet2DConditionModel, UNetConfig, init_params
+from diffusion_jax.models.layers import REMAT_POLICIES
+from diffusion_jax.models.unet import UNet2DConditionModel, UNetConfig, init_params
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")

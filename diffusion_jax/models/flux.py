@@ -44,9 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import (TimestepEmbedding, dense, dot_product_attention,
-                                         timestep_embedding)
-from diffusion_jax.models.unet import _remat
+from diffusion_jax.models.layers import (AdaLayerNormContinuous, RMSNorm, TanhGELUFeedForward,
+                                         TimestepEmbedding, dense, dot_product_attention,
+                                         plain_layer_norm, remat, timestep_embedding)
 
 Dtype = Any
 
@@ -185,26 +185,6 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 # ----------------------------------------------------------------------------- layers
 
 
-class RMSNorm(nn.Module):
-    """torch.nn.RMSNorm over the last axis (weight, no bias); statistics in float32."""
-
-    epsilon: float = 1e-6
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-        return (weight * x32).astype(self.dtype)
-
-
-def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-    """nn.LayerNorm(elementwise_affine=False, eps=1e-6): no params."""
-    return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, use_fast_variance=False,
-                        dtype=dtype, name=name)
-
-
 class AdaLayerNormZero(nn.Module):
     """LayerNorm modulated by linear(silu(temb)): returns the normed x (shift/scale of the
     attention) and `chunks - 2` further vectors (gate, and for the double blocks the MLP's
@@ -218,44 +198,8 @@ class AdaLayerNormZero(nn.Module):
         dim = x.shape[-1]
         emb = dense(self.chunks * dim, name="linear", dtype=self.dtype)(nn.silu(temb))
         shift, scale, *rest = jnp.split(emb, self.chunks, axis=-1)
-        x = layer_norm("norm", self.dtype)(x) * (1 + scale[:, None]) + shift[:, None]
+        x = plain_layer_norm("norm", self.dtype)(x) * (1 + scale[:, None]) + shift[:, None]
         return x, rest
-
-
-class AdaLayerNormContinuous(nn.Module):
-    """norm_out: LayerNorm scaled and shifted by linear(silu(temb)), chunked (scale, shift)."""
-
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        emb = dense(2 * x.shape[-1], name="linear", dtype=self.dtype)(nn.silu(temb))
-        scale, shift = jnp.split(emb, 2, axis=-1)
-        return layer_norm("norm", self.dtype)(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-class GELU(nn.Module):
-    """diffusers GELU(approximate="tanh"): proj, then tanh GELU."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(dense(self.features, name="proj", dtype=self.dtype)(x), approximate=True)
-
-
-class FeedForward(nn.Module):
-    """diffusers FeedForward(activation_fn="gelu-approximate"), 4x wide: net.0 (GELU with its
-    proj), net.2 (out)."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = GELU(4 * self.features, dtype=self.dtype, name="net_0")(x)
-        return dense(self.features, name="net_2", dtype=self.dtype)(x)
 
 
 class FluxAttention(nn.Module):
@@ -311,7 +255,6 @@ class FluxTransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, context: jax.Array, temb: jax.Array, rope):
-        dim = hidden.shape[-1]
         normed, (gate_msa, shift_mlp, scale_mlp, gate_mlp) = AdaLayerNormZero(
             6, self.dtype, name="norm1")(hidden, temb)
         normed_context, (c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp) = AdaLayerNormZero(
@@ -321,15 +264,15 @@ class FluxTransformerBlock(nn.Module):
             normed, normed_context, rope)
 
         hidden = hidden + gate_msa[:, None] * attn
-        normed = (layer_norm("norm2", self.dtype)(hidden) * (1 + scale_mlp[:, None])
+        normed = (plain_layer_norm("norm2", self.dtype)(hidden) * (1 + scale_mlp[:, None])
                   + shift_mlp[:, None])
-        hidden = hidden + gate_mlp[:, None] * FeedForward(dim, self.dtype, name="ff")(normed)
+        hidden = hidden + gate_mlp[:, None] * TanhGELUFeedForward(self.dtype, name="ff")(normed)
 
         context = context + c_gate_msa[:, None] * context_attn
-        normed_context = (layer_norm("norm2_context", self.dtype)(context)
+        normed_context = (plain_layer_norm("norm2_context", self.dtype)(context)
                           * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None])
-        context = context + c_gate_mlp[:, None] * FeedForward(
-            dim, self.dtype, name="ff_context")(normed_context)
+        feed_forward = TanhGELUFeedForward(self.dtype, name="ff_context")
+        context = context + c_gate_mlp[:, None] * feed_forward(normed_context)
         return _clip_float16(context), _clip_float16(hidden)
 
 
@@ -426,8 +369,8 @@ class FluxTransformer2DModel(nn.Module):
 
         blocks = dict(heads=cfg.num_attention_heads, dim_head=cfg.attention_head_dim,
                       dtype=self.dtype, attention_impl=self.attention_impl)
-        double_block = _remat(FluxTransformerBlock, self.remat_policy)
-        single_block = _remat(FluxSingleTransformerBlock, self.remat_policy)
+        double_block = remat(FluxTransformerBlock, self.remat_policy)
+        single_block = remat(FluxSingleTransformerBlock, self.remat_policy)
         for i in range(cfg.num_layers):
             context, hidden = double_block(**blocks, name=f"transformer_blocks_{i}")(
                 hidden, context, temb, rope)

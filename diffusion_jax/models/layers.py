@@ -1,4 +1,4 @@
-"""Building blocks shared by the U-Net and the VAE.
+"""Building blocks shared by the models: the U-Net and the VAE, the Flux and SD3 transformers.
 
 Layout is NHWC throughout (XLA's native convolution layout on every backend). Parameters are
 float32; `dtype` is the compute dtype. Submodule names follow the diffusers PyTorch modules,
@@ -288,3 +288,84 @@ class Upsample2D(nn.Module):
         b, h, w, c = x.shape
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
         return conv(self.out_channels, 3, name="conv", dtype=self.dtype)(x)
+
+
+# ----------------------------------------------------------------------------- rematerialisation
+
+REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
+
+def remat(block: type[nn.Module], policy_name: str | None) -> type[nn.Module]:
+    """`block` rematerialised under a `jax.checkpoint_policies` policy (None: as it is)."""
+    if policy_name is None:
+        return block
+    if policy_name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy {policy_name!r} is not a jax.checkpoint_policies policy; "
+                         f"valid: None (no remat) or one of {list(REMAT_POLICIES)}")
+    return nn.remat(block, policy=getattr(jax.checkpoint_policies, policy_name))
+
+
+# ----------------------------------------------------------------------------- DiT pieces
+# What diffusers' Flux and SD3 transformers share (diffusers/models/normalization.py,
+# attention.py): eps 1e-6 norms, the output AdaLN, the tanh-GELU feed-forward.
+
+DIT_NORM_EPS = 1e-6
+
+
+class RMSNorm(nn.Module):
+    """diffusers / torch `RMSNorm` over the last axis (weight, no bias); statistics in float32."""
+
+    epsilon: float = DIT_NORM_EPS
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return (weight * x32).astype(self.dtype)
+
+
+def plain_layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+    """nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6): no params."""
+    return nn.LayerNorm(epsilon=DIT_NORM_EPS, use_scale=False, use_bias=False, dtype=dtype,
+                        use_fast_variance=False, name=name)
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """diffusers `AdaLayerNormContinuous` (no affine norm): LayerNorm(x) (1 + scale) + shift,
+    (scale, shift) = linear(SiLU(cond)) in that order."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+        emb = dense(2 * x.shape[-1], name="linear", dtype=self.dtype)(nn.silu(cond))
+        scale, shift = jnp.split(emb, 2, axis=-1)
+        return plain_layer_norm("norm", self.dtype)(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class TanhGELU(nn.Module):
+    """diffusers `GELU(approximate="tanh")`: its Linear is `proj`."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(dense(self.features, name="proj", dtype=self.dtype)(x), approximate=True)
+
+
+class TanhGELUFeedForward(nn.Module):
+    """diffusers `FeedForward(activation_fn="gelu-approximate")`: net.0.proj (4x wide) ->
+    tanh GELU -> net.2, back to the input width."""
+
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        h = TanhGELU(4 * features, self.dtype, name="net_0")(x)
+        return dense(features, name="net_2", dtype=self.dtype)(h)
+

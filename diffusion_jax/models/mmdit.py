@@ -43,16 +43,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import (TimestepEmbedding, conv, dense, dot_product_attention,
-                                         timestep_embedding)
-from diffusion_jax.models.unet import REMAT_POLICIES
+from diffusion_jax.models.layers import (AdaLayerNormContinuous, RMSNorm, TanhGELUFeedForward,
+                                         TimestepEmbedding, conv, dense, dot_product_attention,
+                                         plain_layer_norm, remat, timestep_embedding)
 
 Dtype = Any
 
 QK_NORMS = (None, "rms_norm")
-# Every norm of the model: diffusers passes eps=1e-6 to the LayerNorms, AdaLayerNorms and the
-# attention's RMS norms alike.
-NORM_EPS = 1e-6
 TIMESTEP_CHANNELS = 256  # CombinedTimestepTextProjEmbeddings' sinusoid width (hard-coded there)
 
 
@@ -164,25 +161,6 @@ def position_embedding(config: SD3TransformerConfig, height: int, width: int) ->
     return table.reshape(height * width, 2 * half)
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-    # diffusers' nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6): no params.
-    return nn.LayerNorm(epsilon=NORM_EPS, use_scale=False, use_bias=False, dtype=dtype,
-                        use_fast_variance=False, name=name)
-
-
-class RMSNorm(nn.Module):
-    """diffusers `RMSNorm` over the last axis with a weight: statistics in float32."""
-
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + NORM_EPS)
-        return (weight * x).astype(self.dtype)
-
-
 class PatchEmbed(nn.Module):
     """diffusers `PatchEmbed` with `pos_embed_max_size`: stride-p conv, then + the cropped
     sin-cos table. [B, H, W, C] -> [B, (H/p)(W/p), inner_dim]."""
@@ -231,49 +209,12 @@ class AdaLayerNormZero(nn.Module):
         emb = dense(n * x.shape[-1], name="linear", dtype=self.dtype)(nn.silu(temb))
         chunks = [c[:, None] for c in jnp.split(emb, n, axis=-1)]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks[:6]
-        normed = _layer_norm("norm", self.dtype)(x)
+        normed = plain_layer_norm("norm", self.dtype)(x)
         out = (normed * (1 + scale_msa) + shift_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)
         if self.dual:
             shift_msa2, scale_msa2, gate_msa2 = chunks[6:]
             out += (normed * (1 + scale_msa2) + shift_msa2, gate_msa2)
         return out
-
-
-class AdaLayerNormContinuous(nn.Module):
-    """diffusers `AdaLayerNormContinuous` (no affine norm): LayerNorm(x) (1 + scale) + shift,
-    (scale, shift) = linear(SiLU(cond)) in that order."""
-
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
-        emb = dense(2 * x.shape[-1], name="linear", dtype=self.dtype)(nn.silu(cond))
-        scale, shift = jnp.split(emb, 2, axis=-1)
-        return _layer_norm("norm", self.dtype)(x) * (1 + scale[:, None]) + shift[:, None]
-
-
-class GELU(nn.Module):
-    """diffusers `GELU(approximate="tanh")`: its Linear is `proj`."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return jax.nn.gelu(dense(self.features, name="proj", dtype=self.dtype)(x), approximate=True)
-
-
-class FeedForward(nn.Module):
-    """diffusers `FeedForward(activation_fn="gelu-approximate")`: net.0.proj (4x wide) ->
-    GELU (tanh) -> net.2."""
-
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        h = GELU(4 * features, self.dtype, name="net_0")(x)
-        return dense(features, name="net_2", dtype=self.dtype)(h)
 
 
 class JointAttention(nn.Module):
@@ -294,7 +235,7 @@ class JointAttention(nn.Module):
         proj = functools.partial(dense, self.heads * self.dim_head, dtype=self.dtype)
         q, k, v = (proj(name=n)(x) for n in names)
         if self.qk_norm == "rms_norm":  # over each head's features
-            per_head = lambda y, name: RMSNorm(self.dtype, name=name)(
+            per_head = lambda y, name: RMSNorm(dtype=self.dtype, name=name)(
                 y.reshape(*y.shape[:-1], self.heads, self.dim_head)).reshape(y.shape)
             q, k = per_head(q, norms[0]), per_head(k, norms[1])
         return q, k, v
@@ -347,14 +288,14 @@ class JointTransformerBlock(nn.Module):
         if self.use_dual_attention:
             norm_x2, gate_msa2 = norm1[5:]
             x = x + gate_msa2 * attention(context_pre_only=None, name="attn2")(norm_x2)
-        h = _layer_norm("norm2", self.dtype)(x) * (1 + scale_mlp) + shift_mlp
-        x = x + gate_mlp * FeedForward(self.dtype, name="ff")(h)
+        h = plain_layer_norm("norm2", self.dtype)(x) * (1 + scale_mlp) + shift_mlp
+        x = x + gate_mlp * TanhGELUFeedForward(self.dtype, name="ff")(h)
         if self.context_pre_only:
             return None, x
 
         context = context + c_gate_msa * context_attn_out
-        h = _layer_norm("norm2_context", self.dtype)(context) * (1 + c_scale_mlp) + c_shift_mlp
-        context = context + c_gate_mlp * FeedForward(self.dtype, name="ff_context")(h)
+        h = plain_layer_norm("norm2_context", self.dtype)(context) * (1 + c_scale_mlp) + c_shift_mlp
+        context = context + c_gate_mlp * TanhGELUFeedForward(self.dtype, name="ff_context")(h)
         return context, x
 
 
@@ -400,13 +341,7 @@ class SD3Transformer2DModel(nn.Module):
         if pooled_projections.shape != (hidden_states.shape[0], cfg.pooled_projection_dim):
             raise ValueError(f"pooled_projections must be [batch, {cfg.pooled_projection_dim}], "
                              f"got shape {tuple(pooled_projections.shape)}")
-        block = JointTransformerBlock
-        if self.remat_policy is not None:
-            if self.remat_policy not in REMAT_POLICIES:
-                raise ValueError(f"remat_policy {self.remat_policy!r} is not a "
-                                 "jax.checkpoint_policies policy; valid: None (no remat) or "
-                                 f"one of {list(REMAT_POLICIES)}")
-            block = nn.remat(block, policy=getattr(jax.checkpoint_policies, self.remat_policy))
+        block = remat(JointTransformerBlock, self.remat_policy)
 
         b, height, width, _ = hidden_states.shape
         p = cfg.patch_size

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.models.layers import (Attention, Downsample2D, FeedForward, ResnetBlock2D,
                                          TimestepEmbedding, Upsample2D, conv, dense, group_norm,
-                                         timestep_embedding)
+                                         remat, timestep_embedding)
 
 Dtype = Any
 
@@ -26,8 +26,6 @@ DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 # `jax.checkpoint_policies` members that are policies themselves (the others build policies).
-REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
-                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 
 # diffusers config keys that change nothing here: metadata, and knobs of features left off.
 _IGNORED_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path",
@@ -330,15 +328,6 @@ class UpBlock(nn.Module):
         return x
 
 
-def _remat(block: type[nn.Module], policy_name: str | None) -> type[nn.Module]:
-    if policy_name is None:
-        return block
-    if policy_name not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy {policy_name!r} is not a jax.checkpoint_policies policy; "
-                         f"valid: None (no remat) or one of {list(REMAT_POLICIES)}")
-    return nn.remat(block, policy=getattr(jax.checkpoint_policies, policy_name))
-
-
 def check_sample_shape(config: UNetConfig, shape: tuple[int, ...]) -> None:
     """Raises a ValueError unless `shape` is a [B, H, W, in_channels] the U-Net can take."""
     if len(shape) != 4 or shape[-1] != config.in_channels:
@@ -394,7 +383,7 @@ def encoder(config: UNetConfig, sample: jax.Array, temb: jax.Array, context: jax
     method). Returns the mid block's output and the skips: conv_in's output, then every
     down-block output, which the U-Net's up path and the ControlNet's zero convs read."""
     blocks = dict(dtype=dtype, attention_impl=attention_impl)
-    down_block, mid_block = (_remat(b, remat_policy) for b in (DownBlock, MidBlock))
+    down_block, mid_block = (remat(b, remat_policy) for b in (DownBlock, MidBlock))
     channels, heads, depth = config.block_out_channels, config.heads_per_block, config.depth_per_block
     x = conv(channels[0], 3, name="conv_in", dtype=dtype)(sample)
     if hint is not None:
@@ -448,7 +437,7 @@ class UNet2DConditionModel(nn.Module):
         if mid_residual is not None:
             x = x + mid_residual.astype(x.dtype)
 
-        up_block = _remat(UpBlock, self.remat_policy)
+        up_block = remat(UpBlock, self.remat_policy)
         channels, heads, depth = cfg.block_out_channels, cfg.heads_per_block, cfg.depth_per_block
         n = len(channels)
         for i, block_type in enumerate(cfg.up_block_types):

@@ -25,7 +25,7 @@ from diffusion_jax import system as system_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.models import count_params
-from diffusion_jax.models.unet import REMAT_POLICIES
+from diffusion_jax.models.layers import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 
