@@ -190,7 +190,9 @@ def test_a1111_sampler_names():
                                                        "dpmpp_2m_sde", "pndm", "unipc_karras")}
     assert names == {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_ancestral": "Euler a",
                      "dpmpp_2m_sde": "DPM++ 2M SDE", "pndm": "PLMS", "unipc_karras": "UniPC Karras"}
-    assert set(pipeline.A1111_SAMPLER_NAMES) == set(pipeline.samplers.SAMPLERS)
+    assert set(pipeline.A1111_SAMPLER_NAMES) == set(pipeline.samplers.SAMPLERS) | set(
+        pipeline.samplers.FLOW_SAMPLERS)
+    assert pipeline.a1111_sampler_name("flow_euler") == "Euler"
 
 
 def test_strength_0_returns_the_init_image(systems):

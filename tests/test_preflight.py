@@ -73,7 +73,7 @@ def test_the_lists_above_are_every_bundled_config():
     (["--config.vae_training.steps=0"], "the VAE would stay random"),
     (["--config.init_from=/no/such/ckpt"], "--config.init_from='/no/such/ckpt'"),
     (["--config.data.source=folder", "--config.data.path=.", "--config.final_eval.fid_samples=5"],
-     "final_eval.fid_samples=5: the demo's class accuracy and FID"),
+     "final_eval.fid_samples=5: the demo's class accuracy and Fashion-MNIST FID"),
     (["--config.training.trainable=('unett/.*',)"], "--config.training.trainable: r'unett/.*' "
      "matches no param; params start with unet/, vae/, text_encoder/"),
     (["--config.training.trainable=('unet/(',)"], "--config.training.trainable: r'unet/(' is "

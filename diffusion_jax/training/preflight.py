@@ -172,8 +172,8 @@ def _check_final_eval(config) -> None:
     if (final.samples_per_class or fashion_fid) and config.data.source != "fashion_mnist":
         key = "final_eval.samples_per_class" if final.samples_per_class else "final_eval.fid_samples"
         raise _fail(key, final[key.split(".")[1]], "the demo's class accuracy and Fashion-MNIST "
-                    "FID score Fashion-MNIST prompts: set it to 0 (or final_eval.fid_reference "
-                    f"to your reference images) for data.source={config.data.source!r}")
+                    f"FID score its class prompts, not data.source={config.data.source!r}: set "
+                    "it to 0, or final_eval.fid_reference to reference images of your data")
     if final.fid_samples and final.fid_reference != fid.DATASET:
         try:
             fid.check_source(final.fid_reference)
