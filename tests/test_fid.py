@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from diffusion_jax import cli
 from diffusion_jax.data import fashion_mnist
-from diffusion_jax.eval import fid, inception
+from diffusion_jax.eval import fid, inception, kid
 
 BATCH = 8  # one compiled Inception program for the whole file (per xdist worker)
 
@@ -561,3 +561,48 @@ def test_two_process_generation_equals_one_process(cache_dir, tmp_path):
         assert a["features"].shape == (5, 2048)
         for key in ("features", "mu", "sigma", "count"):
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class _FakeSampler:
+    """What evaluators get from the trainer: `generate(prompts, seeds, params)` -> uint8 NHWC
+    images (GridSampler's txt2img); here Fashion-MNIST training images standing in for
+    samples, and the prompts seen."""
+
+    def __init__(self):
+        from diffusion_jax.data.sources import resized_fashion_mnist
+
+        images = np.asarray(resized_fashion_mnist("train", 32)[:40], np.uint8)
+        self.images = np.repeat(images[..., None], 3, axis=-1) if images.ndim == 3 else images
+        self.prompts = []
+
+    def generate(self, prompts, seeds, params):
+        self.prompts += list(prompts)
+        return self.images[:len(prompts)]
+
+
+@pytest.mark.parametrize("reference", ["fashion_mnist", "folder"])
+def test_the_training_fid_evaluator_equals_the_fid_functions(reference, features, tmp_path,
+                                                             monkeypatch):
+    """evaluators.Fid as the trainer runs it (the README main job's FID): against the bundled
+    test split or an image folder, with KID from the reference's features."""
+    from diffusion_jax.training import evaluators
+
+    monkeypatch.setenv("DIFFUSION_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(evaluators, "load_inception", lambda: features)
+    spec = "fashion_mnist" if reference == "fashion_mnist" else str(_image_folder(tmp_path / "r"))
+    sampler = _FakeSampler()
+    with pytest.warns(RuntimeWarning, match="rank-deficient"):
+        result = evaluators.Fid(12, spec, 10, 32, ("a cat", "a dog")).evaluate(
+            sampler, {}, tmp_path)
+        ours = fid.features_and_statistics([sampler.generate(["x"] * 12, None, None)], features)
+        ref = (fid.fashion_mnist_reference("test", 10, image_size=32, features=features)
+               if reference == "fashion_mnist" else
+               fid.source_stats(fid.check_source(spec), features))
+    expected = fid.frechet_distance(ours.mu, ours.sigma, ref.mu, ref.sigma)
+    assert result["fid"] == round(expected, 3) and result["fid_samples"] == 12
+    assert result["kid"] == round(kid.kernel_inception_distance(ours.features, ref.features)[0], 6)
+    if reference == "fashion_mnist":  # class captions cycle; the reference is the split's head
+        assert sampler.prompts[:2] == ["a photo of a t-shirt", "a photo of a trouser"]
+        assert result["fid_reference_examples"] == 10
+    else:
+        assert sampler.prompts[:3] == ["a cat", "a dog", "a cat"]

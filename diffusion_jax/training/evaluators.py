@@ -3,7 +3,7 @@
     for evaluator in evaluators.from_config(config):
         summary.update(evaluator.evaluate(sampler, params, workdir))
 
-`sampler` draws images (`sampler.generate(prompts, seeds, params)`, float [0, 1] NHWC) from
+`sampler` draws images (`sampler.generate(prompts, seeds, params)`, uint8 NHWC) from
 `params`, {tower name: params} with the EMA copies where the run has them; `evaluate`
 returns summary entries. A new metric (FID against a folder, CLIP score) is a new class
 here and its key in `from_config`; the trainer only iterates the list.
@@ -119,7 +119,6 @@ class ClipScore:
 
         prompts = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
         images = sampler.generate(prompts, [200_000 + i for i in range(self.samples)], params)
-        images = np.round(np.asarray(images) * 255).clip(0, 255).astype(np.uint8)
         result = clip_score.clip_score([list(zip(images, prompts))],
                                        self.scorer())
         log.info("CLIP score (%d samples): %.3f", result.count, result.score)
