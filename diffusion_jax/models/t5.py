@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models.layers import dense
+# T5's LayerNorm is an RMS norm (no mean subtraction, no bias, statistics in float32).
+from diffusion_jax.models.layers import RMSNorm, dense
 
 Dtype = Any
 
@@ -92,21 +93,6 @@ class T5Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-class T5LayerNorm(nn.Module):
-    """RMS norm: x / sqrt(mean(x^2) + eps) * weight, no mean subtraction and no bias; the
-    statistics in float32 whatever the compute dtype."""
-
-    epsilon: float
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weight = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        x = x.astype(jnp.float32)
-        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
-        return (weight * x).astype(self.dtype)
 
 
 def relative_position_buckets(query_length: int, key_length: int, num_buckets: int,
@@ -171,7 +157,7 @@ class T5LayerSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, position_bias):
-        normed = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
+        normed = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         out, position_bias = T5Attention(self.config, self.has_relative_attention_bias,
                                          self.dtype, name="SelfAttention")(normed, mask,
                                                                            position_bias)
@@ -199,7 +185,7 @@ class T5LayerFF(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        normed = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
+        normed = RMSNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
         return x + T5DenseGatedActDense(self.config, self.dtype, name="DenseReluDense")(normed)
 
 
@@ -230,7 +216,7 @@ class T5Stack(nn.Module):
     def setup(self):
         self.block = [T5Block(self.config, i == 0, self.dtype)
                       for i in range(self.config.num_layers)]
-        self.final_layer_norm = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype)
+        self.final_layer_norm = RMSNorm(self.config.layer_norm_epsilon, self.dtype)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         position_bias = None
