@@ -24,6 +24,7 @@ from diffusion_jax.convert.torch_params import params_to_state_dict
 from diffusion_jax.models import KINDS
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.models import vae as vae_lib
+from diffusion_jax.models.layers import REMAT_POLICIES
 from diffusion_jax.training.state import TrainState, make_train_step
 
 TEXT_TOKENS = 77  # CLIP context length, as the pipeline and training feed the U-Net
@@ -147,8 +148,8 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     `make_train_step` (no EMA), jitted with the state donated. `context`: "precomputed" (the
     batch holds the text context, as precomputed embeddings give it) or "encoded" (the batch
     holds token ids, and the frozen text towers encode them in every step)."""
-    if remat is not None and remat not in unet_lib.REMAT_POLICIES:
-        raise ValueError(f"--remat {remat!r}: valid policies are {list(unet_lib.REMAT_POLICIES)}")
+    if remat is not None and remat not in REMAT_POLICIES:
+        raise ValueError(f"--remat {remat!r}: valid policies are {list(REMAT_POLICIES)}")
     if context not in CONTEXTS:
         raise ValueError(f"--context {context!r}: use one of {list(CONTEXTS)}")
     if compare_torch and context != "precomputed":
