@@ -2,7 +2,8 @@
 schedulers, img2img noising, Flux's resolution shift, and the process functions.
 
 Error as in test_samplers.py: max over evaluations of max|ours - diffusers| over
-max(1, max|state|); bound 1e-5 in float32. The model is a fixed nonlinear function of (x, t).
+max(1, max|state|); bound 1e-5 in float32. The model is test_samplers' fixed nonlinear
+function of (x, t).
 """
 
 import math
@@ -17,6 +18,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from diffusion_jax.diffusion import flow, process, samplers
+from test_samplers import model_jax, model_torch  # the same toy model as the DDPM samplers
 
 SHAPE = (2, 4, 8, 8)
 TOL = 1e-5
@@ -25,16 +27,6 @@ SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 
 FLUX = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
         "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
         "base_image_seq_len": 256, "max_image_seq_len": 4096}
-
-
-def model_torch(x, t):
-    t = torch.as_tensor(t).to(torch.float32)
-    return (torch.tanh(x) * (0.9 + 0.1 * torch.cos(t / 300))
-            + 0.05 * torch.roll(x, 1, -1) * torch.sin(t / 150))
-
-
-def model_jax(x, t):
-    return jnp.tanh(x) * (0.9 + 0.1 * jnp.cos(t / 300)) + 0.05 * jnp.roll(x, 1, -1) * jnp.sin(t / 150)
 
 
 def noise(seed=0):

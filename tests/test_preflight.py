@@ -201,20 +201,11 @@ def _local_paths(config_spec: str, overrides: list[str], root: Path) -> list[str
 
 def _clip_folder(path: Path) -> Path:
     """A transformers CLIPModel folder of random weights (what final_eval.clip_model names)."""
+    from test_training import tiny_clip_folder
+
     if not path.exists():
-        import transformers
-
-        from diffusion_jax.tokenizer import CLIPTokenizer
-
-        transformers.CLIPModel(transformers.CLIPConfig(
-            text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                             num_attention_heads=2),
-            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, image_size=32, patch_size=8),
-            projection_dim=8)).save_pretrained(path)
-        CLIPTokenizer.bundled().save_pretrained(path)
-        transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={
-            "height": 32, "width": 32}).save_pretrained(path)
+        path.mkdir(parents=True)
+        tiny_clip_folder(path)
     return path
 
 

@@ -220,7 +220,7 @@ def test_evaluators_come_from_config_final_eval():
         "class_accuracy", "fid", "kid", "clip_score"}
 
 
-def _tiny_clip_folder(folder: Path) -> Path:
+def tiny_clip_folder(folder: Path) -> Path:
     """A random-weight transformers CLIPModel folder (the bundled CLIP vocabulary)."""
     import transformers
 
@@ -273,7 +273,7 @@ def test_evaluators_run_during_training_and_rank_the_best_checkpoint(finished_ru
     """final_eval.every_steps=4: CLIP score at U-Net steps 4 and 8 (global 10, 14), logged to
     metrics.jsonl and TensorBoard; the final summary reuses the last step's; the kept
     checkpoints are the latest and the best by clip_score."""
-    clip = _tiny_clip_folder(tmp_path_factory.mktemp("clip"))
+    clip = tiny_clip_folder(tmp_path_factory.mktemp("clip"))
     workdir = finished_run("--config.final_eval.clip_score_samples=4",
                            f"--config.final_eval.clip_model={clip}",
                            "--config.final_eval.every_steps=4",

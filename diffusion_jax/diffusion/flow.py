@@ -128,7 +128,8 @@ def resolution_mu(config: FlowConfig, image_seq_len: int) -> float:
     return image_seq_len * slope + config.base_shift - slope * config.base_image_seq_len
 
 
-def _stretch_to_terminal(config: FlowConfig, sigmas: np.ndarray) -> np.ndarray:
+def stretch_to_terminal(config: FlowConfig, sigmas: np.ndarray) -> np.ndarray:
+    """diffusers' `shift_terminal`: sigmas stretched so the last one is `shift_terminal`."""
     one_minus = 1 - sigmas
     return 1 - one_minus / (one_minus[-1] / (1 - config.shift_terminal))
 
@@ -161,7 +162,7 @@ def inference_sigmas(config: FlowConfig, num_steps: int, *, mu: float | None = N
                              f"for {num_steps} steps")
     shifted = shift_sigmas(config, base, mu)
     if config.shift_terminal:
-        shifted = _stretch_to_terminal(config, shifted)
+        shifted = stretch_to_terminal(config, shifted)
     return np.append(np.asarray(shifted, np.float32), np.float32(0)).astype(np.float64)
 
 

@@ -329,7 +329,7 @@ def _flow_solver_schedule(config: FlowConfig, n, sampler, mu):
     else:
         s = flow.shift_sigmas(config, np.linspace(1, 1 / T, n + 1)[:-1], mu)
         if config.shift_terminal:
-            s = flow._stretch_to_terminal(config, s)
+            s = flow.stretch_to_terminal(config, s)
         if abs(s[0] - 1) < 1e-6:
             s[0] -= 1e-6  # UniPC keeps log(alpha) finite at its first step
     t = (s * T).astype(np.int64)

@@ -312,6 +312,11 @@ def _is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path} is neither a TorchScript model nor a PyTorch state dict "
+                      f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
+
+
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     """The tensors of a TorchScript model or a state dict. Zip archives (all TorchScript
     files, torch.save since 1.6) are read without torch and without running their pickle;
@@ -322,8 +327,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
         except pickle.UnpicklingError as e:
             raise ValueError(str(e)) from None
         except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} is neither a TorchScript model nor a PyTorch state dict "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise _unreadable(path, e) from None
     try:
         import torch
     except ImportError:
@@ -332,8 +336,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, ... for a bad file
-        raise ValueError(f"{path} is neither a TorchScript model nor a PyTorch state dict "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise _unreadable(path, e) from None
     if not isinstance(loaded, Mapping):
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
     return {k: v.detach().cpu().numpy() for k, v in loaded.items()}

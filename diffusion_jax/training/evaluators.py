@@ -12,6 +12,7 @@ here and its key in `from_config`; the trainer only iterates the list.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Mapping
 
@@ -119,21 +120,19 @@ class ClipScore:
 
         prompts = [self.prompts[i % len(self.prompts)] for i in range(self.samples)]
         images = sampler.generate(prompts, [200_000 + i for i in range(self.samples)], params)
-        result = clip_score.clip_score([list(zip(images, prompts))],
-                                       self.scorer())
+        result = clip_score.clip_score([list(zip(images, prompts))], _clip_scorer(self.clip_model))
         log.info("CLIP score (%d samples): %.3f", result.count, result.score)
         return {"clip_score": round(result.score, 4), "clip_score_samples": result.count}
 
-    def scorer(self):
-        """The CLIP model, loaded and compiled once per run."""
-        from diffusion_jax.eval import clip_score
 
-        if self.clip_model not in _SCORERS:
-            _SCORERS[self.clip_model] = clip_score.load_clip(self.clip_model)
-        return _SCORERS[self.clip_model]
+@functools.lru_cache(maxsize=None)
+def _clip_scorer(clip_model: str):
+    """The CLIP model of a folder, loaded and compiled once per process."""
+    from diffusion_jax.eval import clip_score
+
+    return clip_score.load_clip(clip_model)
 
 
-_SCORERS: dict[str, Any] = {}
 # The metrics evaluators report, and which way is better (checkpoint.best_metric ranks by one).
 HIGHER_IS_BETTER = {"eval_loss": False, "fid": False, "kid": False, "class_accuracy": True,
                     "clip_score": True}

@@ -548,7 +548,7 @@ def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainStat
             with progress.outside_steps():
                 _sync_towers(run, program, state)
                 results = _run_evaluators(run, step)
-            numbers = {k: v for k, v in results.items() if isinstance(v, (int, float))}
+            numbers = _numbers(results)
             progress.record(step, numbers)
             metrics_for_best = {**(metrics_for_best or {}), **numbers}
             if last:
@@ -634,8 +634,13 @@ def _run_evaluators(run: Run, step: int) -> dict:
     results = {}
     for evaluator in evaluators.from_config(run.config):
         results.update(evaluator.evaluate(run.sampler(), sampling_params(run), run.workdir))
-    run.scalars(step, {k: v for k, v in results.items() if isinstance(v, (int, float))}, "eval")
+    run.scalars(step, _numbers(results), "eval")
     return results
+
+
+def _numbers(results: Mapping[str, Any]) -> dict[str, float]:
+    """The evaluators' numbers (not "skipped: ..." notes or per-class tables)."""
+    return {k: v for k, v in results.items() if isinstance(v, (int, float))}
 
 
 def _final(run: Run) -> None:
