@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from diffusion_jax import checkpoint, generate, parallel, program_cache, system
+from diffusion_jax import checkpoint, generate, parallel, program_cache, system, xla_defaults
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import flow, process
 
@@ -505,13 +505,15 @@ class StableDiffusion:
             fn = jax.jit(functools.partial(self._traced, program, prepared.plan),
                          in_shardings=(self.param_shardings,
                                        generate.input_shardings(inputs, self.mesh)),
-                         out_shardings=parallel.replicated(self.mesh))
+                         out_shardings=parallel.replicated(self.mesh),
+                         compiler_options=xla_defaults.compiler_options("forward"))
             description = dict(program=dataclasses.asdict(program), config=self.config,
                                dtype=jnp.dtype(self.dtype).name,
                                attention_impl=self.attention_impl, mesh=dict(self.mesh.shape))
             source = "jit"
             if self.export_programs:
-                fn, source = program_cache.load_or_export(fn, args, description, mesh=self.mesh)
+                fn, source = program_cache.load_or_export(fn, args, description, mesh=self.mesh,
+                                                          program_kind="forward")
             self.num_programs_loaded += source == "read"
             self._programs[key] = fn
         return self._programs[key]

@@ -33,6 +33,8 @@ import jax
 from etils import epath
 from jax import export
 
+from diffusion_jax import xla_defaults
+
 logger = logging.getLogger(__name__)
 SUBDIRECTORY = "diffusion_jax_programs"
 SUFFIX = ".jaxexport"
@@ -72,12 +74,13 @@ def program_key(description: Mapping[str, Any], args: tuple) -> str:
 
 
 def load_or_export(jitted: Callable, args: tuple, description: Mapping[str, Any], *,
-                   mesh: jax.sharding.Mesh) -> tuple[Callable, str]:
+                   mesh: jax.sharding.Mesh, program_kind: str = "other") -> tuple[Callable, str]:
     """(a callable equal to `jitted` on arguments shaped like `args`, where it came from):
     the exported program read from the cache folder ("read"), or exported now and written
     there ("exported"), or `jitted` itself when the cache is off or the program cannot be
     exported ("jit"). `jitted` is a `jax.jit` function whose shardings (recorded in the
-    export) are over `mesh`."""
+    export) are over `mesh`; an exported program compiles with the XLA options of
+    `program_kind` (xla_defaults), as `jitted` does."""
     folder = directory()
     if folder is None:
         return jitted, "jit"
@@ -97,7 +100,8 @@ def load_or_export(jitted: Callable, args: tuple, description: Mapping[str, Any]
     out_shardings = jax.tree_util.tree_unflatten(exported.out_tree,
                                                  exported.out_shardings_jax(mesh))
     return jax.jit(exported.call, in_shardings=shardings(exported.in_shardings_jax(mesh)),
-                   out_shardings=out_shardings), source
+                   out_shardings=out_shardings,
+                   compiler_options=xla_defaults.compiler_options(program_kind)), source
 
 
 def _read(path: epath.Path) -> export.Exported | None:

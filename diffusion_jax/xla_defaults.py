@@ -1,4 +1,5 @@
-"""XLA CPU defaults this project measured to be faster, applied before JAX starts a backend.
+"""XLA CPU options this project measured to be faster: a process default applied before JAX
+starts a backend, and options per compiled program (`compiler_options(kind)`).
 
 jaxlib 0.10-0.11 hand convolutions and dots on CPU to YNNPACK by default. On the 2-core AVX2
 machine of BENCHMARKS.md its convolutions are far slower than XLA's own (Eigen) kernels where
@@ -15,6 +16,14 @@ off (`--xla_cpu_experimental_ynn_fusion_type=`), unless:
   changes nothing, and says so at debug level).
 
 It only affects the CPU backend; GPU and TPU programs compile as before.
+
+Per program: the best choice depends on the program and the CPU. On an AVX-512 EPYC
+(issue 19) YNNPACK made the U-Net train step 11% faster (3.47 vs 3.90 s) and the VAE 23%
+slower (0.47 vs 0.38 s); on the AVX2 machine it is slower for all three kinds. So the
+programs we compile (training steps, sampling loops, the VAE) pass
+`compiler_options(kind)` to `jax.jit`, which XLA applies to that executable alone; the
+process default covers everything else. The user's own flag still wins: when XLA_FLAGS
+names it (before we added ours), or DIFFUSION_JAX_XLA_DEFAULTS=0, programs get no options.
 """
 
 from __future__ import annotations
@@ -22,12 +31,26 @@ from __future__ import annotations
 import logging
 import os
 from importlib import metadata
+from typing import Mapping
 
 logger = logging.getLogger(__name__)
 
 YNNPACK_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 DEFAULT_FLAGS = (f"{YNNPACK_FLAG}=",)  # empty list: no op goes to YNNPACK
 OPT_OUT = "DIFFUSION_JAX_XLA_DEFAULTS"
+YNNPACK_OPTION = YNNPACK_FLAG.removeprefix("--")  # the DebugOptions field a compile option sets
+YNNPACK_OFF = ""
+# jaxlib 0.10's default spelled out (it compiles to the same HLO: tests/test_xla_defaults.py):
+# with YNNPACK off for the process, a program that should use it must name the default.
+YNNPACK_ON = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+              "LIBRARY_FUSION_TYPE_REDUCE")
+# What a compiled program mostly does: a denoiser's (or adapter's) training step, a denoiser's
+# forward passes (sampling loops, loss evaluation), the VAE (encode, decode, its training),
+# anything else (evaluators' towers).
+PROGRAM_KINDS = ("train_step", "forward", "vae", "other")
+# The program kinds that compile with YNNPACK, per CPU instruction set, as measured with
+# `bench train|unet|vae --compare torch` (BENCHMARKS.md). Unmeasured kinds keep it off.
+YNNPACK_KINDS = {"avx512": ("train_step",), "avx2": (), "other": ()}
 # jaxlib versions (major, minor) whose XLA has the flag (0.10 measured here; 0.11 has it too).
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 
@@ -51,8 +74,14 @@ def flags_to_add(xla_flags: str, environ: dict[str, str] | os._Environ = os.envi
     return [flag for flag in DEFAULT_FLAGS if flag.split("=")[0] not in xla_flags]
 
 
+_user_xla_flags: str | None = None  # XLA_FLAGS as the user set them, before `apply`
+
+
 def apply() -> None:
     """Append the defaults to XLA_FLAGS (idempotent; see the module docstring)."""
+    global _user_xla_flags
+    if _user_xla_flags is None:
+        _user_xla_flags = os.environ.get("XLA_FLAGS", "")
     added = flags_to_add(os.environ.get("XLA_FLAGS", ""))
     if not added:
         return
@@ -60,6 +89,42 @@ def apply() -> None:
         logger.debug("a JAX backend already started; XLA CPU defaults %s not applied", added)
         return
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *added]))
+
+
+def cpu_isa(cpuinfo: str | None = None) -> str:
+    """"avx512", "avx2" or "other": the widest x86 vector set this CPU has (Linux's
+    /proc/cpuinfo flags; elsewhere "other")."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return "other"
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                  if line.startswith("flags")), [])
+    return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
+def compiler_options(kind: str, *, backend: str | None = None, isa: str | None = None,
+                     environ: Mapping[str, str] | None = None,
+                     user_xla_flags: str | None = None) -> dict[str, str]:
+    """The XLA options a program of `kind` (one of PROGRAM_KINDS) compiles with, for
+    `jax.jit(..., compiler_options=...)`: YNNPACK on or off as measured for this kind and
+    CPU; {} off the CPU backend, when the user chose the flag, opted out, or the jaxlib is
+    not one known to have it. The keyword arguments stand in for the machine in tests."""
+    if kind not in PROGRAM_KINDS:
+        raise ValueError(f"unknown program kind {kind!r}; known: {list(PROGRAM_KINDS)}")
+    environ = os.environ if environ is None else environ
+    user = (_user_xla_flags if _user_xla_flags is not None else environ.get("XLA_FLAGS", "")
+            ) if user_xla_flags is None else user_xla_flags
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend != "cpu" or not flags_to_add(user, environ):
+        return {}
+    on = kind in YNNPACK_KINDS.get(isa or cpu_isa(), ())
+    return {YNNPACK_OPTION: YNNPACK_ON if on else YNNPACK_OFF}
 
 
 def _backend_started() -> bool:

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import xla_defaults
+
 FLOPS_SOURCE = "xla_cost_analysis"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -44,12 +46,25 @@ def warm_median(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return first, statistics.median(timed(fn, repeats))
 
 
-def compile_timed(fn: Callable, *args, donate_argnums: tuple[int, ...] = ()):
-    """(compiled executable, seconds to lower and compile it). The benchmarks time this
-    executable itself, so the FLOPs and memory reported are those of the program measured."""
+def compile_timed(fn: Callable, *args, program_kind: str,
+                  donate_argnums: tuple[int, ...] = ()):
+    """(compiled executable, seconds to lower and compile it), compiled with the XLA options
+    of `program_kind` as the trainer and the pipeline compile theirs (xla_defaults). The
+    benchmarks time this executable itself, so the FLOPs and memory reported are those of
+    the program measured."""
     start = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate_argnums).lower(*args).compile()
+    compiled = jax.jit(fn, donate_argnums=donate_argnums,
+                       compiler_options=xla_defaults.compiler_options(program_kind)
+                       ).lower(*args).compile()
     return compiled, time.perf_counter() - start
+
+
+def compile_options_shown(program_kind: str) -> dict:
+    """What a benchmark prints of the options its program compiled with: the kind, the CPU's
+    instruction set and the per-program XLA options ("" for none)."""
+    options = xla_defaults.compiler_options(program_kind)
+    return dict(program_kind=program_kind, cpu_isa=xla_defaults.cpu_isa(),
+                xla_compiler_options=" ".join(f"{k}={v}" for k, v in options.items()))
 
 
 def xla_flops(compiled) -> float:

@@ -75,7 +75,8 @@ def bench_sample(config: Mapping[str, Any], *, sampler: str = "dpmpp_2m", steps:
                       dtype=dtype, size=pipe.default_size(),
                       compile_and_first_run_s=round(first_call, 3),
                       compilations=pipe.num_compilations,
-                      seconds_per_image=ours / batch, **measure.peak_memory(),
+                      seconds_per_image=ours / batch,
+                      **measure.compile_options_shown("forward"), **measure.peak_memory(),
                       **measure.environment())
         if compare_torch:
             result.update(_torch_sample(ckpt, Path(tmp), prompts, latents, sampler, steps,

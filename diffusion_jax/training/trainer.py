@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from diffusion_jax import checkpoint, parallel, system
+from diffusion_jax import checkpoint, parallel, system, xla_defaults
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
@@ -94,6 +94,9 @@ class Stage:
     captions: bool  # False: images only (no caption dropout)
     draws_samples: bool  # sample grids every sample_every_steps
     keeps_best: bool  # its checkpoints carry the eval loss checkpoint.keep_best ranks by
+    # The kinds (xla_defaults.PROGRAM_KINDS) whose XLA CPU options its train step and its
+    # evaluation compile with.
+    program_kinds: tuple[str, str]
     finish: Callable | None = None  # run -> None, once its last step is done
 
     def steps(self, config) -> int:
@@ -139,7 +142,8 @@ def _set_scaling_factor(run: "Run") -> None:
     vae = run.system.vae.name
     unscaled = dataclasses.replace(models, scaling_factor=1.0, shift_factor=0.0)
     encode = jax.jit(lambda p, x, r: system.encode_latents(unscaled, {vae: p}, x, r),
-                     out_shardings=parallel.replicated(run.mesh))
+                     out_shardings=parallel.replicated(run.mesh),
+                     compiler_options=xla_defaults.compiler_options("vae"))
     rng = jax.random.key(run.config.seed + 31)
     latents = [np.asarray(encode(run.towers[vae], b["image"], jax.random.fold_in(rng, i)))
                for i, b in enumerate(batches)]
@@ -150,9 +154,11 @@ def _set_scaling_factor(run: "Run") -> None:
 
 
 VAE = Stage("vae", 0, "vae_training", _vae_loss, batch_size_key="vae_training.batch_size",
-            captions=False, draws_samples=False, keeps_best=False, finish=_set_scaling_factor)
+            captions=False, draws_samples=False, keeps_best=False, program_kinds=("vae", "vae"),
+            finish=_set_scaling_factor)
 DIFFUSION = Stage("diffusion", 1, "training", _diffusion_loss, batch_size_key="data.batch_size",
-                  captions=True, draws_samples=True, keeps_best=True)
+                  captions=True, draws_samples=True, keeps_best=True,
+                  program_kinds=("train_step", "forward"))
 STAGES = (VAE, DIFFUSION)
 STAGE = {stage.name: stage for stage in STAGES}
 
@@ -434,7 +440,8 @@ def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
     step_fn = jax.jit(traced_train_step,
                       in_shardings=(state_sharding, frozen_sharding, batch_sharding),
                       out_shardings=(state_sharding, parallel.replicated(mesh)),
-                      donate_argnums=0)
+                      donate_argnums=0,
+                      compiler_options=xla_defaults.compiler_options(stage.program_kinds[0]))
     return StageProgram(loss_fn, trained, frozen, optimizer, create, state_shapes,
                         state_sharding, frozen_sharding, batch_sharding, step_fn, traces,
                         ema_max_decay, trainable, ema_select)
@@ -513,7 +520,8 @@ def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainStat
     config = run.config
     num_steps, first = stage.steps(config), run.first_step(stage.name)
     iterator, eval_batches, batch_size = _stage_data(run, stage, data_state)
-    eval_fn = jax.jit(make_eval_step(program.loss_fn))
+    eval_fn = jax.jit(make_eval_step(program.loss_fn),
+                      compiler_options=xla_defaults.compiler_options(stage.program_kinds[1]))
     log.info("%s stage: steps %d..%d of %d, global batch %d\n%s", stage.name, stage_step + 1,
              num_steps, num_steps, batch_size,
              parallel.describe(state.params, program.state_sharding.params))
