@@ -147,6 +147,8 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
     (["compile", "--config", TINY, "--compare", "torch"], "--compare applies to bench unet"),
     (["train", "--config", TINY, "--remat", "everything"], "valid policies are"),
     (["vae", "--config", TINY, "--batch", "0"], "--batch must be at least 1"),
+    (["vae", "--config", TINY, "--blocks", "2"], "--blocks alternates ours and PyTorch's runs: add --compare torch"),
+    (["compile", "--config", TINY, "--blocks", "2"], "--blocks applies to bench unet"),
     (["vae", "--config", TINY, "--json", "no/such/dir/out.json"], "does not exist"),
     (["unet", "--config", TINY, "--devices", "2"], "--devices applies to bench memory only"),
     (["memory", "--config", "tiny_train", "--batch", "2"], "--batch applies to bench unet"),
@@ -208,3 +210,23 @@ def test_memory_compiles_a_training_config_for_fake_devices_and_reports_per_devi
     assert figures["state_per_device_bytes"] < 0.75 * 16 * figures["trained_params"]
     for key in ("argument_bytes_per_device", "temp_bytes_per_device", "total_bytes_per_device"):
         assert key in result.stdout and figures[key].endswith(("KiB", "MiB", "GiB"))
+
+
+def test_blocks_summarize_to_the_median_ratio_and_its_spread():
+    from diffusion_jax.bench import blocks
+
+    runs = [dict(benchmark="vae", median_s=m, torch_median_s=t, ratio_vs_torch=t / m)
+            for m, t in ((1.0, 1.2), (1.1, 0.99), (0.9, 1.35))]
+    summary = blocks.summarize(runs)
+    assert summary["blocks"] == 3 and summary["ratio_vs_torch"] == pytest.approx(1.2)
+    assert summary["ratio_vs_torch_min"] == pytest.approx(0.9)
+    assert summary["ratio_vs_torch_max"] == pytest.approx(1.5)
+    assert summary["median_s"] == 1.0 and summary["torch_median_s"] == 1.2
+    assert summary["median_s_blocks"] == [1.0, 1.1, 0.9]
+
+
+def test_blocks_run_each_side_in_fresh_processes(capsys, tmp_path):
+    result = _bench(capsys, tmp_path, "vae", "--compare", "torch", "--blocks", "2", "--batch", "1")
+    assert TORCH_KEYS <= set(result) and result["blocks"] == 2 and len(result["ratio_vs_torch_blocks"]) == 2
+    assert result["ratio_vs_torch_min"] <= result["ratio_vs_torch"] <= result["ratio_vs_torch_max"]
+    assert result["program_kind"] == "vae" and "cpu_isa" in result

@@ -15,6 +15,7 @@ BENCH_ONLY_OPTIONS = {"remat": ("train",), "context": ("train",),
                       "batch": ("unet", "train", "vae", "sample", "compile"),
                       "dtype": ("unet", "train", "vae", "sample", "compile"),
                       "repeats": ("unet", "train", "vae", "sample", "compile"),
+                      "blocks": ("unet", "train", "vae", "sample"),
                       "devices": ("memory",)}
 
 
@@ -56,6 +57,10 @@ def add_bench(subparsers) -> None:
     parser.add_argument("--repeats", type=int,
                         help="timed runs after the warm-up (default: 5; sample and compile 3)")
     parser.add_argument("--compare", choices=["torch"], help="also run the PyTorch reference")
+    parser.add_argument("--blocks", type=int, metavar="N",
+                        help="with --compare torch: N fresh processes one after another, each "
+                             "timing ours then PyTorch's; prints the median ratio over blocks "
+                             "and its min and max (default: one run in this process)")
     parser.add_argument("--devices", type=int, metavar="N",
                         help="memory: compile for N fake CPU devices standing in for N chips "
                              "(default: 8)")
@@ -67,9 +72,11 @@ def run_bench(args: argparse.Namespace) -> None:
     for option, applies in BENCH_ONLY_OPTIONS.items():
         if getattr(args, option) is not None and args.what not in applies:
             raise ValueError(f"--{option} applies to bench {', '.join(applies)} only")
-    for option in ("batch", "steps", "repeats"):
+    for option in ("batch", "steps", "repeats", "blocks"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise ValueError(f"--{option} must be at least 1")
+    if args.blocks is not None and not args.compare:
+        raise ValueError("--blocks alternates ours and PyTorch's runs: add --compare torch")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise FileNotFoundError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
     from diffusion_jax import bench
@@ -82,6 +89,13 @@ def run_bench(args: argparse.Namespace) -> None:
     options = {name: getattr(args, name) for name in ("batch", "dtype", "remat", "context",
                                                       "sampler", "steps", "repeats")
                if getattr(args, name) is not None}
+    if args.blocks is not None:
+        from diffusion_jax.bench import blocks
+
+        child = [args.what, "--config", args.config, "--compare", "torch",
+                 *(f"--{name}={value}" for name, value in options.items())]
+        bench.print_result(blocks.run_blocks(child, args.blocks), args.json)
+        return
     if args.compare:
         options["compare_torch"] = True
     bench.print_result(bench.run(args.what, config, **options), args.json)
