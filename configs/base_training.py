@@ -46,6 +46,9 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
     )
     config.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 (params stay float32)
     config.remat_policy = ""  # "" (none) or a jax.checkpoint_policies name, per U-Net block
+    # Attention kernel: "" the platform's (chunked on CPU, jax.nn.dot_product_attention on
+    # GPU / TPU), or chunked | splash (the Pallas TPU kernel) | xla | cudnn.
+    config.attention = ""
     config.seed = 0  # param init, training noise and timesteps (data order: data.seed)
     config.init_from = ""  # a checkpoint DIR whose model params start the run
     # Which towers init_from supplies (names of the system's towers; () = all of them); the

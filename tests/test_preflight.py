@@ -57,6 +57,7 @@ def test_the_lists_above_are_every_bundled_config():
     (["--config", "tiny_train:x"], "get_config() takes no argument"),
     (["--config.dtype=bf16"], "--config.dtype='bf16': not one of 'float32', 'bfloat16'"),
     (["--config.remat_policy=bogus"], "--config.remat_policy='bogus': not one of"),
+    (["--config.attention=flash"], "--config.attention='flash': not one of 'chunked', 'splash'"),
     (["--config.sample.sampler=dpm"], "--config.sample.sampler='dpm': unknown sampler"),
     (["--config.training.min_snr_gamma=-1"], "--config.training.min_snr_gamma=-1.0: must be >= 0"),
     (["--config.training.ema_decay=1.5"], "training.ema_decay=1.5: must be >= 0 and < 1"),

@@ -158,22 +158,60 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.transpose(out.reshape(b, heads, t, d), (0, 2, 1, 3))
 
 
+ATTENTION_IMPLEMENTATIONS = ("chunked", "splash", "xla", "cudnn")
+SPLASH_BLOCK = 128  # the splash kernel's tile: sequences padded to it, head dims to lanes
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Attention on [B, T, heads, d] through the Pallas splash-attention kernel that ships
+    with jax (TPU's flash attention; on other backends it runs in Pallas interpret mode,
+    which is slow and there for tests). Sequences are padded to the kernel's tile with the
+    padded keys in a segment of their own (so no query attends to them) and head dims to 128
+    lanes with zeros (which change no score); the scale is applied to q before the kernel.
+    The kernel sees one example: it is vmapped over the batch, so under batch sharding each
+    device runs it on its rows once the caller maps it over the mesh (shard_map)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, heads, d = q.shape
+    s = k.shape[1]
+    up = lambda n, m: -(-n // m) * m
+    t_pad, s_pad, d_pad = up(t, SPLASH_BLOCK), up(s, SPLASH_BLOCK), up(d, 128)
+    pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, d_pad - d))
+                               ).transpose(0, 2, 1, 3)  # [B, heads, N, d_pad]
+    q, k, v = pad(q * jnp.asarray(d ** -0.5, q.dtype), t_pad), pad(k, s_pad), pad(v, s_pad)
+    block = SPLASH_BLOCK
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([sm.FullMask((t_pad, s_pad))] * heads), head_shards=1,
+        q_seq_shards=1, interpret=jax.default_backend() != "tpu",
+        block_sizes=sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                                  block_q_dkv=block, block_kv_dkv=block,
+                                  block_kv_dkv_compute=block, block_q_dq=block,
+                                  block_kv_dq=block))
+    segments = sk.SegmentIds(q=jnp.zeros((t_pad,), jnp.int32),
+                             kv=(jnp.arange(s_pad) >= s).astype(jnp.int32))
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+    return out.transpose(0, 2, 1, 3)[:, :t, :, :d]
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: int,
                           upcast: bool = False, is_causal: bool = False,
                           implementation: str | None = None) -> jax.Array:
     """Multi-head attention on [B, T, heads * d] projections.
 
-    `implementation`: "chunked" (`chunked_attention`, the fast one on CPU), or "xla" /
-    "cudnn" for jax.nn.dot_product_attention (cuDNN flash attention on GPU for bf16/fp16).
+    `implementation`: "chunked" (`chunked_attention`, the fast one on CPU), "splash"
+    (`splash_attention`, the Pallas kernel for TPU), or "xla" / "cudnn" for
+    jax.nn.dot_product_attention (cuDNN flash attention on GPU for bf16/fp16).
     None picks "chunked" on CPU and lets jax.nn.dot_product_attention choose elsewhere;
     causal attention (the text tower) always goes to jax.nn.dot_product_attention.
     `upcast` runs the attention in float32, as SD 2.x's `upcast_attention` asks.
     """
-    if implementation not in (None, "chunked", "xla", "cudnn"):
+    if implementation not in (None, *ATTENTION_IMPLEMENTATIONS):
         raise ValueError(f"attention implementation {implementation!r} is not one of "
-                         "None, 'chunked', 'xla', 'cudnn'")
-    if is_causal and implementation == "chunked":
-        raise ValueError("chunked attention has no causal mask; use implementation=None or 'xla'")
+                         f"None, {', '.join(map(repr, ATTENTION_IMPLEMENTATIONS))}")
+    if is_causal and implementation in ("chunked", "splash"):
+        raise ValueError(f"{implementation} attention has no causal mask; use "
+                         "implementation=None or 'xla'")
     out_dtype = q.dtype
     split = lambda x: x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
     q, k, v = split(q), split(k), split(v)
@@ -183,6 +221,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, heads: in
         implementation = "chunked"
     if implementation == "chunked":
         out = chunked_attention(q, k, v)
+    elif implementation == "splash":
+        out = splash_attention(q, k, v)
     else:
         out = jax.nn.dot_product_attention(q, k, v, is_causal=is_causal,
                                            implementation=implementation)

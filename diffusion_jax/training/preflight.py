@@ -25,7 +25,7 @@ from diffusion_jax import system as system_lib
 from diffusion_jax.data import input_pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.models import count_params
-from diffusion_jax.models.layers import REMAT_POLICIES
+from diffusion_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 
@@ -66,6 +66,8 @@ def _check_choices(config) -> None:
     _choice(config, "dtype", DTYPES)
     if config.remat_policy:
         _choice(config, "remat_policy", ("",) + REMAT_POLICIES)
+    if config.get("attention"):
+        _choice(config, "attention", ATTENTION_IMPLEMENTATIONS)
     try:
         parse_sampler(config.sample.sampler)
     except ValueError as e:
@@ -478,7 +480,7 @@ def preflight(config, workdir, *, compile: bool = True, for_accelerator: bool = 
     U-Net's attention is what runs there (jax.nn.dot_product_attention) rather than the CPU's
     chunked attention, whose reshapes of (batch, heads) rows defeat batch sharding (XLA
     replicates the scores: 44.6 GiB per device for SD 1.5 at 16 per device)."""
-    attention_impl = "xla" if for_accelerator else None
+    attention_impl = config.get("attention") or ("xla" if for_accelerator else None)
     from diffusion_jax.training.trainer import model_config
 
     resume = validate(config, workdir)

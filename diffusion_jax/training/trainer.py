@@ -409,8 +409,10 @@ def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: Stage, towers: M
 def stage_program(config, ckpt_config: Mapping[str, Any], mesh, stage: str,
                   towers: Mapping[str, Any], attention_impl: str | None = None) -> StageProgram:
     """The program of the stage named `stage` over `towers`, {tower: params or shapes}.
-    `attention_impl` None: the platform's default (see layers.multi_head_attention)."""
+    `attention_impl` None: the config's `attention`, else the platform's default (see
+    layers.dot_product_attention)."""
     stage = STAGE[stage]
+    attention_impl = attention_impl or config.get("attention") or None
     num_steps = stage.steps(config)
     loss_fn, trained, frozen, section, ema_max_decay = _stage_setup(
         config, ckpt_config, stage, towers, attention_impl)
