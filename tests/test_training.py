@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion_jax import checkpoint
+from diffusion_jax import checkpoint, system
 from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.config_overrides import apply_overrides, split_overrides
 from diffusion_jax.diffusion.schedule import Schedule
@@ -29,9 +29,11 @@ from diffusion_jax.training.state import TrainState, ema_decay, make_train_step
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny_train.py"
 TINY_SDXL = REPO / "configs" / "tiny_sdxl_train.py"  # two text towers, pooled, time_ids
+TINY_FLOW = REPO / "configs" / "tiny_flow_train.py"  # a rectified-flow MMDiT for the U-Net
 # The tests that share the uninterrupted tiny SDXL run go to one pytest-xdist worker
 # (pytest.ini: --dist loadgroup), so the run is made once, not once per worker.
 SDXL_RUN_GROUP = pytest.mark.xdist_group("tiny_sdxl_run")
+FLOW_RUN_GROUP = pytest.mark.xdist_group("tiny_flow_run")
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -419,7 +421,9 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
                               "optimizer"), (4, 8, 12)),
     pytest.param(TINY_SDXL, (), ("unet", "unet_ema", "vae", "optimizer"), (2, 4),
                  marks=SDXL_RUN_GROUP),
-], ids=["unet", "text_encoder", "sdxl"])
+    pytest.param(TINY_FLOW, (), ("transformer", "transformer_ema", "vae", "optimizer"), (2, 4),
+                 marks=FLOW_RUN_GROUP),
+], ids=["unet", "text_encoder", "sdxl", "flow"])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp_path, config,
                                                               overrides, items, checkpoints):
     uninterrupted = finished_run(*overrides, config=config)
@@ -548,8 +552,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
                  before)
 
 
-@pytest.mark.parametrize("config", [TINY, pytest.param(TINY_SDXL, marks=SDXL_RUN_GROUP)],
-                         ids=["sd", "sdxl"])
+@pytest.mark.parametrize("config", [TINY, pytest.param(TINY_SDXL, marks=SDXL_RUN_GROUP),
+                                    pytest.param(TINY_FLOW, marks=FLOW_RUN_GROUP)],
+                         ids=["sd", "sdxl", "flow"])
 def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, tmp_path, config):
     uninterrupted = finished_run(config=config)
     workdir = tmp_path / "eight"
@@ -563,9 +568,9 @@ def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, tmp_path, 
     for a, b in zip(one, eight):
         key = "loss" if "loss" in a else "eval_loss"  # train and held-out lines alike
         assert b[key] == pytest.approx(a[key], rel=2e-4), (a, b)
-    params = _final_params(workdir)
+    denoiser = (system.from_config(load_config_file(config)).denoiser.name,)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-4),
-                 params["unet"], _final_params(uninterrupted)["unet"])
+                 _final_params(workdir, denoiser), _final_params(uninterrupted, denoiser))
 
 
 def _tensorboard_tags(workdir) -> list[str]:
@@ -630,3 +635,23 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(uninterrupte
     from diffusion_jax import pipeline
 
     pipeline.load(ckpts, cache_dir=None)
+
+
+@FLOW_RUN_GROUP
+def test_a_flow_run_trains_the_transformer_and_samples_with_flow_euler(finished_run):
+    """configs/tiny_flow_train.py: the rectified-flow objective on an MMDiT through the same
+    trainer, checkpoints and pipeline; the final grid sampled by flow_euler."""
+    workdir = finished_run(config=TINY_FLOW)
+    names = checkpoint.item_names(workdir / "checkpoints")
+    assert {"transformer", "transformer_ema", "vae", "text_encoder"} <= set(names)
+    assert "unet" not in names
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["diffusion_train_step_compilations"] == 1
+    from PIL import Image
+
+    assert Image.open(summary["samples"]).text["sampler"] == "flow_euler"
+    from diffusion_jax import pipeline
+    from diffusion_jax.diffusion import flow
+
+    pipe = pipeline.load(workdir / "checkpoints", cache_dir=None)
+    assert isinstance(pipe.schedule, flow.FlowProcess)
