@@ -328,16 +328,27 @@ class TextInputs:
         return tuple(self.tokenizers)
 
 
-def make_tokenizer(tokenizer_section: Mapping[str, Any]):
-    """A tokenizer from its config section. Every text tower today reads CLIP BPE, whose
-    vocabulary is bundled; a T5 tower's section will name its checkpoint files."""
-    from diffusion_jax.tokenizer import CLIPTokenizer
+def make_tokenizer(tokenizer_section: Mapping[str, Any], kind: str = "clip_text"):
+    """A text tower's tokenizer from its config section: T5's SentencePiece vocabulary as the
+    checkpoint holds it for a T5 tower, else CLIP BPE over the bundled vocabulary."""
+    from diffusion_jax.tokenizer import CLIPTokenizer, T5Tokenizer
 
+    if kind == "t5":
+        return T5Tokenizer.from_section(tokenizer_section)
     return CLIPTokenizer.bundled(**dict(tokenizer_section))
 
 
-def text_inputs(system: System, config: Mapping[str, Any]) -> TextInputs:
-    return TextInputs({t.ids_key: make_tokenizer(section(config, t.tokenizer))
+def text_inputs(system: System, config: Mapping[str, Any],
+                max_sequence_length: int | None = None) -> TextInputs:
+    """The system's tokenizers; `max_sequence_length` sets the T5 towers' token count
+    (diffusers' pipeline argument), else their sections' `max_length`."""
+    def tokenizer_section(tower: TextTower) -> dict:
+        tokenizer = section(config, tower.tokenizer)
+        if max_sequence_length is not None and tower.kind == "t5":
+            tokenizer["max_length"] = max_sequence_length
+        return tokenizer
+
+    return TextInputs({t.ids_key: make_tokenizer(tokenizer_section(t), t.kind)
                        for t in system.text_towers})
 
 

@@ -43,3 +43,111 @@ def test_the_context_is_the_clip_features_padded_then_the_t5_tokens():
 def test_a_context_join_other_than_features_or_sequence_is_refused():
     with pytest.raises(ValueError, match="context_join='tokens'; use one of"):
         system.TextTower("t", "t5", context_join="tokens")
+
+
+# ----------------------------------------------------------------------------- a tiny SD3
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusion_jax.config_files import as_dict  # noqa: E402
+from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
+from test_t5 import unigram_vocab  # noqa: E402
+
+PROMPT = "a photo of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
+SIZE = 16  # 8x8 latents (the tiny VAE downsamples 2x): 4x4 patches
+STEPS, GUIDANCE = 4, 5.0
+PIXEL_TOLERANCE = 2e-3  # the issue's bound
+
+
+def tiny_sd3_config() -> dict:
+    """configs/sd3_medium.py's system shrunk to seconds: T5 wider than both CLIPs together
+    (48 features padded to 64), as 4096 is wider than 768 + 1280."""
+    config = as_dict(sd3_medium.get_config())
+    config["transformer"].update(sample_size=8, num_layers=2, num_attention_heads=2,
+                                 attention_head_dim=8, joint_attention_dim=64,
+                                 caption_projection_dim=16, pooled_projection_dim=8 + 16,
+                                 pos_embed_max_size=16)
+    config["vae"].update(down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16],
+                         norm_num_groups=4, layers_per_block=1, sample_size=16)
+    config["text_encoder"].update(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, projection_dim=8)
+    config["text_encoder_2"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=2, projection_dim=16)
+    config["text_encoder_3"].update(vocab_size=80, d_model=64, d_kv=8, d_ff=64, num_layers=2,
+                                    num_heads=2)
+    return config
+
+
+def _randomize(*models) -> None:
+    with torch.no_grad():
+        for model in models:
+            for param in model.parameters():
+                param.copy_(0.1 * torch.randn_like(param))
+            model.eval()
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """(diffusers pipeline, its folder, our checkpoint converted from it, work dir)."""
+    root = tmp_path_factory.mktemp("sd3_pipeline")
+    config = tiny_sd3_config()
+    torch.manual_seed(0)
+    transformer = diffusers.SD3Transformer2DModel(**config["transformer"])
+    vae = diffusers.AutoencoderKL(**{k: v for k, v in config["vae"].items()})
+    clip_l, clip_g = (transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**config[name])) for name in ("text_encoder", "text_encoder_2"))
+    t5 = transformers.T5EncoderModel(transformers.T5Config(**config["text_encoder_3"]))
+    _randomize(transformer, vae, clip_l, clip_g, t5)
+    tokenizers = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        CLIPTokenizer.bundled(pad_token=config[name]["pad_token"]).save_pretrained(root / name)
+        tokenizers[name] = transformers.CLIPTokenizer.from_pretrained(root / name)
+    transformers.T5Tokenizer(vocab=unigram_vocab(), extra_ids=10).save_pretrained(
+        root / "tokenizer_3")
+    tokenizers["tokenizer_3"] = transformers.AutoTokenizer.from_pretrained(root / "tokenizer_3")
+    assert len(tokenizers["tokenizer_3"]) <= config["text_encoder_3"]["vocab_size"]
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, text_encoder=clip_l, text_encoder_2=clip_g,
+        text_encoder_3=t5, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **tokenizers)
+    pipe.save_pretrained(root / "diffusers")
+    assert cli.main(["convert", "--from", "diffusers", str(root / "diffusers"),
+                     "--out", str(root / "ckpt")]) == 0
+    return pipe, root / "diffusers", root / "ckpt", root
+
+
+def _state_dicts(pipe) -> dict:
+    return {name: {k: v.detach().numpy() for k, v in getattr(pipe, name).state_dict().items()}
+            for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
+
+
+def test_convert_then_export_gives_back_the_same_pipeline(sd3):
+    """convert reads the StableDiffusion3Pipeline folder (T5 tower, its tokenizer, the flow
+    scheduler) and export writes one diffusers loads with the same weights and tokens."""
+    from diffusion_jax import checkpoint
+
+    pipe, _, ckpt, root = sd3
+    config = checkpoint.read_config(ckpt)
+    assert system.from_config(config) == system.SD3
+    assert config["schedule"]["shift"] == 3.0 and config["tokenizer_3"]["max_length"] == 256
+    pads = [config[name]["pad_token"] for name in ("tokenizer", "tokenizer_2")]
+    assert pads == ["<|endoftext|>", "!"]
+    assert cli.main(["export", "--checkpoint", str(ckpt), "--to", "diffusers",
+                     "--out", str(root / "exported")]) == 0
+    again = diffusers.StableDiffusion3Pipeline.from_pretrained(root / "exported")
+    assert isinstance(again.scheduler, diffusers.FlowMatchEulerDiscreteScheduler)
+    assert again.scheduler.config.shift == 3.0
+    ours, theirs = _state_dicts(again), _state_dicts(pipe)
+    for name, state in theirs.items():
+        # The buffers diffusers recomputes (pos_embed), the tied T5 embedding: same values.
+        assert sorted(ours[name]) == sorted(state), name
+        for key, value in state.items():
+            np.testing.assert_array_equal(ours[name][key], value, err_msg=f"{name}.{key}")
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        ids = lambda p: getattr(p, name)([PROMPT, ""], padding="max_length", max_length=77,
+                                         truncation=True)["input_ids"]
+        assert ids(again) == ids(pipe), name
