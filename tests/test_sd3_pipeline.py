@@ -198,3 +198,34 @@ def test_txt2img_matches_diffusers(sd3):
                  guidance_scale=GUIDANCE, num_images_per_prompt=len(latents),
                  latents=torch.from_numpy(latents), output_type="np").images
     assert np.abs(plain - expected).max() > 10 * PIXEL_TOLERANCE
+
+
+def _our_noise(monkeypatch, pipe, latents) -> None:
+    """diffusers' img2img draws its noise from its generator and encodes the image with a
+    posterior sample: give it our noise, and the posterior mode we encode with."""
+    import sys
+
+    module = sys.modules[type(pipe).__module__]
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
+    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None,
+                        sample_mode="sample": original(output, sample_mode="argmax"))
+
+
+def test_img2img_matches_diffusers(sd3, monkeypatch):
+    """StableDiffusion3Img2ImgPipeline at strength 0.6, with 32 T5 tokens."""
+    from PIL import Image
+
+    pipe, _, ckpt, root = sd3
+    image = (np.random.default_rng(3).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(root / "img2img_init.png")
+    latents = _latents(2)
+    ours = _sample_cli(root, ckpt, "img2img", latents, "--init-image",
+                       str(root / "img2img_init.png"), "--strength", "0.6",
+                       "--max-sequence-length", "32")
+    img2img = diffusers.StableDiffusion3Img2ImgPipeline(**pipe.components)
+    _our_noise(monkeypatch, img2img, latents)
+    expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
+                       strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                       max_sequence_length=32, output_type="np").images
+    _check("img2img", ours, expected)
