@@ -128,6 +128,7 @@ def _state_dicts(pipe) -> dict:
             for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")}
 
 
+@pytest.mark.xdist_group("sd3_pipeline")
 def test_convert_then_export_gives_back_the_same_pipeline(sd3):
     """convert reads the StableDiffusion3Pipeline folder (T5 tower, its tokenizer, the flow
     scheduler) and export writes one diffusers loads with the same weights and tokens."""
@@ -183,6 +184,7 @@ def _check(name, ours, expected):
     assert error <= PIXEL_TOLERANCE, f"{name}: max pixel error {error:.2e}"
 
 
+@pytest.mark.xdist_group("sd3_pipeline")
 def test_txt2img_matches_diffusers(sd3):
     """SD3's CFG with a negative prompt, prompt_3 for T5 alone, 256 T5 tokens (the default)."""
     pipe, _, ckpt, root = sd3
@@ -212,6 +214,7 @@ def _our_noise(monkeypatch, pipe, latents) -> None:
                         sample_mode="sample": original(output, sample_mode="argmax"))
 
 
+@pytest.mark.xdist_group("sd3_pipeline")
 def test_img2img_matches_diffusers(sd3, monkeypatch):
     """StableDiffusion3Img2ImgPipeline at strength 0.6, with 32 T5 tokens."""
     from PIL import Image
@@ -229,3 +232,23 @@ def test_img2img_matches_diffusers(sd3, monkeypatch):
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        max_sequence_length=32, output_type="np").images
     _check("img2img", ours, expected)
+
+
+@pytest.mark.xdist_group("sd3_pipeline")
+def test_sd3_options_are_checked_before_compiling(sd3):
+    from diffusion_jax import pipeline
+    from diffusion_jax.config_files import load
+
+    pipe = pipeline.load(sd3[2], cache_dir=None)
+    for options, message in [
+            (dict(max_sequence_length=0), "max_sequence_length=0: must be in 1..512"),
+            (dict(max_sequence_length=513), "max_sequence_length=513: must be in 1..512"),
+            (dict(prompt_3=["a", "b"]), "2 prompt_3s for 1 prompts")]:
+        with pytest.raises(ValueError, match=message):
+            pipe.prepare("txt2img", PROMPT, sampler="flow_euler", **options)
+    assert pipe.num_compilations == 0
+    sd = pipeline.StableDiffusion(None, as_dict(load("tiny")), export_programs=False)
+    for options, message in [(dict(prompt_3="x"), "fewer than three text towers"),
+                             (dict(max_sequence_length=77), "has no T5 text tower")]:
+        with pytest.raises(ValueError, match=message):
+            sd.prepare("txt2img", PROMPT, **options)
