@@ -1,9 +1,10 @@
 """Stable Diffusion 3.5 Large (stabilityai/stable-diffusion-3.5-large): SD3 widened to 38
 heads and deepened to 38 blocks, with RMS query/key norms (3.5 Large Turbo shares it).
 
-The transformer section only, for now (diffusers' `transformer/config.json` keys): the
-pipeline config joins it when the SD3 pipeline lands; until then this file has no get_config.
+The other towers, the VAE and the schedule are SD3 Medium's (`sd3_medium.sd3_system`).
 """
+
+import ml_collections
 
 from diffusion_jax.configs import sd3_medium
 
@@ -17,3 +18,7 @@ def transformer() -> dict:
         caption_projection_dim=2432,  # = the token width
         qk_norm="rms_norm",  # RMS norm of each head's queries and keys
     )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return sd3_medium.sd3_system(transformer())

@@ -2,9 +2,10 @@
 and depth with the MMDiT-X changes, RMS query/key norms and a second self-attention in the
 first 13 blocks, on a larger position grid.
 
-The transformer section only, for now (diffusers' `transformer/config.json` keys): the
-pipeline config joins it when the SD3 pipeline lands; until then this file has no get_config.
+The other towers, the VAE and the schedule are SD3 Medium's (`sd3_medium.sd3_system`).
 """
+
+import ml_collections
 
 from diffusion_jax.configs import sd3_medium
 
@@ -17,3 +18,7 @@ def transformer() -> dict:
         dual_attention_layers=tuple(range(13)),  # blocks 0..12 add attn2 (SD35AdaLayerNormZeroX)
         qk_norm="rms_norm",  # RMS norm of each head's queries and keys
     )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return sd3_medium.sd3_system(transformer())

@@ -1,9 +1,16 @@
-"""Stable Diffusion 3 Medium (stabilityai/stable-diffusion-3-medium-diffusers).
+"""Stable Diffusion 3 Medium (stabilityai/stable-diffusion-3-medium-diffusers): the MMDiT
+transformer on the 16-channel SD3 VAE, with CLIP-L, CLIP-G (both with projections) and
+T5-XXL as text towers, on a rectified-flow schedule shifted by 3.
 
-The transformer section only, for now (diffusers' `transformer/config.json` keys): the SD3
-pipeline config (three text towers, the 16-channel VAE, the flow schedule) joins it when the
-pipeline lands; until then this file has no get_config.
+Architecture only (like sdxl_base.py): the sections use the diffusers / transformers
+config.json key names. `transformer()` is the section SD3.5's files build on, and
+`sd3_system(transformer)` the whole system around any of them.
 """
+
+import ml_collections
+
+from diffusion_jax import system
+from diffusion_jax.configs import sd15, sdxl_base, t5
 
 
 def transformer() -> dict:
@@ -23,3 +30,40 @@ def transformer() -> dict:
         dual_attention_layers=(),  # no second self-attention
         qk_norm=None,  # no query/key norm
     )
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return sd3_system(transformer())
+
+
+def sd3_system(transformer_section: dict) -> ml_collections.ConfigDict:
+    """The SD3 system around an SD3Transformer2DModel section (SD3 Medium's, SD3.5's)."""
+    sd, sdxl = sd15.get_config(), sdxl_base.get_config()
+    config = ml_collections.ConfigDict()
+    config.system = system.SD3.to_dict()  # CLIP-L + CLIP-G tokens, then T5's; pooled CLIPs
+    config.transformer = transformer_section
+    # AutoencoderKL, 83,819,683 parameters: SD's architecture with 16 latent channels and no
+    # quant convs (as Flux's), at its own scale and shift.
+    config.vae = dict(
+        sd.vae.to_dict(),
+        latent_channels=16,  # latent channels
+        use_quant_conv=False,  # no 1x1 conv after the encoder
+        use_post_quant_conv=False,  # no 1x1 conv before the decoder
+        scaling_factor=1.5305,  # latents = (z - shift_factor) * scaling_factor
+        shift_factor=0.0609,
+        sample_size=1024,  # training resolution
+    )
+    # CLIP ViT-L/14 with its text projection (768 -> 768), 123,650,304 parameters.
+    config.text_encoder = dict(sd.text_encoder.to_dict(), projection_dim=768)
+    # OpenCLIP ViT-bigG/14 with its text projection (as SDXL's), 694,659,840 parameters.
+    config.text_encoder_2 = sdxl.text_encoder_2.to_dict()
+    # T5 v1.1 XXL encoder, 4,762,310,656 parameters.
+    config.text_encoder_3 = t5.t5_xxl()
+    # FlowMatchEulerDiscreteScheduler as SD3 ships it: a fixed shift of 3.
+    config.schedule = dict(num_train_timesteps=1000, shift=3.0)
+    config.tokenizer = sd.tokenizer.to_dict()  # CLIP-L's: pads with <|endoftext|>
+    config.tokenizer_2 = sdxl.tokenizer_2.to_dict()  # CLIP-G's: pads with "!"
+    # T5's: the vocabulary comes from a converted checkpoint's tokenizer_3/; 256 tokens, the
+    # pipeline's max_sequence_length default.
+    config.tokenizer_3 = dict(max_length=256)
+    return config

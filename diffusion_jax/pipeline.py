@@ -48,6 +48,10 @@ MICRO_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "
                       "negative_target_size", "negative_aesthetic_score")
 
 
+# The most T5 tokens a prompt may take (diffusers' SD3 and Flux pipelines refuse more).
+MAX_SEQUENCE_LENGTH = 512
+
+
 def enable_compilation_cache(cache_dir: str | None = DEFAULT_CACHE_DIR) -> str | None:
     """Persist compiled programs across processes (`DIFFUSION_JAX_CACHE_DIR` overrides the
     default; None or "" leaves JAX's setting alone). Returns the directory set, if any."""
@@ -273,6 +277,9 @@ class StableDiffusion:
                 mask: Any = None, strength: float = 1.0,
                 prompt_2: str | Sequence[str] | None = None,
                 negative_prompt_2: str | Sequence[str] | None = None,
+                prompt_3: str | Sequence[str] | None = None,
+                negative_prompt_3: str | Sequence[str] | None = None,
+                max_sequence_length: int | None = None,
                 denoising_end: float | None = None, denoising_start: float | None = None,
                 start_latents: np.ndarray | None = None, output: str = "images",
                 control_image: Any = None, control_scale: float = 1.0,
@@ -286,6 +293,10 @@ class StableDiffusion:
         first's); the micro-conditioning of `MICRO_CONDITIONING` (diffusers' names and
         defaults); `denoising_end` stops early and, with output="latents", hands the latents
         to a refiner's `prepare("img2img", ..., start_latents=, denoising_start=)`.
+
+        SD3: `prompt_3` / `negative_prompt_3` for the third (T5) tower (default: the
+        first's); `max_sequence_length`, the T5 towers' token count (default: the
+        checkpoint's, diffusers' 256 for SD3).
 
         ControlNet (a pipeline loaded with `controlnet=`): `control_image` (PIL image, path or
         [H, W, 3] array in [0, 1]; images are resized to the output with Lanczos, as
@@ -309,9 +320,16 @@ class StableDiffusion:
                 self.system.text_towers) < 2:
             raise ValueError("prompt_2 / negative_prompt_2: this checkpoint has one text tower; "
                              "pass prompt and negative_prompt only")
-        prompts_2 = None if prompt_2 is None else _expanded(prompt_2, num_images, count, "prompt_2")
-        negatives_2 = None if negative_prompt_2 is None else _expanded(
-            negative_prompt_2, num_images, count, "negative_prompt_2")
+        if (prompt_3 is not None or negative_prompt_3 is not None) and len(
+                self.system.text_towers) < 3:
+            raise ValueError("prompt_3 / negative_prompt_3: this checkpoint has fewer than three "
+                             "text towers (SD3 has three)")
+        expand = lambda p, name: None if p is None else _expanded(p, num_images, count, name)
+        prompts_2, negatives_2 = expand(prompt_2, "prompt_2"), expand(negative_prompt_2,
+                                                                     "negative_prompt_2")
+        prompts_3, negatives_3 = expand(prompt_3, "prompt_3"), expand(negative_prompt_3,
+                                                                     "negative_prompt_3")
+        text_inputs = self._text_inputs(max_sequence_length)
         if start_latents is not None:
             start_latents = np.asarray(start_latents, np.float32)
             if start_latents.ndim != 4:
@@ -378,7 +396,7 @@ class StableDiffusion:
         # negative_prompt=None with force_zeros_for_empty_prompt).
         zero_negative = guided and system.pipeline_option(
             self.config, "force_zeros_for_empty_prompt") and not any(
-            negatives + (negatives_2 or []))
+            negatives + (negatives_2 or []) + (negatives_3 or []))
         program = generate.Program(
             mode, name, karras, float(eta), steps, start_step, guided=guided,
             noise_only_start=mode == "inpaint" and strength == 1.0,
@@ -387,12 +405,12 @@ class StableDiffusion:
             denoising_end=denoising_end, output_latents=output == "latents",
             guess_mode=self.controlnet is not None and (guess_mode or system.tower_config(
                 self.controlnet, self.config).global_pool_conditions))
-        inputs["text"] = self.text_inputs(prompts, prompts_2)
+        inputs["text"] = text_inputs(prompts, prompts_2, prompts_3)
         if cond:
             inputs["cond"] = cond
         if guided:
             if not zero_negative:
-                inputs["negative_text"] = self.text_inputs(negatives, negatives_2)
+                inputs["negative_text"] = text_inputs(negatives, negatives_2, negatives_3)
             if negative_cond:
                 inputs["negative_cond"] = negative_cond
             inputs["guidance"] = np.asarray(guidance, np.float32)
@@ -418,6 +436,17 @@ class StableDiffusion:
         pad = (-count) % self.mesh.size  # every device gets rows
         inputs = jax.tree.map(lambda a: _padded(a, pad) if np.ndim(a) else a, inputs)
         return Prepared(program, plan, inputs, count, init_images)
+
+    def _text_inputs(self, max_sequence_length: int | None) -> system.TextInputs:
+        """The tokenizers, the T5 towers' at `max_sequence_length` tokens where given."""
+        if max_sequence_length is None:
+            return self.text_inputs
+        if not any(t.kind == "t5" for t in self.system.text_towers):
+            raise ValueError("max_sequence_length: this checkpoint has no T5 text tower")
+        if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"max_sequence_length={max_sequence_length}: must be in 1.."
+                             f"{MAX_SEQUENCE_LENGTH} (T5's pre-training length)")
+        return system.text_inputs(self.system, self.config, max_sequence_length)
 
     def _check_control(self, image: Any, scale: float, start: float, end: float,
                        guess_mode: bool) -> None:
@@ -530,7 +559,7 @@ class StableDiffusion:
         output_type="float32", or the latents [N, H/f, W/f, C] with output_type="latents"
         (with denoising_end: what a refiner's `refine` continues). Options: `prepare`'s
         (sampler, steps, guidance, seed, num_images, height, width, init_latents, SDXL's
-        prompt_2 and micro-conditioning, ...) and params= instead of the pipeline's."""
+        prompt_2 and micro-conditioning, SD3's prompt_3 and max_sequence_length, ...) and params= instead of the pipeline's."""
         return self._run("txt2img", prompt, negative_prompt, **options)
 
     def img2img(self, prompt: str | Sequence[str], init_image: Any,

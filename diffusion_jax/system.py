@@ -39,6 +39,7 @@ import numpy as np
 from diffusion_jax.models import KINDS, Component
 
 SYSTEM_SECTION = "system"
+CONTEXT_JOINS = ("features", "sequence")
 # Pipeline-level facts of a checkpoint (diffusers keeps them in model_index.json):
 # `force_zeros_for_empty_prompt` (SDXL base: an empty negative prompt is all-zero
 # conditioning, not the encoded empty string). Optional; absent means False.
@@ -64,8 +65,17 @@ class TextTower(Tower):
 
     tokenizer: str = "tokenizer"  # config section of its tokenizer
     ids_key: str = "input_ids"  # batch / inputs key of its token ids
-    context: str = "last_hidden_state"  # output joined (on the feature axis) into cond["context"]; "" for none
-    pooled: str = ""  # output joined into cond["pooled"]; "" for none
+    context: str = "last_hidden_state"  # output joined into cond["context"]; "" for none
+    pooled: str = ""  # output joined (on the feature axis) into cond["pooled"]; "" for none
+    # How its context joins the contexts of the towers before it: "features" side by side
+    # (SDXL's CLIP-L + bigG), or "sequence": its tokens after theirs, theirs zero-padded on
+    # the feature axis to the wider width (SD3's CLIP-L + CLIP-G tokens, then T5's).
+    context_join: str = "features"
+
+    def __post_init__(self):
+        if self.context_join not in CONTEXT_JOINS:
+            raise ValueError(f"text tower {self.name}: context_join={self.context_join!r}; use "
+                             f"one of {list(CONTEXT_JOINS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +176,17 @@ FLUX = System(denoiser=Tower("transformer", "flux"), vae=Tower("vae", "vae"),
                                      pooled="pooler_output"),
                            TextTower("text_encoder_2", "t5", tokenizer="tokenizer_2",
                                      ids_key="input_ids_2")))
+
+# SD3 / SD3.5: CLIP-L and CLIP-G (both with projections) read at their penultimate layer
+# side by side (768 + 1280 features), zero-padded to T5-XXL's 4096, then T5's tokens after
+# their 77 (diffusers' StableDiffusion3Pipeline); the pooled input is both projected EOS
+# embeddings (768 + 1280).
+SD3 = System(denoiser=Tower("transformer", "mmdit"), vae=Tower("vae", "vae"),
+             text_towers=(TextTower("text_encoder", "clip_text_projection",
+                                    context="penultimate_hidden_state", pooled="text_embeds"),
+                          _BIGG,
+                          TextTower("text_encoder_3", "t5", tokenizer="tokenizer_3",
+                                    ids_key="input_ids_3", context_join="sequence")))
 
 # A ControlNet on its own (diffusers `ControlNetModel`), for SD 1.x/2.x or SDXL alike.
 CONTROLNET = System(denoiser=None, vae=None, text_towers=(),
@@ -307,16 +328,27 @@ class TextInputs:
         return tuple(self.tokenizers)
 
 
-def make_tokenizer(tokenizer_section: Mapping[str, Any]):
-    """A tokenizer from its config section. Every text tower today reads CLIP BPE, whose
-    vocabulary is bundled; a T5 tower's section will name its checkpoint files."""
-    from diffusion_jax.tokenizer import CLIPTokenizer
+def make_tokenizer(tokenizer_section: Mapping[str, Any], kind: str = "clip_text"):
+    """A text tower's tokenizer from its config section: T5's SentencePiece vocabulary as the
+    checkpoint holds it for a T5 tower, else CLIP BPE over the bundled vocabulary."""
+    from diffusion_jax.tokenizer import CLIPTokenizer, T5Tokenizer
 
+    if kind == "t5":
+        return T5Tokenizer.from_section(tokenizer_section)
     return CLIPTokenizer.bundled(**dict(tokenizer_section))
 
 
-def text_inputs(system: System, config: Mapping[str, Any]) -> TextInputs:
-    return TextInputs({t.ids_key: make_tokenizer(section(config, t.tokenizer))
+def text_inputs(system: System, config: Mapping[str, Any],
+                max_sequence_length: int | None = None) -> TextInputs:
+    """The system's tokenizers; `max_sequence_length` sets the T5 towers' token count
+    (diffusers' pipeline argument), else their sections' `max_length`."""
+    def tokenizer_section(tower: TextTower) -> dict:
+        tokenizer = section(config, tower.tokenizer)
+        if max_sequence_length is not None and tower.kind == "t5":
+            tokenizer["max_length"] = max_sequence_length
+        return tokenizer
+
+    return TextInputs({t.ids_key: make_tokenizer(tokenizer_section(t), t.kind)
                        for t in system.text_towers})
 
 
@@ -324,19 +356,41 @@ def _join(values: list[jax.Array]) -> jax.Array:
     return values[0] if len(values) == 1 else jnp.concatenate(values, axis=-1)
 
 
+def context_groups(towers: Sequence[TextTower]) -> list[list[TextTower]]:
+    """The towers giving a context, in runs joined on the feature axis; each run after the
+    first starts at a tower whose context_join is "sequence"."""
+    groups: list[list[TextTower]] = []
+    for tower in towers:
+        if not tower.context:
+            continue
+        if tower.context_join == "sequence" or not groups:
+            groups.append([])
+        groups[-1].append(tower)
+    return groups
+
+
+def _join_context(runs: list[list[jax.Array]]) -> jax.Array:
+    """Each run side by side on the features, then the runs one after another on the tokens,
+    each zero-padded on the features to the widest."""
+    blocks = [_join(run) for run in runs]
+    width = max(b.shape[-1] for b in blocks)
+    blocks = [jnp.pad(b, [(0, 0)] * (b.ndim - 1) + [(0, width - b.shape[-1])]) for b in blocks]
+    return blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks, axis=-2)
+
+
 def encode_text(models: Models, params: Mapping[str, Any], ids: Mapping[str, jax.Array]
                 ) -> dict[str, jax.Array]:
     """Token ids (by ids key) -> the conditioning: the `context` outputs of the towers that
-    give one joined on the feature axis, and the `pooled` outputs likewise."""
-    contexts, pooled = [], []
+    give one joined as their `context_join` says (`context_groups`), and the `pooled`
+    outputs side by side."""
+    outputs, pooled = {}, []
     for tower in models.system.text_towers:
-        outputs = tower.component.encode_text(models[tower.name], params[tower.name],
-                                              ids[tower.ids_key])
-        if tower.context:
-            contexts.append(outputs[tower.context])
+        outputs[tower.name] = tower.component.encode_text(models[tower.name], params[tower.name],
+                                                          ids[tower.ids_key])
         if tower.pooled:
-            pooled.append(outputs[tower.pooled])
-    cond = {"context": _join(contexts)}
+            pooled.append(outputs[tower.name][tower.pooled])
+    cond = {"context": _join_context([[outputs[t.name][t.context] for t in run] for run in
+                                      context_groups(models.system.text_towers)])}
     if pooled:
         cond["pooled"] = _join(pooled)
     return cond
@@ -420,8 +474,9 @@ def pooled_width(system: System, config: Mapping[str, Any]) -> int:
 
 
 def context_width(system: System, config: Mapping[str, Any]) -> int:
-    """Features of cond["context"]: the text towers' context outputs side by side."""
-    return sum(tower_config(t, config).output_widths[t.context] for t in system.text_towers)
+    """Features of cond["context"]: the widest run of context outputs side by side."""
+    return max(sum(tower_config(t, config).output_widths[t.context] for t in run)
+               for run in context_groups(system.text_towers))
 
 
 def denoiser_config(system: System, config: Mapping[str, Any]):

@@ -31,7 +31,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
@@ -235,8 +235,8 @@ class _TokenizersBackend:
     """A `tokenizer.json` (the Unigram model with its normalizer, pre-tokenizer and added
     tokens, the sentinels `<extra_id_N>` among them) as the `tokenizers` library runs it."""
 
-    def __init__(self, path: Path):
-        self.tokenizer = Tokenizer.from_file(str(path))
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
         self.tokenizer.no_truncation()  # the file may carry settings; lengths are ours
         self.tokenizer.no_padding()
 
@@ -309,7 +309,7 @@ class T5Tokenizer:
         max_length defaults to the folder's model_max_length, else 512."""
         directory = Path(directory)
         if (directory / "tokenizer.json").exists():
-            backend = _TokenizersBackend(directory / "tokenizer.json")
+            backend = _TokenizersBackend(Tokenizer.from_file(str(directory / "tokenizer.json")))
         elif (directory / "spiece.model").exists():
             backend = _SentencePieceBackend(directory / "spiece.model")
         else:
@@ -324,6 +324,41 @@ class T5Tokenizer:
                           else int(folder_length))
         return cls(backend, eos_token=token("eos_token", T5_EOS_TOKEN),
                    pad_token=token("pad_token", T5_PAD_TOKEN), max_length=max_length)
+
+    @classmethod
+    def from_section(cls, section: Mapping[str, Any]) -> T5Tokenizer:
+        """From a checkpoint's tokenizer section (`to_section`)."""
+        if "tokenizer_json" not in section:
+            raise ValueError("this config's T5 tokenizer section has no vocabulary "
+                             "(tokenizer_json): sample from a converted checkpoint, whose "
+                             "section holds its folder's tokenizer.json")
+        backend = _TokenizersBackend(Tokenizer.from_str(section["tokenizer_json"]))
+        return cls(backend, eos_token=section.get("eos_token", T5_EOS_TOKEN),
+                   pad_token=section.get("pad_token", T5_PAD_TOKEN),
+                   max_length=section.get("max_length", T5_DEFAULT_MAX_LENGTH))
+
+    def to_section(self) -> dict[str, Any]:
+        """The checkpoint's tokenizer section: the whole `tokenizer.json` as a string (no
+        T5 vocabulary ships with the package), the special tokens and the length."""
+        if not isinstance(self._backend, _TokenizersBackend):
+            raise ValueError("a T5 tokenizer read from spiece.model alone cannot be stored in a "
+                             "checkpoint: save the folder with transformers' T5TokenizerFast "
+                             "first, which writes its tokenizer.json")
+        return {"tokenizer_json": self._backend.tokenizer.to_str(), "eos_token": self.eos_token,
+                "pad_token": self.pad_token, "max_length": self.max_length}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """A transformers T5TokenizerFast folder: tokenizer.json, tokenizer_config.json and
+        special_tokens_map.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        section = self.to_section()
+        (directory / "tokenizer.json").write_text(section["tokenizer_json"], encoding="utf-8")
+        special = {"eos_token": self.eos_token, "pad_token": self.pad_token}
+        (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+        (directory / "tokenizer_config.json").write_text(json.dumps(
+            {**special, "model_max_length": self.max_length,
+             "tokenizer_class": "T5Tokenizer"}, indent=2))
 
     @property
     def vocab_size(self) -> int:

@@ -75,6 +75,12 @@ def add_sample(subparsers) -> None:
     sdxl.add_argument("--denoising-end", type=float,
                       help="with --refiner: the fraction of the schedule the base model runs "
                            "(default: 0.8)")
+    sd3 = parser.add_argument_group("SD3", "the third (T5) text tower's prompt and length")
+    sd3.add_argument("--prompt-3", help="prompt of the T5 tower (default: --prompt)")
+    sd3.add_argument("--negative-prompt-3",
+                     help="negative prompt of the T5 tower (default: --negative-prompt)")
+    sd3.add_argument("--max-sequence-length", type=int,
+                     help="T5 tokens per prompt (default: the checkpoint's; SD3: 256)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                         help="a LoRA merged into the --checkpoint's models at WEIGHT (default "
                              "1.0): kohya / A1111 or diffusers / PEFT .safetensors (.ckpt/.pt "
@@ -152,19 +158,22 @@ def _sample_strength(args: argparse.Namespace) -> float | None:
     return 1.0 if args.mask else 0.8
 
 
-# The SDXL options of `sample`: pipeline keyword -> which model of an ensemble reads it.
-SDXL_OPTIONS = {"prompt_2": "base", "negative_prompt_2": "base",
-                "original_size": "both", "negative_original_size": "both",
-                "crops_coords_top_left": "both", "negative_crops_coords_top_left": "both",
-                "target_size": "base", "negative_target_size": "base",
-                "aesthetic_score": "refiner", "negative_aesthetic_score": "refiner"}
+# The SDXL and SD3 options of `sample`: pipeline keyword -> which model of an ensemble
+# reads it (SD3's have no refiner).
+FAMILY_OPTIONS = {"prompt_2": "base", "negative_prompt_2": "base",
+                  "original_size": "both", "negative_original_size": "both",
+                  "crops_coords_top_left": "both", "negative_crops_coords_top_left": "both",
+                  "target_size": "base", "negative_target_size": "base",
+                  "aesthetic_score": "refiner", "negative_aesthetic_score": "refiner",
+                  "prompt_3": "base", "negative_prompt_3": "base",
+                  "max_sequence_length": "base"}
 
 
-def _sdxl_options(args: argparse.Namespace, model: str) -> dict:
-    """The SDXL options given, for the "base" or the "refiner" of an ensemble (or the one
+def _family_options(args: argparse.Namespace, model: str) -> dict:
+    """The SDXL and SD3 options given, for the "base" or the "refiner" of an ensemble (or the one
     checkpoint sampled: "single"), as pipeline keywords; sizes as tuples."""
     options = {}
-    for key, reader in SDXL_OPTIONS.items():
+    for key, reader in FAMILY_OPTIONS.items():
         value = getattr(args, key)
         if value is not None and (model == "single" or reader in (model, "both")):
             options[key] = tuple(value) if isinstance(value, list) else value
@@ -218,7 +227,7 @@ def _sample_record(args: argparse.Namespace, pipe, strength: float | None, count
                eta=args.eta, height=args.height or pipe.default_size(),
                width=args.width or pipe.default_size())
     run.update({k: list(v) if isinstance(v, tuple) else v
-                for k, v in _sdxl_options(args, "single").items()})
+                for k, v in _family_options(args, "single").items()})
     if strength is not None:
         run.update(strength=strength, init_image=args.init_image)
     if args.mask:
@@ -276,20 +285,20 @@ def run_sample(args: argparse.Namespace) -> None:
     if refiner is not None:
         latents = pipe.txt2img(args.prompt, args.negative_prompt, denoising_end=denoising_end,
                                **{**options, "output_type": "latents"},
-                               **_sdxl_options(args, "base"))
+                               **_family_options(args, "base"))
         options.pop("init_latents", None)  # the base's starting noise
         images = refiner.refine(args.prompt, latents, args.negative_prompt,
                                 denoising_start=denoising_end, **options,
-                                **_sdxl_options(args, "refiner"))
+                                **_family_options(args, "refiner"))
     elif args.mask:
         images = pipe.inpaint(args.prompt, args.init_image, args.mask, args.negative_prompt,
-                              strength=strength, **options, **_sdxl_options(args, "single"))
+                              strength=strength, **options, **_family_options(args, "single"))
     elif args.init_image:
         images = pipe.img2img(args.prompt, args.init_image, args.negative_prompt,
-                              strength=strength, **options, **_sdxl_options(args, "single"))
+                              strength=strength, **options, **_family_options(args, "single"))
     else:
         images = pipe.txt2img(args.prompt, args.negative_prompt, **options,
-                              **_sdxl_options(args, "single"))
+                              **_family_options(args, "single"))
     if out.suffix == ".npy" and not is_folder:
         with out.open("wb") as f:
             np.save(f, images)

@@ -10,6 +10,12 @@ A Stable Diffusion folder as `StableDiffusionPipeline.save_pretrained` writes it
     tokenizer/     (optional when reading: only its padding token and length are kept; the
                    vocabulary must be CLIP's, which diffusion_jax ships)
 
+An SDXL folder adds `text_encoder_2/` and `tokenizer_2/`; an SD3 / SD3.5 folder
+(`StableDiffusion3Pipeline`) has `transformer/` for `unet/`, CLIP-L and CLIP-G with
+projections, `text_encoder_3/` (transformers T5EncoderModel) with `tokenizer_3/`, whose
+`tokenizer.json` the checkpoint keeps whole (no T5 vocabulary ships with diffusion_jax), and
+a FlowMatchEulerDiscreteScheduler.
+
 A ControlNet folder (`ControlNetModel.save_pretrained`: config.json with `_class_name`
 ControlNetModel, diffusion_pytorch_model.safetensors) is a checkpoint of `system.CONTROLNET`,
 its one model item `controlnet`, and is written back the same way.
@@ -127,8 +133,8 @@ def _check_class(tower: system_lib.Tower, config_json: Mapping[str, Any], path: 
         found = config_json.get("architectures") or [expected]
         ok = expected in found
     if not ok:
-        raise ValueError(f"{path} describes a {found}, not a {expected}: only Stable Diffusion "
-                         "1.x / 2.x components are supported")
+        raise ValueError(f"{path} describes a {found}, not a {expected}: only the components "
+                         "of Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines are supported")
 
 
 def read_component(folder: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
@@ -220,6 +226,19 @@ def read_tokenizer(folder: Path, text_config: Mapping[str, Any], name: str = "to
     return {"pad_token": tokenizer.pad_token, "max_length": tokenizer.max_length}
 
 
+def read_t5_tokenizer(folder: Path, name: str, max_sequence_length: int) -> dict:
+    """A T5 tokenizer section of the checkpoint: the folder's tokenizer.json whole, its
+    special tokens, and the pipeline's default `max_sequence_length` as its length."""
+    from diffusion_jax.tokenizer import T5Tokenizer
+
+    directory = folder / name
+    try:
+        tokenizer = T5Tokenizer.from_pretrained(directory, max_length=max_sequence_length)
+        return tokenizer.to_section()
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{directory}: {e}") from None
+
+
 def _check_model_index(folder: Path, system: system_lib.System) -> None:
     path = folder / "model_index.json"
     if not path.is_file():
@@ -230,12 +249,15 @@ def _check_model_index(folder: Path, system: system_lib.System) -> None:
         entry = index.get(tower.name)
         if entry is not None and list(entry)[1:] != [cls]:
             raise ValueError(f"{path}: {tower.name} is {entry}, expected [{library!r}, {cls!r}]: "
-                             "only Stable Diffusion 1.x / 2.x and SDXL pipelines are supported")
+                             "only Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines are "
+                             "supported")
 
 
 def detect_system(folder: Path) -> system_lib.System:
-    """SDXL base (text_encoder and text_encoder_2), SDXL refiner (text_encoder_2 alone) or
-    SD 1.x / 2.x, from the folder's layout."""
+    """SD3 (text_encoder_3, a transformer), SDXL base (text_encoder and text_encoder_2),
+    SDXL refiner (text_encoder_2 alone) or SD 1.x / 2.x, from the folder's layout."""
+    if (folder / "text_encoder_3").is_dir() or (folder / "transformer").is_dir():
+        return system_lib.SD3
     if (folder / "text_encoder_2").is_dir():
         return (system_lib.SDXL_BASE if (folder / "text_encoder").is_dir()
                 else system_lib.SDXL_REFINER)
@@ -269,8 +291,11 @@ def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     for tower in system.towers:
         items[tower.name], config[tower.name] = read_component(folder, tower)
     config["schedule"] = read_schedule(folder)
+    kind = PIPELINE_KINDS[system]
     for text in system.text_towers:
-        config[text.tokenizer] = read_tokenizer(folder, config[text.name], text.tokenizer)
+        config[text.tokenizer] = (
+            read_t5_tokenizer(folder, text.tokenizer, kind.max_sequence_length)
+            if text.kind == "t5" else read_tokenizer(folder, config[text.name], text.tokenizer))
     if system != system_lib.STABLE_DIFFUSION:
         config[system_lib.SYSTEM_SECTION] = system.to_dict()
     model_index = json.loads((folder / "model_index.json").read_text())
@@ -289,7 +314,14 @@ def component_config_json(tower: system_lib.Tower, config: Mapping[str, Any]) ->
     library, cls = tower.component.reference_class
     if library == "diffusers":
         return {"_class_name": cls, "_diffusers_version": DIFFUSERS_FORMAT_VERSION, **normalized}
-    return {"architectures": [cls], "model_type": "clip_text_model", **normalized}
+    return {"architectures": [cls], "model_type": _MODEL_TYPES.get(cls, "clip_text_model"),
+            **normalized}
+
+
+# transformers' model_type of a text tower's config.json (CLIP's text towers otherwise).
+_MODEL_TYPES = {"T5EncoderModel": "t5"}
+# A tokenizer folder's class in model_index.json, by its tower's kind (CLIP's otherwise).
+_TOKENIZER_CLASSES = {"t5": "T5TokenizerFast"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,6 +332,7 @@ class PipelineKind:
     scheduler_class: str  # as the releases ship ("" : by prediction type, SD's)
     pipeline_flags: bool  # SDXL's force_zeros_for_empty_prompt / requires_aesthetics_score
     zeros_for_empty_prompt: bool = False  # the release's force_zeros_for_empty_prompt
+    max_sequence_length: int = 0  # the pipeline's default T5 token count (none: no T5)
 
 
 PIPELINE_KINDS = {
@@ -308,12 +341,14 @@ PIPELINE_KINDS = {
                                        True, zeros_for_empty_prompt=True),
     system_lib.SDXL_REFINER: PipelineKind("StableDiffusionXLImg2ImgPipeline",
                                           "EulerDiscreteScheduler", True),
+    system_lib.SD3: PipelineKind("StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler",
+                                 False, max_sequence_length=256),
 }
 
 
 def pipeline_kind(system: system_lib.System, source: str) -> PipelineKind:
     if system not in PIPELINE_KINDS:
-        raise ValueError(f"{source} is not a Stable Diffusion 1.x / 2.x or SDXL system; "
+        raise ValueError(f"{source} is not a Stable Diffusion 1.x / 2.x, SDXL or SD3 system; "
                          "export to diffusers writes those only")
     return PIPELINE_KINDS[system]
 
@@ -342,7 +377,8 @@ def model_index_json(config: Mapping[str, Any]) -> dict:
     system = system_lib.from_config(config)
     kind = pipeline_kind(system, "the checkpoint")
     towers = {t.name: list(t.component.reference_class) for t in system.towers}
-    tokenizers = {name: ["transformers", "CLIPTokenizer"] for name in system.tokenizer_sections}
+    tokenizers = {t.tokenizer: ["transformers", _TOKENIZER_CLASSES.get(t.kind, "CLIPTokenizer")]
+                  for t in system.text_towers}
     index = {"_class_name": kind.pipeline_class, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
              **towers, **tokenizers,
              "scheduler": ["diffusers", scheduler_class(config["schedule"], kind)]}
@@ -352,7 +388,7 @@ def model_index_json(config: Mapping[str, Any]) -> dict:
         index["force_zeros_for_empty_prompt"] = system_lib.pipeline_option(
             config, "force_zeros_for_empty_prompt", kind.zeros_for_empty_prompt)
         index["requires_aesthetics_score"] = system_lib.time_ids_width(system, config) == 5
-    else:
+    elif kind.pipeline_class == "StableDiffusionPipeline":
         if config["unet"]["in_channels"] == 9:  # latents, mask and masked-image latents
             index["_class_name"] = "StableDiffusionInpaintPipeline"
         index.update(feature_extractor=[None, None], safety_checker=[None, None],
@@ -390,7 +426,7 @@ def write_model_folder(directory: Path, tower: system_lib.Tower, params: Any,
 
 def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     """Writes a diffusers StableDiffusionPipeline folder into the (existing) `folder`."""
-    from diffusion_jax.tokenizer import CLIPTokenizer
+    from diffusion_jax.tokenizer import CLIPTokenizer, T5Tokenizer
 
     system = system_lib.from_config(config)
     for tower in system.towers:
@@ -399,10 +435,13 @@ def write_pipeline(folder: Path, items: Mapping[str, Any], config: Mapping[str, 
     (folder / "scheduler").mkdir()
     _write_json(folder / "scheduler" / "scheduler_config.json",
                 scheduler_config_json(config["schedule"], pipeline_kind(system, "the checkpoint")))
-    for name in system.tokenizer_sections:
-        tokenizer = config[name]
-        CLIPTokenizer.bundled(pad_token=tokenizer["pad_token"],
-                              max_length=tokenizer["max_length"]).save_pretrained(folder / name)
+    for text in {t.tokenizer: t for t in system.text_towers}.values():
+        tokenizer = config[text.tokenizer]
+        if text.kind == "t5":
+            T5Tokenizer.from_section(tokenizer).save_pretrained(folder / text.tokenizer)
+        else:
+            CLIPTokenizer.bundled(pad_token=tokenizer["pad_token"], max_length=tokenizer[
+                "max_length"]).save_pretrained(folder / text.tokenizer)
     _write_json(folder / "model_index.json", model_index_json(config))
 
 
