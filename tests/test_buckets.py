@@ -1,0 +1,215 @@
+"""Aspect-ratio buckets (data/buckets.py): the bucket list, nearest-bucket assignment, the
+cover-resize and crop with its micro-conditioning, batches from one bucket chosen from (seed,
+step), exact resume, and processes that agree on every batch's bucket."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_jax import system
+from diffusion_jax.data import buckets, input_pipeline
+from diffusion_jax.tokenizer import CLIPTokenizer
+
+# SDXL's published training resolutions near 1024x1024 (the SDXL paper's appendix), as (h, w).
+SDXL_BUCKETS = {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
+                (1344, 768), (768, 1344)}
+# (height, width) of the test folder's images: tall, square, wide, very wide.
+FOLDER_SIZES = [(60, 36)] * 4 + [(40, 40)] * 6 + [(36, 60)] * 5 + [(30, 90)] * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return CLIPTokenizer.bundled(max_length=16)
+
+
+def bucket_config(**overrides):
+    c = input_pipeline.default_data_config()
+    c.buckets.update(dict(pixels=32 * 32, step=8, max_aspect=3.0))
+    c.update(overrides)
+    return c
+
+
+@pytest.fixture(scope="module")
+def aspect_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aspects")
+    rng = np.random.default_rng(0)
+    for i, (height, width) in enumerate(FOLDER_SIZES):
+        pixels = rng.integers(0, 256, (height, width, 3), np.uint8)
+        Image.fromarray(pixels).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(f"picture {chr(ord('a') + i)}")
+    return root
+
+
+def folder_config(root, **overrides):
+    settings = dict(source="folder", path=str(root), eval_fraction=0.0, batch_size=4,
+                    random_crop=True)
+    return bucket_config(**{**settings, **overrides})
+
+
+def sdxl_time_ids(size):
+    return functools.partial(system.time_ids, 6, target_size=size)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------- the bucket list
+
+
+def test_sizes_near_the_budget_hold_sdxls_resolutions():
+    c = bucket_config()
+    c.buckets.update(dict(pixels=1024 * 1024, step=64, max_aspect=2.0))
+    sizes = buckets.bucket_sizes(c.buckets)
+    assert SDXL_BUCKETS <= set(sizes)
+    for height, width in sizes:
+        assert height % 64 == 0 and width % 64 == 0
+        assert height * width <= 1024 * 1024  # the widest (or tallest) that fits
+        assert max(height * (width + 64), (height + 64) * width) > 1024 * 1024
+        assert max(height, width) <= 2 * min(height, width)
+    aspects = [w / h for h, w in sizes]
+    assert aspects == sorted(aspects) and (640, 1536) not in sizes  # 2.4:1 is over max_aspect
+    assert set(sizes) == {(w, h) for h, w in sizes}
+    assert buckets.largest(sizes) == (1024, 1024)
+
+
+def test_explicit_sizes_and_bad_settings():
+    c = bucket_config()
+    c.buckets.sizes = ((32, 32), (24, 40))
+    assert buckets.bucket_sizes(c.buckets) == ((32, 32), (24, 40))
+    with pytest.raises(ValueError, match=r"data.buckets.sizes has \(24, 36\).*multiples of 8"):
+        buckets.check_config(bucket_config(buckets=dict(sizes=((24, 36),))).buckets, 8)
+    with pytest.raises(ValueError, match="data.buckets.step=12 must be a positive multiple of 8"):
+        buckets.check_config(bucket_config(buckets=dict(step=12)).buckets, 8)
+    with pytest.raises(ValueError, match="data.buckets.max_aspect=0.5 must be >= 1"):
+        buckets.check_config(bucket_config(buckets=dict(max_aspect=0.5)).buckets)
+    with pytest.raises(ValueError, match="data.buckets.pixels=32 is below"):
+        buckets.check_config(bucket_config(buckets=dict(pixels=32)).buckets)
+    assert not buckets.enabled(input_pipeline.default_data_config().buckets)
+
+
+def test_nearest_bucket_is_the_closest_log_aspect_ratio():
+    sizes = buckets.bucket_sizes(bucket_config(buckets=dict(pixels=64 * 64, max_aspect=4.0)).buckets)
+    images = np.random.default_rng(1).integers(8, 400, (500, 2))
+    chosen = buckets.nearest(images, sizes)
+    distance = lambda image, size: abs(np.log(image[1] / image[0]) - np.log(size[1] / size[0]))
+    for image, index in zip(images, chosen):
+        best = min(distance(image, size) for size in sizes)
+        assert distance(image, sizes[index]) == pytest.approx(best, abs=1e-12)
+    # 2:1 and 1:2 are mirror images: buckets mirrored about the square.
+    tall, wide = buckets.nearest([(80, 40), (40, 80)], sizes)
+    assert sizes[tall] == sizes[wide][::-1]
+
+
+def test_a_bucket_with_too_few_images_moves_them_to_the_next_nearest():
+    sizes = ((48, 24), (32, 32), (24, 40))
+    images = [(32, 32)] * 5 + [(24, 41)] * 3 + [(50, 24)]
+    np.testing.assert_array_equal(buckets.assign(images, sizes), [1] * 5 + [2] * 3 + [0])
+    # Two processes: the lone tall image joins the square bucket, the wide ones stay.
+    np.testing.assert_array_equal(buckets.assign(images, sizes, min_count=2), [1] * 5 + [2] * 3 + [1])
+
+
+# ----------------------------------------------------------------------------- resize and crop
+
+
+def test_cover_resize_and_crop_to_a_bucket():
+    image = np.random.default_rng(2).integers(0, 256, (60, 100, 3), np.uint8)
+    fitted, upscaled, crop = input_pipeline.fit_image(image, (32, 64), None)
+    resized = np.asarray(Image.fromarray(image).resize((64, 38), Image.BICUBIC))  # 0.64 x
+    assert fitted.shape == (32, 64, 3) and not upscaled and crop == (3, 0)
+    np.testing.assert_array_equal(fitted, resized[3:35])
+    fitted, _, crop = input_pipeline.fit_image(image, (32, 64), 0.999)  # the far end
+    assert crop == (6, 0)
+    np.testing.assert_array_equal(fitted, resized[6:38])
+    _, upscaled, _ = input_pipeline.fit_image(image, (80, 40), None)
+    assert upscaled
+    square, _, square_crop = input_pipeline.fit_image(image, 32, None)
+    same, _, same_crop = input_pipeline.fit_image(image, (32, 32), None)
+    np.testing.assert_array_equal(square, same)
+    assert square_crop == same_crop == (0, 10)  # 53 wide after the resize
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_batches_come_from_one_bucket_with_its_micro_conditioning(aspect_folder, tokenizer):
+    c = folder_config(aspect_folder)
+    iterator = buckets.make_train_iterator(c, tokenizer, time_ids_for=sdxl_time_ids)
+    sizes = {b.size: b.population for b in iterator.buckets}
+    assert sizes == {(40, 24): 4, (32, 32): 6, (24, 40): 5, (16, 48): 3}
+    seen = {}
+    for batch in take(iterator, 40):
+        height, width = batch["image"].shape[1:3]
+        assert (height, width) in sizes and batch["image"].shape[0] == 4
+        seen[height, width] = seen.get((height, width), 0) + 1
+        ids = batch["time_ids"]
+        np.testing.assert_array_equal(ids[:, 4:], [[height, width]] * 4)  # the target: the bucket
+        np.testing.assert_array_equal(ids[:, :2], batch["original_size"])
+        np.testing.assert_array_equal(ids[:, 2:4], batch["crop_top_left"])
+        for (h, w), (top, left) in zip(batch["original_size"], batch["crop_top_left"]):
+            assert buckets.nearest([(h, w)], list(sizes))[0] == list(sizes).index((height, width))
+            scale = max(height / h, width / w)  # the crop lies inside the resized image
+            assert 0 <= top <= round(h * scale) - height and 0 <= left <= round(w * scale) - width
+    assert set(seen) == set(sizes)  # every bucket drawn, by population
+    assert seen[32, 32] > seen[16, 48]
+
+
+def test_exact_resume_and_the_same_batches_from_a_fresh_iterator(aspect_folder, tokenizer):
+    c = folder_config(aspect_folder, caption_dropout=0.3)
+    original = buckets.make_train_iterator(c, tokenizer, time_ids_for=sdxl_time_ids)
+    first = take(original, 5)
+    state = json.loads(json.dumps(original.get_state()))  # what a checkpoint stores
+    expected = take(original, 7)
+    restored = buckets.make_train_iterator(c, tokenizer, time_ids_for=sdxl_time_ids)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 7), expected)
+    assert restored.stats == original.stats
+    again = buckets.make_train_iterator(c, tokenizer, time_ids_for=sdxl_time_ids)
+    assert_batches_equal(take(again, 5), first)
+    other = buckets.make_train_iterator(folder_config(aspect_folder, seed=1), tokenizer)
+    assert [b["image"].shape for b in take(other, 12)] != [
+        b["image"].shape for b in first + expected]
+
+
+def test_processes_agree_on_each_batchs_bucket_and_read_disjoint_images(aspect_folder,
+                                                                        tokenizer):
+    c = folder_config(aspect_folder, batch_size=4, random_crop=False, random_flip=False,
+                      caption_dropout=0.0)
+    shards = [buckets.make_train_iterator(c, tokenizer, process_index=i, process_count=2)
+              for i in range(2)]
+    for _ in range(6):
+        halves = [next(shard) for shard in shards]
+        assert halves[0]["image"].shape == halves[1]["image"].shape
+        assert halves[0]["image"].shape[0] == 2  # batch_size // process_count
+        for a in halves[0]["input_ids"]:  # each caption names one image: no image on both
+            assert not any(np.array_equal(a, b) for b in halves[1]["input_ids"])
+
+
+def test_resume_across_buckets_on_and_off_is_refused(aspect_folder, tokenizer):
+    flat = folder_config(aspect_folder)
+    flat.buckets.pixels = 0
+    flat.image_size = 32
+    state = input_pipeline.make_train_iterator(flat, tokenizer).get_state()
+    with pytest.raises(ValueError, match="buckets was None"):
+        buckets.make_train_iterator(folder_config(aspect_folder), tokenizer).set_state(state)
+    state = buckets.make_train_iterator(folder_config(aspect_folder), tokenizer).get_state()
+    with pytest.raises(ValueError, match="differently shaped pipeline: buckets was"):
+        input_pipeline.make_train_iterator(flat, tokenizer).set_state(state)
+
+
+def test_sources_without_sizes_and_workers_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="num_workers=2: with data.buckets"):
+        buckets.make_train_iterator(bucket_config(num_workers=2), tokenizer)
+    with pytest.raises(ValueError, match="TfdsSource does not give"):
+        buckets.image_sizes(type("TfdsSource", (), {"__len__": lambda self: 1})())
