@@ -4,14 +4,20 @@ step), exact resume, and processes that agree on every batch's bucket."""
 
 import functools
 import json
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import system
+from diffusion_jax import checkpoint, system
+from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.tokenizer import CLIPTokenizer
+from diffusion_jax.training import preflight, trainer
+
+REPO = Path(__file__).resolve().parent.parent
 
 # SDXL's published training resolutions near 1024x1024 (the SDXL paper's appendix), as (h, w).
 SDXL_BUCKETS = {(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216),
@@ -213,3 +219,83 @@ def test_sources_without_sizes_and_workers_are_refused(tokenizer):
         buckets.make_train_iterator(bucket_config(num_workers=2), tokenizer)
     with pytest.raises(ValueError, match="TfdsSource does not give"):
         buckets.image_sizes(type("TfdsSource", (), {"__len__": lambda self: 1})())
+
+
+# ----------------------------------------------------------------------------- training
+
+TINY = REPO / "configs" / "tiny_train.py"
+
+
+def training_config(folder):
+    """configs/tiny_train.py on two buckets, shrunk further: 1 VAE step, 3 U-Net steps."""
+    config = load_config_file(TINY)
+    config.data.update(dict(source="folder", path=str(folder), eval_fraction=0.2, batch_size=4,
+                            seed=4))  # a seed whose 3 U-Net batches draw both buckets
+    config.data.buckets.sizes = ((40, 24), (24, 40))
+    config.vae_training.update(dict(steps=1, batch_size=4))
+    config.training.steps = 3
+    config.checkpoint.every_steps = 2
+    config.update(dict(eval_examples=4, log_every_steps=1))
+    return config
+
+
+@pytest.fixture(scope="module")
+def tall_and_wide_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tall_and_wide")
+    rng = np.random.default_rng(3)
+    for i, (height, width) in enumerate([(60, 36), (36, 60)] * 8):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
+            root / f"img{i:02d}.png")
+    return root
+
+
+class _StopBeforeDiffusionStep3:
+    """trainer._StopSignal that asks to stop at its 4th look: before the U-Net stage's third
+    step (the VAE stage looks once)."""
+
+    def __init__(self):
+        self.looks = 0
+
+    @property
+    def requested(self):
+        self.looks += 1
+        return self.looks == 4
+
+
+def test_bucketed_training_compiles_once_per_bucket_and_resumes_exactly(
+        tall_and_wide_folder, tmp_path, monkeypatch):
+    config = training_config(tall_and_wide_folder)
+    data_config = trainer.DIFFUSION.data_config(config)
+    drawn = take(buckets.make_train_iterator(data_config, CLIPTokenizer.bundled()), 3)
+    shapes = {b["image"].shape for b in drawn}
+    assert len(shapes) == 2  # both buckets, one of them twice: a compile per bucket, not per batch
+    summary = trainer.train(config, tmp_path / "uninterrupted")
+    assert summary["diffusion_train_step_compilations"] == 2
+    assert summary["vae_train_step_compilations"] == 1
+
+    monkeypatch.setattr(trainer, "_StopSignal", _StopBeforeDiffusionStep3)
+    with pytest.raises(trainer.Preempted, match="stopped at step 3"):
+        trainer.train(config, tmp_path / "resumed")
+    monkeypatch.undo()
+    resumed = trainer.train(config, tmp_path / "resumed")
+    assert resumed["diffusion_train_step_compilations"] == 1  # the one step left
+    items = ["unet", "unet_ema", "vae", "optimizer"]
+    expected, _ = checkpoint.load(tmp_path / "uninterrupted" / "checkpoints", items=items)
+    got, _ = checkpoint.load(tmp_path / "resumed" / "checkpoints", items=items)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+
+
+def test_the_preflight_lowers_the_largest_bucket_and_checks_its_sides():
+    config = load_config_file(TINY)
+    config.data.buckets.update(dict(pixels=32 * 32, step=8, max_aspect=2.0))
+    config.data.batch_size = 4
+    assert preflight.batch_shapes(config, "diffusion")["image"].shape == (4, 32, 32, 3)
+    config.data.buckets.sizes = ((24, 40), (48, 32), (32, 32))
+    assert preflight.batch_shapes(config, "diffusion")["image"].shape == (4, 48, 32, 3)
+    config.data.buckets.sizes = ((24, 36),)
+    with pytest.raises(ValueError, match=r"\(24, 36\).*multiples of 8"):
+        preflight.check_config(config)
+    config.data.buckets.sizes = ()
+    config.data.num_workers = 2
+    with pytest.raises(ValueError, match="data.num_workers=2.*threads"):
+        preflight.validate(config)
