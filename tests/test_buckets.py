@@ -14,7 +14,7 @@ from PIL import Image
 
 from diffusion_jax import checkpoint, system
 from diffusion_jax.config_files import load as load_config_file
-from diffusion_jax.data import buckets, input_pipeline
+from diffusion_jax.data import buckets, input_pipeline, precompute
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import preflight, trainer
 
@@ -222,6 +222,32 @@ def test_sources_without_sizes_and_workers_are_refused(tokenizer):
         buckets.image_sizes(type("TfdsSource", (), {"__len__": lambda self: 1})())
 
 
+def test_latents_written_per_bucket_train_in_their_buckets(aspect_folder, tokenizer, tmp_path):
+    """precompute.write_latents with buckets: one file per bucket of the training split (the
+    held-out split square, as the trainer evaluates), read back one bucket per batch."""
+    images = folder_config(aspect_folder, eval_fraction=0.3)
+    encode = lambda batch: batch[:, ::8, ::8, :] * 2.0  # a stand-in VAE: 8x down, any values
+    meta = precompute.write_latents(encode, None, images, tokenizer, tmp_path / "latents",
+                                    time_ids=sdxl_time_ids((32, 32)), time_ids_for=sdxl_time_ids)
+    expected = {key: [encode(row["image"][None])[0] for row in rows]
+                for key, (rows, _) in buckets.iterate_buckets(images, tokenizer, "train",
+                                                               sdxl_time_ids)}
+    assert meta["buckets"]["train"] == {key: [f"train-{key}.array_record"] for key in expected}
+    assert meta["files"]["test"] == ["test.array_record"]
+    latents = bucket_config(source="latents", path=str(tmp_path / "latents"), batch_size=4)
+    iterator = buckets.make_train_iterator(latents, tokenizer, time_ids_for=sdxl_time_ids)
+    for batch in take(iterator, 8):
+        height, width = batch["latents"].shape[1] * 8, batch["latents"].shape[2] * 8
+        np.testing.assert_array_equal(batch["time_ids"][:, 4:], [[height, width]] * 4)
+        for row in batch["latents"]:  # each row: an image encoded at its bucket
+            assert any(np.array_equal(row, e) for e in expected[f"{height}x{width}"])
+    state = json.loads(json.dumps(iterator.get_state()))
+    after = take(iterator, 4)
+    restored = buckets.make_train_iterator(latents, tokenizer, time_ids_for=sdxl_time_ids)
+    restored.set_state(state)
+    assert_batches_equal(take(restored, 4), after)
+
+
 # ----------------------------------------------------------------------------- training
 
 TINY = REPO / "configs" / "tiny_train.py"
@@ -283,4 +309,54 @@ def test_the_preflight_lowers_the_largest_bucket_and_checks_its_sides():
     config.data.buckets.sizes = ()
     config.data.num_workers = 2
     with pytest.raises(ValueError, match="data.num_workers=2.*threads"):
+        preflight.validate(config)
+
+
+def _bucketed_latents_stub(path: Path, config, sizes) -> Path:
+    """A latents folder as write_latents leaves it with buckets, two zero records per
+    bucket and a square held-out split: what the preflight reads (it reads no latents)."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from diffusion_jax.data import sources
+
+    path.mkdir(parents=True)
+    towers = system.from_config(config)
+    lengths = {t.ids_key: config[t.tokenizer].max_length for t in towers.text_towers}
+    files = {"train": [f"train-{h}x{w}.array_record" for h, w in sizes],
+             "test": ["test.array_record"]}
+    for (height, width), name in zip([*sizes, (config.data.image_size,) * 2],
+                                     files["train"] + files["test"]):
+        writer = ArrayRecordWriter(str(path / name), "group_size:1")
+        for _ in range(2):
+            writer.write(sources.encode_record({
+                "latents": np.zeros((height // 8, width // 8, 4), np.float32),
+                **{key: np.zeros(n, np.int32) for key, n in lengths.items()},
+                "label": np.int32(-1), "original_size": np.int32([height, width]),
+                "crop_top_left": np.int32([0, 0])}))
+        writer.close()
+    (path / sources.LATENTS_META).write_text(json.dumps({
+        "source": "folder", "path": "", "image_size": config.data.image_size,
+        "max_lengths": lengths, "has_context": False, "micro_conditioning": True,
+        "splits": {"train": 2 * len(sizes), "test": 2}, "skipped": {}, "files": files,
+        "buckets": {"train": {f"{h}x{w}": [f"train-{h}x{w}.array_record"] for h, w in sizes}}}))
+    return path
+
+
+def test_sdxl_finetune_with_buckets_passes_the_preflight_at_its_largest_bucket(tmp_path):
+    from test_preflight import _stub_checkpoint
+
+    config = load_config_file(REPO / "configs" / "sdxl_finetune.py")
+    config.init_from = str(_stub_checkpoint(tmp_path / "ckpt", config))
+    config.data.buckets.update(dict(pixels=1024 * 1024, step=64, max_aspect=2.0))
+    config.data.path = str(_bucketed_latents_stub(tmp_path / "latents", config,
+                                                  [(1024, 1024), (832, 1216), (1216, 832)]))
+    preflight.validate(config)
+    shapes = preflight.batch_shapes(config, "diffusion")
+    assert shapes["latents"].shape == (32, 128, 128, 4)  # 1024x1024: the most pixels
+    assert shapes["time_ids"].shape == (32, 6)
+    config.data.buckets.max_aspect = 1.2  # 832x1216 is no bucket of these settings
+    with pytest.raises(ValueError, match="hold buckets it does not list .*1216x832, 832x1216"):
+        preflight.validate(config)
+    config.data.buckets.pixels = 0
+    with pytest.raises(ValueError, match="were written in aspect buckets"):
         preflight.validate(config)

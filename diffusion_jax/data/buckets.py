@@ -258,41 +258,87 @@ class BucketIterator:
 
 
 def _prepare_for(prepare, size: Size, time_ids_for: Callable | None):
-    """The example preparation of one bucket: its size, and SDXL's target size in time_ids."""
+    """The example preparation of one bucket: its size (images; latents were encoded at it),
+    and SDXL's target size in time_ids."""
     time_ids = time_ids_for(size) if time_ids_for is not None else None
-    return dataclasses.replace(prepare, image_size=size, time_ids=time_ids)
+    if isinstance(prepare, input_pipeline.PrepareImage):
+        return dataclasses.replace(prepare, image_size=size, time_ids=time_ids)
+    return dataclasses.replace(prepare, time_ids=time_ids)
+
+
+def _parse_key(key: str) -> Size:
+    height, width = key.split("x")
+    return int(height), int(width)
+
+
+def split_by_bucket(data_config, source, split: str, min_count: int = 1) -> list:
+    """[(bucket size, the sequence of its examples)] of a source: images by their nearest
+    bucket of `data.buckets`, precomputed latents as they were written, dropping the buckets
+    of fewer than `min_count` records (their latents cannot move to another bucket)."""
+    if isinstance(source, sources.LatentsSource):
+        written = source.meta.get("buckets", {}).get(split)
+        if not written:
+            raise ValueError(f"data.path={data_config.path!r} was written without aspect "
+                             "buckets: rewrite it with data.buckets set, or turn them off "
+                             "with --config.data.buckets.pixels=0")
+        parts = [(_parse_key(key), sources.LatentsSource(data_config.path, split, bucket=key))
+                 for key in written]
+        thin = [bucket_key(size) for size, part in parts if len(part) < min_count]
+        if thin:
+            log.warning("aspect buckets %s hold fewer than %d latents (one per process): "
+                        "not trained on", ", ".join(thin), min_count)
+        return [(size, part) for size, part in parts if len(part) >= min_count]
+    sizes = bucket_sizes(data_config.buckets)
+    assignment = assign(image_sizes(source), sizes, min_count=min_count)
+    return [(sizes[i], _Subset(source, np.flatnonzero(assignment == i)))
+            for i in np.unique(assignment)]
+
+
+def iterate_buckets(data_config, text, split: str, time_ids_for: Callable | None = None):
+    """(bucket "HxW", (its images prepared deterministically at it: center crop, no flip,
+    the real caption; the counter that saw them))) for each bucket holding images of
+    `split`: what precompute.write_latents encodes."""
+    source = input_pipeline.make_source(data_config, split)
+    prepare = input_pipeline.make_prepare(data_config, text, source)
+    for size, part in split_by_bucket(data_config, source, split):
+        yield bucket_key(size), input_pipeline.prepared_rows(
+            part, _prepare_for(prepare, size, time_ids_for))
 
 
 def make_train_iterator(data_config, text, *, process_index: int = 0, process_count: int = 1,
                         time_ids_for: Callable[[Size], Any] | None = None) -> BucketIterator:
     """input_pipeline.make_train_iterator with aspect-ratio buckets: this process's infinite
-    batches of batch_size // process_count rows, each from one bucket of `data.buckets`.
-    `time_ids_for`: bucket (height, width) -> the time_ids function of images trained at it
-    (system.time_ids_fn), None: no micro-conditioning."""
+    batches of batch_size // process_count rows, each from one bucket of `data.buckets` (or,
+    from precomputed latents, of those they were written with). `time_ids_for`: bucket
+    (height, width) -> the time_ids function of images trained at it (system.time_ids_fn),
+    None: no micro-conditioning."""
     input_pipeline._check_config(data_config, process_count)
     if data_config.num_workers:
         raise ValueError(f"data.num_workers={data_config.num_workers}: with data.buckets the "
                          "examples are read by threads of this process; set it to 0")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
-    sizes = bucket_sizes(data_config.buckets)
     source = input_pipeline.make_source(data_config, data_config.split)
     if len(source) < process_count:
         raise ValueError(f"{process_count} processes need at least as many examples; the "
                          f"dataset has {len(source)}")
-    assignment = assign(image_sizes(source), sizes, min_count=process_count)
+    if isinstance(source, sources.LatentsSource) and time_ids_for is not None and not (
+            source.meta.get("micro_conditioning")):
+        raise ValueError(f"{data_config.path} holds no image sizes and crops: rewrite the "
+                         "latents with `diffusion-jax precompute` and this config")
     prepare = input_pipeline.make_prepare(data_config, text, source)
     seed, buckets = data_config.seed, []
-    for index in np.unique(assignment):
-        size = sizes[index]
-        members = np.flatnonzero(assignment == index)
-        shard = grain.MapDataset.source(_Subset(source, members[process_index::process_count]))
+    for size, part in split_by_bucket(data_config, source, data_config.split, process_count):
+        shard = grain.MapDataset.source(part)[process_index::process_count]
         stream = (input_pipeline.EpochShuffle(shard, seed=_seed(seed, process_index, *size, 0))
                   .repeat(None)
                   .random_map(_prepare_for(prepare, size, time_ids_for),
                               seed=_seed(seed, process_index, *size, 1)))
-        buckets.append(Bucket(size, len(members), stream, len(shard)))
-    log.info("aspect buckets (images): %s", ", ".join(
+        buckets.append(Bucket(size, len(part), stream, len(shard)))
+    if not buckets:
+        raise ValueError(f"data.path={data_config.path!r}: no aspect bucket holds at least "
+                         f"{process_count} examples")
+    log.info("aspect buckets (examples): %s", ", ".join(
         f"{bucket_key(b.size)} ({b.population})" for b in buckets))
     batch_size = data_config.batch_size // process_count
     fingerprint = {"source": data_config.source, "path": data_config.path,

@@ -468,7 +468,12 @@ def iterate_split(data_config, text, split: str, *, held_out: bool,
     """(every prepared example of a split in order, deterministically: center crop, no flip,
     no caption dropout), with the counter that saw them."""
     source = make_source(data_config, split, held_out=held_out)
-    prepare = make_prepare(data_config, text, source, time_ids)
+    return prepared_rows(source, make_prepare(data_config, text, source, time_ids))
+
+
+def prepared_rows(source, prepare):
+    """(every example of `source` through `prepare` in order, deterministically), with the
+    counter that saw them."""
     dataset = grain.MapDataset.source(source).map(functools.partial(prepare, rng=None))
     counter = ExampleCounter()
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from diffusion_jax.data import input_pipeline, sources
+from diffusion_jax.data import buckets, input_pipeline, sources
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,25 @@ def _write_null_cond(out: Path, text_fn, tokenizers: dict) -> list[str]:
     return list(null)
 
 
+def _write_records(path: Path, rows, encode_fn, text_fn, tokenizers: dict,
+                   batch_size: int) -> None:
+    """One array_record file of the encoded rows, in batches of batch_size rows."""
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    try:
+        for batch, real in _padded_batches(rows, batch_size):
+            batch["latents"] = np.asarray(encode_fn(batch["image"]), np.float32)
+            cond = None if text_fn is None else text_fn({k: batch[k] for k in tokenizers})
+            for i in range(real):
+                writer.write(sources.encode_record(_record(batch, cond, i, tokenizers)))
+    finally:
+        writer.close()
+
+
 def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
                   text_fn: Callable[[dict], dict] | None,
                   data_config, text, out_path,
-                  time_ids: input_pipeline.TimeIds | None = None) -> dict:
+                  time_ids: input_pipeline.TimeIds | None = None,
+                  time_ids_for: Callable | None = None) -> dict:
     """Encodes `data_config.split` and `data_config.eval_split`; returns what latents.json says.
 
     encode_fn: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c], stored as
@@ -94,6 +109,9 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
     text: a `system.TextInputs` (every text tower's ids) or one tokenizer (`input_ids`).
     time_ids: records also hold each image's original size and crop (SDXL), see
       input_pipeline.PrepareImage.
+    time_ids_for: with data.buckets, bucket (height, width) -> the time_ids of images encoded
+      at it (as buckets.make_train_iterator); the training split is then written one file
+      per bucket, `{split}-HxW.array_record`, listed in latents.json's `buckets`.
     Batches have data_config.batch_size rows.
     """
     if data_config.source == "latents":
@@ -109,20 +127,23 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
             "splits": {}, "skipped": {}, "files": {}}
     splits = dict.fromkeys([(data_config.split, False), (data_config.eval_split, True)])
     for split, held_out in splits:
-        rows, counter = input_pipeline.iterate_split(data_config, text, split, held_out=held_out,
-                                                     time_ids=time_ids)
-        writer = ArrayRecordWriter(str(out / f"{split}.array_record"), "group_size:1")
-        try:
-            for batch, real in _padded_batches(rows, data_config.batch_size):
-                batch["latents"] = np.asarray(encode_fn(batch["image"]), np.float32)
-                cond = None if text_fn is None else text_fn({k: batch[k] for k in tokenizers})
-                for i in range(real):
-                    writer.write(sources.encode_record(_record(batch, cond, i, tokenizers)))
-        finally:
-            writer.close()
-        meta["splits"][split] = counter.examples
-        meta["files"][split] = [f"{split}.array_record"]
-        meta["skipped"][split] = dict(counter.skipped)
+        if held_out or not buckets.enabled(data_config.buckets):
+            parts = [(f"{split}.array_record", input_pipeline.iterate_split(
+                data_config, text, split, held_out=held_out, time_ids=time_ids))]
+        else:  # eval batches stay square at image_size, as the trainer's
+            names = {}
+            parts = [(names.setdefault(key, f"{split}-{key}.array_record"), rows)
+                     for key, rows in buckets.iterate_buckets(data_config, text, split,
+                                                              time_ids_for)]
+            meta["buckets"] = {split: {key: [name] for key, name in names.items()}}
+        meta["files"][split], meta["splits"][split], meta["skipped"][split] = [], 0, {}
+        for name, (rows, counter) in parts:
+            _write_records(out / name, rows, encode_fn, text_fn, tokenizers,
+                           data_config.batch_size)
+            meta["files"][split].append(name)
+            meta["splits"][split] += counter.examples
+            for reason, count in counter.skipped.items():
+                meta["skipped"][split][reason] = meta["skipped"][split].get(reason, 0) + count
     if text_fn is not None:
         meta["cond_keys"] = _write_null_cond(out, text_fn, tokenizers)
     # Written last: its presence marks a complete folder for LatentsSource.

@@ -221,6 +221,28 @@ def _check_mesh(config) -> tuple[int, int]:
     return shape
 
 
+def _check_latent_buckets(data, meta: dict) -> None:
+    """Latents written in aspect buckets train with data.buckets listing each of them (the
+    preflight lowers the largest listed); latents written square train without."""
+    written = meta.get("buckets", {}).get(data.split)
+    if buckets.enabled(data.buckets) and not written:
+        raise _fail("data.buckets.pixels", data.buckets.pixels, f"the latents in {data.path} "
+                    "were written without aspect buckets: set it to 0 and "
+                    "data.buckets.sizes=(), or rewrite them with these buckets")
+    if not written:
+        return
+    if not buckets.enabled(data.buckets):
+        raise _fail("data.buckets.pixels", data.buckets.pixels, f"the latents in {data.path} "
+                    f"were written in aspect buckets ({', '.join(written)}): set data.buckets "
+                    "as they were written with")
+    unlisted = sorted(set(written) - {buckets.bucket_key(size)
+                                      for size in buckets.bucket_sizes(data.buckets)})
+    if unlisted:
+        raise _fail("data.buckets", data.buckets.to_dict(), f"the latents in {data.path} hold "
+                    f"buckets it does not list ({', '.join(unlisted)}): set it as they were "
+                    "written with")
+
+
 def _check_data(config) -> None:
     data = config.data
     if data.source in ("folder", "tfds", "latents") and not data.path:
@@ -234,10 +256,10 @@ def _check_data(config) -> None:
         source = input_pipeline.make_source(data, data.split)
     except (FileNotFoundError, NotADirectoryError, ImportError) as e:
         raise ValueError(f"--config.data.path={data.path!r}: {' '.join(str(e).split())}") from None
-    if buckets.enabled(data.buckets) and data.source not in ("folder", "fashion_mnist"):
+    if buckets.enabled(data.buckets) and data.source == "tfds":
         raise _fail("data.buckets.pixels", data.buckets.pixels, "aspect buckets need each "
-                    "image's size before training: data.source='folder' (or fashion_mnist); "
-                    "set it to 0 and data.buckets.sizes=() to train without buckets")
+                    "image's size before training: data.source='folder' (or latents written "
+                    "with buckets); set it to 0 and data.buckets.sizes=() to train without")
     if buckets.enabled(data.buckets) and data.num_workers:
         raise _fail("data.num_workers", data.num_workers, "with data.buckets the examples are "
                     "read by threads of this process: set it to 0")
@@ -249,6 +271,7 @@ def _check_data(config) -> None:
         if stage_steps(config)["vae"]:
             raise _fail("vae_training.steps", config.vae_training.steps,
                         "precomputed latents have no images to train a VAE on: set it to 0")
+        _check_latent_buckets(data, source.meta)
         towers = system_lib.from_config(config)
         if system_lib.time_ids_width(towers, config) and not source.meta.get("micro_conditioning"):
             raise _fail("data.path", data.path, "these latents hold no image sizes and crops, "
@@ -438,9 +461,9 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
         height, width = image_shape(data)
         shapes["image"] = jax.ShapeDtypeStruct((batch, height, width, 3), np.float32)
         return shapes
-    side = data.image_size // vae_factor(config)
+    height, width = (side // vae_factor(config) for side in image_shape(data))
     channels = system_lib.vae_config(towers, config).latent_channels
-    shapes["latents"] = jax.ShapeDtypeStruct((batch, side, side, channels), np.float32)
+    shapes["latents"] = jax.ShapeDtypeStruct((batch, height, width, channels), np.float32)
     written = sources.cond_keys(_latents_meta(data))  # the loss then reads them (batch_cond)
     if "context" in written:
         length = config[towers.text_towers[0].tokenizer].max_length
