@@ -220,6 +220,9 @@ def test_sources_without_sizes_and_workers_are_refused(tokenizer):
         buckets.make_train_iterator(bucket_config(num_workers=2), tokenizer)
     with pytest.raises(ValueError, match="TfdsSource does not give"):
         buckets.image_sizes(type("TfdsSource", (), {"__len__": lambda self: 1})())
+    with pytest.raises(ValueError, match="WebDataset shards are precomputed square"):
+        precompute.plan_webdataset("shards/{00000..00001}.tar", "out", bucket_config(),
+                                   tokenizer, {})
 
 
 def test_latents_written_per_bucket_train_in_their_buckets(aspect_folder, tokenizer, tmp_path):
@@ -228,7 +231,7 @@ def test_latents_written_per_bucket_train_in_their_buckets(aspect_folder, tokeni
     images = folder_config(aspect_folder, eval_fraction=0.3)
     encode = lambda batch: batch[:, ::8, ::8, :] * 2.0  # a stand-in VAE: 8x down, any values
     meta = precompute.write_latents(encode, None, images, tokenizer, tmp_path / "latents",
-                                    time_ids=sdxl_time_ids((32, 32)), time_ids_for=sdxl_time_ids)
+                                    time_ids=sdxl_time_ids((32, 32)))
     expected = {key: [encode(row["image"][None])[0] for row in rows]
                 for key, (rows, _) in buckets.iterate_buckets(images, tokenizer, "train",
                                                                sdxl_time_ids)}

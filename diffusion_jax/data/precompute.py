@@ -10,7 +10,9 @@ the eval split (one record per example: "latents", every text tower's ids ("inpu
 outputs joined, and "pooled" where one gives it) and, for SDXL's micro-conditioning, the
 image's "original_size" and "crop_top_left"), `latents.json` (what was written) and, with a
 `text_fn`, `null_context.npy` (+ `null_pooled.npy`: the empty caption's conditioning, which
-caption dropout swaps in). Training reads them back with `data.source = "latents"` and
+caption dropout swaps in). With `data.buckets` the training split is written one
+`{split}-HxW.array_record` per aspect bucket (data/buckets.py), its images encoded at that
+size. Training reads them back with `data.source = "latents"` and
 `data.path = out_path`. Images are encoded deterministically (center crop, no flip): the flip
 and crop augmentation is fixed at writing time, as in those trainers.
 """
@@ -98,8 +100,7 @@ def _write_records(path: Path, rows, encode_fn, text_fn, tokenizers: dict,
 def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
                   text_fn: Callable[[dict], dict] | None,
                   data_config, text, out_path,
-                  time_ids: input_pipeline.TimeIds | None = None,
-                  time_ids_for: Callable | None = None) -> dict:
+                  time_ids: input_pipeline.TimeIds | None = None) -> dict:
     """Encodes `data_config.split` and `data_config.eval_split`; returns what latents.json says.
 
     encode_fn: images float32 [B, H, W, 3] in [-1, 1] -> latents [B, h, w, c], stored as
@@ -109,9 +110,8 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
     text: a `system.TextInputs` (every text tower's ids) or one tokenizer (`input_ids`).
     time_ids: records also hold each image's original size and crop (SDXL), see
       input_pipeline.PrepareImage.
-    time_ids_for: with data.buckets, bucket (height, width) -> the time_ids of images encoded
-      at it (as buckets.make_train_iterator); the training split is then written one file
-      per bucket, `{split}-HxW.array_record`, listed in latents.json's `buckets`.
+    With data.buckets, the training split is written one file per aspect bucket, its images
+    encoded at it, `{split}-HxW.array_record`, listed in latents.json's `buckets`.
     Batches have data_config.batch_size rows.
     """
     if data_config.source == "latents":
@@ -130,12 +130,13 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
         if held_out or not buckets.enabled(data_config.buckets):
             parts = [(f"{split}.array_record", input_pipeline.iterate_split(
                 data_config, text, split, held_out=held_out, time_ids=time_ids))]
-        else:  # eval batches stay square at image_size, as the trainer's
-            names = {}
-            parts = [(names.setdefault(key, f"{split}-{key}.array_record"), rows)
-                     for key, rows in buckets.iterate_buckets(data_config, text, split,
-                                                              time_ids_for)]
-            meta["buckets"] = {split: {key: [name] for key, name in names.items()}}
+        else:  # the held-out split stays square at image_size, as the trainer evaluates
+            # Records keep each image's size and crop, not its time_ids: one function will do.
+            sizes_and_crops = (lambda size: time_ids) if time_ids is not None else None
+            parts, meta["buckets"] = [], {split: {}}
+            for key, rows in buckets.iterate_buckets(data_config, text, split, sizes_and_crops):
+                parts.append((f"{split}-{key}.array_record", rows))
+                meta["buckets"][split][key] = [parts[-1][0]]
         meta["files"][split], meta["splits"][split], meta["skipped"][split] = [], 0, {}
         for name, (rows, counter) in parts:
             _write_records(out / name, rows, encode_fn, text_fn, tokenizers,
@@ -220,6 +221,10 @@ def plan_webdataset(spec: str, out_path, data_config, text, model: dict, *,
     write_latents."""
     from diffusion_jax.data import webdataset_shards
 
+    if buckets.enabled(data_config.buckets):
+        raise ValueError("data.buckets: WebDataset shards are precomputed square, at "
+                         "data.image_size; set --config.data.buckets.pixels=0 (buckets need an "
+                         "image folder, or latents written from one by write_latents)")
     urls = webdataset_shards.expand_spec(spec)
     existing = set(webdataset_shards.existing_shards(urls))
     if not existing:
