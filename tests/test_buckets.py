@@ -127,6 +127,27 @@ def test_a_bucket_with_too_few_images_moves_them_to_the_next_nearest():
     np.testing.assert_array_equal(buckets.assign(images, sizes, min_count=2), [1] * 5 + [2] * 3 + [1])
 
 
+def test_sizes_read_from_file_headers_are_those_decoding_gives(tmp_path):
+    from diffusion_jax.data import sources
+
+    rng = np.random.default_rng(4)
+    rotated = Image.fromarray(rng.integers(0, 256, (20, 50, 3), np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # a phone photo held upright: stored 50 wide, shown 50 tall
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), np.uint8)).save(tmp_path / "plain.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    source = sources.FolderSource(str(tmp_path), held_out_split=False, eval_fraction=0.0)
+    sizes = buckets.image_sizes(source)
+    for size, index in zip(sizes, range(len(source))):
+        example = source[index]
+        if isinstance(example, sources.Skipped):
+            assert tuple(size) == (1, 1)  # counted as square; decoding skips it
+        else:
+            assert tuple(size) == example.image.shape[:2]
+    assert sorted(map(tuple, sizes)) == [(1, 1), (30, 40), (50, 20)]
+
+
 # ----------------------------------------------------------------------------- resize and crop
 
 

@@ -13,9 +13,9 @@ yields exactly the batches the original would have yielded next.
 
 Buckets come from `data.buckets` (see input_pipeline.default_data_config): `sizes`, or every
 height a multiple of `step` with the widest multiple-of-`step` width within `pixels` (and
-the mirror of each), whose aspect is at most `max_aspect`. A bucket holding fewer images than there are processes (each
-process reads its own share of every bucket) is dropped and its images go to the next
-nearest. Precomputed latents (precompute.write_latents with data.buckets) hold one file per
+the mirror of each), whose aspect is at most `max_aspect`. A bucket holding fewer images
+than there are processes (each process reads its own share of every bucket) is dropped and
+its images go to the next nearest. Precomputed latents (precompute.write_latents with data.buckets) hold one file per
 bucket and train in the buckets they were written in. Eval batches and sample grids stay
 square at data.image_size.
 """

@@ -504,8 +504,9 @@ def _stage_data(run: Run, stage: Stage, data_state: dict | None):
     time_ids = time_ids_for(data_config.image_size)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if buckets.enabled(data_config.buckets):  # one compile of the step per bucket shape
-        iterator = buckets.make_train_iterator(data_config, run.text_inputs, **where,
-                                               time_ids_for=time_ids_for)
+        iterator = buckets.make_train_iterator(
+            data_config, run.text_inputs, **where,
+            time_ids_for=time_ids_for if time_ids is not None else None)
     else:
         iterator = input_pipeline.make_train_iterator(data_config, run.text_inputs, **where,
                                                       time_ids=time_ids)
