@@ -454,16 +454,17 @@ def time_ids(width: int, original_size: Sequence[int], crops_coords_top_left: Se
     raise ValueError(f"time_ids of width {width}: SDXL's U-Nets take 6 (base) or 5 (refiner)")
 
 
-def time_ids_fn(system: System, config: Mapping[str, Any], image_size: int,
+def time_ids_fn(system: System, config: Mapping[str, Any], image_size: int | Sequence[int],
                 aesthetic_score: float = 6.0):
     """(original size, crop top-left) -> one image's `time_ids` when training at
-    image_size x image_size (the target size; the refiner's aesthetic score); None for a
-    denoiser without micro-conditioning. A partial of `time_ids`: it pickles to grain's
-    workers."""
+    image_size x image_size, or at an aspect bucket's (height, width) (the target size; the
+    refiner's aesthetic score); None for a denoiser without micro-conditioning. A partial of
+    `time_ids`: it pickles to grain's workers."""
     width = time_ids_width(system, config)
     if not width:
         return None
-    return functools.partial(time_ids, width, target_size=(image_size, image_size),
+    target = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return functools.partial(time_ids, width, target_size=target,
                              aesthetic_score=aesthetic_score)
 
 

@@ -36,7 +36,7 @@ from diffusion_jax.data.sources import Example, Skipped
 log = logging.getLogger(__name__)
 
 # A pipeline state only applies to a pipeline of the same shape: these must match to resume.
-_STRUCTURAL_KEYS = ("batch_size", "process_index", "process_count", "num_workers")
+_STRUCTURAL_KEYS = ("batch_size", "process_index", "process_count", "num_workers", "buckets")
 # Log every skipped file up to this many per reason, then one line per thousand.
 _LOG_FIRST_SKIPS = 10
 
@@ -63,6 +63,11 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.batch_size = 64            # GLOBAL batch; each process yields batch_size // process_count
     c.seed = 0                   # shuffle and augmentation seed
     c.num_workers = 0            # grain worker processes (0: in-process)
+    c.buckets = ml_collections.ConfigDict()  # aspect-ratio buckets (data/buckets.py); off by default
+    c.buckets.pixels = 0         # pixel budget of every bucket, e.g. 1024 * 1024 (0 and no sizes: off)
+    c.buckets.step = 64          # bucket sides are multiples of this (VAE factor x U-Net downsampling)
+    c.buckets.max_aspect = 2.0   # longest side / shortest side of the widest bucket
+    c.buckets.sizes = ()         # explicit ((height, width), ...) instead of pixels/step/max_aspect
     return c
 
 
@@ -115,24 +120,27 @@ class CaptionIds:
         return {"tokenizers": self.tokenizers, "_cache": {}}
 
 
-def fit_image(image: np.ndarray, size: int, crop_at: float | None
+def fit_image(image: np.ndarray, size: int | tuple[int, int], crop_at: float | None
               ) -> tuple[np.ndarray, bool, tuple[int, int]]:
-    """Resize the shorter side to `size` (bicubic, antialiased) and crop the longer one, at
-    `crop_at` in [0, 1) of the slack (None: centered). Returns (uint8 [size, size, 3],
-    upscaled, the crop's (top, left) in the resized image)."""
+    """Resize to cover `size` (a square's side, or an aspect bucket's (height, width);
+    bicubic, antialiased) and crop the overhanging side, at `crop_at` in [0, 1) of the slack
+    (None: centered). Returns (uint8 [height, width, 3], upscaled, the crop's (top, left) in
+    the resized image)."""
+    out_height, out_width = (size, size) if isinstance(size, int) else size
     height, width = image.shape[:2]
-    upscaled = min(height, width) < size
-    if min(height, width) != size:
-        scale = size / min(height, width)
-        new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
+    scale = max(out_height / height, out_width / width)
+    upscaled = scale > 1
+    if scale != 1:
+        new_width = max(out_width, round(width * scale))
+        new_height = max(out_height, round(height * scale))
         image = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
         height, width = new_height, new_width
-    slack_y, slack_x = height - size, width - size
+    slack_y, slack_x = height - out_height, width - out_width
     if crop_at is None:
         top, left = slack_y // 2, slack_x // 2
     else:
         top, left = int(crop_at * (slack_y + 1)), int(crop_at * (slack_x + 1))
-    return image[top:top + size, left:left + size], upscaled, (top, left)
+    return image[top:top + out_height, left:left + out_width], upscaled, (top, left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +173,7 @@ class PrepareImage:
     rng None: deterministic (eval). Images whose shorter side is below `min_image_size`
     become Skipped("too_small")."""
 
-    image_size: int
+    image_size: int | tuple[int, int]  # a square's side, or an aspect bucket's (height, width)
     random_crop: bool
     random_flip: bool
     caption_dropout: float
@@ -337,24 +345,28 @@ class TrainIterator:
                 "pipeline": dict(self._fingerprint)}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        saved = state["pipeline"]
-        changed = sorted(k for k in set(saved) | set(self._fingerprint)
-                         if saved.get(k) != self._fingerprint.get(k))
-        structural = [k for k in changed if k in _STRUCTURAL_KEYS]
-        if structural:
-            raise ValueError("the data iterator state was saved by a differently shaped pipeline: "
-                             + ", ".join(f"{k} was {saved.get(k)!r}, now {self._fingerprint.get(k)!r}"
-                                         for k in structural)
-                             + "; restore those settings or start a new workdir")
-        if changed:
-            log.warning("resuming the data iterator with changed settings (%s): the data will "
-                        "not be exactly what the original run would have seen", ", ".join(changed))
+        check_resume_fingerprint(state["pipeline"], self._fingerprint)
         self._elements.set_state(state["elements"])
         self._counter.load(state["counts"])
 
     def close(self) -> None:
         """Stops grain's worker processes and reader threads."""
         self._elements.close()
+
+
+def check_resume_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A saved iterator state fits this pipeline: a ValueError where its shape changed, a
+    warning where only settings that change the data (not its shape) did."""
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    structural = [k for k in changed if k in _STRUCTURAL_KEYS]
+    if structural:
+        raise ValueError("the data iterator state was saved by a differently shaped pipeline: "
+                         + ", ".join(f"{k} was {saved.get(k)!r}, now {current.get(k)!r}"
+                                     for k in structural)
+                         + "; restore those settings or start a new workdir")
+    if changed:
+        log.warning("resuming the data iterator with changed settings (%s): the data will "
+                    "not be exactly what the original run would have seen", ", ".join(changed))
 
 
 def _check_config(data_config, process_count: int) -> None:
@@ -456,7 +468,12 @@ def iterate_split(data_config, text, split: str, *, held_out: bool,
     """(every prepared example of a split in order, deterministically: center crop, no flip,
     no caption dropout), with the counter that saw them."""
     source = make_source(data_config, split, held_out=held_out)
-    prepare = make_prepare(data_config, text, source, time_ids)
+    return prepared_rows(source, make_prepare(data_config, text, source, time_ids))
+
+
+def prepared_rows(source, prepare):
+    """(every example of `source` through `prepare` in order, deterministically), with the
+    counter that saw them."""
     dataset = grain.MapDataset.source(source).map(functools.partial(prepare, rng=None))
     counter = ExampleCounter()
 

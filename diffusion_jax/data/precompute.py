@@ -10,7 +10,9 @@ the eval split (one record per example: "latents", every text tower's ids ("inpu
 outputs joined, and "pooled" where one gives it) and, for SDXL's micro-conditioning, the
 image's "original_size" and "crop_top_left"), `latents.json` (what was written) and, with a
 `text_fn`, `null_context.npy` (+ `null_pooled.npy`: the empty caption's conditioning, which
-caption dropout swaps in). Training reads them back with `data.source = "latents"` and
+caption dropout swaps in). With `data.buckets` the training split is written one
+`{split}-HxW.array_record` per aspect bucket (data/buckets.py), its images encoded at that
+size. Training reads them back with `data.source = "latents"` and
 `data.path = out_path`. Images are encoded deterministically (center crop, no flip): the flip
 and crop augmentation is fixed at writing time, as in those trainers.
 """
@@ -31,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from diffusion_jax.data import input_pipeline, sources
+from diffusion_jax.data import buckets, input_pipeline, sources
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,20 @@ def _write_null_cond(out: Path, text_fn, tokenizers: dict) -> list[str]:
     return list(null)
 
 
+def _write_records(path: Path, rows, encode_fn, text_fn, tokenizers: dict,
+                   batch_size: int) -> None:
+    """One array_record file of the encoded rows, in batches of batch_size rows."""
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    try:
+        for batch, real in _padded_batches(rows, batch_size):
+            batch["latents"] = np.asarray(encode_fn(batch["image"]), np.float32)
+            cond = None if text_fn is None else text_fn({k: batch[k] for k in tokenizers})
+            for i in range(real):
+                writer.write(sources.encode_record(_record(batch, cond, i, tokenizers)))
+    finally:
+        writer.close()
+
+
 def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
                   text_fn: Callable[[dict], dict] | None,
                   data_config, text, out_path,
@@ -94,6 +110,8 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
     text: a `system.TextInputs` (every text tower's ids) or one tokenizer (`input_ids`).
     time_ids: records also hold each image's original size and crop (SDXL), see
       input_pipeline.PrepareImage.
+    With data.buckets, the training split is written one file per aspect bucket, its images
+    encoded at it, `{split}-HxW.array_record`, listed in latents.json's `buckets`.
     Batches have data_config.batch_size rows.
     """
     if data_config.source == "latents":
@@ -109,20 +127,24 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
             "splits": {}, "skipped": {}, "files": {}}
     splits = dict.fromkeys([(data_config.split, False), (data_config.eval_split, True)])
     for split, held_out in splits:
-        rows, counter = input_pipeline.iterate_split(data_config, text, split, held_out=held_out,
-                                                     time_ids=time_ids)
-        writer = ArrayRecordWriter(str(out / f"{split}.array_record"), "group_size:1")
-        try:
-            for batch, real in _padded_batches(rows, data_config.batch_size):
-                batch["latents"] = np.asarray(encode_fn(batch["image"]), np.float32)
-                cond = None if text_fn is None else text_fn({k: batch[k] for k in tokenizers})
-                for i in range(real):
-                    writer.write(sources.encode_record(_record(batch, cond, i, tokenizers)))
-        finally:
-            writer.close()
-        meta["splits"][split] = counter.examples
-        meta["files"][split] = [f"{split}.array_record"]
-        meta["skipped"][split] = dict(counter.skipped)
+        if held_out or not buckets.enabled(data_config.buckets):
+            parts = [(f"{split}.array_record", input_pipeline.iterate_split(
+                data_config, text, split, held_out=held_out, time_ids=time_ids))]
+        else:  # the held-out split stays square at image_size, as the trainer evaluates
+            # Records keep each image's size and crop, not its time_ids: one function will do.
+            sizes_and_crops = (lambda size: time_ids) if time_ids is not None else None
+            parts, meta["buckets"] = [], {split: {}}
+            for key, rows in buckets.iterate_buckets(data_config, text, split, sizes_and_crops):
+                parts.append((f"{split}-{key}.array_record", rows))
+                meta["buckets"][split][key] = [parts[-1][0]]
+        meta["files"][split], meta["splits"][split], meta["skipped"][split] = [], 0, {}
+        for name, (rows, counter) in parts:
+            _write_records(out / name, rows, encode_fn, text_fn, tokenizers,
+                           data_config.batch_size)
+            meta["files"][split].append(name)
+            meta["splits"][split] += counter.examples
+            for reason, count in counter.skipped.items():
+                meta["skipped"][split][reason] = meta["skipped"][split].get(reason, 0) + count
     if text_fn is not None:
         meta["cond_keys"] = _write_null_cond(out, text_fn, tokenizers)
     # Written last: its presence marks a complete folder for LatentsSource.
@@ -199,6 +221,10 @@ def plan_webdataset(spec: str, out_path, data_config, text, model: dict, *,
     write_latents."""
     from diffusion_jax.data import webdataset_shards
 
+    if buckets.enabled(data_config.buckets):
+        raise ValueError("data.buckets: WebDataset shards are precomputed square, at "
+                         "data.image_size; set --config.data.buckets.pixels=0 (buckets need an "
+                         "image folder, or latents written from one by write_latents)")
     urls = webdataset_shards.expand_spec(spec)
     existing = set(webdataset_shards.existing_shards(urls))
     if not existing:

@@ -381,11 +381,13 @@ class LatentsSource:
     `{split}.array_record`, or one `{split}-NNNNN.array_record` per WebDataset shard), each
     record {"latents", the ids keys ("input_ids", ...), "label"}, the text towers'
     conditioning ("context", "pooled") when it was stored too, and each image's
-    "original_size" and "crop_top_left" when it was written for SDXL's micro-conditioning."""
+    "original_size" and "crop_top_left" when it was written for SDXL's micro-conditioning.
+    Written with aspect buckets, latents.json's `buckets` lists each bucket's files
+    ({split: {"HxW": [file, ...]}}); `bucket` "HxW" reads those alone."""
 
     read_threads = 0
 
-    def __init__(self, path: str, split: str):
+    def __init__(self, path: str, split: str, bucket: str | None = None):
         root = Path(path).expanduser()
         meta_path = root / LATENTS_META
         if not meta_path.is_file():
@@ -399,6 +401,8 @@ class LatentsSource:
         if split not in files:
             raise ValueError(f"{meta_path} has no split {split!r}, only {sorted(files)}: set "
                              "data.split and data.eval_split to those it was written with")
+        if bucket is not None:  # one aspect bucket's files (data/buckets.py)
+            files = {split: self.meta["buckets"][split][bucket]}
         paths = [root / name for name in files[split]]
         missing = [p.name for p in paths if not p.is_file()]
         if missing:

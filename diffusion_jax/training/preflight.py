@@ -22,7 +22,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, parallel
 from diffusion_jax import system as system_lib
-from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.models import count_params
 from diffusion_jax.models.layers import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
@@ -151,6 +151,8 @@ def _check_models(config) -> None:
     if config.data.source != "latents" and config.data.image_size % multiple:
         raise _fail("data.image_size", config.data.image_size,
                     f"must be a multiple of {multiple} (VAE downsampling x denoiser levels)")
+    if buckets.enabled(config.data.buckets):
+        buckets.check_config(config.data.buckets, multiple)
 
 
 def init_towers(config) -> tuple[str, ...]:
@@ -219,6 +221,28 @@ def _check_mesh(config) -> tuple[int, int]:
     return shape
 
 
+def _check_latent_buckets(data, meta: dict) -> None:
+    """Latents written in aspect buckets train with data.buckets listing each of them (the
+    preflight lowers the largest listed); latents written square train without."""
+    written = meta.get("buckets", {}).get(data.split)
+    if buckets.enabled(data.buckets) and not written:
+        raise _fail("data.buckets.pixels", data.buckets.pixels, f"the latents in {data.path} "
+                    "were written without aspect buckets: set it to 0 and "
+                    "data.buckets.sizes=(), or rewrite them with these buckets")
+    if not written:
+        return
+    if not buckets.enabled(data.buckets):
+        raise _fail("data.buckets.pixels", data.buckets.pixels, f"the latents in {data.path} "
+                    f"were written in aspect buckets ({', '.join(written)}): set data.buckets "
+                    "as they were written with")
+    unlisted = sorted(set(written) - {buckets.bucket_key(size)
+                                      for size in buckets.bucket_sizes(data.buckets)})
+    if unlisted:
+        raise _fail("data.buckets", data.buckets.to_dict(), f"the latents in {data.path} hold "
+                    f"buckets it does not list ({', '.join(unlisted)}): set it as they were "
+                    "written with")
+
+
 def _check_data(config) -> None:
     data = config.data
     if data.source in ("folder", "tfds", "latents") and not data.path:
@@ -232,6 +256,13 @@ def _check_data(config) -> None:
         source = input_pipeline.make_source(data, data.split)
     except (FileNotFoundError, NotADirectoryError, ImportError) as e:
         raise ValueError(f"--config.data.path={data.path!r}: {' '.join(str(e).split())}") from None
+    if buckets.enabled(data.buckets) and data.source == "tfds":
+        raise _fail("data.buckets.pixels", data.buckets.pixels, "aspect buckets need each "
+                    "image's size before training: data.source='folder' (or latents written "
+                    "with buckets); set it to 0 and data.buckets.sizes=() to train without")
+    if buckets.enabled(data.buckets) and data.num_workers:
+        raise _fail("data.num_workers", data.num_workers, "with data.buckets the examples are "
+                    "read by threads of this process: set it to 0")
     if isinstance(source, sources.LatentsSource):
         written = source.meta.get("image_size")
         if written != data.image_size:
@@ -240,6 +271,7 @@ def _check_data(config) -> None:
         if stage_steps(config)["vae"]:
             raise _fail("vae_training.steps", config.vae_training.steps,
                         "precomputed latents have no images to train a VAE on: set it to 0")
+        _check_latent_buckets(data, source.meta)
         towers = system_lib.from_config(config)
         if system_lib.time_ids_width(towers, config) and not source.meta.get("micro_conditioning"):
             raise _fail("data.path", data.path, "these latents hold no image sizes and crops, "
@@ -405,6 +437,14 @@ def abstract_towers(ckpt_config: Mapping[str, Any]) -> dict:
     return system_lib.param_shapes(system_lib.from_config(ckpt_config), ckpt_config)
 
 
+def image_shape(data) -> tuple[int, int]:
+    """(height, width) of the training images: with aspect buckets, the bucket of the most
+    pixels, so the memory figures are those of the largest batch."""
+    if buckets.enabled(data.buckets):
+        return buckets.largest(buckets.bucket_sizes(data.buckets))
+    return data.image_size, data.image_size
+
+
 def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch a stage's step takes, from the config alone."""
     from diffusion_jax.training.trainer import STAGE
@@ -418,12 +458,12 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     if width:  # SDXL's micro-conditioning, which the data pipeline builds per image
         shapes["time_ids"] = jax.ShapeDtypeStruct((batch, width), np.float32)
     if data.source != "latents":
-        shapes["image"] = jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3),
-                                               np.float32)
+        height, width = image_shape(data)
+        shapes["image"] = jax.ShapeDtypeStruct((batch, height, width, 3), np.float32)
         return shapes
-    side = data.image_size // vae_factor(config)
+    height, width = (side // vae_factor(config) for side in image_shape(data))
     channels = system_lib.vae_config(towers, config).latent_channels
-    shapes["latents"] = jax.ShapeDtypeStruct((batch, side, side, channels), np.float32)
+    shapes["latents"] = jax.ShapeDtypeStruct((batch, height, width, channels), np.float32)
     written = sources.cond_keys(_latents_meta(data))  # the loss then reads them (batch_cond)
     if "context" in written:
         length = config[towers.text_towers[0].tokenizer].max_length

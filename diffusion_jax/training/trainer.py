@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoint, parallel, system, xla_defaults
-from diffusion_jax.data import input_pipeline
+from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import preflight
@@ -499,11 +499,17 @@ def _resumed_state(run: Run, program: StageProgram, resume: dict
 def _stage_data(run: Run, stage: Stage, data_state: dict | None):
     """(train iterator at `data_state`, held-out batches, global batch size) of a stage."""
     data_config = stage.data_config(run.config)
-    time_ids = system.time_ids_fn(run.system, run.ckpt_config, data_config.image_size,
-                                  data_config.aesthetic_score)
-    iterator = input_pipeline.make_train_iterator(
-        data_config, run.text_inputs, process_index=jax.process_index(),
-        process_count=jax.process_count(), time_ids=time_ids)
+    time_ids_for = lambda size: system.time_ids_fn(run.system, run.ckpt_config, size,
+                                                   data_config.aesthetic_score)
+    time_ids = time_ids_for(data_config.image_size)
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if buckets.enabled(data_config.buckets):  # one compile of the step per bucket shape
+        iterator = buckets.make_train_iterator(
+            data_config, run.text_inputs, **where,
+            time_ids_for=time_ids_for if time_ids is not None else None)
+    else:
+        iterator = input_pipeline.make_train_iterator(data_config, run.text_inputs, **where,
+                                                      time_ids=time_ids)
     if data_state is not None:
         iterator.set_state(data_state)
     eval_batches = input_pipeline.make_eval_batches(
