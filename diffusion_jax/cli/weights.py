@@ -12,8 +12,9 @@ from diffusion_jax.cli.common import CHECKPOINT_HELP, config_sections
 def add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help="import diffusers or single-file weights as a diffusion_jax checkpoint",
-        description="Read Stable Diffusion 1.x / 2.x or SDXL weights and write them as a new "
-                    "diffusion_jax checkpoint directory (step 0). Everything is read and "
+        description="Read Stable Diffusion 1.x / 2.x, SDXL or SD3 / SD3.5 (diffusers only) "
+                    "weights and write them as a new diffusion_jax checkpoint directory "
+                    "(step 0). Everything is read and "
                     "checked in memory first; OUT appears complete or not at all.",
         epilog="single-file defaults: the architecture (SD 1.x, 2.x, SDXL base or refiner, "
                "in/out channels, widths, depths) is read from the weights. What weights cannot "
