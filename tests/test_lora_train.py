@@ -8,6 +8,7 @@ that our loader (convert/lora.py) merges into the trained params and that diffus
 """
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -168,6 +169,25 @@ def test_diffusers_loads_the_export_and_gives_our_pixels(base, run, tmp_path, to
     print(f"{to}: max pixel error {error:.2e}, the LoRA's change {change:.2e}")
     assert change > 10 * PIXEL_TOLERANCE, "the LoRA hardly changes the images: a weak test"
     assert error <= PIXEL_TOLERANCE
+
+
+def test_the_real_lora_configs_pass_the_dry_run(tmp_path_factory):
+    """SD 1.5 and SDXL LoRA runs lowered on abstract shapes for 8 devices: only the factors
+    of the attention projections are trained, every base tower frozen."""
+    from test_preflight import _dry_runs, _local_paths
+
+    root = tmp_path_factory.mktemp("lora_configs")
+    names = ("lora_sd15", "lora_sdxl")
+    runs = [["--config", name, "--workdir", str(root / name), "--no-compile",
+             *_local_paths(name, [], root)] for name in names]
+    reports = dict(zip(names, _dry_runs(runs, 8, root)))
+    # rank 16 on to_q, to_k, to_v, to_out of SD 1.5's 16 transformer blocks' attn1 and attn2:
+    # 4 x the 797,184 of diffusers' rank-4 train_text_to_image_lora
+    assert "lora 3,188,736" in reports["lora_sd15"] and "unet 859,520,964" in reports["lora_sd15"]
+    assert "trains 3,188,736 params" in reports["lora_sd15"]
+    lora_sdxl = int(re.search(r"lora ([\d,]+)", reports["lora_sdxl"])[1].replace(",", ""))
+    assert f"trains {lora_sdxl:,} params" in reports["lora_sdxl"]
+    assert "unet 2,567,463,684" in reports["lora_sdxl"]
 
 
 # ----------------------------------------------------------------------------- refusals
