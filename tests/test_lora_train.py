@@ -23,6 +23,8 @@ from diffusion_jax.convert import lora
 from diffusion_jax.training import preflight
 from test_training import REPO, _env, _train_command
 
+sdxl = pytest.importorskip("test_sdxl_pipeline").sdxl  # the tiny SDXL fixture (diffusers, ours)
+
 CONFIG = REPO / "configs" / "tiny_lora_train.py"
 RUN_GROUP = pytest.mark.xdist_group("tiny_lora_run")
 PIXEL_TOLERANCE = 2e-3
@@ -216,3 +218,55 @@ def test_exporting_a_checkpoint_without_factors_says_what_to_do(base, tmp_path, 
     assert cli.main(["export", "--checkpoint", str(base), "--to", "peft",
                      "--out", str(tmp_path / "x")]) == 1
     assert "a LoRA is written as one .safetensors file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- SDXL export
+
+
+def _with_factors(ckpt, out, targets, seed: int, magnitude: float):
+    """A copy of checkpoint `ckpt` with random LoRA factors of `targets` (rank 4, alpha 2)
+    as a LoRA run would hold them (`up` non-zero), written to `out`."""
+    params, config, _ = checkpoint.load_models(ckpt)
+    config = {**config, "lora": {"rank": 4, "alpha": 2.0, "targets": list(targets)}}
+    factors = jax.device_get(lora_train.init(config, jax.random.key(seed)))
+    rng = np.random.default_rng(seed)
+    factors = jax.tree.map(lambda x: x if x.any() else magnitude * rng.standard_normal(
+        x.shape).astype(np.float32), factors)
+    checkpoint.create(out, {**params, "lora": factors}, config)
+    return out
+
+
+@pytest.mark.parametrize("to", ["peft", "kohya"])
+def test_an_sdxl_export_with_both_text_towers_gives_diffusers_our_pixels(sdxl, tmp_path, to):
+    """Factors in the U-Net's attention and both text towers' of the tiny SDXL: kohya's file
+    under the SGM block names and lora_te1_ / lora_te2_."""
+    torch = pytest.importorskip("torch")
+    import test_sdxl_pipeline as xl
+
+    base, ckpt, _, _, root = sdxl
+    run = _with_factors(ckpt, tmp_path / "run", (lora_train.ATTENTION, lora_train.TEXT_ATTENTION),
+                        seed=6, magnitude=1.0)
+    file = tmp_path / f"{to}.safetensors"
+    assert cli.main(["export", "--checkpoint", str(run), "--to", to, "--out", str(file)]) == 0
+    if to == "kohya":
+        from safetensors.numpy import load_file
+
+        keys = set(load_file(file))
+        assert {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha",
+                "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+                "lora_te2_text_model_encoder_layers_1_self_attn_out_proj.lora_up.weight"} <= keys
+    latents = xl._latents(1, count=2)
+    ours = xl._sample_cli(root, run, f"lora_train_{to}", latents, "--sampler", "euler")
+    base.scheduler = xl._scheduler(base, "euler")
+    call = dict(prompt=xl.PROMPT, negative_prompt=xl.NEGATIVE, num_inference_steps=xl.STEPS,
+                guidance_scale=xl.GUIDANCE, num_images_per_prompt=2, output_type="np")
+    plain = base(**call, latents=torch.from_numpy(latents)).images
+    base.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="exported")
+    try:
+        expected = base(**call, latents=torch.from_numpy(latents)).images
+    finally:
+        base.unload_lora_weights()
+    change, error = np.abs(expected - plain).max(), np.abs(ours - expected).max()
+    print(f"SDXL {to}: max pixel error {error:.2e}, the LoRA's change {change:.2e}")
+    assert change > 10 * xl.PIXEL_TOLERANCE, "the LoRA hardly changes the images: a weak test"
+    assert error <= xl.PIXEL_TOLERANCE
