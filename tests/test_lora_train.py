@@ -61,6 +61,18 @@ def _items(path, names):
     return checkpoint.load(path, items=list(names))[0]
 
 
+def test_step_0_is_the_base_model_and_down_starts_as_peft_initialises_it(base):
+    params, config, _ = checkpoint.load_models(base)
+    config = {**config, "lora": lora_train.default_config().to_dict()}
+    factors = lora_train.init(config, jax.random.key(0))
+    merged = lora_train.adapted({**params, "lora": factors}, config)
+    jax.tree.map(np.testing.assert_array_equal, merged, params)  # up = 0: W + 0, bitwise
+    for name, f in lora_train.modules(factors).items():
+        # PEFT: kaiming_uniform_(lora_A, a=sqrt(5)), i.e. uniform in +-1/sqrt(in)
+        bound = 1 / np.sqrt(f["down"].shape[1])
+        assert 0.8 * bound < np.abs(f["down"]).max() <= bound, name
+
+
 @RUN_GROUP
 def test_only_the_lora_factors_change(base, run):
     before, after = _items(base, BASE_ITEMS), _items(run / "checkpoints", BASE_ITEMS)
@@ -209,6 +221,16 @@ def test_bad_lora_sections_fail_in_one_line(base, override, message):
     config[section][key] = value
     with pytest.raises(ValueError, match=message):
         preflight.validate(config)
+
+
+@RUN_GROUP
+def test_resuming_with_other_factors_says_which(base, run):
+    config = config_files.load(str(CONFIG))
+    config.init_from = str(base)
+    config.lora.rank = 8
+    with pytest.raises(ValueError, match=r"holds a run of another architecture \(lora.rank was "
+                                         r"2, now 8\)"):
+        preflight.validate(config, run)
 
 
 def test_exporting_a_checkpoint_without_factors_says_what_to_do(base, tmp_path, capsys):

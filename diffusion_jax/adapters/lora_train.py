@@ -70,6 +70,17 @@ def check(lora_section: Mapping[str, Any]) -> None:
                          f"module paths, e.g. (r'{ATTENTION}',)")
 
 
+def differences(saved: Mapping[str, Any], ours: Mapping[str, Any]) -> list[str]:
+    """'lora.rank was 4, now 8' for each field in which two configs' LoRA sections differ
+    (a workdir resumed with other factors' shapes)."""
+    a, b = section(saved), section(ours)
+    if (a is None) != (b is None):
+        return [f"lora was {a!r}, now {b!r}"]
+    as_json = lambda value: list(value) if isinstance(value, (list, tuple)) else value
+    return [f"lora.{f} was {a[f]!r}, now {b[f]!r}" for f in ("rank", "alpha", "targets")
+            if a is not None and as_json(a[f]) != as_json(b[f])]
+
+
 def targets(ckpt_config: Mapping[str, Any], rules: Sequence[str]) -> dict[str, tuple[int, int]]:
     """{module path "tower/.../layer": (in, out) features} of the Linear layers `rules`
     match; every rule must match one, and none may match a conv."""

@@ -349,8 +349,11 @@ def check_workdir(workdir, ckpt_config: Mapping[str, Any]) -> int | None:
         latest = checkpoint.steps(directory)[-1]
     except checkpoint.CheckpointError:
         return None  # an empty or half-made directory: the run starts fresh
-    differ = checkpoint.architecture_differences(checkpoint.read_config(directory, latest),
-                                                 ckpt_config)
+    from diffusion_jax.adapters import lora_train
+
+    saved = checkpoint.read_config(directory, latest)
+    differ = (checkpoint.architecture_differences(saved, ckpt_config)
+              + lora_train.differences(saved, ckpt_config))
     if differ:
         raise ValueError(f"workdir {workdir} holds a run of another architecture "
                          f"({'; '.join(differ[:4])}): resume it with the config it was "
