@@ -26,7 +26,7 @@ from test_training import REPO, _env, _train_command
 sdxl = pytest.importorskip("test_sdxl_pipeline").sdxl  # the tiny SDXL fixture (diffusers, ours)
 
 CONFIG = REPO / "configs" / "tiny_lora_train.py"
-RUN_GROUP = pytest.mark.xdist_group("tiny_lora_run")
+RUN_GROUP = pytest.mark.xdist_group("tiny_lora_run")  # one worker makes the base and the run
 PIXEL_TOLERANCE = 2e-3
 PROMPT, NEGATIVE = "a photo of a sneaker", "a photo of a bag"
 SIZE = 32  # the tiny VAE downsamples 4x: 8x8 latents
@@ -61,6 +61,7 @@ def _items(path, names):
     return checkpoint.load(path, items=list(names))[0]
 
 
+@RUN_GROUP  # the base fixture, made once
 def test_step_0_is_the_base_model_and_down_starts_as_peft_initialises_it(base):
     params, config, _ = checkpoint.load_models(base)
     config = {**config, "lora": lora_train.default_config().to_dict()}
@@ -207,6 +208,7 @@ def test_the_real_lora_configs_pass_the_dry_run(tmp_path_factory):
 # ----------------------------------------------------------------------------- refusals
 
 
+@RUN_GROUP  # the base fixture, made once
 @pytest.mark.parametrize("override, message", [
     (("lora", "rank", 0), "--config.lora.rank=0: must be an integer >= 1"),
     (("lora", "targets", (r"unet/.*/to_qq",)), r"--config.lora.targets: r'unet/.*/to_qq' "
@@ -233,6 +235,7 @@ def test_resuming_with_other_factors_says_which(base, run):
         preflight.validate(config, run)
 
 
+@RUN_GROUP  # the base fixture, made once
 def test_exporting_a_checkpoint_without_factors_says_what_to_do(base, tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(base), "--to", "kohya",
                      "--out", str(tmp_path / "x.safetensors")]) == 1
