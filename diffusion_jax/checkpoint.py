@@ -307,9 +307,19 @@ def load_models(path: str | os.PathLike, step: int | None = None, *, use_ema: bo
         raise CheckpointError(f"checkpoint {directory} step {step} lacks {missing} (it holds "
                               f"{saved}): every model of the system ({', '.join(names)}) is "
                               "needed")
+    lora = "lora"  # a LoRA run's factors (adapters/lora_train.py), merged into its towers
+    if lora in saved:
+        chosen[lora] = lora + EMA_SUFFIX if use_ema and lora + EMA_SUFFIX in saved else lora
     items, config = load(directory, step, items=chosen.values())
     source = Source(str(directory), step, ema=any(item != name for name, item in chosen.items()))
-    return {name: items[item] for name, item in chosen.items()}, config, source
+    params = {name: items[item] for name, item in chosen.items()}
+    if lora in params:
+        import jax
+
+        from diffusion_jax.adapters import lora_train
+
+        params = jax.device_get(lora_train.adapted(params, config))  # host arrays, as loaded
+    return params, config, source
 
 
 def display_name(directory: str | os.PathLike) -> str:

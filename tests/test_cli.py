@@ -17,7 +17,7 @@ SAMPLE = ["sample", "--checkpoint", "no/such/ckpt", "--prompt", "x", "--out", "x
     ([], ["convert", "export", "params"]),
     (["convert"], ["--from {diffusers,single-file}", "--out", "--config", "--ema",
                    "configs/sd21_base.py", "v-prediction"]),
-    (["export"], ["--checkpoint", "--to {diffusers}", "--out", "--step", "--no-ema",
+    (["export"], ["--checkpoint", "--to {diffusers,peft,kohya}", "--out", "--step", "--no-ema",
                   "default: the EMA params", "training workdir", "step folder"]),
     (["sample"], ["--no-ema", "default: the EMA weights", "--columns", "DIR/grid.png",
                   "--strength", "0 runs no step and returns the init image exactly",

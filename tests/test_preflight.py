@@ -31,7 +31,7 @@ from diffusion_jax.training.trainer import model_config
 REPO = Path(__file__).resolve().parent.parent
 TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "flow_demo", "tiny_flow_train",
                     "sd15_finetune", "sdxl_finetune",
-                    "sd21_finetune",
+                    "sd21_finetune", "tiny_lora_train", "lora_sd15", "lora_sdxl",
                     "sd21_base_pretrain:256", "sd21_base_pretrain:512")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
                         "bench", "flux_dev", "flux_schnell", "sd3_medium", "sd35_medium", "sd35_large",

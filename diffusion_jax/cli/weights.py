@@ -52,15 +52,20 @@ def run_convert(args: argparse.Namespace) -> None:
 
 def add_export(subparsers) -> None:
     parser = subparsers.add_parser(
-        "export", help="write a checkpoint as a diffusers folder (for PyTorch users)",
+        "export", help="write a checkpoint as a diffusers folder, or a LoRA run's adapter "
+                       "as a PEFT / kohya file (for PyTorch users)",
         description="Write the models of a diffusion_jax checkpoint as a diffusers "
                     "StableDiffusionPipeline folder: unet/, vae/, text_encoder/ (safetensors), "
-                    "scheduler/, tokenizer/, model_index.json.")
+                    "scheduler/, tokenizer/, model_index.json; or, with --to peft|kohya, the "
+                    "LoRA factors of a LoRA run alone as one .safetensors file (diffusers' "
+                    "load_lora_weights, A1111 and ComfyUI read it; the fused model is "
+                    "--to diffusers).")
     parser.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    parser.add_argument("--to", default="diffusers", choices=("diffusers",),
+    parser.add_argument("--to", default="diffusers", choices=("diffusers", "peft", "kohya"),
                         help="output format (default: diffusers)")
     parser.add_argument("--out", required=True,
-                        help="new output directory (must not exist, or be empty)")
+                        help="new output directory (must not exist, or be empty); peft / "
+                             "kohya: the .safetensors file")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument("--no-ema", action="store_true",
                         help="export the raw params; default: the EMA params (unet_ema, ...) "
@@ -73,7 +78,8 @@ def run_export(args: argparse.Namespace) -> None:
 
     convert.export(args.checkpoint, args.out, to=args.to, step=args.step,
                    use_ema=not args.no_ema)
-    print(f"wrote {args.to} folder {args.out}")
+    print(f"wrote {args.to} {'LoRA file' if args.to in ('peft', 'kohya') else 'folder'} "
+          f"{args.out}")
 
 
 # ----------------------------------------------------------------------------- params

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 
 SOURCE_FORMATS = ("diffusers", "single-file")
-EXPORT_FORMATS = ("diffusers",)
+EXPORT_FORMATS = ("diffusers", "peft", "kohya")  # peft / kohya: a LoRA run's adapter file
 
 
 class WeightsFileError(ValueError):
@@ -132,10 +132,15 @@ def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, 
 
 def export(checkpoint_dir: str | os.PathLike, out: str | os.PathLike, *, to: str = "diffusers",
            step: int | None = None, use_ema: bool = True) -> None:
-    """Writes the checkpoint's models as a `to` folder: the EMA copies where the checkpoint
-    has them, unless `use_ema=False` (the same default as sampling)."""
+    """Writes the checkpoint's models as a `to` folder (a LoRA run's factors alone as a
+    `peft` / `kohya` file): the EMA copies where the checkpoint has them, unless
+    `use_ema=False` (the same default as sampling)."""
     if to not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {to!r}; supported: {list(EXPORT_FORMATS)}")
+    if to in ("peft", "kohya"):
+        from diffusion_jax.adapters import lora_export
+
+        return lora_export.export(checkpoint_dir, out, to=to, step=step, use_ema=use_ema)
     from diffusion_jax.convert import diffusers
 
     diffusers.export_pipeline(checkpoint_dir, out, step=step, use_ema=use_ema)

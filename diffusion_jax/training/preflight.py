@@ -302,13 +302,24 @@ def _rules(config, key: str) -> tuple[str, ...]:
     return tuple(rules)
 
 
+def _check_lora(config, ckpt_config: Mapping[str, Any]) -> None:
+    """A LoRA run's `lora` section, and that its targets are Linear layers of the towers."""
+    from diffusion_jax.adapters import lora_train
+
+    lora = lora_train.section(config)
+    if lora is not None:
+        lora_train.check(lora)
+        lora_train.targets(ckpt_config, lora["targets"])
+
+
 def _check_rules(config, ckpt_config: Mapping[str, Any]) -> None:
     """Each stage's `trainable` (and `ema`) rules compile, and each matches a param (a
     trained one, for `ema`) of the one params tree {tower: params}."""
     from diffusion_jax.training import partition
     from diffusion_jax.training.trainer import STAGES
 
-    names = system_lib.from_config(ckpt_config).names
+    names = tuple(abstract_towers(ckpt_config)) if "lora" in ckpt_config else \
+        system_lib.from_config(ckpt_config).names
     whole_towers = {f"{n}/.*" for n in names}  # they match without the param tree (SD 1.5: s)
     paths = functools.cache(lambda: partition.paths(abstract_towers(ckpt_config)))
     for stage in STAGES:
@@ -372,8 +383,11 @@ def check_workdir(workdir, ckpt_config: Mapping[str, Any]) -> int | None:
         latest = checkpoint.steps(directory)[-1]
     except checkpoint.CheckpointError:
         return None  # an empty or half-made directory: the run starts fresh
-    differ = checkpoint.architecture_differences(checkpoint.read_config(directory, latest),
-                                                 ckpt_config)
+    from diffusion_jax.adapters import lora_train
+
+    saved = checkpoint.read_config(directory, latest)
+    differ = (checkpoint.architecture_differences(saved, ckpt_config)
+              + lora_train.differences(saved, ckpt_config))
     if differ:
         raise ValueError(f"workdir {workdir} holds a run of another architecture "
                          f"({'; '.join(differ[:4])}): resume it with the config it was "
@@ -425,6 +439,7 @@ def validate(config, workdir=None) -> int | None:
     check_config(config)
     _check_data(config)
     ckpt_config = model_config(config)
+    _check_lora(config, ckpt_config)
     _check_rules(config, ckpt_config)
     check_init_from(config, ckpt_config)
     return None if workdir is None else check_workdir(workdir, ckpt_config)
@@ -434,7 +449,13 @@ def validate(config, workdir=None) -> int | None:
 
 
 def abstract_towers(ckpt_config: Mapping[str, Any]) -> dict:
-    return system_lib.param_shapes(system_lib.from_config(ckpt_config), ckpt_config)
+    """{item: param shapes} of a run's params tree: the system's towers (and `lora`)."""
+    from diffusion_jax.adapters import lora_train
+
+    shapes = system_lib.param_shapes(system_lib.from_config(ckpt_config), ckpt_config)
+    if lora_train.section(ckpt_config) is not None:
+        shapes[lora_train.ITEM] = lora_train.shapes(ckpt_config)
+    return shapes
 
 
 def image_shape(data) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoint, parallel, system, xla_defaults
+from diffusion_jax.adapters import lora_train
 from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
@@ -62,8 +63,19 @@ class Preempted(RuntimeError):
 
 
 def model_config(config: ml_collections.ConfigDict) -> dict:
-    """The checkpoint config: model sections, schedule and tokenizer, as plain JSON values."""
-    return system.checkpoint_config(config)
+    """The checkpoint config: model sections, schedule and tokenizer, as plain JSON values
+    (and the `lora` section of a LoRA run, which `export` and `sample` read)."""
+    sections = system.checkpoint_config(config)
+    lora = lora_train.section(config)
+    if lora is not None:
+        sections[lora_train.ITEM] = {k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in lora.items()}
+    return sections
+
+
+def _adapter_items(ckpt_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The params items beside the system's towers: `lora` in a LoRA run."""
+    return (lora_train.ITEM,) if lora_train.section(ckpt_config) is not None else ()
 
 
 def _models(ckpt_config: Mapping[str, Any], dtype, remat_policy: str | None,
@@ -266,8 +278,11 @@ class Run:
 
 
 def sampling_params(run: Run) -> dict:
-    """{tower: params} to sample and evaluate with: the EMA copy of every tower that has one."""
-    return {name: run.ema.get(name, run.towers[name]) for name in run.system.names}
+    """{tower: params} to sample and evaluate with: the EMA copy of every tower that has one,
+    LoRA factors merged in."""
+    names = (*run.system.names, *_adapter_items(run.ckpt_config))
+    return lora_train.adapted({name: run.ema.get(name, run.towers[name]) for name in names},
+                              run.ckpt_config)
 
 
 def _check_remote_workdir(workdir: epath.Path) -> None:
@@ -306,9 +321,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         writer = SummaryWriter(str(workdir / "tensorboard"))
     ckpt_config = model_config(config)
     towers = system.from_config(ckpt_config)
+    names = (*towers.names, *_adapter_items(ckpt_config))
     checkpointer = checkpoint.TrainingCheckpointer(
         workdir / "checkpoints", pytree_items=(
-            *towers.names, *(name + checkpoint.EMA_SUFFIX for name in towers.names), OPT_ITEM),
+            *names, *(name + checkpoint.EMA_SUFFIX for name in names), OPT_ITEM),
         json_items=(TRAINER_ITEM,), keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best, best_metric=config.checkpoint.best_metric,
         higher_is_better=evaluators.HIGHER_IS_BETTER[config.checkpoint.best_metric])
@@ -353,16 +369,20 @@ def _resume_point(run: Run) -> dict | None:
         towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
                                            init_from=config.init_from,
                                            from_checkpoint=preflight.init_towers(config))
+        if _adapter_items(run.ckpt_config):  # after the towers, as init_params numbers them
+            towers[lora_train.ITEM] = lora_train.init(run.ckpt_config, jax.random.fold_in(
+                jax.random.key(config.seed), len(run.system.towers)))
         run.towers = parallel.shard_params(towers, shardings(towers))
         return None
     saved = checkpoint.item_names(run.checkpointer.directory, step)
-    templates = system.param_shapes(run.system, run.ckpt_config)
-    ema_items = {name + checkpoint.EMA_SUFFIX: name for name in run.system.names
+    templates = preflight.abstract_towers(run.ckpt_config)
+    names = tuple(templates)
+    ema_items = {name + checkpoint.EMA_SUFFIX: name for name in names
                  if name + checkpoint.EMA_SUFFIX in saved}
     templates.update({item: templates[name] for item, name in ema_items.items()})
     restored = run.checkpointer.restore(
         step, {n: parallel.abstract(t, shardings(t)) for n, t in templates.items()}, [TRAINER_ITEM])
-    run.towers = {name: restored[name] for name in run.system.names}
+    run.towers = {name: restored[name] for name in names}
     run.ema = {name: restored[item] for item, name in ema_items.items()}
     trainer = restored[TRAINER_ITEM]
     run.ckpt_config[run.system.vae.name]["scaling_factor"] = trainer["scaling_factor"]
@@ -402,6 +422,8 @@ def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: Stage, towers: M
     models = _models(ckpt_config, dtype, config.remat_policy or None, attention_impl)
     section = config[stage.section]
     loss_fn = stage.loss(section, ckpt_config, models)
+    if lora_train.section(ckpt_config) is not None:
+        loss_fn = lora_train.loss_fn(loss_fn, ckpt_config)
     trained, frozen = partition.split(towers, stage.trainable(config))
     return loss_fn, trained, frozen, section, stage.ema(config)[0]  # 0: no EMA copy at all
 
