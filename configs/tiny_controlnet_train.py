@@ -12,4 +12,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.learning_rate = 1e-3  # large enough to move the zero convs in 4 steps
     config.checkpoint.every_steps = 2  # steps 2 and 4
     config.eval_every_steps = 2  # held-out losses at steps 2 and 4
+    config.sample.prompts = config.sample.prompts[:1]  # a 1x2 final grid
+    config.sample.seeds_per_prompt = 2
     return config

@@ -31,7 +31,8 @@ from diffusion_jax.training.trainer import model_config
 REPO = Path(__file__).resolve().parent.parent
 TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "sd15_finetune", "sdxl_finetune",
                     "sd21_finetune",
-                    "sd21_base_pretrain:256", "sd21_base_pretrain:512")
+                    "sd21_base_pretrain:256", "sd21_base_pretrain:512", "controlnet_demo",
+                    "tiny_controlnet_train")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
                         "bench", "flux_dev", "flux_schnell", "controlnet_sd15", "controlnet_sdxl")
 
