@@ -129,3 +129,30 @@ def test_the_controlnet_checkpoint_samples_and_exports(runs, tmp_path):
     assert state.keys() == expected.keys()
     for key, value in expected.items():
         assert torch.equal(state[key], torch.from_numpy(np.asarray(value))), key
+
+
+def test_edge_agreement_with_and_without_the_controlnet(runs):
+    """The demo's figure on the tiny run: held-out Canny edges, their class captions, the
+    same seeds with and without the ControlNet; each score is the F1 the samples give."""
+    from diffusion_jax.data import fashion_mnist, input_pipeline
+    from diffusion_jax.eval import edges
+    from diffusion_jax.pipeline import load
+
+    root, workdir, _ = runs
+    config = load_config_file(TINY_CONTROLNET)
+    text = system.text_inputs(system.from_config(config), trainer.model_config(config))
+    batch = input_pipeline.make_eval_batches(config.data, text, num_examples=2, batch_size=2)[0]
+    prompts = [fashion_mnist.caption(label) for label in batch["label"]]
+    options = dict(sampler="ddim", steps=2, guidance=2.0)
+    results = edges.with_and_without_controlnet(root / "base", workdir / "controlnet",
+                                                batch["condition"], prompts, **options)
+    steered = load(root / "base", controlnet=workdir / "controlnet")
+    samples = np.concatenate([steered.txt2img(p, seed=i, output_type="float32",
+                                              control_image=c, **options)
+                              for i, (p, c) in enumerate(zip(prompts, batch["condition"]))])
+    assert results["edge_f1_controlnet"] == edges.edge_agreement(batch["condition"], samples)
+    assert set(results) == {"edge_f1_base", "edge_f1_controlnet"}
+    assert 0.0 <= results["edge_f1_base"] <= 1.0
+    with pytest.raises(ValueError, match="one prompt per image"):
+        edges.with_and_without_controlnet(root / "base", workdir / "controlnet",
+                                          batch["condition"], prompts[:1])

@@ -57,3 +57,29 @@ def edge_agreement(control_images: np.ndarray, samples: np.ndarray, *, low: int 
         scores.append(edge_f1(control[..., 0] > 0.5, canny_edges(pixels, low, high)[..., 0] > 0,
                               tolerance))
     return float(np.mean(scores))
+
+
+def with_and_without_controlnet(base: str, controlnet: str, control_images: np.ndarray,
+                                prompts: list[str], *, seed: int = 0, low: int = 100,
+                                high: int = 200, tolerance: int = 1, **sampling) -> dict:
+    """{"edge_f1_base", "edge_f1_controlnet"}: the edge agreement of samples of checkpoint
+    `base` without and with the ControlNet checkpoint `controlnet`, on the same prompts and
+    seeds (row i: prompts[i] under control_images[i], seed + i). `sampling`: txt2img's
+    options (sampler, steps, guidance, ...)."""
+    from diffusion_jax import pipeline
+
+    control_images = np.asarray(control_images, np.float32)
+    if len(prompts) != len(control_images):
+        raise ValueError(f"{len(prompts)} prompts for {len(control_images)} control images: "
+                         "give one prompt per image")
+    height, width = control_images.shape[1:3]
+    pipes = {"base": pipeline.load(base), "controlnet": pipeline.load(base, controlnet=controlnet)}
+    results = {}
+    for name, pipe in pipes.items():
+        samples = [pipe.txt2img(prompt, seed=seed + i, height=height, width=width,
+                                output_type="float32", **sampling,
+                                **({"control_image": image} if name == "controlnet" else {}))
+                   for i, (prompt, image) in enumerate(zip(prompts, control_images))]
+        results[f"edge_f1_{name}"] = edge_agreement(control_images, np.concatenate(samples),
+                                                    low=low, high=high, tolerance=tolerance)
+    return results
