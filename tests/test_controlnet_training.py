@@ -156,3 +156,29 @@ def test_edge_agreement_with_and_without_the_controlnet(runs):
     with pytest.raises(ValueError, match="one prompt per image"):
         edges.with_and_without_controlnet(root / "base", workdir / "controlnet",
                                           batch["condition"], prompts[:1])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.condition": ""}, "the ControlNet trains on condition images"),
+    ({"controlnet.conditioning_embedding_out_channels": (4, 8)},
+     "take the condition image to the latents' size: 4x smaller"),
+    ({"final_eval.samples_per_class": 2}, "its samples have no condition images"),
+])
+def test_controlnet_settings_are_checked_before_training(overrides, message):
+    from diffusion_jax.training import preflight
+
+    config = load_config_file(TINY_CONTROLNET)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    with pytest.raises(ValueError, match=message):
+        preflight.check_config(config)
+
+
+def test_a_condition_without_a_controlnet_is_refused():
+    from diffusion_jax.training import preflight
+
+    config = load_config_file(TINY_BASE)
+    config.data.condition = "canny"
+    with pytest.raises(ValueError, match="data.condition.*is for a system with a ControlNet"):
+        preflight.check_config(config)
