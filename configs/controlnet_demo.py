@@ -1,10 +1,10 @@
 """A ControlNet on the CPU demo model (configs/default.py), steered by Canny edges of
-Fashion-MNIST images: a few minutes on a 2-core CPU.
+Fashion-MNIST images (600 steps of batch 64, sized for a CPU; not timed yet).
 
-    diffusion-jax train --workdir demo                      # the demo model, first
-    diffusion-jax train --config controlnet_demo --workdir demo_controlnet \\
-        --config.init_from=demo/checkpoints
-    diffusion-jax sample --checkpoint demo/checkpoints --controlnet demo_controlnet/controlnet \\
+    diffusion-jax train --workdir runs/demo                 # the demo model, first
+    diffusion-jax train --config controlnet_demo --workdir runs/cn_demo \\
+        --config.init_from=runs/demo/checkpoints
+    diffusion-jax sample --checkpoint runs/demo/checkpoints --controlnet runs/cn_demo/controlnet \\
         --control-image edges.png --prompt "a photo of a sneaker" --out sneaker.png
 
 The ControlNet starts from the demo U-Net (`ControlNetModel.from_unet`: its encoder half
@@ -29,7 +29,7 @@ def add_controlnet(config: ml_collections.ConfigDict,
                                          system.CONTROLNET.adapters).to_dict()
     config.controlnet = controlnet_of(config.unet.to_dict(),
                                       conditioning_embedding_out_channels=hint_channels)
-    config.init_from = ""  # the base model's checkpoint: --config.init_from=demo/checkpoints
+    config.init_from = ""  # the base model's checkpoint: --config.init_from=runs/demo/checkpoints
     config.init_towers = ("unet", "vae", "text_encoder")  # the ControlNet starts from the U-Net
     config.data.condition = "canny"  # OpenCV's Canny of each training image
     config.vae_training.steps = 0  # the VAE comes from init_from

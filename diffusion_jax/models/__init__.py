@@ -15,7 +15,9 @@ config class the properties the system's checks and geometry read:
 - a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`;
   config `latent_channels`, `downsampling_factor`;
 - a ControlNet (an adapter): `control(model, params, x, t, cond, image, scale, guess_mode)
-  -> {"down_residuals": ..., "mid_residual": ...}`, conditioning the denoiser reads.
+  -> {"down_residuals": ..., "mid_residual": ...}`, conditioning the denoiser reads, and
+  (`starts_from_denoiser`) `params_from_unet(unet_params, config, rng)`, its fresh params
+  started from the U-Net's.
 """
 
 from __future__ import annotations
