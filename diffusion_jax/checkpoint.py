@@ -263,9 +263,14 @@ def architecture_differences(saved: Mapping[str, Any], ours: Mapping[str, Any],
                              names: Iterable[str] | None = None) -> list[str]:
     """'unet.block_out_channels was (..), now (..)' for each field of the `names` models
     (default: all of `ours`' system) in which two config dicts (checkpoint configs or config
-    sections) describe different models; 'system ...' when they are different systems."""
+    sections) describe different models; 'system ...' when they are different systems (a
+    base model taken into a system that adds adapters to it is the same, for `names` of the
+    base: a ControlNet run starts from its base's checkpoint)."""
     saved_system, our_system = system_lib.from_config(saved), system_lib.from_config(ours)
-    if saved_system != our_system:
+    base = lambda s: dataclasses.replace(s, adapters=())
+    same_base = names is not None and base(saved_system) == base(our_system) and all(
+        name in saved_system.names for name in names)
+    if saved_system != our_system and not same_base:
         return [f"system was {saved_system.to_dict()}, now {our_system.to_dict()}"]
     rows = []
     for name in our_system.names if names is None else names:
@@ -282,14 +287,17 @@ def initial_params(sections: Mapping[str, Any], *, seed: int, init_from: str = "
                    names: Iterable[str] | None = None) -> dict:
     """The params of the `names` models (default: the whole system) a run starts from: those
     in `from_checkpoint` (default: all) read from the `init_from` checkpoint (callers check
-    its architecture first), the others initialised from `seed` (`system.init_params`)."""
+    its architecture first), the others initialised from `seed` (`system.init_params`: a
+    fresh ControlNet from the U-Net, loaded or not)."""
     system = system_lib.from_config(sections)
     names = system.names if names is None else tuple(names)
     from_checkpoint = names if from_checkpoint is None else tuple(from_checkpoint)
     loaded = [n for n in names if n in from_checkpoint] if init_from else []
     params = load(init_from, items=loaded)[0] if loaded else {}
     fresh = [n for n in names if n not in params]
-    return {**params, **system_lib.init_params(system, sections, seed, fresh)}
+    denoiser = None if system.denoiser is None else params.get(system.denoiser.name)
+    return {**params, **system_lib.init_params(system, sections, seed, fresh,
+                                               denoiser_params=denoiser)}
 
 
 def load_models(path: str | os.PathLike, step: int | None = None, *, use_ema: bool = True

@@ -289,13 +289,25 @@ def param_shapes(system: System, config: Mapping[str, Any],
 
 
 def init_params(system: System, config: Mapping[str, Any], seed: int,
-                names: Sequence[str] | None = None) -> dict:
+                names: Sequence[str] | None = None, denoiser_params: Any = None) -> dict:
     """Fresh params of the `names` towers (default all): tower i of `system.towers` from
-    fold_in(key(seed), i), whichever subset is asked for."""
+    fold_in(key(seed), i), whichever subset is asked for. An adapter that starts from the
+    denoiser (a ControlNet) starts from the denoiser's params made here, else from
+    `denoiser_params` (loaded ones), else (neither) from random weights."""
     rng = jax.random.key(seed)
     wanted = system.names if names is None else tuple(names)
-    return {t.name: t.component.init_params(tower_config(t, config), jax.random.fold_in(rng, i))
-            for i, t in enumerate(system.towers) if t.name in wanted}
+    params = {}
+    for i, tower in enumerate(system.towers):
+        if tower.name not in wanted:
+            continue
+        tower_cfg, key = tower_config(tower, config), jax.random.fold_in(rng, i)
+        base = None if system.denoiser is None else params.get(system.denoiser.name,
+                                                                denoiser_params)
+        if tower in system.adapters and tower.component.starts_from_denoiser and base is not None:
+            params[tower.name] = tower.component.init_from_denoiser(tower_cfg, base, key)
+        else:
+            params[tower.name] = tower.component.init_params(tower_cfg, key)
+    return params
 
 
 # ----------------------------------------------------------------------------- text

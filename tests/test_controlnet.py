@@ -205,6 +205,40 @@ def test_config_errors():
 
 
 
+@pytest.mark.parametrize("name", ["SD1", "SDXL"])
+def test_params_from_unet_match_diffusers(name):
+    """params_from_unet of a random U-Net = diffusers' ControlNetModel.from_unet of it,
+    bitwise, on every copied weight; the zero convs and the conditioning embedding's
+    conv_out exactly zero; the rest (the conditioning net) random, of the same shapes."""
+    from flax import traverse_util
+
+    from diffusion_jax.models.controlnet import params_from_unet
+
+    unet_config = UNetConfig.from_dict(SD1_UNET if name == "SD1" else SDXL_UNET)
+    unet = diffusers.UNet2DConditionModel(**unet_config.to_dict()).eval()
+    randomize(unet)
+    reference = diffusers.ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+    config = ControlNetConfig.from_unet(unet_config,
+                                        conditioning_embedding_out_channels=HINT_CHANNELS)
+    theirs = traverse_util.flatten_dict(to_ours(reference, "controlnet", config), sep="/")
+    ours = traverse_util.flatten_dict(params_from_unet(
+        to_ours(unet, "unet", unet_config), config, jax.random.key(1)), sep="/")
+    assert ours.keys() == theirs.keys()
+    copied = ("conv_in/", "time_embedding/", "add_embedding/", "down_blocks_", "mid_block/")
+    zero = ("controlnet_down_blocks_", "controlnet_mid_block/",
+            "controlnet_cond_embedding/conv_out/")
+    assert any(p.startswith("add_embedding/") for p in ours) == (name == "SDXL")
+    for path, value in ours.items():
+        if path.startswith(copied + zero):
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(theirs[path]), path)
+        else:
+            assert path.startswith("controlnet_cond_embedding/") and value.shape == theirs[
+                path].shape, path
+    assert all(not np.any(np.asarray(ours[p])) for p in ours if p.startswith(zero))
+    assert any(np.any(np.asarray(ours[p])) for p in ours if p.startswith("mid_block/"))
+
+
 def test_diffusers_folder_round_trip(tmp_path):
     """`convert --from diffusers` of a ControlNetModel folder -> a checkpoint of the
     ControlNet alone -> `export --to diffusers` -> diffusers loads the same weights."""

@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from diffusion_jax.data import sources
+from diffusion_jax.data import conditions, sources
 from diffusion_jax.data.sources import Example, Skipped
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.random_flip = True         # random horizontal flip
     c.aesthetic_score = 6.0      # SDXL refiner: the aesthetic score its time_ids carry for every image
     c.caption_dropout = 0.1      # fraction of captions replaced by "" (classifier-free guidance)
+    c.condition = ""             # ControlNet condition image: canny | image_folder | depth_from_file ("": none)
+    c.condition_path = ""        # image_folder, depth_from_file: the folder of condition files
+    c.canny_low = 100            # canny: OpenCV's hysteresis thresholds
+    c.canny_high = 200           # (pixels between the two are edges only next to stronger ones)
     c.batch_size = 64            # GLOBAL batch; each process yields batch_size // process_count
     c.seed = 0                   # shuffle and augmentation seed
     c.num_workers = 0            # grain worker processes (0: in-process)
@@ -180,6 +184,9 @@ class PrepareImage:
     caption_ids: CaptionIds
     min_image_size: int = 0
     time_ids: TimeIds | None = None
+    # A ControlNet's "condition" row from (example, the fitted image, crop, flipped), or a
+    # Skipped (see conditions.py).
+    condition: Callable | None = None
 
     def __call__(self, example: Example | Skipped, rng: np.random.Generator | None = None):
         if isinstance(example, Skipped):
@@ -192,9 +199,10 @@ class PrepareImage:
             crop_u, flip_u, drop_u = None, 1.0, 1.0
         else:  # always three draws, so switching one augmentation never shifts another's
             crop_u, flip_u, drop_u = rng.random(3)
-        image, upscaled, crop = fit_image(example.image, self.image_size,
-                                          crop_u if self.random_crop else None)
-        if self.random_flip and flip_u < 0.5:
+        crop_at = crop_u if self.random_crop else None
+        image, upscaled, crop = fit_image(example.image, self.image_size, crop_at)
+        flipped = self.random_flip and flip_u < 0.5
+        if flipped:
             image = image[:, ::-1]
         caption = "" if drop_u < self.caption_dropout else example.caption
         arrays = {"image": image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0),
@@ -202,6 +210,11 @@ class PrepareImage:
                   "label": np.int32(example.label)}
         if self.time_ids is not None:
             arrays.update(micro_conditioning(self.time_ids, (height, width), crop))
+        if self.condition is not None:
+            condition = self.condition(example, image, crop_at, flipped)
+            if isinstance(condition, Skipped):
+                return condition
+            arrays[conditions.CONDITION_KEY] = condition
         return Prepared(arrays, example.name, example.conversions + (("upscaled",) if upscaled else ()))
 
 
@@ -250,7 +263,11 @@ def make_prepare(data_config, text, source, time_ids: TimeIds | None = None):
     """`text`: a `system.TextInputs` or one tokenizer (its ids are `input_ids`); `time_ids`:
     rows get SDXL's micro-conditioning (see PrepareImage), None: they do not."""
     caption_ids = CaptionIds(text)
+    condition = conditions.from_config(data_config)
     if isinstance(source, sources.LatentsSource):
+        if condition is not None:
+            raise ValueError(f"data.condition={data_config.condition!r} is made from images: "
+                             "precomputed latents have none; train on the images")
         _check_latents_ids(data_config, source, caption_ids.tokenizers)
         if time_ids is not None and not source.meta.get("micro_conditioning"):
             raise ValueError(f"{data_config.path} holds no image sizes and crops (written for a "
@@ -260,7 +277,7 @@ def make_prepare(data_config, text, source, time_ids: TimeIds | None = None):
                               time_ids)
     return PrepareImage(data_config.image_size, data_config.random_crop, data_config.random_flip,
                         data_config.caption_dropout, caption_ids, data_config.min_image_size,
-                        time_ids)
+                        time_ids, condition)
 
 
 class ExampleCounter:
@@ -459,6 +476,8 @@ def make_train_iterator(data_config, text, *, process_index: int = 0, process_co
                    "batch_size": data_config.batch_size // process_count,
                    "process_index": process_index, "process_count": process_count,
                    "num_workers": data_config.num_workers}
+    if data_config.get("condition"):  # absent otherwise: states saved before it resume alike
+        fingerprint["condition"] = conditions.fingerprint(data_config)
     return TrainIterator(dataset, batch_size=data_config.batch_size // process_count,
                          len_dataset=len(shard), fingerprint=fingerprint)
 

@@ -15,7 +15,9 @@ config class the properties the system's checks and geometry read:
 - a VAE: `encode(model, params, images) -> posterior` and `decode(model, params, z) -> images`;
   config `latent_channels`, `downsampling_factor`;
 - a ControlNet (an adapter): `control(model, params, x, t, cond, image, scale, guess_mode)
-  -> {"down_residuals": ..., "mid_residual": ...}`, conditioning the denoiser reads.
+  -> {"down_residuals": ..., "mid_residual": ...}`, conditioning the denoiser reads, and
+  (`starts_from_denoiser`) `params_from_unet(unet_params, config, rng)`, its fresh params
+  started from the U-Net's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class Component:
     torch_ignore: tuple[str, ...] = ()  # regexes of PyTorch buffers that are not params
     reference_class: tuple[str, str] = ("", "")  # (library, class) of the PyTorch reference
     weights_stem: str = "diffusion_pytorch_model"  # of its weights file in a diffusers folder
+    # An adapter whose fresh params start from its denoiser's (a ControlNet: the U-Net's
+    # encoder half, its module's `params_from_unet`).
+    starts_from_denoiser: bool = False
 
     def module(self):
         return importlib.import_module(self.module_path)
@@ -58,6 +63,9 @@ class Component:
 
     def init_params(self, config, rng: jax.Array) -> dict:
         return self.module().init_params(config, rng)
+
+    def init_from_denoiser(self, config, denoiser_params, rng: jax.Array) -> dict:
+        return self.module().params_from_unet(denoiser_params, config, rng)
 
     def denoise(self, model, params, x, t, cond):
         return self.module().denoise(model, params, x, t, cond)
@@ -94,7 +102,8 @@ def register(component: Component) -> Component:
 register(Component("unet", "diffusion_jax.models.unet", "UNetConfig", "UNet2DConditionModel",
                    reference_class=("diffusers", "UNet2DConditionModel")))
 register(Component("controlnet", "diffusion_jax.models.controlnet", "ControlNetConfig",
-                   "ControlNetModel", reference_class=("diffusers", "ControlNetModel")))
+                   "ControlNetModel", reference_class=("diffusers", "ControlNetModel"),
+                   starts_from_denoiser=True))
 register(Component("vae", "diffusion_jax.models.vae", "AutoencoderKLConfig", "AutoencoderKL",
                    reference_class=("diffusers", "AutoencoderKL")))
 register(Component("clip_text", "diffusion_jax.models.clip_text", "CLIPTextConfig",

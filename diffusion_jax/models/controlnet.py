@@ -226,6 +226,44 @@ def init_params(config: ControlNetConfig, rng: jax.Array) -> dict:
                                         **extra)["params"]
 
 
+# The U-Net subtrees a ControlNet starts from (`ControlNetModel.from_unet`); `add_embedding`
+# only where the U-Net has one (SDXL's text_time).
+_FROM_UNET = ("conv_in", "time_embedding", "add_embedding", "mid_block")
+
+
+def _is_zero_conv(name: str) -> bool:
+    return name.startswith(("controlnet_down_blocks_", "controlnet_mid_block"))
+
+
+def params_from_unet(unet_params: Mapping[str, Any], config: ControlNetConfig,
+                     rng: jax.Array) -> dict:
+    """A new ControlNet as `ControlNetModel.from_unet` makes it: the U-Net's encoder half
+    copied (conv_in, time embedding, add_embedding, down blocks, mid block), the
+    conditioning embedding random but for its conv_out, every zero conv at zero (diffusers
+    zero-initialises those so that a new ControlNet adds nothing). The copies are new
+    buffers: the trainer donates the ControlNet's params and keeps the U-Net's."""
+    fresh = init_params(config, rng)
+    params = {}
+    for name, tree in fresh.items():
+        if name in _FROM_UNET or name.startswith("down_blocks_"):
+            if name not in unet_params:
+                raise ValueError(f"the U-Net params have no {name!r} that the ControlNet "
+                                 "copies: a ControlNet config of another U-Net?")
+            copied = jax.tree.map(lambda a: jnp.array(a, copy=True), dict(unet_params[name]))
+            if jax.tree.map(jnp.shape, copied) != jax.tree.map(jnp.shape, tree):
+                raise ValueError(f"the U-Net's {name!r} differs in shape from the "
+                                 "ControlNet config's: a ControlNet config of another U-Net?")
+            params[name] = copied
+        elif _is_zero_conv(name):
+            params[name] = jax.tree.map(jnp.zeros_like, tree)
+        else:
+            params[name] = tree
+    embedding = dict(params["controlnet_cond_embedding"])
+    embedding["conv_out"] = jax.tree.map(jnp.zeros_like, embedding["conv_out"])
+    params["controlnet_cond_embedding"] = embedding
+    return params
+
+
 def control(model: ControlNetModel, params: dict, x: jax.Array, t: jax.Array, cond: Mapping,
             image: jax.Array, scale: jax.Array | float, guess_mode: bool = False) -> dict:
     """The residuals as the U-Net's conditioning reads them: {"down_residuals": (...),

@@ -5,7 +5,8 @@ Stage 1, VAE: per-pixel reconstruction (L1 or L2) of a posterior sample plus a K
 LDM recipe with the loss normalised per pixel. Stage 2, latent diffusion: encode with the
 frozen VAE, noise the scaled latents at a random timestep and regress the denoiser's output
 on the schedule's target (epsilon / v / x0), optionally min-SNR-gamma weighted. The models
-are a `system.Models`: the loss iterates the system's towers, it names none of them.
+are a `system.Models`: the loss iterates the system's towers, it names none of them. A
+system with a ControlNet adds its residuals to the conditioning pytree, as sampling does.
 """
 
 from __future__ import annotations
@@ -80,12 +81,26 @@ def batch_cond(models: system.Models, towers: Params, params: Params,
     return cond
 
 
+def control_cond(models: system.Models, towers: Params, x_t: jax.Array, t: jax.Array,
+                 cond: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict:
+    """The residuals of the system's ControlNet, if it has one, at x_t, t from the batch's
+    `condition` images ([B, H, W, 3] in [0, 1], made by data/conditions.py), at scale 1 as
+    diffusers' ControlNet training does; {} without a ControlNet."""
+    controlnets = [a for a in models.system.adapters if a.kind == "controlnet"]
+    if not controlnets:
+        return {}
+    (tower,) = controlnets
+    return tower.component.control(models[tower.name], towers[tower.name], x_t, t, cond,
+                                   batch["condition"], 1.0)
+
+
 def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess, *,
                       min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> LossFn:
     """Batches hold `image` (or precomputed `latents`), the text towers' ids (`input_ids`,
     ...), maybe their precomputed conditioning (`context`, `pooled`, used when the text
-    towers are frozen) and SDXL's `time_ids` (see `batch_cond`); `params` holds the trained
-    towers (the denoiser, maybe text towers), `frozen` the others."""
+    towers are frozen), SDXL's `time_ids` (see `batch_cond`) and, for a system with a
+    ControlNet, its `condition` images; `params` holds the trained towers (the denoiser,
+    maybe text towers, or a ControlNet alone), `frozen` the others."""
 
     def loss_fn(params, frozen, batch, rng):
         towers = partition.combine(frozen, params)
@@ -103,8 +118,9 @@ def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess
                 rng_offset, (b, 1, 1, x0.shape[-1]), x0.dtype)
         x_t = process.add_noise(noise_process, x0, noise, t)
         target = process.training_target(noise_process, x0, noise, t)
-        prediction = system.denoise(models, towers, x_t, process.model_time(noise_process, t),
-                                    cond)
+        model_t = process.model_time(noise_process, t)
+        cond = {**cond, **control_cond(models, towers, x_t, model_t, cond, batch)}
+        prediction = system.denoise(models, towers, x_t, model_t, cond)
         per_example = _mean_per_example(jnp.square(prediction.astype(jnp.float32) - target))
         mse = jnp.mean(per_example)
         if min_snr_gamma:

@@ -206,6 +206,36 @@ def _check_final_eval(config) -> None:
                     f"{sorted(produced) or 'nothing'})")
 
 
+def _check_controlnet(config) -> None:
+    """A system with a ControlNet trains on condition images, which its conditioning net
+    reads at the training images' size, and draws grids but no evaluation samples."""
+    towers = system_lib.from_config(config)
+    tower = next((a for a in towers.adapters if a.kind == "controlnet"), None)
+    if tower is None:
+        if config.data.get("condition"):
+            raise _fail("data.condition", config.data.condition, "is for a system with a "
+                        "ControlNet (configs/controlnet_demo.py): set it to ''")
+        return
+    if not config.data.get("condition"):
+        raise _fail("data.condition", config.data.get("condition", ""), "the ControlNet "
+                    "trains on condition images: set canny | image_folder | depth_from_file")
+    controlnet = system_lib.tower_config(tower, config)
+    if controlnet.hint_downsampling != vae_factor(config):
+        raise _fail(f"{tower.name}.conditioning_embedding_out_channels",
+                    controlnet.conditioning_embedding_out_channels,
+                    f"take the condition image to the latents' size: {vae_factor(config)}x "
+                    f"smaller (the VAE's factor), i.e. {vae_factor(config).bit_length()} "
+                    "entries (one stride-2 stage between each two)")
+    final = config.final_eval
+    if final.samples_per_class or final.fid_samples or final.clip_score_samples:
+        raise _fail("final_eval", "an evaluation", "its samples have no condition images: "
+                    "set final_eval.samples_per_class, fid_samples and clip_score_samples to 0 "
+                    "for a ControlNet run")
+    if config.data.source == "latents":
+        raise _fail("data.source", "latents", "condition images are made from the images: "
+                    "train the ControlNet on images")
+
+
 def _check_mesh(config) -> tuple[int, int]:
     devices = jax.device_count()
     shape = parallel._mesh_shape(config.mesh.data, config.mesh.fsdp, devices)
@@ -428,6 +458,7 @@ def check_config(config) -> None:
     _check_ranges(config)
     _check_models(config)
     _check_final_eval(config)
+    _check_controlnet(config)
     _check_mesh(config)
 
 
@@ -481,6 +512,8 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     if data.source != "latents":
         height, width = image_shape(data)
         shapes["image"] = jax.ShapeDtypeStruct((batch, height, width, 3), np.float32)
+        if data.get("condition"):  # a ControlNet's images, [0, 1] (data/conditions.py)
+            shapes["condition"] = shapes["image"]
         return shapes
     height, width = (side // vae_factor(config) for side in image_shape(data))
     channels = system_lib.vae_config(towers, config).latent_channels

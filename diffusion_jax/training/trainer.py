@@ -165,12 +165,43 @@ def _set_scaling_factor(run: "Run") -> None:
     run.summary["vae_scaling_factor"] = run.ckpt_config[vae]["scaling_factor"]
 
 
+CONTROLNET_DIR = "controlnet"  # WORKDIR/controlnet: a trained ControlNet, as convert writes one
+
+
+def _host_arrays(tree: Any) -> Any:
+    """numpy copies of (maybe sharded, maybe multi-process) arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _write_controlnet(run: "Run") -> None:
+    """A system with a ControlNet: WORKDIR/controlnet, the ControlNet alone (its EMA params
+    where kept) in the format `convert` writes for a ControlNetModel folder, which
+    `sample --controlnet` and `export` read. Rewritten each time the stage finishes."""
+    tower = next((a for a in run.system.adapters if a.kind == "controlnet"), None)
+    if tower is None:
+        return
+    params = _host_arrays(sampling_params(run)[tower.name])
+    out = run.workdir / CONTROLNET_DIR
+    if run.is_main:
+        if out.exists():
+            out.rmtree()
+        config = {system.SYSTEM_SECTION: system.CONTROLNET.to_dict(),
+                  tower.name: run.ckpt_config[tower.name]}
+        checkpoint.create(out, {tower.name: params}, system.checkpoint_config(config))
+        log.info("ControlNet checkpoint: %s", out)
+    run.summary["controlnet"] = str(out)
+
+
 VAE = Stage("vae", 0, "vae_training", _vae_loss, batch_size_key="vae_training.batch_size",
             captions=False, draws_samples=False, keeps_best=False, program_kinds=("vae", "vae"),
             finish=_set_scaling_factor)
 DIFFUSION = Stage("diffusion", 1, "training", _diffusion_loss, batch_size_key="data.batch_size",
                   captions=True, draws_samples=True, keeps_best=True,
-                  program_kinds=("train_step", "forward"))
+                  program_kinds=("train_step", "forward"), finish=_write_controlnet)
 STAGES = (VAE, DIFFUSION)
 STAGE = {stage.name: stage for stage in STAGES}
 
@@ -359,6 +390,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     return run.summary
 
 
+def _latent_scaling_from_init(run: Run) -> None:
+    """A VAE from init_from that no VAE stage retrains keeps the latent scaling it was
+    trained or converted with (the demo's is measured after its stage 1, not in a config)."""
+    config, vae = run.config, run.system.vae.name
+    if not config.init_from or vae not in preflight.init_towers(config) or \
+            preflight.stage_steps(config)["vae"]:
+        return
+    saved = checkpoint.read_config(config.init_from)[vae]
+    for key in ("scaling_factor", "shift_factor"):
+        if saved.get(key) is not None:
+            run.ckpt_config[vae][key] = saved[key]
+
+
 def _resume_point(run: Run) -> dict | None:
     """Loads the towers (and their EMA copies) from the newest checkpoint, or initialises
     them, and says where the interrupted stage stands; None on a fresh run."""
@@ -373,6 +417,7 @@ def _resume_point(run: Run) -> dict | None:
             towers[lora_train.ITEM] = lora_train.init(run.ckpt_config, jax.random.fold_in(
                 jax.random.key(config.seed), len(run.system.towers)))
         run.towers = parallel.shard_params(towers, shardings(towers))
+        _latent_scaling_from_init(run)
         return None
     saved = checkpoint.item_names(run.checkpointer.directory, step)
     templates = preflight.abstract_towers(run.ckpt_config)
