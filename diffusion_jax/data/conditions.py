@@ -29,7 +29,10 @@ CONDITIONS = ("canny", "image_folder", "depth_from_file")
 CONDITION_KEY = "condition"
 
 
-def _fit(image: np.ndarray, size: int, crop_at: float | None, flipped: bool) -> np.ndarray:
+def _fit(image: np.ndarray, size: tuple[int, int], crop_at: float | None, flipped: bool
+         ) -> np.ndarray:
+    """A condition file's image fitted as its training image was: the same (height, width)
+    (an aspect bucket's too), crop position and flip."""
     from diffusion_jax.data.input_pipeline import fit_image  # input_pipeline imports us
 
     image = fit_image(image, size, crop_at)[0]
@@ -88,7 +91,7 @@ class ImageFolder:
             return Skipped("no_condition", example.name, f"no condition image in {self.path}")
         with Image.open(found) as f:
             rgb = np.asarray(f.convert("RGB"))
-        return _unit_rgb(_fit(rgb, image.shape[0], crop_at, flipped))
+        return _unit_rgb(_fit(rgb, image.shape[:2], crop_at, flipped))
 
 
 def read_depth(path: Path) -> np.ndarray:
@@ -113,7 +116,7 @@ class DepthFromFile:
         # 8-bit for the resize (PIL's bicubic takes uint8 RGB), as the depth images
         # diffusers' ControlNets are trained on are.
         gray = np.round(read_depth(found) * 255).astype(np.uint8)
-        return _unit_rgb(_fit(np.repeat(gray[..., None], 3, axis=-1), image.shape[0], crop_at,
+        return _unit_rgb(_fit(np.repeat(gray[..., None], 3, axis=-1), image.shape[:2], crop_at,
                               flipped))
 
 
