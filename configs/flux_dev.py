@@ -3,7 +3,8 @@
 image size.
 
 Architecture only (like sdxl_base.py): the sections use the diffusers config.json key names.
-`diffusion-jax params` counts it; the Flux pipeline (sampling, conversion) is still to come."""
+`diffusion-jax params` counts it; `convert --from diffusers` of a FluxPipeline folder writes a
+checkpoint of this system."""
 
 import ml_collections
 

@@ -284,7 +284,7 @@ class StableDiffusion:
                 start_latents: np.ndarray | None = None, output: str = "images",
                 control_image: Any = None, control_scale: float = 1.0,
                 control_start: float = 0.0, control_end: float = 1.0, guess_mode: bool = False,
-                **micro_conditioning) -> Prepared:
+                true_cfg: float = 1.0, **micro_conditioning) -> Prepared:
         """Validates a request (before anything is traced or compiled) and builds the inputs
         of its program: tokens, noise, and images, masks, step noise and guidance scalars
         only where the mode, sampler and guidance read them.
@@ -297,6 +297,12 @@ class StableDiffusion:
         SD3: `prompt_3` / `negative_prompt_3` for the third (T5) tower (default: the
         first's); `max_sequence_length`, the T5 towers' token count (default: the
         checkpoint's, diffusers' 256 for SD3).
+
+        Flux.1: `guidance` is the distilled guidance dev embeds (schnell has none), not
+        classifier-free; `true_cfg` > 1 runs classifier-free guidance against the negative
+        prompt (diffusers' true_cfg_scale); `prompt_2` is T5's (max_sequence_length 512).
+        A flow schedule with dynamic shifting visits FluxPipeline's sigmas, linspace(1, 1/n,
+        n) shifted by the image's token count.
 
         ControlNet (a pipeline loaded with `controlnet=`): `control_image` (PIL image, path or
         [H, W, 3] array in [0, 1]; images are resized to the output with Lanczos, as
@@ -388,10 +394,11 @@ class StableDiffusion:
             start_step = 0 if mode == "txt2img" else samplers.img2img_start_step(
                 steps, strength, flow=isinstance(self.schedule, flow.FlowProcess))
         plan = samplers.make_plan(name, self.schedule, steps, eta=eta, karras=karras,
-                                  start_step=start_step)
+                                  start_step=start_step,
+                                  **self._flow_sigmas(name, height, width, steps))
         if denoising_end is not None:
             plan = samplers.truncated(plan, denoising_end)
-        guided = guidance != 1.0
+        guided, guidance = self._guidance(guidance, true_cfg, count, cond, negative_cond)
         # SDXL base: an empty negative prompt is zeros, not the encoded "" (diffusers'
         # negative_prompt=None with force_zeros_for_empty_prompt).
         zero_negative = guided and system.pipeline_option(
@@ -436,6 +443,37 @@ class StableDiffusion:
         pad = (-count) % self.mesh.size  # every device gets rows
         inputs = jax.tree.map(lambda a: _padded(a, pad) if np.ndim(a) else a, inputs)
         return Prepared(program, plan, inputs, count, init_images)
+
+    def _flow_sigmas(self, sampler: str, height: int, width: int, steps: int) -> dict:
+        """make_plan's `mu` and `sigmas` on a flow schedule with dynamic shifting, as
+        FluxPipeline passes them: linspace(1, 1/n, n) (to the samplers that take sigmas;
+        the multistep solvers make their own), shifted by mu of the image's token count (one
+        token per denoiser patch); {} on other schedules."""
+        if not (isinstance(self.schedule, flow.FlowProcess)
+                and self.schedule.config.use_dynamic_shifting):
+            return {}
+        tokens = (height // self.size_multiple) * (width // self.size_multiple)
+        options = dict(mu=flow.resolution_mu(self.schedule.config, tokens))
+        if sampler in samplers.CUSTOM_SIGMA_SAMPLERS:
+            options["sigmas"] = np.linspace(1.0, 1.0 / steps, steps)
+        return options
+
+    def _guidance(self, guidance: float, true_cfg: float, count: int, cond: dict,
+                  negative_cond: dict) -> tuple[bool, float]:
+        """(classifier-free guidance on, its scale). A denoiser that takes guidance as an
+        input (Flux.1-dev) gets it in `cond`; one whose pipeline's guidance is not
+        classifier-free (Flux.1) is guided by `true_cfg` instead."""
+        denoiser = system.denoiser_config(self.system, self.config)
+        if getattr(denoiser, "classifier_free_guidance", True):
+            if true_cfg != 1.0:
+                raise ValueError("true_cfg applies to Flux.1 checkpoints (their guidance is not "
+                                 "classifier-free); use guidance here")
+            return guidance != 1.0, guidance
+        if true_cfg < 1:
+            raise ValueError(f"true_cfg={true_cfg}: must be >= 1 (1: no negative pass)")
+        if getattr(denoiser, "guidance_input", False):
+            cond["guidance"] = negative_cond["guidance"] = np.full((count,), guidance, np.float32)
+        return true_cfg > 1.0, true_cfg
 
     def _text_inputs(self, max_sequence_length: int | None) -> system.TextInputs:
         """The tokenizers, the T5 towers' at `max_sequence_length` tokens where given."""

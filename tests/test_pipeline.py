@@ -284,6 +284,7 @@ def test_bad_input_is_rejected_before_compiling(systems, tmp_path):
         (dict(prompt="x", init_latents=np.zeros((1, 4, 3, 3))), "init_latents has shape"),
         (dict(prompt="x", guidance_rescale=2.0), r"guidance_rescale=2.0: must be in \[0, 1\]"),
         (dict(prompt="x", steps=0), "steps=0: must be a positive integer"),
+        (dict(prompt="x", true_cfg=3.0), "true_cfg applies to Flux.1 checkpoints"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -80,7 +80,13 @@ def add_sample(subparsers) -> None:
     sd3.add_argument("--negative-prompt-3",
                      help="negative prompt of the T5 tower (default: --negative-prompt)")
     sd3.add_argument("--max-sequence-length", type=int,
-                     help="T5 tokens per prompt (default: the checkpoint's; SD3: 256)")
+                     help="T5 tokens per prompt (default: the checkpoint's; SD3: 256, Flux.1: 512)")
+    flux = parser.add_argument_group(
+        "Flux.1", "--guidance is dev's distilled guidance (diffusers' guidance_scale, 3.5 there), "
+                  "not classifier-free; --prompt-2 is T5's prompt")
+    flux.add_argument("--true-cfg", type=float,
+                      help="classifier-free guidance against --negative-prompt at this scale "
+                           "(diffusers' true_cfg_scale; default: 1, none)")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                         help="a LoRA merged into the --checkpoint's models at WEIGHT (default "
                              "1.0): kohya / A1111 or diffusers / PEFT .safetensors (.ckpt/.pt "
@@ -158,7 +164,7 @@ def _sample_strength(args: argparse.Namespace) -> float | None:
     return 1.0 if args.mask else 0.8
 
 
-# The SDXL and SD3 options of `sample`: pipeline keyword -> which model of an ensemble
+# The SDXL, SD3 and Flux.1 options of `sample`: pipeline keyword -> which model of an ensemble
 # reads it (SD3's have no refiner).
 FAMILY_OPTIONS = {"prompt_2": "base", "negative_prompt_2": "base",
                   "original_size": "both", "negative_original_size": "both",
@@ -166,7 +172,7 @@ FAMILY_OPTIONS = {"prompt_2": "base", "negative_prompt_2": "base",
                   "target_size": "base", "negative_target_size": "base",
                   "aesthetic_score": "refiner", "negative_aesthetic_score": "refiner",
                   "prompt_3": "base", "negative_prompt_3": "base",
-                  "max_sequence_length": "base"}
+                  "max_sequence_length": "base", "true_cfg": "base"}
 
 
 def _family_options(args: argparse.Namespace, model: str) -> dict:

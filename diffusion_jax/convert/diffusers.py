@@ -249,19 +249,27 @@ def _check_model_index(folder: Path, system: system_lib.System) -> None:
         entry = index.get(tower.name)
         if entry is not None and list(entry)[1:] != [cls]:
             raise ValueError(f"{path}: {tower.name} is {entry}, expected [{library!r}, {cls!r}]: "
-                             "only Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines are "
-                             "supported")
+                             "only Stable Diffusion 1.x / 2.x, SDXL, SD3 and Flux.1 pipelines "
+                             "are supported")
 
 
 def detect_system(folder: Path) -> system_lib.System:
-    """SD3 (text_encoder_3, a transformer), SDXL base (text_encoder and text_encoder_2),
-    SDXL refiner (text_encoder_2 alone) or SD 1.x / 2.x, from the folder's layout."""
+    """Flux.1 (a transformer beside T5 as text_encoder_2), SD3 (text_encoder_3, a
+    transformer), SDXL base (text_encoder and text_encoder_2), SDXL refiner (text_encoder_2
+    alone) or SD 1.x / 2.x, from the folder's layout."""
+    if (folder / "transformer").is_dir() and _is_t5(folder / "text_encoder_2"):
+        return system_lib.FLUX
     if (folder / "text_encoder_3").is_dir() or (folder / "transformer").is_dir():
         return system_lib.SD3
     if (folder / "text_encoder_2").is_dir():
         return (system_lib.SDXL_BASE if (folder / "text_encoder").is_dir()
                 else system_lib.SDXL_REFINER)
     return system_lib.STABLE_DIFFUSION
+
+
+def _is_t5(folder: Path) -> bool:
+    path = folder / "config.json"
+    return path.is_file() and _read_json(path).get("model_type") == "t5"
 
 
 def is_model_folder(folder: Path, class_name: str) -> bool:
@@ -343,12 +351,14 @@ PIPELINE_KINDS = {
                                           "EulerDiscreteScheduler", True),
     system_lib.SD3: PipelineKind("StableDiffusion3Pipeline", "FlowMatchEulerDiscreteScheduler",
                                  False, max_sequence_length=256),
+    system_lib.FLUX: PipelineKind("FluxPipeline", "FlowMatchEulerDiscreteScheduler", False,
+                                  max_sequence_length=512),
 }
 
 
 def pipeline_kind(system: system_lib.System, source: str) -> PipelineKind:
     if system not in PIPELINE_KINDS:
-        raise ValueError(f"{source} is not a Stable Diffusion 1.x / 2.x, SDXL or SD3 system; "
+        raise ValueError(f"{source} is not a Stable Diffusion 1.x / 2.x, SDXL, SD3 or Flux.1 system; "
                          "export to diffusers writes those only")
     return PIPELINE_KINDS[system]
 

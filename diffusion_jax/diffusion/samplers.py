@@ -600,6 +600,9 @@ def _schedule_config(schedule: AnySchedule) -> ScheduleConfig | FlowConfig:
         else ScheduleConfig.from_dict(schedule)
 
 
+CUSTOM_SIGMA_SAMPLERS = ("flow_euler", "flow_heun")  # those that take make_plan(sigmas=)
+
+
 def _check_flow_options(name: str, config, karras: bool, mu, sigmas) -> None:
     if isinstance(config, FlowConfig):
         if name not in FLOW_SAMPLERS:
@@ -607,7 +610,7 @@ def _check_flow_options(name: str, config, karras: bool, mu, sigmas) -> None:
                              f"samples with {list(FLOW_SAMPLERS)}.")
         if karras:
             raise ValueError("karras sigmas are not supported on a flow-matching schedule.")
-        if sigmas is not None and name not in ("flow_euler", "flow_heun"):
+        if sigmas is not None and name not in CUSTOM_SIGMA_SAMPLERS:
             raise ValueError(f"sigmas: {name} on flow sigmas makes its own; only flow_euler "
                              "and flow_heun take custom sigmas.")
     elif name.startswith("flow_") or mu is not None or sigmas is not None:

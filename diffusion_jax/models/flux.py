@@ -94,6 +94,19 @@ class FluxConfig:
         """Latent sides must be even: the 2x2 packing."""
         return 2
 
+    # The latent side of the default image (FluxPipeline's default_sample_size: 1024 px); its
+    # config.json has no sample_size.
+    sample_size = 128
+
+    # What the pipeline reads of a denoiser's guidance (other denoisers: CFG, no input).
+    # FluxPipeline's guidance_scale is never classifier-free: dev embeds it as an input
+    # (`guidance_embeds`), schnell ignores it; CFG is its separate true_cfg_scale.
+    classifier_free_guidance = False
+
+    @property
+    def guidance_input(self) -> bool:
+        return self.guidance_embeds
+
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "FluxConfig":
         """From a diffusers `transformer/config.json` dict (or a configs/*.py section)."""
