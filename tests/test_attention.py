@@ -26,21 +26,22 @@ def inputs(b, t, s, h, d, dtype=jnp.float32):
     return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
+def assert_matches_jax(attention, q, k, v, *, atol, grad_atol):
+    """Values and gradients (of sum(sin(out))) against jax.nn.dot_product_attention's."""
+    ref = lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")
+    np.testing.assert_allclose(attention(q, k, v), ref(q, k, v), atol=atol, rtol=0)
+    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
+    grads = jax.grad(loss(attention), argnums=(0, 1, 2))(q, k, v)
+    for ours_g, ref_g in zip(grads, jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(ours_g, ref_g, atol=grad_atol, rtol=0)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_chunked_attention_matches_jax(case, monkeypatch):
     b, t, s, h, d, chunk = CASES[case]
     monkeypatch.setattr(layers, "ATTENTION_CHUNK_ELEMENTS", chunk)
-    q, k, v = inputs(b, t, s, h, d)
-    ours = layers.chunked_attention(q, k, v)
-    ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=0)
-
-    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
-    grads = jax.grad(loss(layers.chunked_attention), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")),
-                         argnums=(0, 1, 2))(q, k, v)
-    for ours_g, ref_g in zip(grads, ref_grads):
-        np.testing.assert_allclose(ours_g, ref_g, atol=1e-5, rtol=0)
+    assert_matches_jax(layers.chunked_attention, *inputs(b, t, s, h, d), atol=2e-6,
+                       grad_atol=1e-5)
 
 
 def test_chunked_attention_bfloat16(monkeypatch):
@@ -78,18 +79,9 @@ def test_implementation_choice():
 def test_splash_attention_matches_jax_in_interpret_mode():
     # The TPU kernel, run by Pallas' interpreter here: 130 queries and 77 keys are padded to
     # its 128 tile (the padded keys masked out by segment ids), head dim 40 to 128 lanes.
-    q, k, v = inputs(1, 130, 77, 2, 40)
+    assert_matches_jax(layers.splash_attention, *inputs(1, 130, 77, 2, 40), atol=1e-5,
+                       grad_atol=5e-5)
     q_, k_, v_ = inputs(1, 77, 77, 2, 40)
-    ours = layers.splash_attention(q, k, v)
-    ref = jax.nn.dot_product_attention(q, k, v, implementation="xla")
-    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
-
-    loss = lambda f: (lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))))
-    grads = jax.grad(loss(layers.splash_attention), argnums=(0, 1, 2))(q, k, v)
-    ref_grads = jax.grad(loss(lambda *a: jax.nn.dot_product_attention(*a, implementation="xla")),
-                         argnums=(0, 1, 2))(q, k, v)
-    for ours_g, ref_g in zip(grads, ref_grads):
-        np.testing.assert_allclose(ours_g, ref_g, atol=5e-5, rtol=0)
 
     # Through the projections' layout [B, T, heads * d], as every tower calls it.
     flat = lambda x: x.reshape(*x.shape[:2], -1)

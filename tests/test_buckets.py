@@ -17,6 +17,7 @@ from diffusion_jax.config_files import load as load_config_file
 from diffusion_jax.data import buckets, input_pipeline, precompute
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.training import preflight, trainer
+from test_data import assert_batches_equal, take
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -58,18 +59,6 @@ def folder_config(root, **overrides):
 
 def sdxl_time_ids(size):
     return functools.partial(system.time_ids, 6, target_size=size)
-
-
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for key in x:
-            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
 
 # ----------------------------------------------------------------------------- the bucket list

@@ -14,6 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
+from test_sdxl_pipeline import check_pixels, randomize  # noqa: E402
 from test_t5 import unigram_vocab  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -23,13 +24,6 @@ STEPS, GUIDANCE, T5_TOKENS = 6, 3.5, 32
 PIXEL_TOLERANCE = 2e-3  # the issue's bound
 GROUP = pytest.mark.xdist_group("flux_pipeline")
 
-
-def _randomize(*models, scale: float = 0.1) -> None:
-    with torch.no_grad():
-        for model in models:
-            for param in model.parameters():
-                param.copy_(scale * torch.randn_like(param))
-            model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +46,8 @@ def flux(tmp_path_factory):
     t5 = transformers.T5EncoderModel(transformers.T5Config(**dict(
         t5_configs.t5_xxl(), vocab_size=80, d_model=32, d_kv=8, d_ff=64, num_layers=2,
         num_heads=2)))
-    _randomize(vae, clip, t5)
-    _randomize(transformer, scale=0.3)  # so that prompts move the pixels well past 2e-3
+    randomize(vae, clip, t5)
+    randomize(transformer, scale=0.3)  # so that prompts move the pixels well past 2e-3
     CLIPTokenizer.bundled().save_pretrained(root / "tokenizer")
     transformers.T5Tokenizer(vocab=unigram_vocab(), extra_ids=10).save_pretrained(
         root / "tokenizer_2")
@@ -124,13 +118,6 @@ def _reference(pipe, latents, **options):
                 output_type="np", **options).images
 
 
-def _check(name, ours, expected):
-    assert ours.shape == expected.shape and ours.dtype == np.float32
-    assert np.abs(expected - expected.mean()).max() > 0.05, "flat reference images: a weak test"
-    error = np.abs(ours - expected).max()
-    print(f"{name}: max pixel error {error:.2e}")
-    assert error <= PIXEL_TOLERANCE, f"{name}: max pixel error {error:.2e}"
-    return error
 
 
 @GROUP
@@ -140,7 +127,7 @@ def test_txt2img_with_dev_guidance_matches_diffusers(flux):
     latents = _latents(1)
     ours = _sample_cli(root, ckpt, "txt2img", latents, "--prompt-2", "an oil painting")
     expected = _reference(pipe, latents, prompt_2="an oil painting")
-    error = _check("txt2img", ours, expected)
+    error = check_pixels("txt2img", ours, expected)
     # The T5 prompt and the guidance each move diffusers' pixels past the tolerance and far
     # past our error (observed 5e-3 and more vs 2e-7), so the match means reading them.
     moved = lambda other: np.abs(other - expected).max()
@@ -160,7 +147,7 @@ def test_true_cfg_with_a_negative_prompt_matches_diffusers(flux):
                        "--true-cfg", "4.0")
     expected = _reference(pipe, latents, negative_prompt=NEGATIVE, true_cfg_scale=4.0,
                           num_images_per_prompt=2)
-    _check("true_cfg", ours, expected)
+    check_pixels("true_cfg", ours, expected)
 
 
 @GROUP
@@ -199,7 +186,7 @@ def test_img2img_matches_diffusers(flux, monkeypatch):
     expected = img2img(PROMPT, image=Image.fromarray(image), strength=0.6,
                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
                        width=SIZE, max_sequence_length=T5_TOKENS, output_type="np").images
-    _check("img2img", ours, expected)
+    check_pixels("img2img", ours, expected)
 
 
 @GROUP

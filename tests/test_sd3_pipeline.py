@@ -54,6 +54,7 @@ transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.config_files import as_dict  # noqa: E402
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
+from test_sdxl_pipeline import check_pixels, randomize  # noqa: E402
 from test_t5 import unigram_vocab  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -84,13 +85,6 @@ def tiny_sd3_config() -> dict:
     return config
 
 
-def _randomize(*models, scale: float = 0.1) -> None:
-    with torch.no_grad():
-        for model in models:
-            for param in model.parameters():
-                param.copy_(scale * torch.randn_like(param))
-            model.eval()
-
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
@@ -103,10 +97,10 @@ def sd3(tmp_path_factory):
     clip_l, clip_g = (transformers.CLIPTextModelWithProjection(
         transformers.CLIPTextConfig(**config[name])) for name in ("text_encoder", "text_encoder_2"))
     t5 = transformers.T5EncoderModel(transformers.T5Config(**config["text_encoder_3"]))
-    _randomize(vae, clip_l, clip_g, t5)
+    randomize(vae, clip_l, clip_g, t5)
     # Larger transformer weights: at 0.1 its attention is near uniform over the 333 text
     # tokens and a prompt moves the pixels by 1e-4 only; at 0.3 by several 1e-2.
-    _randomize(transformer, scale=0.3)
+    randomize(transformer, scale=0.3)
     tokenizers = {}
     for name in ("tokenizer", "tokenizer_2"):
         CLIPTokenizer.bundled(pad_token=config[name]["pad_token"]).save_pretrained(root / name)
@@ -178,12 +172,6 @@ def _sample_cli(root, ckpt, name, latents, *extra):
     return np.load(out)
 
 
-def _check(name, ours, expected):
-    assert ours.shape == expected.shape and ours.dtype == np.float32
-    assert np.abs(expected - expected.mean()).max() > 0.05, "flat reference images: a weak test"
-    error = np.abs(ours - expected).max()
-    print(f"{name}: max pixel error {error:.2e}")
-    assert error <= PIXEL_TOLERANCE, f"{name}: max pixel error {error:.2e}"
 
 
 @pytest.mark.xdist_group("sd3_pipeline")
@@ -196,7 +184,7 @@ def test_txt2img_matches_diffusers(sd3):
                     num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                     num_images_per_prompt=len(latents), latents=torch.from_numpy(latents),
                     output_type="np").images
-    _check("txt2img", ours, expected)
+    check_pixels("txt2img", ours, expected)
     # The T5 prompt moves the pixels well past the tolerance (observed 0.02..0.04: the tiny
     # tokenizer's training varies), so matching above means reading it.
     plain = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
@@ -234,7 +222,7 @@ def test_img2img_matches_diffusers(sd3, monkeypatch):
     expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        max_sequence_length=128, output_type="np").images
-    _check("img2img", ours, expected)
+    check_pixels("img2img", ours, expected)
 
 
 @pytest.mark.xdist_group("sd3_pipeline")
@@ -308,4 +296,4 @@ def test_inpaint_matches_diffusers(sd3, monkeypatch):
     vae = pipe.vae.config
     with torch.no_grad():
         decoded = pipe.vae.decode(theirs / vae.scaling_factor + vae.shift_factor).sample
-    _check("inpaint", ours, pipe.image_processor.postprocess(decoded, output_type="np"))
+    check_pixels("inpaint", ours, pipe.image_processor.postprocess(decoded, output_type="np"))

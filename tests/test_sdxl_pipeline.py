@@ -28,11 +28,13 @@ PIXEL_TOLERANCE = 1e-4  # observed: <= 2.1e-5 (DDIM), 1e-7 otherwise; the issue 
 STEPS, GUIDANCE = 5, 5.0
 
 
-def _randomize(*models) -> None:
+def randomize(*models, scale: float = 0.1) -> None:
+    """Every parameter of the PyTorch models drawn from N(0, scale^2) (their inits leave
+    zeros and ones that would hide mistakes); eval mode."""
     with torch.no_grad():
         for model in models:
             for param in model.parameters():
-                param.copy_(0.1 * torch.randn_like(param))
+                param.copy_(scale * torch.randn_like(param))
             model.eval()
 
 
@@ -51,7 +53,7 @@ def sdxl(tmp_path_factory):
     refiner_unet = diffusers.UNet2DConditionModel(**{
         **config["unet"], "cross_attention_dim": 32,
         "projection_class_embeddings_input_dim": 16 + 5 * 8})
-    _randomize(unet, vae, clip_l, big_g, refiner_unet)
+    randomize(unet, vae, clip_l, big_g, refiner_unet)
     tokenizers = {}
     for name in ("tokenizer", "tokenizer_2"):
         CLIPTokenizer.bundled(pad_token=config[name]["pad_token"]).save_pretrained(root / name)
@@ -88,12 +90,14 @@ def _sample_cli(root, ckpt, name, latents, *extra, negative=NEGATIVE):
     return np.load(out)
 
 
-def _check(name, ours, expected):
+def check_pixels(name, ours, expected) -> float:
+    """Our float32 images against the reference's, within PIXEL_TOLERANCE; the max error."""
     assert ours.shape == expected.shape and ours.dtype == np.float32
     assert np.abs(expected - expected.mean()).max() > 0.05, "flat reference images: a weak test"
     error = np.abs(ours - expected).max()
     print(f"{name}: max pixel error {error:.2e}")
     assert error <= PIXEL_TOLERANCE, f"{name}: max pixel error {error:.2e}"
+    return error
 
 
 def _scheduler(pipe, sampler):
@@ -138,7 +142,7 @@ def test_txt2img_matches_diffusers(sdxl, case):
                     guidance_scale=GUIDANCE, num_images_per_prompt=len(latents),
                     latents=torch.from_numpy(latents), output_type="np",
                     **reference_options).images
-    _check(case, ours, expected)
+    check_pixels(case, ours, expected)
 
 
 def _our_noise(monkeypatch, pipe, latents) -> None:
@@ -175,7 +179,7 @@ def test_img2img_matches_diffusers(sdxl, monkeypatch):
     expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        crops_coords_top_left=(8, 4), output_type="np").images
-    _check("img2img", ours, expected)
+    check_pixels("img2img", ours, expected)
 
 
 def test_inpaint_matches_diffusers(sdxl, monkeypatch):
@@ -195,7 +199,7 @@ def test_inpaint_matches_diffusers(sdxl, monkeypatch):
                        negative_prompt=NEGATIVE, strength=1.0, num_inference_steps=STEPS,
                        guidance_scale=GUIDANCE, height=SIZE, width=SIZE,
                        latents=torch.from_numpy(latents), output_type="np").images
-    _check("inpaint", ours, expected)
+    check_pixels("inpaint", ours, expected)
 
 
 def test_refiner_img2img_matches_diffusers(sdxl, monkeypatch):
@@ -211,7 +215,7 @@ def test_refiner_img2img_matches_diffusers(sdxl, monkeypatch):
                        strength=0.4, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        aesthetic_score=7.0, negative_aesthetic_score=2.0,
                        output_type="np").images
-    _check("refiner img2img", ours, expected)
+    check_pixels("refiner img2img", ours, expected)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m", "heun"])
@@ -228,7 +232,7 @@ def test_base_and_refiner_ensemble_matches_diffusers(sdxl, sampler):
                        output_type="latent", **options).images
     expected = refiner(PROMPT, image=handed_over, denoising_start=0.7, output_type="np",
                        **options).images
-    _check(f"base + refiner ({sampler})", ours, expected)
+    check_pixels(f"base + refiner ({sampler})", ours, expected)
     if sampler == "euler":  # the Python API runs the same two programs (cached on disk)
         base_pipe, refiner_pipe = pipeline.load(ckpt), pipeline.load(refiner_ckpt)
         handed = base_pipe.txt2img(PROMPT, NEGATIVE, sampler=sampler, steps=10,
@@ -281,7 +285,7 @@ def test_another_vae_folder_replaces_the_checkpoints(sdxl):
     torch.manual_seed(3)
     vae = diffusers.AutoencoderKL(**{**base.vae.config, "scaling_factor": 0.2,
                                      "force_upcast": False})
-    _randomize(vae)
+    randomize(vae)
     vae.save_pretrained(root / "fp16_fix_vae")
     latents = _latents(11)
     flags = ["--sampler", "euler", "--vae", str(root / "fp16_fix_vae")]
@@ -291,7 +295,7 @@ def test_another_vae_folder_replaces_the_checkpoints(sdxl):
     expected = swapped(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
                        guidance_scale=GUIDANCE, latents=torch.from_numpy(latents),
                        output_type="np").images
-    _check("--vae", ours, expected)
+    check_pixels("--vae", ours, expected)
     bf16 = _sample_cli(root, ckpt, "vae_bf16", latents, *flags, "--dtype", "bfloat16")
     assert np.isfinite(bf16).all() and np.abs(bf16 - ours).max() < 0.1
 
