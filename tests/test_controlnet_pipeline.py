@@ -17,7 +17,7 @@ from diffusion_jax import cli, pipeline  # noqa: E402
 import test_sdxl_pipeline as sdxl_test  # noqa: E402
 from test_pipeline import (NEGATIVE, PIXEL_TOLERANCE, PROMPT, SIZE, _diffusers_pipeline,  # noqa: E402
                            _latents)
-from test_sdxl_pipeline import _randomize, sdxl  # noqa: E402,F401  (the tiny SDXL fixture)
+from test_sdxl_pipeline import randomize, sdxl  # noqa: E402,F401  (the tiny SDXL fixture)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_sdxl_controlnet_matches_diffusers(sdxl, systems):
     controlnet = diffusers.ControlNetModel.from_unet(
         base.unet, conditioning_embedding_out_channels=(8, 16))
     torch.manual_seed(11)
-    _randomize(controlnet)
+    randomize(controlnet)
     with torch.no_grad():  # zero convs strong enough to move the tiny model's pixels
         for name, p in controlnet.named_parameters():
             if name.startswith(("controlnet_down_blocks", "controlnet_mid_block")):
