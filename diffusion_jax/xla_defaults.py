@@ -17,9 +17,10 @@ off (`--xla_cpu_experimental_ynn_fusion_type=`), unless:
 
 It only affects the CPU backend; GPU and TPU programs compile as before.
 
-Per program: the best choice depends on the program and the CPU. On an AVX-512 EPYC
-(issue 19) YNNPACK made the U-Net train step 11% faster (3.47 vs 3.90 s) and the VAE 23%
-slower (0.47 vs 0.38 s); on the AVX2 machine it is slower for all three kinds. So the
+Per program: the best choice depends on the program and the CPU. On a 2-core AVX-512 EPYC
+VM (BENCHMARKS.md, alternating in one process, medians of 4) YNNPACK made the U-Net forward
+15% faster (0.90 vs 1.05 s), the train step 4% (3.21 vs 3.35 s; 11% in issue 19's runs) and
+the VAE 37% slower (0.61 vs 0.39 s); on the AVX2 machine it is slower for all three kinds. So the
 programs we compile (training steps, sampling loops, the VAE) pass
 `compiler_options(kind)` to `jax.jit`, which XLA applies to that executable alone; the
 process default covers everything else. The user's own flag still wins: when XLA_FLAGS
@@ -50,7 +51,7 @@ YNNPACK_ON = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL
 PROGRAM_KINDS = ("train_step", "forward", "vae", "other")
 # The program kinds that compile with YNNPACK, per CPU instruction set, as measured with
 # `bench train|unet|vae --compare torch` (BENCHMARKS.md). Unmeasured kinds keep it off.
-YNNPACK_KINDS = {"avx512": ("train_step",), "avx2": (), "other": ()}
+YNNPACK_KINDS = {"avx512": ("train_step", "forward"), "avx2": (), "other": ()}
 # jaxlib versions (major, minor) whose XLA has the flag (0.10 measured here; 0.11 has it too).
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 
@@ -74,14 +75,23 @@ def flags_to_add(xla_flags: str, environ: dict[str, str] | os._Environ = os.envi
     return [flag for flag in DEFAULT_FLAGS if flag.split("=")[0] not in xla_flags]
 
 
+# What `apply` appended to XLA_FLAGS, in the environment too: a subprocess (a training run,
+# a benchmark block) inherits both, and must not take our flag for its user's choice.
+ADDED = "DIFFUSION_JAX_ADDED_XLA_FLAGS"
 _user_xla_flags: str | None = None  # XLA_FLAGS as the user set them, before `apply`
+
+
+def user_flags(xla_flags: str, environ: Mapping[str, str]) -> str:
+    """`xla_flags` without the flags this module added (in this process or a parent)."""
+    ours = set(environ.get(ADDED, "").split())
+    return " ".join(flag for flag in xla_flags.split() if flag not in ours)
 
 
 def apply() -> None:
     """Append the defaults to XLA_FLAGS (idempotent; see the module docstring)."""
     global _user_xla_flags
     if _user_xla_flags is None:
-        _user_xla_flags = os.environ.get("XLA_FLAGS", "")
+        _user_xla_flags = user_flags(os.environ.get("XLA_FLAGS", ""), os.environ)
     added = flags_to_add(os.environ.get("XLA_FLAGS", ""))
     if not added:
         return
@@ -89,6 +99,7 @@ def apply() -> None:
         logger.debug("a JAX backend already started; XLA CPU defaults %s not applied", added)
         return
     os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), *added]))
+    os.environ[ADDED] = " ".join(added)
 
 
 def cpu_isa(cpuinfo: str | None = None) -> str:
@@ -115,8 +126,12 @@ def compiler_options(kind: str, *, backend: str | None = None, isa: str | None =
     if kind not in PROGRAM_KINDS:
         raise ValueError(f"unknown program kind {kind!r}; known: {list(PROGRAM_KINDS)}")
     environ = os.environ if environ is None else environ
-    user = (_user_xla_flags if _user_xla_flags is not None else environ.get("XLA_FLAGS", "")
-            ) if user_xla_flags is None else user_xla_flags
+    if user_xla_flags is not None:
+        user = user_xla_flags
+    elif _user_xla_flags is not None:
+        user = _user_xla_flags
+    else:
+        user = user_flags(environ.get("XLA_FLAGS", ""), environ)
     if backend is None:
         import jax
 
