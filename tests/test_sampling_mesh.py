@@ -55,8 +55,10 @@ def test_fixture_pixels_are_unchanged(pipe):
     img2img = pipe.img2img("a cat", np.linspace(0, 1, 16 * 16 * 3).reshape(16, 16, 3),
                            strength=0.6, sampler="euler_ancestral", steps=5, seed=1,
                            output_type="float32")
-    np.testing.assert_allclose(txt2img, expected["txt2img"], atol=1e-6, rtol=0)
-    np.testing.assert_allclose(img2img, expected["img2img"], atol=1e-6, rtol=0)
+    # Pixels made on the AVX2 machine (YNNPACK off); on AVX-512 the sampling program compiles
+    # with YNNPACK (xla_defaults), whose sums round differently: 2.3e-6 observed.
+    np.testing.assert_allclose(txt2img, expected["txt2img"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(img2img, expected["img2img"], atol=1e-5, rtol=0)
 
 
 def test_trainer_samples_from_its_sharded_params_on_eight_devices():
