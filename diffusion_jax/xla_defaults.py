@@ -29,6 +29,7 @@ names it (before we added ours), or DIFFUSION_JAX_XLA_DEFAULTS=0, programs get n
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from importlib import metadata
@@ -104,16 +105,21 @@ def apply() -> None:
 
 def cpu_isa(cpuinfo: str | None = None) -> str:
     """"avx512", "avx2" or "other": the widest x86 vector set this CPU has (Linux's
-    /proc/cpuinfo flags; elsewhere "other")."""
+    /proc/cpuinfo flags, read once per process; elsewhere "other")."""
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpuinfo = f.read()
-        except OSError:
-            return "other"
+        return _this_cpu_isa()
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
                   if line.startswith("flags")), [])
     return "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+
+
+@functools.cache
+def _this_cpu_isa() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_isa(f.read())
+    except OSError:
+        return "other"
 
 
 def compiler_options(kind: str, *, backend: str | None = None, isa: str | None = None,
