@@ -17,7 +17,9 @@ from diffusion_jax.configs import sd3_medium, sd35_large, sd35_medium
 from diffusion_jax.convert.torch_params import params_to_state_dict, state_dict_to_params
 from diffusion_jax.models import mmdit
 
-TOL = 1e-5
+# Relative error, fp32. 1e-5 held on the AVX2 and AMD AVX-512 machines; an Intel AVX-512
+# (Sapphire Rapids-class) VM gave 2.1e-5 for the sd3 and sd35 variants (CI, session 12).
+TOL = 3e-5
 COMPONENT = models.KINDS["mmdit"]
 # 16 x 16 position grid of 2x2 patches: a 6x10 latent (3x5 patches, non-square) uses an
 # off-centre crop of it; sample_size 8 sets the grid's scale (base size 4). More crops are
