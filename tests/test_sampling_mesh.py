@@ -1,6 +1,7 @@
-"""Sampling on the training mesh: what `prepare` ships per mode, the pixels of the tiny
-SD 1.x fixture, and the trainer's sampler on 8 fake devices (mesh data=2 x fsdp=4) running
-the program on the training params' own shardings, with the images of one device.
+"""Sampling on the training mesh: what `prepare` ships per mode (on the tiny SD 1.x
+fixture, whose pixels test_system checks) and the trainer's sampler on 8 fake devices
+(mesh data=2 x fsdp=4) running the program on the training params' own shardings, with
+the images of one device.
 
 The 8-device check runs this file as a script in a subprocess (this pytest process may
 already hold a 1-device JAX backend).
@@ -45,20 +46,6 @@ def test_prepare_ships_only_what_the_mode_reads(pipe):
                            steps=2, guidance=1.0)
     assert sorted(inpaint.inputs) == ["init_images", "masks", "noise", "text"]
     assert pipe.num_compilations == 0
-
-
-def test_fixture_pixels_are_unchanged(pipe):
-    """The pixels the code before the system description made (tests/fixtures)."""
-    expected = np.load(FIXTURES / "v1_checkpoint_pixels.npz")
-    txt2img = pipe.txt2img(["a cat", "a dog"], "ugly", sampler="dpmpp_2m", steps=4, guidance=3.0,
-                           seed=5, output_type="float32")
-    img2img = pipe.img2img("a cat", np.linspace(0, 1, 16 * 16 * 3).reshape(16, 16, 3),
-                           strength=0.6, sampler="euler_ancestral", steps=5, seed=1,
-                           output_type="float32")
-    # Pixels made on the AVX2 machine (YNNPACK off); on AVX-512 the sampling program compiles
-    # with YNNPACK (xla_defaults), whose sums round differently: 2.3e-6 observed.
-    np.testing.assert_allclose(txt2img, expected["txt2img"], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(img2img, expected["img2img"], atol=1e-5, rtol=0)
 
 
 def test_trainer_samples_from_its_sharded_params_on_eight_devices():
