@@ -398,7 +398,8 @@ class StableDiffusion:
                                   **self._flow_sigmas(name, height, width, steps))
         if denoising_end is not None:
             plan = samplers.truncated(plan, denoising_end)
-        guided, guidance = self._guidance(guidance, true_cfg, count, cond, negative_cond)
+        guided, guidance, guidance_cond = self._guidance(guidance, true_cfg, count)
+        cond, negative_cond = {**cond, **guidance_cond}, {**negative_cond, **guidance_cond}
         # SDXL base: an empty negative prompt is zeros, not the encoded "" (diffusers'
         # negative_prompt=None with force_zeros_for_empty_prompt).
         zero_negative = guided and system.pipeline_option(
@@ -458,22 +459,23 @@ class StableDiffusion:
             options["sigmas"] = np.linspace(1.0, 1.0 / steps, steps)
         return options
 
-    def _guidance(self, guidance: float, true_cfg: float, count: int, cond: dict,
-                  negative_cond: dict) -> tuple[bool, float]:
-        """(classifier-free guidance on, its scale). A denoiser that takes guidance as an
-        input (Flux.1-dev) gets it in `cond`; one whose pipeline's guidance is not
-        classifier-free (Flux.1) is guided by `true_cfg` instead."""
+    def _guidance(self, guidance: float, true_cfg: float,
+                  count: int) -> tuple[bool, float, dict]:
+        """(classifier-free guidance on, its scale, the conditioning both passes add). A
+        denoiser that takes guidance as an input (Flux.1-dev) gets it as cond["guidance"];
+        one whose pipeline's guidance is not classifier-free (Flux.1) is guided by
+        `true_cfg` instead."""
         denoiser = system.denoiser_config(self.system, self.config)
         if getattr(denoiser, "classifier_free_guidance", True):
             if true_cfg != 1.0:
                 raise ValueError("true_cfg applies to Flux.1 checkpoints (their guidance is not "
                                  "classifier-free); use guidance here")
-            return guidance != 1.0, guidance
+            return guidance != 1.0, guidance, {}
         if true_cfg < 1:
             raise ValueError(f"true_cfg={true_cfg}: must be >= 1 (1: no negative pass)")
-        if getattr(denoiser, "guidance_input", False):
-            cond["guidance"] = negative_cond["guidance"] = np.full((count,), guidance, np.float32)
-        return true_cfg > 1.0, true_cfg
+        as_input = getattr(denoiser, "guidance_input", False)
+        cond = {"guidance": np.full((count,), guidance, np.float32)} if as_input else {}
+        return true_cfg > 1.0, true_cfg, cond
 
     def _text_inputs(self, max_sequence_length: int | None) -> system.TextInputs:
         """The tokenizers, the T5 towers' at `max_sequence_length` tokens where given."""

@@ -4,19 +4,17 @@ step), exact resume, and processes that agree on every batch's bucket."""
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoint, system
+from diffusion_jax import system
 from diffusion_jax.config_files import load as load_config_file
-from diffusion_jax.data import buckets, input_pipeline, precompute
+from diffusion_jax.data import buckets, input_pipeline, precompute, sources
 from diffusion_jax.tokenizer import CLIPTokenizer
-from diffusion_jax.training import preflight, trainer
+from diffusion_jax.training import preflight
 from test_data import assert_batches_equal, take
 
 REPO = Path(__file__).resolve().parent.parent
@@ -230,9 +228,6 @@ def test_sources_without_sizes_and_workers_are_refused(tokenizer):
         buckets.make_train_iterator(bucket_config(num_workers=2), tokenizer)
     with pytest.raises(ValueError, match="TfdsSource does not give"):
         buckets.image_sizes(type("TfdsSource", (), {"__len__": lambda self: 1})())
-    with pytest.raises(ValueError, match="WebDataset shards are precomputed square"):
-        precompute.plan_webdataset("shards/{00000..00001}.tar", "out", bucket_config(),
-                                   tokenizer, {})
 
 
 def test_latents_written_per_bucket_train_in_their_buckets(aspect_folder, tokenizer, tmp_path):
@@ -261,52 +256,71 @@ def test_latents_written_per_bucket_train_in_their_buckets(aspect_folder, tokeni
     assert_batches_equal(take(restored, 4), after)
 
 
+def test_webdataset_shards_precompute_into_buckets(aspect_folder, tokenizer, tmp_path):
+    """plan_webdataset + encode_shards with data.buckets: each training image encoded at its
+    nearest bucket, one file per bucket and shard; the held-out split square; the records
+    keep each image's size and crop; training reads them back in their buckets; a rerun with
+    other buckets is refused."""
+    from test_webdataset import write_tar
+
+    files = sorted(aspect_folder.glob("*.png"))
+    for shard, half in enumerate((files[::2], files[1::2])):
+        write_tar(tmp_path / f"{shard:05d}.tar", [
+            (f"{shard}{path.stem}.{ext}", (path.with_suffix(f".{ext}")).read_bytes())
+            for path in half for ext in ("png", "txt")])
+    config = bucket_config(eval_fraction=0.25, batch_size=4)
+    encode = lambda batch: batch[:, ::8, ::8, :] * 2.0  # a stand-in VAE: 8x down, any values
+    text_fn = lambda ids: {"context": np.ones((len(ids["input_ids"]), 16, 2), np.float32)}
+    spec, out = str(tmp_path / "{00000..00001}.tar"), tmp_path / "latents"
+    plan = precompute.plan_webdataset(spec, out, config, tokenizer, {})
+    result = precompute.encode_shards(plan, encode, text_fn, tokenizer, sdxl_time_ids((32, 32)))
+    assert result["finalized"] and result["written"] == len(files)
+    meta = json.loads((out / sources.LATENTS_META).read_text())
+    sizes = buckets.bucket_sizes(config.buckets)
+    expected = {}  # bucket "HxW" -> {(original size, crop): latents} of its training images
+    for shard, half in enumerate((files[::2], files[1::2])):
+        for path in half:
+            if sources.held_out(f"{shard}{path.stem}", config.eval_fraction):
+                continue
+            image = np.asarray(Image.open(path).convert("RGB"))
+            size = sizes[int(buckets.nearest([image.shape[:2]], sizes)[0])]
+            fitted, _, crop = input_pipeline.fit_image(image, size, None)
+            latents = encode(fitted[None].astype(np.float32) / 127.5 - 1.0)[0]
+            expected.setdefault(buckets.bucket_key(size), []).append(
+                (image.shape[:2], tuple(crop), latents))
+    assert sorted(meta["buckets"]["train"]) == sorted(expected) and len(expected) > 1
+    for key, rows in expected.items():
+        assert meta["buckets"]["train"][key] == [
+            f"train-{key}-{i:05d}.array_record" for i in range(2)
+            if (out / f"train-{key}-{i:05d}.array_record").exists()]
+        source = sources.LatentsSource(str(out), "train", bucket=key)
+        records = sorted((source[i] for i in range(len(source))),
+                         key=lambda r: r["latents"].tobytes())
+        rows = sorted(rows, key=lambda r: r[2].tobytes())
+        assert len(records) == len(rows)
+        for record, (original, crop, latents) in zip(records, rows):
+            np.testing.assert_allclose(record["latents"], latents, atol=1e-6)  # 1/127.5 rounding
+            np.testing.assert_array_equal(record["original_size"], original)
+            np.testing.assert_array_equal(record["crop_top_left"], crop)
+    held = sources.LatentsSource(str(out), "test")
+    assert {held[i]["latents"].shape for i in range(len(held))} == {(4, 4, 3)}  # 32x32, 8x down
+    latents = bucket_config(source="latents", path=str(out), batch_size=2)
+    for batch in take(buckets.make_train_iterator(latents, tokenizer,
+                                                  time_ids_for=sdxl_time_ids), 6):
+        height, width = batch["latents"].shape[1] * 8, batch["latents"].shape[2] * 8
+        assert f"{height}x{width}" in expected
+        np.testing.assert_array_equal(batch["time_ids"][:, 4:], [[height, width]] * 2)
+    other = bucket_config(eval_fraction=0.25, batch_size=4)
+    other.buckets.max_aspect = 2.0
+    with pytest.raises(ValueError, match=r"other settings \(buckets: "):
+        precompute.plan_webdataset(spec, out, other, tokenizer, {})
+
+
 # ----------------------------------------------------------------------------- training
 
 TINY = REPO / "configs" / "tiny_train.py"
-
-
-def training_config(folder):
-    """configs/tiny_train.py on two buckets, shrunk further: 1 VAE step, 3 U-Net steps."""
-    config = load_config_file(TINY)
-    config.data.update(dict(source="folder", path=str(folder), eval_fraction=0.2, batch_size=4,
-                            seed=4))  # a seed whose 3 U-Net batches draw both buckets
-    config.data.buckets.sizes = ((40, 24), (24, 40))
-    config.vae_training.update(dict(steps=1, batch_size=4))
-    config.training.steps = 3
-    config.checkpoint.every_steps = 2
-    config.update(dict(eval_examples=4, log_every_steps=1))
-    return config
-
-
-@pytest.fixture(scope="module")
-def tall_and_wide_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tall_and_wide")
-    rng = np.random.default_rng(3)
-    for i, (height, width) in enumerate([(60, 36), (36, 60)] * 8):
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
-            root / f"img{i:02d}.png")
-    return root
-
-
-def test_bucketed_training_compiles_once_per_bucket_and_resumes_exactly(
-        tall_and_wide_folder, tmp_path):
-    config = training_config(tall_and_wide_folder)
-    data_config = trainer.DIFFUSION.data_config(config)
-    drawn = take(buckets.make_train_iterator(data_config, CLIPTokenizer.bundled()), 3)
-    assert len({b["image"].shape for b in drawn}) == 2  # both buckets, one twice
-    summary = trainer.train(config, tmp_path / "uninterrupted")
-    assert summary["diffusion_train_step_compilations"] == 2  # per bucket, not per batch
-    assert summary["vae_train_step_compilations"] == 1
-    # What a run killed after its step-3 checkpoint leaves (its compiled programs cached).
-    shutil.copytree(tmp_path / "uninterrupted", tmp_path / "resumed",
-                    ignore=lambda folder, names: [n for n in names if n in ("4", "summary.json")])
-    resumed = trainer.train(config, tmp_path / "resumed")
-    assert resumed["diffusion_train_step_compilations"] == 1  # the one step left
-    items = ["unet", "unet_ema", "vae", "optimizer"]
-    expected, _ = checkpoint.load(tmp_path / "uninterrupted" / "checkpoints", items=items)
-    got, _ = checkpoint.load(tmp_path / "resumed" / "checkpoints", items=items)
-    jax.tree.map(np.testing.assert_array_equal, got, expected)
+# Whole bucketed runs (one compile per bucket, SIGKILL and exact resume, 1 vs 8 devices) are
+# test_training.py's tiny SDXL runs, on a folder of tall and wide images.
 
 
 def test_the_preflight_lowers_the_largest_bucket_and_checks_its_sides():
@@ -325,50 +339,21 @@ def test_the_preflight_lowers_the_largest_bucket_and_checks_its_sides():
         preflight.validate(config)
 
 
-def _bucketed_latents_stub(path: Path, config, sizes) -> Path:
-    """A latents folder as write_latents leaves it with buckets, two zero records per
-    bucket and a square held-out split: what the preflight reads (it reads no latents)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from diffusion_jax.data import sources
-
-    path.mkdir(parents=True)
-    towers = system.from_config(config)
-    lengths = {t.ids_key: config[t.tokenizer].max_length for t in towers.text_towers}
-    files = {"train": [f"train-{h}x{w}.array_record" for h, w in sizes],
-             "test": ["test.array_record"]}
-    for (height, width), name in zip([*sizes, (config.data.image_size,) * 2],
-                                     files["train"] + files["test"]):
-        writer = ArrayRecordWriter(str(path / name), "group_size:1")
-        for _ in range(2):
-            writer.write(sources.encode_record({
-                "latents": np.zeros((height // 8, width // 8, 4), np.float32),
-                **{key: np.zeros(n, np.int32) for key, n in lengths.items()},
-                "label": np.int32(-1), "original_size": np.int32([height, width]),
-                "crop_top_left": np.int32([0, 0])}))
-        writer.close()
-    (path / sources.LATENTS_META).write_text(json.dumps({
-        "source": "folder", "path": "", "image_size": config.data.image_size,
-        "max_lengths": lengths, "has_context": False, "micro_conditioning": True,
-        "splits": {"train": 2 * len(sizes), "test": 2}, "skipped": {}, "files": files,
-        "buckets": {"train": {f"{h}x{w}": [f"train-{h}x{w}.array_record"] for h, w in sizes}}}))
-    return path
-
-
-def test_sdxl_finetune_with_buckets_passes_the_preflight_at_its_largest_bucket(tmp_path):
-    from test_preflight import _stub_checkpoint
+def test_sdxl_finetune_passes_the_preflight_at_its_largest_bucket(tmp_path):
+    """configs/sdxl_finetune.py trains in SDXL's buckets near 1024x1024 from latents written
+    in them; the preflight lowers the largest and refuses latents of other buckets."""
+    from test_preflight import _latents_folder, _stub_checkpoint
 
     config = load_config_file(REPO / "configs" / "sdxl_finetune.py")
+    assert SDXL_BUCKETS <= set(buckets.bucket_sizes(config.data.buckets))
     config.init_from = str(_stub_checkpoint(tmp_path / "ckpt", config))
-    config.data.buckets.update(dict(pixels=1024 * 1024, step=64, max_aspect=2.0))
-    config.data.path = str(_bucketed_latents_stub(tmp_path / "latents", config,
-                                                  [(1024, 1024), (832, 1216), (1216, 832)]))
+    config.data.path = str(_latents_folder(tmp_path / "latents", config, 1024))
     preflight.validate(config)
     shapes = preflight.batch_shapes(config, "diffusion")
     assert shapes["latents"].shape == (32, 128, 128, 4)  # 1024x1024: the most pixels
     assert shapes["time_ids"].shape == (32, 6)
     config.data.buckets.max_aspect = 1.2  # 832x1216 is no bucket of these settings
-    with pytest.raises(ValueError, match="hold buckets it does not list .*1216x832, 832x1216"):
+    with pytest.raises(ValueError, match="hold buckets it does not list .*832x1216"):
         preflight.validate(config)
     config.data.buckets.pixels = 0
     with pytest.raises(ValueError, match="were written in aspect buckets"):

@@ -24,7 +24,7 @@ import pytest
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from diffusion_jax import checkpoint, cli, config_files, system
-from diffusion_jax.data import sources
+from diffusion_jax.data import buckets, sources
 from diffusion_jax.training import preflight
 from diffusion_jax.training.trainer import model_config
 
@@ -150,30 +150,42 @@ def _stub_checkpoint(path: Path, config) -> Path:
 
 
 def _latents_folder(path: Path, config, image_size: int) -> Path:
-    """A precomputed-latents folder at `image_size`: the files training reads, zeros inside."""
+    """A precomputed-latents folder as `diffusion-jax precompute` leaves it for `config`: the
+    held-out split at `image_size`, the training split too or, with data.buckets, one file per
+    bucket; two zero records in each file (the preflight reads no latents)."""
     if path.exists():
         return path
     path.mkdir(parents=True)
-    side = image_size // preflight.vae_factor(config)
+    factor = preflight.vae_factor(config)
     towers = system.from_config(config)
     lengths = {t.ids_key: config[t.tokenizer].max_length for t in towers.text_towers}
     micro = bool(system.time_ids_width(towers, config))
-    for split in ("train", "test"):
-        writer = ArrayRecordWriter(str(path / f"{split}.array_record"), "group_size:1")
+    square = (image_size, image_size)
+    files = {"train": {"train.array_record": square}, "test": {"test.array_record": square}}
+    if buckets.enabled(config.data.buckets):
+        files["train"] = {f"train-{buckets.bucket_key(size)}.array_record": size
+                          for size in buckets.bucket_sizes(config.data.buckets)}
+    for name, (height, width) in {**files["train"], **files["test"]}.items():
+        writer = ArrayRecordWriter(str(path / name), "group_size:1")
         for _ in range(2):
             writer.write(sources.encode_record({
-                "latents": np.zeros((side, side, config.vae.latent_channels), np.float32),
+                "latents": np.zeros((height // factor, width // factor,
+                                     config.vae.latent_channels), np.float32),
                 **{key: np.zeros(n, np.int32) for key, n in lengths.items()},
                 "label": np.int32(-1),
-                **({"original_size": np.int32([image_size] * 2),
+                **({"original_size": np.int32([height, width]),
                     "crop_top_left": np.int32([0, 0])} if micro else {})}))
         writer.close()
-    (path / sources.LATENTS_META).write_text(json.dumps({
-        "source": "webdataset", "path": "", "image_size": image_size,
-        **({"max_length": lengths["input_ids"]} if list(lengths) == ["input_ids"]
-           else {"max_lengths": lengths}),
-        "has_context": False, "micro_conditioning": micro,
-        "splits": {"train": 2, "test": 2}, "skipped": {}}))
+    meta = {"source": "webdataset", "path": "", "image_size": image_size,
+            **({"max_length": lengths["input_ids"]} if list(lengths) == ["input_ids"]
+               else {"max_lengths": lengths}),
+            "has_context": False, "micro_conditioning": micro,
+            "splits": {split: 2 * len(names) for split, names in files.items()},
+            "skipped": {}, "files": {split: list(names) for split, names in files.items()}}
+    if buckets.enabled(config.data.buckets):
+        meta["buckets"] = {"train": {name[len("train-"):-len(".array_record")]: [name]
+                                     for name in files["train"]}}
+    (path / sources.LATENTS_META).write_text(json.dumps(meta))
     return path
 
 

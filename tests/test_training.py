@@ -34,6 +34,13 @@ TINY_FLOW = REPO / "configs" / "tiny_flow_train.py"  # a rectified-flow MMDiT fo
 # (pytest.ini: --dist loadgroup), so the run is made once, not once per worker.
 SDXL_RUN_GROUP = pytest.mark.xdist_group("tiny_sdxl_run")
 FLOW_RUN_GROUP = pytest.mark.xdist_group("tiny_flow_run")
+# The tiny SDXL runs train as SDXL fine-tunes do: on a caption folder of tall and wide images
+# in aspect buckets (one compile per bucket, time_ids from each image's size and crop), so
+# resume and the 8-device curve are checked across bucket switches. {folder}: aspect_folder.
+SDXL_BUCKETED = ("--config.data.source=folder", "--config.data.path={folder}",
+                 "--config.data.eval_fraction=0.4", "--config.data.random_crop=true",
+                 "--config.data.buckets.sizes=((40, 24), (24, 40))", "--config.eval_examples=8",
+                 "--config.data.seed=5")  # its 4 U-Net batches: tall, tall, wide, tall
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -355,6 +362,25 @@ def _train_command(workdir, *overrides, config=TINY):
             "--workdir", str(workdir), *overrides]
 
 
+@pytest.fixture(scope="module")
+def aspect_folder(tmp_path_factory) -> Path:
+    """32 captioned images, half tall (60x36) and half wide (36x60), 11 of them held out."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("tall_and_wide")
+    rng = np.random.default_rng(0)
+    for i in range(32):
+        height, width = (60, 36) if i % 2 else (36, 60)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(
+            root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a {'tall' if i % 2 else 'wide'} picture {i}")
+    return root
+
+
+def _in_folder(overrides, folder) -> tuple:
+    return tuple(o.format(folder=folder) for o in overrides)
+
+
 def _final_params(workdir, names=("unet", "unet_ema", "vae", "optimizer")):
     items, _ = checkpoint.load(Path(workdir) / "checkpoints", items=list(names))
     return items
@@ -419,13 +445,14 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
     (TINY, (), ("unet", "unet_ema", "vae", "optimizer"), (4, 8, 12)),
     (TINY, TEXT_ENCODER_RUN, ("unet", "unet_ema", "vae", "text_encoder", "text_encoder_ema",
                               "optimizer"), (4, 8, 12)),
-    pytest.param(TINY_SDXL, (), ("unet", "unet_ema", "vae", "optimizer"), (2, 4),
+    pytest.param(TINY_SDXL, SDXL_BUCKETED, ("unet", "unet_ema", "vae", "optimizer"), (2, 4),
                  marks=SDXL_RUN_GROUP),
     pytest.param(TINY_FLOW, (), ("transformer", "transformer_ema", "vae", "optimizer"), (2, 4),
                  marks=FLOW_RUN_GROUP),
 ], ids=["unet", "text_encoder", "sdxl", "flow"])
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp_path, config,
-                                                              overrides, items, checkpoints):
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(
+        finished_run, aspect_folder, tmp_path, config, overrides, items, checkpoints):
+    overrides = _in_folder(overrides, aspect_folder)
     uninterrupted = finished_run(*overrides, config=config)
     workdir = tmp_path / "killed"
     kill_after = int(np.random.default_rng().choice(checkpoints))  # a checkpoint in either stage
@@ -448,13 +475,15 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(finished_run, tmp
 
 
 @SDXL_RUN_GROUP
-def test_an_sdxl_shaped_run_trains_on_pooled_and_time_ids_and_checkpoints(finished_run):
-    """configs/tiny_sdxl_train.py: two text towers, the pooled bigG-like embedding and the
-    size/crop time_ids the data pipeline builds; the final grid is sampled through the
-    pipeline from the run's EMA params (its time_ids from the grid's size)."""
-    workdir = finished_run(config=TINY_SDXL)
+def test_an_sdxl_shaped_run_trains_on_pooled_and_time_ids_and_checkpoints(finished_run,
+                                                                          aspect_folder):
+    """configs/tiny_sdxl_train.py on a caption folder in two aspect buckets: two text towers,
+    the pooled bigG-like embedding and the size/crop time_ids the data pipeline builds; the
+    final grid is sampled through the pipeline from the run's EMA params (its time_ids from
+    the grid's size)."""
+    workdir = finished_run(*_in_folder(SDXL_BUCKETED, aspect_folder), config=TINY_SDXL)
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["diffusion_train_step_compilations"] == 1
+    assert summary["diffusion_train_step_compilations"] == 2  # per bucket: both were drawn
     assert Path(summary["samples"]).is_file()
     assert np.isfinite(summary["diffusion_eval_loss"])
     curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -552,13 +581,16 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
                  before)
 
 
-@pytest.mark.parametrize("config", [TINY, pytest.param(TINY_SDXL, marks=SDXL_RUN_GROUP),
-                                    pytest.param(TINY_FLOW, marks=FLOW_RUN_GROUP)],
-                         ids=["sd", "sdxl", "flow"])
-def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, tmp_path, config):
-    uninterrupted = finished_run(config=config)
+@pytest.mark.parametrize("config, overrides", [
+    (TINY, ()), pytest.param(TINY_SDXL, SDXL_BUCKETED, marks=SDXL_RUN_GROUP),
+    pytest.param(TINY_FLOW, (), marks=FLOW_RUN_GROUP)], ids=["sd", "sdxl", "flow"])
+def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, aspect_folder, tmp_path,
+                                                        config, overrides):
+    overrides = _in_folder(overrides, aspect_folder)
+    uninterrupted = finished_run(*overrides, config=config)
     workdir = tmp_path / "eight"
-    result = subprocess.run(_train_command(workdir, "--config.mesh.data=4", "--config.mesh.fsdp=2",
+    result = subprocess.run(_train_command(workdir, *overrides,
+                                           "--config.mesh.data=4", "--config.mesh.fsdp=2",
                                            "--config.mesh.fsdp_min_size=64", config=config),
                             capture_output=True, text=True, cwd=REPO, env=_env(devices=8))
     assert result.returncode == 0, result.stderr[-3000:]

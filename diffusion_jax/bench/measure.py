@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,17 +46,25 @@ def warm_median(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return first, statistics.median(timed(fn, repeats))
 
 
+class Compiled(NamedTuple):
+    """A benchmark's program: the executable, seconds to lower and compile it, and what the
+    result shows of the options it compiled with (compile_options_shown)."""
+
+    executable: Any
+    seconds: float
+    options_shown: dict
+
+
 def compile_timed(fn: Callable, *args, program_kind: str,
-                  donate_argnums: tuple[int, ...] = ()):
-    """(compiled executable, seconds to lower and compile it), compiled with the XLA options
-    of `program_kind` as the trainer and the pipeline compile theirs (xla_defaults). The
-    benchmarks time this executable itself, so the FLOPs and memory reported are those of
-    the program measured."""
+                  donate_argnums: tuple[int, ...] = ()) -> Compiled:
+    """`fn` compiled with the XLA options of `program_kind` as the trainer and the pipeline
+    compile theirs (xla_defaults). The benchmarks time this executable itself, so the FLOPs
+    and memory reported are those of the program measured."""
     start = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=donate_argnums,
-                       compiler_options=xla_defaults.compiler_options(program_kind)
-                       ).lower(*args).compile()
-    return compiled, time.perf_counter() - start
+    executable = jax.jit(fn, donate_argnums=donate_argnums,
+                         compiler_options=xla_defaults.compiler_options(program_kind)
+                         ).lower(*args).compile()
+    return Compiled(executable, time.perf_counter() - start, compile_options_shown(program_kind))
 
 
 def compile_options_shown(program_kind: str) -> dict:

@@ -51,14 +51,15 @@ def _unet_inputs(config: unet_lib.UNetConfig, batch: int) -> dict[str, np.ndarra
     return inputs
 
 
-def _result(name: str, *, batch: int, dtype: str, repeats: int, compiled, compile_s: float,
-            median_s: float, program_kind: str, **details) -> dict:
+def _result(name: str, *, batch: int, dtype: str, repeats: int, compiled: measure.Compiled,
+            median_s: float, **details) -> dict:
     """The figures every model benchmark reports, read right after our timed runs (before
     any PyTorch model exists, so the peak RSS is ours)."""
     return dict(benchmark=name, batch=batch, dtype=dtype, repeats=repeats, **details,
-                **measure.throughput(batch, median_s, measure.xla_flops(compiled)),
-                compile_s=compile_s, **measure.compile_options_shown(program_kind),
-                **measure.xla_memory(compiled), **measure.peak_memory(), **measure.environment())
+                **measure.throughput(batch, median_s, measure.xla_flops(compiled.executable)),
+                compile_s=compiled.seconds, **compiled.options_shown,
+                **measure.xla_memory(compiled.executable), **measure.peak_memory(),
+                **measure.environment())
 
 
 def bench_unet(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32",
@@ -72,10 +73,10 @@ def bench_unet(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float
     added = [inputs[k] for k in ("text_embeds", "time_ids") if k in inputs]
     args = jax.device_put((params, inputs["sample"], inputs["timesteps"], inputs["context"],
                            *added))
-    compiled, compile_s = measure.compile_timed(forward, *args, program_kind="forward")
-    ours, median_s = measure.warm_median(lambda: compiled(*args), repeats)
+    compiled = measure.compile_timed(forward, *args, program_kind="forward")
+    ours, median_s = measure.warm_median(lambda: compiled.executable(*args), repeats)
     result = _result("unet", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
-                     compile_s=compile_s, median_s=median_s, program_kind="forward",
+                     median_s=median_s,
                      latent_shape=list(inputs["sample"].shape))
     if compare_torch:
         import torch
@@ -179,13 +180,13 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     # Compiled from shapes before the state exists: the compiler's memory is free again
     # when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB).
     state_shapes = jax.eval_shape(create_state, KINDS["unet"].param_shapes(cfg))
-    compiled, compile_s = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
-                                                program_kind="train_step", donate_argnums=(0,))
+    compiled = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
+                                     program_kind="train_step", donate_argnums=(0,))
     state = create_state(random_params("unet", config["unet"], seed=0))
     current, losses = [state], []
 
     def step():
-        current[0], metrics = compiled(current[0], frozen, batch_arrays)
+        current[0], metrics = compiled.executable(current[0], frozen, batch_arrays)
         losses.append(metrics["loss"])
         return current[0]
 
@@ -194,7 +195,7 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     # gradients and AdamW are (the steps repeat one batch).
     losses = [float(losses[0]), float(losses[-1])]
     result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
-                     compile_s=compile_s, median_s=median_s, program_kind="train_step",
+                     median_s=median_s,
                      remat=remat, context=context,
                      latent_shape=list(inputs["sample"].shape), first_loss=losses[0],
                      last_loss=losses[1])
@@ -257,10 +258,10 @@ def bench_vae(config: Mapping[str, Any], *, batch: int = 4, dtype: str = "float3
         return model.apply({"params": p}, mean, method=vae_lib.AutoencoderKL.decode)
 
     args = jax.device_put((params, images))
-    compiled, compile_s = measure.compile_timed(encode_decode, *args, program_kind="vae")
-    ours, median_s = measure.warm_median(lambda: compiled(*args), repeats)
+    compiled = measure.compile_timed(encode_decode, *args, program_kind="vae")
+    ours, median_s = measure.warm_median(lambda: compiled.executable(*args), repeats)
     result = _result("vae", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
-                     compile_s=compile_s, median_s=median_s, program_kind="vae",
+                     median_s=median_s,
                      image_shape=list(images.shape))
     if compare_torch:
         import torch

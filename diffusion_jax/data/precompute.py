@@ -164,6 +164,7 @@ def write_latents(encode_fn: Callable[[np.ndarray], np.ndarray],
 
 SHARD_STATS = "shard-{:05d}.json"
 RECORD_FILE = "{}-{:05d}.array_record"
+BUCKET_RECORD_FILE = "{}-{}-{:05d}.array_record"  # split, bucket "HxW", shard
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,9 +223,7 @@ def plan_webdataset(spec: str, out_path, data_config, text, model: dict, *,
     from diffusion_jax.data import webdataset_shards
 
     if buckets.enabled(data_config.buckets):
-        raise ValueError("data.buckets: WebDataset shards are precomputed square, at "
-                         "data.image_size; set --config.data.buckets.pixels=0 (buckets need an "
-                         "image folder, or latents written from one by write_latents)")
+        buckets.check_config(data_config.buckets)
     urls = webdataset_shards.expand_spec(spec)
     existing = set(webdataset_shards.existing_shards(urls))
     if not existing:
@@ -242,6 +241,8 @@ def plan_webdataset(spec: str, out_path, data_config, text, model: dict, *,
     settings = {**model, **_ids_lengths(input_pipeline.text_tokenizers(text)),
                 **{k: data_config[k] for k in ("image_size", "random_crop", "min_image_size",
                                                "eval_fraction", "seed", "split", "eval_split")}}
+    if buckets.enabled(data_config.buckets):  # as JSON reads them back: lists
+        settings["buckets"] = [list(size) for size in buckets.bucket_sizes(data_config.buckets)]
     shards = [(i, u) for i, u in enumerate(urls) if u in existing]
     mine = webdataset_shards.process_shards(shards, process_index, process_count)
     todo = []
@@ -259,10 +260,11 @@ def _key_seed(key: str) -> int:
     return int.from_bytes(hashlib.md5(key.encode("utf-8")).digest()[:8], "big")
 
 
-def _shard_rows(url: str, prepare: input_pipeline.PrepareImage, data_config,
+def _shard_rows(url: str, prepare_for: Callable, data_config,
                 counters: dict[bool, input_pipeline.ExampleCounter]):
-    """Prepared rows of one shard, {"image", "input_ids", "label", "held_out"}, counting
-    skips and conversions per split (a tar-level problem, having no key, in the train split).
+    """(record file, prepared row {"image", "input_ids", "label", ...}) of each sample of one
+    shard, counting skips and conversions per split (a tar-level problem, having no key, in
+    the train split). `prepare_for(example, held_out)` -> (file, the PrepareImage for it).
     Training rows are cropped at a position drawn from (seed, key hash) when random_crop is
     on, so a rerun crops alike; held-out rows centrally, as eval images are."""
     from diffusion_jax.data import webdataset_shards
@@ -272,12 +274,36 @@ def _shard_rows(url: str, prepare: input_pipeline.PrepareImage, data_config,
         rng = None
         if data_config.random_crop and key is not None and not held:
             rng = np.random.default_rng([data_config.seed, _key_seed(key)])
+        name, prepare = prepare_for(example, held)
         prepared = prepare(example, rng)
         if isinstance(prepared, sources.Skipped):
             counters[held].skip(prepared)
             continue
         counters[held].keep(prepared)
-        yield {**prepared.arrays, "held_out": np.bool_(held)}
+        yield name, prepared.arrays
+
+
+def _shard_preparation(plan: ShardPlan, index: int, prepare: input_pipeline.PrepareImage):
+    """(example, held out) -> (record file, its PrepareImage) for shard `index`: held-out
+    images square at data.image_size (as the trainer evaluates); training images at
+    data.image_size too, or with data.buckets at their nearest bucket, one file per bucket
+    (its population is not known while streaming, so no bucket is dropped here: the trainer
+    skips one with fewer latents than processes)."""
+    config = plan.data_config
+    square = {False: RECORD_FILE.format(config.split, index),
+              True: RECORD_FILE.format(config.eval_split, index)}
+    if not buckets.enabled(config.buckets):
+        return lambda example, held: (square[held], prepare)
+    sizes = buckets.bucket_sizes(config.buckets)
+    at_bucket = [(BUCKET_RECORD_FILE.format(config.split, buckets.bucket_key(size), index),
+                  dataclasses.replace(prepare, image_size=size)) for size in sizes]
+
+    def prepare_for(example, held):
+        if held or isinstance(example, sources.Skipped):
+            return square[held], prepare
+        return at_bucket[int(buckets.nearest([example.image.shape[:2]], sizes)[0])]
+
+    return prepare_for
 
 
 def _counts_since(counter: input_pipeline.ExampleCounter, before: dict) -> dict:
@@ -291,28 +317,44 @@ def _encode_shard(plan: ShardPlan, index: int, url: str, encode_fn, text_fn, pre
                   counters, progress) -> None:
     ids_keys = prepare.caption_ids.tokenizers
     config, out = plan.data_config, plan.out
-    names = {False: RECORD_FILE.format(config.split, index),
-             True: RECORD_FILE.format(config.eval_split, index)}
     before = {held: c.as_dict() for held, c in counters.items()}
-    writers = {held: ArrayRecordWriter(str(out / (name + ".tmp")), "group_size:1")
-               for held, name in names.items()}
+    # Every shard has its two square files (empty ones too); bucket files where images went.
+    names = [RECORD_FILE.format(config.eval_split, index)]
+    if not buckets.enabled(config.buckets):
+        names.append(RECORD_FILE.format(config.split, index))
+    writers = {name: ArrayRecordWriter(str(out / (name + ".tmp")), "group_size:1")
+               for name in names}
+    pending = collections.defaultdict(list)  # file -> rows not yet encoded (one shape each)
+
+    def write(name, rows):
+        batch, real = next(_padded_batches(rows, config.batch_size))
+        batch["latents"] = encode_fn(batch["image"])
+        cond = text_fn({key: batch[key] for key in ids_keys})
+        if name not in writers:
+            writers[name] = ArrayRecordWriter(str(out / (name + ".tmp")), "group_size:1")
+        for i in range(real):
+            writers[name].write(sources.encode_record(_record(batch, cond, i, ids_keys)))
+        progress.update(real)
+
     try:
-        for batch, real in _padded_batches(_shard_rows(url, prepare, config, counters),
-                                           config.batch_size):
-            batch["latents"] = encode_fn(batch["image"])
-            cond = text_fn({key: batch[key] for key in ids_keys})
-            for i in range(real):
-                writers[bool(batch["held_out"][i])].write(
-                    sources.encode_record(_record(batch, cond, i, ids_keys)))
-            progress.update(real)
+        rows = _shard_rows(url, _shard_preparation(plan, index, prepare), config, counters)
+        for name, row in rows:
+            pending[name].append(row)
+            if len(pending[name]) == config.batch_size:
+                write(name, pending.pop(name))
+        for name, left in pending.items():
+            write(name, left)
     finally:
         for writer in writers.values():
             writer.close()
-    for name in names.values():
+    for name in writers:
         os.replace(out / (name + ".tmp"), out / name)
     stats = {"index": index, "url": url, "settings": plan.settings,
              "splits": {(config.eval_split if held else config.split): _counts_since(c, before[held])
                         for held, c in counters.items()}}
+    if buckets.enabled(config.buckets):  # bucket "HxW" -> its file, for the buckets written
+        stats["buckets"] = {name.split("-")[-2]: name for name in sorted(writers)
+                            if name not in names}
     _write_json(out / SHARD_STATS.format(index), stats)
 
 
@@ -383,6 +425,13 @@ def finalize(plan: ShardPlan, text_fn, text, micro_conditioning: bool = False) -
             meta[kind][split] = dict(sorted(sum((collections.Counter(c[kind]) for c in counts),
                                                 collections.Counter()).items()))
         meta["files"][split] = [RECORD_FILE.format(split, s["index"]) for s in stats]
+    if buckets.enabled(config.buckets):  # the training split: a list of files per bucket
+        written = collections.defaultdict(list)
+        for s in stats:
+            for key, name in s["buckets"].items():
+                written[key].append(name)
+        meta["buckets"] = {config.split: dict(sorted(written.items()))}
+        meta["files"][config.split] = [name for names in written.values() for name in names]
     meta["cond_keys"] = _write_null_cond(plan.out, text_fn, tokenizers)
     _write_json(plan.out / sources.LATENTS_META, meta)  # last: it marks the folder complete
     return True

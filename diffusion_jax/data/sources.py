@@ -378,7 +378,8 @@ def cond_keys(meta: dict) -> list[str]:
 class LatentsSource:
     """Precomputed examples written by `precompute.write_latents` or `diffusion-jax precompute`:
     `latents.json` in the folder `path` lists the array_record files of each split (one
-    `{split}.array_record`, or one `{split}-NNNNN.array_record` per WebDataset shard), each
+    `{split}.array_record`, or one `{split}-NNNNN.array_record` per WebDataset shard, or with
+    aspect buckets `{split}-HxW[-NNNNN].array_record` per bucket [and shard]), each
     record {"latents", the ids keys ("input_ids", ...), "label"}, the text towers'
     conditioning ("context", "pooled") when it was stored too, and each image's
     "original_size" and "crop_top_left" when it was written for SDXL's micro-conditioning.
