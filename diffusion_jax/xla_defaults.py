@@ -20,7 +20,11 @@ It only affects the CPU backend; GPU and TPU programs compile as before.
 Per program: the best choice depends on the program and the CPU. On a 2-core AVX-512 EPYC
 VM (BENCHMARKS.md, alternating in one process, medians of 4) YNNPACK made the U-Net forward
 15% faster (0.90 vs 1.05 s), the train step 4% (3.21 vs 3.35 s; 11% in issue 19's runs) and
-the VAE 37% slower (0.61 vs 0.39 s); on the AVX2 machine it is slower for all three kinds. So the
+the VAE 37% slower (0.61 vs 0.39 s); on the AVX2 machine it is slower for all three kinds.
+On a 2-core AVX-512 Intel Xeon VM, YNNPACK for dots and reductions only (convolutions on
+XLA's Eigen kernels) beat both all-on and off for the U-Net forward and train step, SD- and
+SDXL-shaped (e.g. the SD-shaped train step 2.39 s vs 2.66 on, 3.27 off), and off stayed the
+best for the VAE (0.30 s vs 0.38 dots-and-reductions, 0.44 on). So the
 programs we compile (training steps, sampling loops, the VAE) pass
 `compiler_options(kind)` to `jax.jit`, which XLA applies to that executable alone; the
 process default covers everything else. The user's own flag still wins: when XLA_FLAGS
@@ -50,9 +54,16 @@ YNNPACK_ON = ("LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_INDIVIDUAL
 # forward passes (sampling loops, loss evaluation), the VAE (encode, decode, its training),
 # anything else (evaluators' towers).
 PROGRAM_KINDS = ("train_step", "forward", "vae", "other")
-# The program kinds that compile with YNNPACK, per CPU instruction set, as measured with
-# `bench train|unet|vae --compare torch` (BENCHMARKS.md). Unmeasured kinds keep it off.
-YNNPACK_KINDS = {"avx512": ("train_step", "forward"), "avx2": (), "other": ()}
+# YNNPACK for dots and reductions (attention, norms), XLA's Eigen kernels for convolutions.
+YNNPACK_DOTS_AND_REDUCES = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+# What YNNPACK takes in each program kind, per CPU instruction set, as measured by
+# alternating the choices in one process (BENCHMARKS.md); absent: off. Unmeasured kinds
+# (and the AVX2 machine's dots-and-reductions choice) keep it off.
+YNNPACK_FUSIONS = {
+    "avx512": {"train_step": YNNPACK_DOTS_AND_REDUCES, "forward": YNNPACK_DOTS_AND_REDUCES},
+    "avx2": {},
+    "other": {},
+}
 # jaxlib versions (major, minor) whose XLA has the flag (0.10 measured here; 0.11 has it too).
 KNOWN_JAXLIB = ((0, 10), (0, 11))
 
@@ -144,8 +155,8 @@ def compiler_options(kind: str, *, backend: str | None = None, isa: str | None =
         backend = jax.default_backend()
     if backend != "cpu" or not flags_to_add(user, environ):
         return {}
-    on = kind in YNNPACK_KINDS.get(isa or cpu_isa(), ())
-    return {YNNPACK_OPTION: YNNPACK_ON if on else YNNPACK_OFF}
+    fusions = YNNPACK_FUSIONS.get(isa or cpu_isa(), {}).get(kind, YNNPACK_OFF)
+    return {YNNPACK_OPTION: fusions}
 
 
 def _backend_started() -> bool:

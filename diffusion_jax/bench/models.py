@@ -18,10 +18,10 @@ import numpy as np
 import optax
 
 from diffusion_jax import system
+from diffusion_jax.adapters import lora_export, lora_train
 from diffusion_jax.bench import measure
 from diffusion_jax.bench.weights import random_params
 from diffusion_jax.convert.torch_params import params_to_state_dict
-from diffusion_jax.models import KINDS
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.models import vae as vae_lib
 from diffusion_jax.models.layers import REMAT_POLICIES
@@ -142,13 +142,37 @@ def _text_towers(config: Mapping[str, Any], dtype: str, batch: int):
     return models, params, ids
 
 
+def _lora_section(rank: int) -> dict:
+    """bench train --lora RANK: PEFT's usual recipe, the U-Net's attention projections with
+    alpha = rank (scale 1)."""
+    return dict(rank=rank, alpha=float(rank), targets=(lora_train.ATTENTION,))
+
+
+def _lora_setup(config: Mapping[str, Any], rank: int, base_loss, frozen: dict):
+    """(the loss over {"lora": factors}, frozen params with the base U-Net, the factors):
+    the trainer's LoRA step, whose factors are all the optimizer holds. The factors start
+    from lora_train.init with `up` drawn too (not zero), so the step's gradients reach
+    every factor."""
+    ckpt_config = {**config, lora_train.ITEM: _lora_section(rank)}
+    factors = lora_train.init(ckpt_config, jax.random.key(3))
+    factors = jax.tree.map(lambda f: np.asarray(
+        f + 0.01 * jax.random.normal(jax.random.key(4), f.shape)), factors)
+    tower_loss = lambda towers, rest, batch, rng: base_loss(towers["unet"], rest, batch, rng)
+    frozen = {**frozen, "unet": random_params("unet", config["unet"], seed=0)}
+    return lora_train.loss_fn(tower_loss, ckpt_config), frozen, {lora_train.ITEM: factors}
+
+
 def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "float32",
                 remat: str | None = None, repeats: int = 5, compare_torch: bool = False,
-                context: str = "precomputed") -> dict:
+                context: str = "precomputed", lora: int | None = None) -> dict:
     """One U-Net training step: forward, epsilon MSE, gradients, AdamW update; the project's
     `make_train_step` (no EMA), jitted with the state donated. `context`: "precomputed" (the
     batch holds the text context, as precomputed embeddings give it) or "encoded" (the batch
-    holds token ids, and the frozen text towers encode them in every step)."""
+    holds token ids, and the frozen text towers encode them in every step). `lora`: a rank;
+    the step trains LoRA factors of the U-Net's attention alone, its base frozen (the
+    reference: diffusers with PEFT's LoRA layers)."""
+    if lora is not None and lora < 1:
+        raise ValueError(f"--lora {lora}: the LoRA rank must be at least 1, e.g. 4")
     if remat is not None and remat not in REMAT_POLICIES:
         raise ValueError(f"--remat {remat!r}: valid policies are {list(REMAT_POLICIES)}")
     if context not in CONTEXTS:
@@ -173,16 +197,20 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
             arrays["text_embeds"] = inputs["text_embeds"]
     batch_arrays = jax.device_put(arrays)
     optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    train_step = make_train_step(_epsilon_loss(model, text), optimizer, lambda _: LEARNING_RATE,
-                                 ema_max_decay=None)
+    loss_fn = _epsilon_loss(model, text)
+    trained = lambda: random_params("unet", config["unet"], seed=0)
+    if lora is not None:
+        loss_fn, frozen, factors = _lora_setup(config, lora, loss_fn, frozen)
+        trained = lambda: jax.tree.map(jnp.asarray, factors)  # fresh: the state is donated
+    train_step = make_train_step(loss_fn, optimizer, lambda _: LEARNING_RATE, ema_max_decay=None)
     create_state = lambda params: TrainState.create(
         params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
     # Compiled from shapes before the state exists: the compiler's memory is free again
     # when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB).
-    state_shapes = jax.eval_shape(create_state, KINDS["unet"].param_shapes(cfg))
+    state_shapes = jax.eval_shape(create_state, jax.eval_shape(trained))
     compiled = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
                                      program_kind="train_step", donate_argnums=(0,))
-    state = create_state(random_params("unet", config["unet"], seed=0))
+    state = create_state(trained())
     current, losses = [state], []
 
     def step():
@@ -196,26 +224,51 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     losses = [float(losses[0]), float(losses[-1])]
     result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
                      median_s=median_s,
-                     remat=remat, context=context,
+                     remat=remat, context=context, lora_rank=lora,
+                     trained_params=sum(x.size for x in jax.tree.leaves(state_shapes.params)),
                      latent_shape=list(inputs["sample"].shape), first_loss=losses[0],
                      last_loss=losses[1])
     if compare_torch:
         del current, state  # our params were donated: the reference draws the same ones again
         params = random_params("unet", config["unet"], seed=0)
+        adapter = None if lora is None else (_lora_section(lora), factors[lora_train.ITEM])
         result.update(_torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch,
-                                   median_s, losses))
+                                   median_s, losses, config, adapter))
     return result
 
 
+def _add_peft_lora(module, config: Mapping[str, Any], section: dict, factors: dict):
+    """PEFT's LoRA layers on the diffusers U-Net, holding our factors; the base frozen."""
+    import peft
+    import torch
+
+    ckpt_config = {**config, lora_train.ITEM: section}
+    tensors, _ = lora_export.state_dict(factors, ckpt_config, "peft")
+    names = sorted({key[len("unet."):-len(".lora_A.weight")] for key in tensors
+                    if key.endswith(".lora_A.weight")})
+    module.requires_grad_(False)
+    module.add_adapter(peft.LoraConfig(r=section["rank"], lora_alpha=section["alpha"],
+                                       target_modules=names))
+    with torch.no_grad():
+        for name in names:
+            layer = module.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(torch.from_numpy(tensors[f"unet.{name}.lora_A.weight"]))
+            layer.lora_B["default"].weight.copy_(torch.from_numpy(tensors[f"unet.{name}.lora_B.weight"]))
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def _torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch, median_s,
-                 losses: list[float]) -> dict:
-    """diffusers' U-Net and torch.optim.AdamW: forward, MSE, backward, step, zero_grad."""
+                 losses: list[float], config: Mapping[str, Any],
+                 lora: tuple[dict, dict] | None = None) -> dict:
+    """diffusers' U-Net and torch.optim.AdamW: forward, MSE, backward, step, zero_grad;
+    with `lora` (section, our factors), over PEFT's LoRA layers alone."""
     import torch
 
     module = _torch_model("UNet2DConditionModel", cfg, params).train()
     if remat is not None:
         module.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    trained = module.parameters() if lora is None else _add_peft_lora(module, config, *lora)
+    optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     sample, noise = (torch.from_numpy(_nchw(np.asarray(batch_arrays[k])))
                      for k in ("noisy_latents", "noise"))
     timesteps, context = (torch.tensor(np.asarray(batch_arrays[k]))

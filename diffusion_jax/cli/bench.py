@@ -9,7 +9,7 @@ from diffusion_jax.cli.common import config_sections, fake_cpu_devices
 
 
 # Options that only some benchmarks take; the others reject them rather than ignore them.
-BENCH_ONLY_OPTIONS = {"remat": ("train",), "context": ("train",),
+BENCH_ONLY_OPTIONS = {"remat": ("train",), "context": ("train",), "lora": ("train",),
                       "compare": ("unet", "train", "vae", "sample"),
                       "sampler": ("sample", "compile"), "steps": ("sample", "compile"),
                       "batch": ("unet", "train", "vae", "sample", "compile"),
@@ -51,6 +51,9 @@ def add_bench(subparsers) -> None:
                         help="train: the text context in the batch, as precomputed embeddings "
                              "give it, or encoded from token ids by the frozen text towers in "
                              "every step (default: precomputed)")
+    parser.add_argument("--lora", type=int, metavar="RANK",
+                        help="train: train rank-RANK LoRA factors of the U-Net's attention "
+                             "alone, its base frozen (the reference: diffusers + PEFT)")
     parser.add_argument("--sampler", help="sample, compile: sampler (default: dpmpp_2m)")
     parser.add_argument("--steps", type=int,
                         help="sample, compile: inference steps (default: sample 20, compile 4)")
@@ -87,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> None:
     config = config_sections(args.config)
 
     options = {name: getattr(args, name) for name in ("batch", "dtype", "remat", "context",
-                                                      "sampler", "steps", "repeats")
+                                                      "lora", "sampler", "steps", "repeats")
                if getattr(args, name) is not None}
     if args.blocks is not None:
         from diffusion_jax.bench import blocks
