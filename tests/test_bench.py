@@ -68,6 +68,22 @@ def test_train_step_matches_torch(capsys, tmp_path):
     assert result["xla_alias_bytes"] > 0  # the donated state is updated in place
 
 
+def test_lora_train_step_matches_diffusers_with_peft(capsys, tmp_path):
+    """bench train --lora: the optimizer holds the attention factors alone (PEFT's layers on
+    the torch side, holding the same factors): the same losses, far fewer trained params
+    and a smaller state than the full step's."""
+    full = _bench(capsys, tmp_path, "train", "--batch", "2")
+    result = _bench(capsys, tmp_path, "train", "--batch", "2", "--lora", "2", "--compare",
+                    "torch")
+    _check_common(result, batch=2)
+    _check_torch(result)
+    assert result["lora_rank"] == 2 and full["lora_rank"] is None
+    assert 0 < result["trained_params"] < full["trained_params"] / 10
+    assert result["xla_argument_bytes"] < full["xla_argument_bytes"]  # no AdamW moments of W
+    assert abs(result["last_loss"] - result["first_loss"]) > 1e-4  # the factors moved
+    assert result["loss_difference"] < 1e-4 * max(1.0, result["torch_first_loss"])
+
+
 def test_train_step_with_the_context_encoded_by_the_frozen_text_tower(capsys, tmp_path):
     result = _bench(capsys, tmp_path, "train", "--batch", "2", "--context", "encoded")
     _check_common(result, batch=2)
@@ -142,6 +158,8 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
     (["unet", "--config", TINY, "--remat", "nothing_saveable"],
      "--remat applies to bench train only"),
     (["vae", "--config", TINY, "--context", "encoded"], "--context applies to bench train only"),
+    (["unet", "--config", TINY, "--lora", "4"], "--lora applies to bench train only"),
+    (["train", "--config", TINY, "--lora", "0"], "the LoRA rank must be at least 1"),
     (["train", "--config", TINY, "--context", "encoded", "--compare", "torch"],
      "--compare torch times the U-Net step on a precomputed context"),
     (["compile", "--config", TINY, "--compare", "torch"], "--compare applies to bench unet"),

@@ -1,7 +1,7 @@
 """Flux.1 as a whole system: conversion of a FluxPipeline folder both ways and
 `diffusion-jax sample --init-latents` against diffusers' FluxPipeline on a tiny random one:
 dev's embedded guidance, true CFG against a negative prompt, the image-size shift of the
-schedule (FluxPipeline's sigmas), T5's prompt_2, img2img."""
+schedule (FluxPipeline's sigmas), T5's prompt_2, img2img and inpaint."""
 
 import numpy as np
 import pytest
@@ -189,6 +189,38 @@ def test_img2img_matches_diffusers(flux, monkeypatch):
     check_pixels("img2img", ours, expected)
 
 
+def test_inpaint_matches_diffusers(flux, monkeypatch):
+    """FluxInpaintPipeline at strength 0.8, the right half repainted: latent blending (its
+    transformer reads the 16 packed channels alone), the unmasked half kept on the image's
+    path noised to each next sigma. Given our noise and the posterior mode, as img2img."""
+    import sys
+
+    from PIL import Image
+
+    pipe, ckpt, root = flux
+    image = (np.random.default_rng(5).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2:] = 255
+    Image.fromarray(image).save(root / "inpaint_init.png")
+    Image.fromarray(mask).save(root / "inpaint_mask.png")
+    latents = _latents(6)
+    ours = _sample_cli(root, ckpt, "inpaint", latents, "--init-image",
+                       str(root / "inpaint_init.png"), "--mask", str(root / "inpaint_mask.png"),
+                       "--strength", "0.8")
+    inpaint = diffusers.FluxInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    module = sys.modules[type(inpaint).__module__]
+    original = module.retrieve_latents
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
+    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None,
+                        sample_mode="sample": original(output, sample_mode="argmax"))
+    expected = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
+                       strength=0.8, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                       height=SIZE, width=SIZE, max_sequence_length=T5_TOKENS,
+                       output_type="np").images
+    check_pixels("inpaint", ours, expected)
+
+
 @GROUP
 def test_the_readme_flux_commands_run(flux, tmp_path, monkeypatch, capsys):
     """README.md's Flux.1 block as written, on the tiny pipeline's folder, its default image
@@ -202,15 +234,18 @@ def test_the_readme_flux_commands_run(flux, tmp_path, monkeypatch, capsys):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"### Flux\.1\n\n```bash\n(.*?)```", readme, re.S)[1]
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
-    assert [c[1] for c in commands] == ["params", "convert", "sample", "sample", "sample"]
+    assert [c[1] for c in commands] == ["params", "convert"] + ["sample"] * 4
     from diffusion_jax.models import flux as flux_model
 
     monkeypatch.setattr(flux_model.FluxConfig, "sample_size", SIZE // 2)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2:] = 255
+    Image.fromarray(mask).save(tmp_path / "door_mask.png")
     folder = str(flux[2] / "diffusers")
     for words in commands:
         assert cli.main([folder if w == "path/to/FLUX.1-dev" else w for w in words[1:]]) == 0, words
     assert "transformer      11,901,408,320" in capsys.readouterr().out
-    for name in ("lighthouse.png", "cfg.png", "lighthouse_2.png"):
+    for name in ("lighthouse.png", "cfg.png", "lighthouse_2.png", "door.png"):
         assert Image.open(tmp_path / name).size == (SIZE, SIZE)
