@@ -84,6 +84,22 @@ def test_lora_train_step_matches_diffusers_with_peft(capsys, tmp_path):
     assert result["loss_difference"] < 1e-4 * max(1.0, result["torch_first_loss"])
 
 
+@pytest.mark.parametrize("config, denoiser", [("flux_bench", "flux"),
+                                               ("tiny_flow_train", "mmdit")])
+def test_flow_transformer_forward_matches_diffusers(capsys, tmp_path, config, denoiser):
+    """bench transformer: Flux.1's forward (packed, with its ids and dev's guidance) and
+    SD3's MMDiT against diffusers' models on the same weights, as their pipelines call them."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "transformer", "--config", config, "--batch", "1", "--repeats",
+                     "1", "--compare", "torch", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    _check_common(result, batch=1)
+    _check_torch(result)
+    assert result["denoiser"] == denoiser
+    print(f"{denoiser}: relative difference {result['relative_difference']:.2e}")
+    assert 0 < result["relative_difference"] < 1e-4
+
+
 def test_train_step_with_the_context_encoded_by_the_frozen_text_tower(capsys, tmp_path):
     result = _bench(capsys, tmp_path, "train", "--batch", "2", "--context", "encoded")
     _check_common(result, batch=2)
@@ -159,6 +175,7 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
      "--remat applies to bench train only"),
     (["vae", "--config", TINY, "--context", "encoded"], "--context applies to bench train only"),
     (["unet", "--config", TINY, "--lora", "4"], "--lora applies to bench train only"),
+    (["transformer", "--config", TINY], "this config's denoiser is a unet: use bench unet"),
     (["train", "--config", TINY, "--lora", "0"], "the LoRA rank must be at least 1"),
     (["train", "--config", TINY, "--context", "encoded", "--compare", "torch"],
      "--compare torch times the U-Net step on a precomputed context"),

@@ -36,7 +36,7 @@ TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "flow_demo", "ti
                     "tiny_controlnet_train")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
                         "bench", "flux_dev", "flux_schnell", "sd3_medium", "sd35_medium", "sd35_large",
-                        "controlnet_sd15", "controlnet_sdxl")
+                        "controlnet_sd15", "controlnet_sdxl", "flux_bench")
 
 
 def test_the_lists_above_are_every_bundled_config():

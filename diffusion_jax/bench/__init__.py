@@ -4,6 +4,7 @@ same config and weights (random, from our own init).
     unet     U-Net forward                                  (models.py)
     train    one U-Net AdamW training step                  (models.py)
     vae      VAE encode (posterior mean) + decode           (models.py)
+    transformer  Flux.1's or SD3's flow transformer forward (flow_transformers.py)
     sample   txt2img seconds per image                      (sampling.py)
     compile  first vs second process with the persistent compilation cache  (sampling.py)
     memory   XLA's per-device memory of a training config's U-Net step on N devices (memory.py)
@@ -25,6 +26,7 @@ from typing import Any, Mapping
 BENCHMARKS = {"unet": ("models", "bench_unet", ("unet",)),
               "train": ("models", "bench_train", ("unet",)),
               "vae": ("models", "bench_vae", ("vae",)),
+              "transformer": ("flow_transformers", "bench_transformer", "system"),
               "sample": ("sampling", "bench_sample", "system"),
               "compile": ("sampling", "bench_compile", "system"),
               "memory": ("memory", "bench_memory", "system")}

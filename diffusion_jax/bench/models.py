@@ -343,14 +343,20 @@ def _nhwc(x) -> np.ndarray:
     return x.detach().float().numpy().transpose(0, 2, 3, 1)
 
 
-def _torch_model(class_name: str, config, params):
-    """The diffusers model of our config, holding our params."""
+def _torch_model(class_name: str, config, params, buffers: tuple[str, ...] = ()):
+    """The diffusers model of our config, holding our params; `buffers`: regexes of the
+    state-dict keys it computes itself, which we hold no param for (SD3's pos_embed)."""
+    import re
+
     import diffusers
     import torch
 
     module = getattr(diffusers, class_name)(**config.to_dict())
     state_dict = {k: torch.tensor(v) for k, v in params_to_state_dict(params).items()}
-    module.load_state_dict(state_dict, strict=True)
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not any(re.fullmatch(b, k) for b in buffers)]
+    if missing or unexpected:
+        raise RuntimeError(f"{class_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return module.eval()
 
 

@@ -10,12 +10,12 @@ from diffusion_jax.cli.common import config_sections, fake_cpu_devices
 
 # Options that only some benchmarks take; the others reject them rather than ignore them.
 BENCH_ONLY_OPTIONS = {"remat": ("train",), "context": ("train",), "lora": ("train",),
-                      "compare": ("unet", "train", "vae", "sample"),
+                      "compare": ("unet", "train", "vae", "transformer", "sample"),
                       "sampler": ("sample", "compile"), "steps": ("sample", "compile"),
-                      "batch": ("unet", "train", "vae", "sample", "compile"),
-                      "dtype": ("unet", "train", "vae", "sample", "compile"),
-                      "repeats": ("unet", "train", "vae", "sample", "compile"),
-                      "blocks": ("unet", "train", "vae", "sample"),
+                      "batch": ("unet", "train", "vae", "transformer", "sample", "compile"),
+                      "dtype": ("unet", "train", "vae", "transformer", "sample", "compile"),
+                      "repeats": ("unet", "train", "vae", "transformer", "sample", "compile"),
+                      "blocks": ("unet", "train", "vae", "transformer", "sample"),
                       "devices": ("memory",)}
 
 
@@ -23,7 +23,8 @@ def add_bench(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench", help="measure speed against diffusers PyTorch on the same weights",
         description="Benchmarks on random weights built from a config: `unet` (forward), "
-                    "`train` (one AdamW step), `vae` (encode + decode), `sample` (txt2img "
+                    "`train` (one AdamW step), `vae` (encode + decode), `transformer` "
+                    "(Flux.1's or SD3's flow transformer forward), `sample` (txt2img "
                     "seconds per image), `compile` (first vs second process with the "
                     "persistent compilation cache). Each prints the median time after a "
                     "warm-up, images/s, achieved FLOP/s (XLA cost analysis) against a matmul "
@@ -42,7 +43,8 @@ def add_bench(subparsers) -> None:
                         help="a config file or bundled config name describing the models "
                              "(default: bench, i.e. configs/bench.py)")
     parser.add_argument("--batch", type=int,
-                        help="batch size (default: unet 8, train 8, vae 4, sample 1, compile 1)")
+                        help="batch size (default: unet 8, train 8, vae 4, transformer 2, sample 1, "
+                             "compile 1)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"],
                         help="compute dtype; params stay float32 (default: float32)")
     parser.add_argument("--remat", help="train: jax.checkpoint_policies policy for each U-Net "

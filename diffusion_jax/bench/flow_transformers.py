@@ -1,0 +1,113 @@
+"""The flow transformers' forward: Flux.1's (`FluxTransformer2DModel`) and SD3's MMDiT
+(`SD3Transformer2DModel`), as their pipelines call them at one step, against diffusers'
+models holding the same random weights.
+
+Ours runs the system's denoiser call (`system.denoise`: NHWC latents, model time 1000 sigma,
+the conditioning pytree; Flux packs 2x2 patches and builds its RoPE ids inside); the
+reference gets what the diffusers pipeline would pass (NCHW latents, packed ones and ids for
+Flux, the timestep scale of each).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from diffusion_jax import system
+from diffusion_jax.bench import measure
+from diffusion_jax.bench.models import (_nchw, _result, _torch_figures, _torch_model,
+                                        _torch_warm_median, TEXT_TOKENS)
+from diffusion_jax.bench.weights import random_params
+
+SIGMA = 0.5  # mid-trajectory: every modulation path sees a non-trivial time
+GUIDANCE = 3.5  # Flux.1-dev's default distilled guidance
+# Flux's config.json has no sample_size: its latents here are 32x32 (a 256 px image, 256
+# packed tokens) unless the config's section names one.
+FLUX_LATENT_SIDE = 32
+REFERENCE = {"flux": "FluxTransformer2DModel", "mmdit": "SD3Transformer2DModel"}
+
+
+def _inputs(kind: str, cfg, section: Mapping[str, Any],
+            batch: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(NHWC latents at the section's sample size, the conditioning pytree) of one step."""
+    rng = np.random.default_rng(0)
+    channels = cfg.in_channels // 4 if kind == "flux" else cfg.in_channels
+    side = dict(section).get("sample_size", FLUX_LATENT_SIDE)
+    latents = rng.standard_normal((batch, side, side, channels)).astype(np.float32)
+    cond = {"context": rng.standard_normal((batch, TEXT_TOKENS, cfg.joint_attention_dim)
+                                           ).astype(np.float32),
+            "pooled": rng.standard_normal((batch, cfg.pooled_projection_dim)).astype(np.float32)}
+    if kind == "flux" and cfg.guidance_embeds:
+        cond["guidance"] = np.full((batch,), GUIDANCE, np.float32)
+    return latents, cond
+
+
+def bench_transformer(config: Mapping[str, Any], *, batch: int = 2, dtype: str = "float32",
+                      repeats: int = 5, compare_torch: bool = False) -> dict:
+    """The system's flow transformer forward on [batch, side, side, C] latents at sigma 0.5,
+    a 77-token text context and the pooled embedding (and Flux.1-dev's guidance)."""
+    described = system.from_config(config)
+    tower = described.denoiser
+    if tower.kind not in REFERENCE:
+        raise ValueError(f"bench transformer times a flow transformer (Flux.1, SD3); this "
+                         f"config's denoiser is a {tower.kind}: use bench unet")
+    component = tower.component
+    cfg = system.tower_config(tower, config)
+    model = component.build(cfg, dtype=measure.DTYPES[dtype])
+    params = random_params(tower.kind, config[tower.name], seed=0)
+    latents, cond = _inputs(tower.kind, cfg, config[tower.name], batch)
+    t = np.full((batch,), SIGMA * 1000, np.float32)
+    forward = lambda p, x, t, cond: component.denoise(model, p, x, t, cond)
+    args = jax.device_put((params, latents, t, cond))
+    compiled = measure.compile_timed(forward, *args, program_kind="forward")
+    ours, median_s = measure.warm_median(lambda: compiled.executable(*args), repeats)
+    result = _result("transformer", batch=batch, dtype=dtype, repeats=repeats,
+                     compiled=compiled, median_s=median_s, denoiser=tower.kind,
+                     latent_shape=list(latents.shape),
+                     image_tokens=(latents.shape[1] // 2) * (latents.shape[2] // 2))
+    if compare_torch:
+        module = _torch_model(REFERENCE[tower.kind], cfg, params, buffers=component.torch_ignore)
+        run = _torch_call(tower.kind, module, latents, cond, dtype)
+        reference, torch_s = _torch_warm_median(run, repeats, grad=False)
+        result.update(_torch_figures(batch, median_s, torch_s))
+        result.update(measure.output_difference(ours, reference))
+    return result
+
+
+def _torch_call(kind: str, module, latents: np.ndarray, cond: dict, dtype: str):
+    """A function of no arguments: the diffusers model's forward as its pipeline calls it at
+    sigma 0.5, returning NHWC numpy."""
+    import diffusers
+    import torch
+
+    from diffusion_jax.bench.models import _autocast
+
+    tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    b, h, w, c = latents.shape
+    context, pooled = tensor(cond["context"]), tensor(cond["pooled"])
+    if kind == "mmdit":
+        timestep = torch.full((b,), SIGMA * 1000)
+
+        def run():
+            with _autocast(dtype):
+                out = module(tensor(_nchw(latents)), context, pooled, timestep).sample
+            return out.float().numpy().transpose(0, 2, 3, 1)
+
+        return run
+    pipe = diffusers.FluxPipeline
+    packed = pipe._pack_latents(tensor(_nchw(latents)), b, c, h, w)
+    img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32)
+    txt_ids = torch.zeros(context.shape[1], 3)
+    guidance = tensor(cond["guidance"]) if "guidance" in cond else None
+    timestep = torch.full((b,), SIGMA)  # FluxPipeline passes sigma (timestep / 1000)
+
+    def run():
+        with _autocast(dtype):
+            out = module(packed, context, pooled, timestep, img_ids, txt_ids, guidance).sample
+        # FluxPipeline's unpacking at vae_scale_factor 1 (h, w are the latent sides)
+        unpacked = pipe._unpack_latents(out.float(), h * 8, w * 8, 8)
+        return unpacked.numpy().transpose(0, 2, 3, 1)
+
+    return run
