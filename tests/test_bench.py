@@ -88,7 +88,8 @@ def test_lora_train_step_matches_diffusers_with_peft(capsys, tmp_path):
                                                ("tiny_flow_train", "mmdit")])
 def test_flow_transformer_forward_matches_diffusers(capsys, tmp_path, config, denoiser):
     """bench transformer: Flux.1's forward (packed, with its ids and dev's guidance) and
-    SD3's MMDiT against diffusers' models on the same weights, as their pipelines call them."""
+    SD3's MMDiT against diffusers' models on the same weights, as their pipelines call them;
+    bench train: their flow-matching AdamW step against torch's."""
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "transformer", "--config", config, "--batch", "1", "--repeats",
                      "1", "--compare", "torch", "--json", str(out)]) == 0
@@ -98,6 +99,14 @@ def test_flow_transformer_forward_matches_diffusers(capsys, tmp_path, config, de
     assert result["denoiser"] == denoiser
     print(f"{denoiser}: relative difference {result['relative_difference']:.2e}")
     assert 0 < result["relative_difference"] < 1e-4
+    # bench train on the same config: the flow-matching step, as torch's AdamW takes it
+    assert cli.main(["bench", "train", "--config", config, "--batch", "1", "--repeats", "2",
+                     "--compare", "torch", "--json", str(out)]) == 0
+    train = json.loads(out.read_text())
+    assert train["denoiser"] == denoiser and train["trained_params"] > 0
+    assert abs(train["last_loss"] - train["first_loss"]) > 1e-4  # a real step
+    print(f"{denoiser} train: loss difference {train['loss_difference']:.2e}")
+    assert train["loss_difference"] < 1e-4 * max(1.0, train["torch_first_loss"])
 
 
 def test_train_step_with_the_context_encoded_by_the_frozen_text_tower(capsys, tmp_path):
@@ -176,6 +185,7 @@ def test_config_without_the_models_is_an_error(capsys, tmp_path):
     (["vae", "--config", TINY, "--context", "encoded"], "--context applies to bench train only"),
     (["unet", "--config", TINY, "--lora", "4"], "--lora applies to bench train only"),
     (["transformer", "--config", TINY], "this config's denoiser is a unet: use bench unet"),
+    (["train", "--config", "flux_bench", "--lora", "4"], "--lora: bench train of a flow"),
     (["train", "--config", TINY, "--lora", "0"], "the LoRA rank must be at least 1"),
     (["train", "--config", TINY, "--context", "encoded", "--compare", "torch"],
      "--compare torch times the U-Net step on a precomputed context"),

@@ -2,7 +2,8 @@
 same config and weights (random, from our own init).
 
     unet     U-Net forward                                  (models.py)
-    train    one U-Net AdamW training step                  (models.py)
+    train    one AdamW training step of the U-Net (models.py) or flow transformer
+             (flow_transformers.py)
     vae      VAE encode (posterior mean) + decode           (models.py)
     transformer  Flux.1's or SD3's flow transformer forward (flow_transformers.py)
     sample   txt2img seconds per image                      (sampling.py)
@@ -22,9 +23,9 @@ import importlib
 from typing import Any, Mapping
 
 # name -> (module, function, the config sections it needs; "system": every section of the
-# config's system, see system.py)
+# config's system, see system.py; "denoiser": its denoiser's)
 BENCHMARKS = {"unet": ("models", "bench_unet", ("unet",)),
-              "train": ("models", "bench_train", ("unet",)),
+              "train": ("models", "bench_train", "denoiser"),
               "vae": ("models", "bench_vae", ("vae",)),
               "transformer": ("flow_transformers", "bench_transformer", "system"),
               "sample": ("sampling", "bench_sample", "system"),
@@ -37,10 +38,13 @@ TRAINING_CONFIG_BENCHMARKS = ("memory",)
 
 def required_sections(what: str, config: Mapping[str, Any]) -> tuple[str, ...]:
     sections = BENCHMARKS[what][2]
-    if sections == "system":
+    if sections in ("system", "denoiser"):
         from diffusion_jax import system
 
-        return system.from_config(config).config_sections
+        described = system.from_config(config)
+        if sections == "denoiser":
+            return (described.denoiser.name,)
+        return described.config_sections
     return sections
 
 

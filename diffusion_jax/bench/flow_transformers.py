@@ -1,6 +1,6 @@
-"""The flow transformers' forward: Flux.1's (`FluxTransformer2DModel`) and SD3's MMDiT
-(`SD3Transformer2DModel`), as their pipelines call them at one step, against diffusers'
-models holding the same random weights.
+"""The flow transformers' forward and training step: Flux.1's (`FluxTransformer2DModel`) and
+SD3's MMDiT (`SD3Transformer2DModel`), as their pipelines call them at one step, against
+diffusers' models holding the same random weights.
 
 Ours runs the system's denoiser call (`system.denoise`: NHWC latents, model time 1000 sigma,
 the conditioning pytree; Flux packs 2x2 patches and builds its RoPE ids inside); the
@@ -13,12 +13,15 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from diffusion_jax import system
 from diffusion_jax.bench import measure
-from diffusion_jax.bench.models import (_nchw, _result, _torch_figures, _torch_model,
-                                        _torch_warm_median, TEXT_TOKENS)
+from diffusion_jax.bench.models import (LEARNING_RATE, TEXT_TOKENS, WEIGHT_DECAY, _nchw, _result,
+                                        _torch_figures, _torch_model, _torch_warm_median)
+from diffusion_jax.training.state import TrainState, make_train_step
 from diffusion_jax.bench.weights import random_params
 
 SIGMA = 0.5  # mid-trajectory: every modulation path sees a non-trivial time
@@ -44,20 +47,28 @@ def _inputs(kind: str, cfg, section: Mapping[str, Any],
     return latents, cond
 
 
+def is_flow_transformer(config: Mapping[str, Any]) -> bool:
+    return system.from_config(config).denoiser.kind in REFERENCE
+
+
+def _setup(config: Mapping[str, Any], dtype: str, batch: int):
+    """(denoiser tower, its config, the Linen module, random params, latents, cond)."""
+    tower = system.from_config(config).denoiser
+    if tower.kind not in REFERENCE:
+        raise ValueError(f"bench transformer times a flow transformer (Flux.1, SD3); this "
+                         f"config's denoiser is a {tower.kind}: use bench unet")
+    cfg = system.tower_config(tower, config)
+    model = tower.component.build(cfg, dtype=measure.DTYPES[dtype])
+    params = random_params(tower.kind, config[tower.name], seed=0)
+    return (tower, cfg, model, params, *_inputs(tower.kind, cfg, config[tower.name], batch))
+
+
 def bench_transformer(config: Mapping[str, Any], *, batch: int = 2, dtype: str = "float32",
                       repeats: int = 5, compare_torch: bool = False) -> dict:
     """The system's flow transformer forward on [batch, side, side, C] latents at sigma 0.5,
     a 77-token text context and the pooled embedding (and Flux.1-dev's guidance)."""
-    described = system.from_config(config)
-    tower = described.denoiser
-    if tower.kind not in REFERENCE:
-        raise ValueError(f"bench transformer times a flow transformer (Flux.1, SD3); this "
-                         f"config's denoiser is a {tower.kind}: use bench unet")
+    tower, cfg, model, params, latents, cond = _setup(config, dtype, batch)
     component = tower.component
-    cfg = system.tower_config(tower, config)
-    model = component.build(cfg, dtype=measure.DTYPES[dtype])
-    params = random_params(tower.kind, config[tower.name], seed=0)
-    latents, cond = _inputs(tower.kind, cfg, config[tower.name], batch)
     t = np.full((batch,), SIGMA * 1000, np.float32)
     forward = lambda p, x, t, cond: component.denoise(model, p, x, t, cond)
     args = jax.device_put((params, latents, t, cond))
@@ -70,7 +81,7 @@ def bench_transformer(config: Mapping[str, Any], *, batch: int = 2, dtype: str =
     if compare_torch:
         module = _torch_model(REFERENCE[tower.kind], cfg, params, buffers=component.torch_ignore)
         run = _torch_call(tower.kind, module, latents, cond, dtype)
-        reference, torch_s = _torch_warm_median(run, repeats, grad=False)
+        reference, torch_s = _torch_warm_median(lambda: run().numpy(), repeats, grad=False)
         result.update(_torch_figures(batch, median_s, torch_s))
         result.update(measure.output_difference(ours, reference))
     return result
@@ -78,7 +89,7 @@ def bench_transformer(config: Mapping[str, Any], *, batch: int = 2, dtype: str =
 
 def _torch_call(kind: str, module, latents: np.ndarray, cond: dict, dtype: str):
     """A function of no arguments: the diffusers model's forward as its pipeline calls it at
-    sigma 0.5, returning NHWC numpy."""
+    sigma 0.5, returning a float32 NHWC torch tensor."""
     import diffusers
     import torch
 
@@ -93,7 +104,7 @@ def _torch_call(kind: str, module, latents: np.ndarray, cond: dict, dtype: str):
         def run():
             with _autocast(dtype):
                 out = module(tensor(_nchw(latents)), context, pooled, timestep).sample
-            return out.float().numpy().transpose(0, 2, 3, 1)
+            return out.float().permute(0, 2, 3, 1)
 
         return run
     pipe = diffusers.FluxPipeline
@@ -107,7 +118,73 @@ def _torch_call(kind: str, module, latents: np.ndarray, cond: dict, dtype: str):
         with _autocast(dtype):
             out = module(packed, context, pooled, timestep, img_ids, txt_ids, guidance).sample
         # FluxPipeline's unpacking at vae_scale_factor 1 (h, w are the latent sides)
-        unpacked = pipe._unpack_latents(out.float(), h * 8, w * 8, 8)
-        return unpacked.numpy().transpose(0, 2, 3, 1)
+        return pipe._unpack_latents(out.float(), h * 8, w * 8, 8).permute(0, 2, 3, 1)
 
     return run
+
+
+def bench_train(config: Mapping[str, Any], *, batch: int = 2, dtype: str = "float32",
+                repeats: int = 5, compare_torch: bool = False) -> dict:
+    """One flow-transformer training step (`bench train` on a Flux.1 or SD3 config): the
+    forward at x_t = (1 - sigma) x0 + sigma eps with sigma 0.5, the MSE against the velocity
+    target eps - x0, gradients and AdamW, through the project's `make_train_step` with the
+    state donated; the reference: the diffusers model and torch's AdamW."""
+    tower, cfg, model, params, x0, cond = _setup(config, dtype, batch)
+    component = tower.component
+    noise = np.random.default_rng(1).standard_normal(x0.shape).astype(np.float32)
+    arrays = dict(noisy_latents=(1 - SIGMA) * x0 + SIGMA * noise, target=noise - x0,
+                  timesteps=np.full((batch,), SIGMA * 1000, np.float32), cond=cond)
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen, rng
+        prediction = component.denoise(model, params, batch["noisy_latents"],
+                                       batch["timesteps"], batch["cond"])
+        return jnp.mean(jnp.square(prediction.astype(jnp.float32) - batch["target"])), {}
+
+    batch_arrays = jax.device_put(arrays)
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    step_fn = make_train_step(loss_fn, optimizer, lambda _: LEARNING_RATE, ema_max_decay=None)
+    create_state = lambda params: TrainState.create(
+        params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
+    state_shapes = jax.eval_shape(create_state, params)
+    compiled = measure.compile_timed(step_fn, state_shapes, {}, batch_arrays,
+                                     program_kind="train_step", donate_argnums=(0,))
+    current, losses = [create_state(params)], []
+
+    def step():
+        current[0], metrics = compiled.executable(current[0], {}, batch_arrays)
+        losses.append(metrics["loss"])
+        return current[0]
+
+    _, median_s = measure.warm_median(step, repeats)
+    losses = [float(losses[0]), float(losses[-1])]
+    result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
+                     median_s=median_s, denoiser=tower.kind, latent_shape=list(x0.shape),
+                     trained_params=sum(x.size for x in jax.tree.leaves(state_shapes.params)),
+                     first_loss=losses[0], last_loss=losses[1])
+    if compare_torch:
+        import torch
+
+        del current  # our params were donated: the reference draws the same ones again
+        params = random_params(tower.kind, config[tower.name], seed=0)
+        module = _torch_model(REFERENCE[tower.kind], cfg, params,
+                              buffers=component.torch_ignore).train()
+        run = _torch_call(tower.kind, module, arrays["noisy_latents"], cond, dtype)
+        target = torch.from_numpy(arrays["target"])
+        torch_optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE,
+                                            weight_decay=WEIGHT_DECAY)
+        torch_losses = []
+
+        def torch_step():
+            loss = torch.nn.functional.mse_loss(run(), target)
+            loss.backward()
+            torch_optimizer.step()
+            torch_optimizer.zero_grad(set_to_none=True)
+            torch_losses.append(loss.item())
+
+        _, torch_s = _torch_warm_median(torch_step, repeats, grad=True)
+        torch_losses = [torch_losses[0], torch_losses[-1]]
+        result.update(_torch_figures(batch, median_s, torch_s), torch_first_loss=torch_losses[0],
+                      torch_last_loss=torch_losses[1],
+                      loss_difference=max(abs(a - b) for a, b in zip(losses, torch_losses)))
+    return result

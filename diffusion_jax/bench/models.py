@@ -171,6 +171,15 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
     holds token ids, and the frozen text towers encode them in every step). `lora`: a rank;
     the step trains LoRA factors of the U-Net's attention alone, its base frozen (the
     reference: diffusers with PEFT's LoRA layers)."""
+    from diffusion_jax.bench import flow_transformers
+
+    if flow_transformers.is_flow_transformer(config):
+        given = [f"--{name}" for name, value in (("remat", remat), ("lora", lora)) if value]
+        if given or context != "precomputed":
+            raise ValueError(f"{', '.join(given) or '--context'}: bench train of a flow "
+                             "transformer times its plain step; leave it out")
+        return flow_transformers.bench_train(config, batch=batch, dtype=dtype, repeats=repeats,
+                                             compare_torch=compare_torch)
     if lora is not None and lora < 1:
         raise ValueError(f"--lora {lora}: the LoRA rank must be at least 1, e.g. 4")
     if remat is not None and remat not in REMAT_POLICIES:
