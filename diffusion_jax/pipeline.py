@@ -32,11 +32,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from diffusion_jax import checkpoint, generate, parallel, program_cache, system, xla_defaults
+from diffusion_jax import image_files
+from diffusion_jax.image_files import KARRAS_SUFFIX
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import flow, process
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "xla")
-KARRAS_SUFFIX = "_karras"
 SAMPLER_NAMES = tuple(dict.fromkeys(samplers.SAMPLERS + samplers.FLOW_SAMPLERS)) + tuple(
     s + KARRAS_SUFFIX for s in samplers.KARRAS_SAMPLERS)
 # What a generation call (and `diffusion-jax sample`) uses unless told otherwise.
@@ -97,10 +98,6 @@ def validate_options(*, sampler: str, steps: int, guidance_rescale: float = 0.0,
             samplers.img2img_start_step(steps, strength)  # refuses one that leaves no step
 
 
-def _to_uint8(images: np.ndarray) -> np.ndarray:
-    return (images * 255).round().astype(np.uint8)
-
-
 def _as_list(prompt: str | Sequence[str], name: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
@@ -119,28 +116,6 @@ def _expanded(prompt: str | Sequence[str], num_images: int, count: int | None,
         raise ValueError(f"{len(prompts)} {name}s for {count // num_images} prompts: pass one, "
                          "or one per prompt")
     return [p for p in prompts for _ in range(num_images)]
-
-
-def _image_array(image: Any, height: int, width: int, name: str, channels: int) -> np.ndarray:
-    """A PIL image, path or array -> float32 [H, W, channels] in [0, 1]."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    array = np.asarray(image)
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    array = array.astype(np.float32)
-    if channels == 1 and array.ndim == 3:
-        array = array[..., 0]
-    if channels == 3 and array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.shape[:2] != (height, width):
-        raise ValueError(f"{name} is {array.shape[1]}x{array.shape[0]} (WxH) but the output is "
-                         f"{width}x{height}; resize it or pass --height/--width to match")
-    return array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,20 +147,6 @@ def _on_mesh(tree: Any, shardings: Any) -> Any:
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     return jax.tree.map(place, tree, shardings)
-
-
-def _control_image(image: Any, height: int, width: int) -> np.ndarray:
-    """A ControlNet's image as diffusers' control image processor makes it: RGB, resized to
-    the output with Lanczos, float32 [H, W, 3] in [0, 1] (not normalised to [-1, 1])."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
-    if isinstance(image, Image.Image):
-        image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.LANCZOS)
-    return _image_array(image, height, width, "control image", 3)
 
 
 def control_scales(evaluations: int, scale: float, start: float, end: float) -> np.ndarray:
@@ -377,12 +338,12 @@ class StableDiffusion:
         if mode != "txt2img" and start_latents is None:
             if init_image is None:
                 raise ValueError(f"{mode} needs an init image")
-            image = _image_array(init_image, height, width, "init image", 3)
+            image = image_files.image_array(init_image, height, width, "init image", 3)
             init_images = inputs["init_images"] = np.repeat(image[None], count, axis=0)
         if mode == "inpaint":
             if mask is None:
                 raise ValueError("inpaint needs a mask (white = repaint)")
-            repaint = (_image_array(mask, height, width, "mask", 1) >= 0.5).astype(np.float32)
+            repaint = (image_files.image_array(mask, height, width, "mask", 1) >= 0.5).astype(np.float32)
             inputs["masks"] = np.repeat(repaint[None, ..., None], count, axis=0)
         if init_images is not None and strength == 0:  # no step to run: the init image, exactly
             return Prepared(None, None, {}, count, init_images)
@@ -437,7 +398,7 @@ class StableDiffusion:
                                              (plan.num_evaluations, *latent_shape)))
                 for s in seeds])
         if self.controlnet is not None:
-            image = _control_image(control_image, height, width)
+            image = image_files.control_image(control_image, height, width)
             inputs["control_image"] = np.repeat(image[None], count, axis=0)
             inputs["control_scales"] = np.tile(control_scales(
                 plan.num_evaluations, control_scale, control_start, control_end), (count, 1))
@@ -636,74 +597,7 @@ class StableDiffusion:
         output = "latents" if output_type == "latents" else "images"
         images = self.run(self.prepare(mode, prompt, negative_prompt, output=output, **request),
                           params)
-        return _to_uint8(images) if output_type == "uint8" else images
-
-
-# What A1111 (and Forge, ComfyUI's A1111 importers, civitai) call our samplers.
-A1111_SAMPLER_NAMES = {"ddpm": "DDPM", "ddim": "DDIM", "pndm": "PLMS", "euler": "Euler",
-                       "euler_ancestral": "Euler a", "heun": "Heun", "dpmpp_2m": "DPM++ 2M",
-                       "dpmpp_2m_sde": "DPM++ 2M SDE", "unipc": "UniPC", "lcm": "LCM",
-                       "flow_euler": "Euler", "flow_heun": "Heun"}
-
-
-def a1111_sampler_name(sampler: str) -> str:
-    """'dpmpp_2m_karras' -> 'DPM++ 2M Karras', 'euler_ancestral' -> 'Euler a'."""
-    name, karras = parse_sampler(sampler)
-    return A1111_SAMPLER_NAMES[name] + (" Karras" if karras else "")
-
-
-def infotext(run: Mapping[str, Any], seed: int) -> str:
-    """A1111's `parameters` text of image `seed` of a run recorded as `diffusion-jax sample`
-    records it: what "PNG Info" tools read. A1111 drops `,` and `:` from the model name,
-    which would end its field."""
-    model = checkpoint.display_name(run["checkpoint"]).replace(",", "").replace(":", "")
-    fields = {"Steps": run["steps"], "Sampler": a1111_sampler_name(run["sampler"]),
-              "CFG scale": run["guidance"], "Seed": seed, "Size": f"{run['width']}x{run['height']}",
-              "Model": model, "Denoising strength": run.get("strength"),
-              "Eta": run["eta"] or None, "Version": f"diffusion_jax {run['diffusion_jax_version']}"}
-    settings = ", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None)
-    negative = f"\nNegative prompt: {run['negative_prompt']}" if run["negative_prompt"] else ""
-    return f"{run['prompt']}{negative}\n{settings}"
-
-
-def png_metadata(run: Mapping[str, Any], seeds: Sequence[int]) -> dict[str, Any]:
-    """Text chunks of a PNG holding the images of `seeds` from `run`: the run's settings with
-    those seeds, and A1111's `parameters` of the first (as A1111 labels its grids)."""
-    return {**run, "seeds": list(seeds), "parameters": infotext(run, seeds[0])}
-
-
-def save_png(image: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any]) -> None:
-    """An image [H, W, 3] (uint8, or float in [0, 1]) as a PNG; `metadata` goes into its text
-    chunks (str values as they are, others as JSON) so the picture says how it was made.
-    `path` may be local or a gs:// URI."""
-    import json
-
-    from PIL import Image, PngImagePlugin
-
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        image = _to_uint8(np.clip(image, 0, 1))
-    info = PngImagePlugin.PngInfo()
-    for key, value in metadata.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    with checkpoint.as_path(path).open("wb") as f:
-        Image.fromarray(image).save(f, format="PNG", pnginfo=info)
-
-
-def save_grid(images: np.ndarray, path: str | os.PathLike, metadata: Mapping[str, Any],
-              columns: int | None = None) -> np.ndarray:
-    """Images [N, H, W, 3] as one PNG grid of `columns` per row (default: up to 8), with
-    `metadata` as `save_png` writes it; returns the grid [H', W', 3] as given to it."""
-    images = np.asarray(images)
-    n, h, w, _ = images.shape
-    columns = columns or min(n, 8)
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, columns * w, 3), images.dtype)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-    save_png(grid, path, metadata)
-    return grid
+        return image_files.to_uint8(images) if output_type == "uint8" else images
 
 
 def load(directory: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,

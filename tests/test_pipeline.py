@@ -19,7 +19,7 @@ from PIL import Image
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from diffusion_jax import cli, pipeline  # noqa: E402
+from diffusion_jax import cli, image_files, pipeline  # noqa: E402
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -186,13 +186,13 @@ def test_folder_output_is_one_png_per_image_and_the_grid(systems):
 
 
 def test_a1111_sampler_names():
-    names = {s: pipeline.a1111_sampler_name(s) for s in ("dpmpp_2m_karras", "euler_ancestral",
-                                                       "dpmpp_2m_sde", "pndm", "unipc_karras")}
+    names = {s: image_files.a1111_sampler_name(s) for s in (
+        "dpmpp_2m_karras", "euler_ancestral", "dpmpp_2m_sde", "pndm", "unipc_karras")}
     assert names == {"dpmpp_2m_karras": "DPM++ 2M Karras", "euler_ancestral": "Euler a",
                      "dpmpp_2m_sde": "DPM++ 2M SDE", "pndm": "PLMS", "unipc_karras": "UniPC Karras"}
-    assert set(pipeline.A1111_SAMPLER_NAMES) == set(pipeline.samplers.SAMPLERS) | set(
+    assert set(image_files.A1111_SAMPLER_NAMES) == set(pipeline.samplers.SAMPLERS) | set(
         pipeline.samplers.FLOW_SAMPLERS)
-    assert pipeline.a1111_sampler_name("flow_euler") == "Euler"
+    assert image_files.a1111_sampler_name("flow_euler") == "Euler"
 
 
 def test_strength_0_returns_the_init_image(systems):

@@ -138,7 +138,7 @@ def _params(value):
 def test_checkpoints_grids_and_caches_on_gs(bucket, monkeypatch):
     from PIL import Image
 
-    from diffusion_jax import pipeline
+    from diffusion_jax import image_files
     from diffusion_jax.eval import classifier
 
     assert str(checkpoint.as_path("gs://bucket/run")) == "gs://bucket/run"
@@ -162,7 +162,7 @@ def test_checkpoints_grids_and_caches_on_gs(bucket, monkeypatch):
     manager.close()
 
     images = np.linspace(0, 1, 2 * 4 * 4 * 3).reshape(2, 4, 4, 3)
-    pipeline.save_grid(images, "gs://bucket/run/samples/grid.png", {"sampler": "ddim", "steps": 3})
+    image_files.save_grid(images, "gs://bucket/run/samples/grid.png", {"sampler": "ddim", "steps": 3})
     grid = Image.open(bucket / "bucket" / "run" / "samples" / "grid.png")
     assert grid.size == (8, 4) and grid.text == {"sampler": "ddim", "steps": "3"}
 

@@ -62,7 +62,7 @@ def _eight_devices() -> None:
     import jax
     from etils import epath
 
-    from diffusion_jax import checkpoint, generate, parallel, pipeline, system
+    from diffusion_jax import checkpoint, generate, image_files, parallel, pipeline, system
     from diffusion_jax.config_files import load
     from diffusion_jax.training import sample_grids, trainer
 
@@ -91,7 +91,7 @@ def _eight_devices() -> None:
     images = sampler.generate(prompts, seeds, params)
     ours = sampler.pipe.txt2img(prompts, "", output_type="float32", params=params, **options)
     assert sampler.pipe.num_compilations == 1  # uint8 or float32 out: the same program
-    np.testing.assert_array_equal(images, pipeline._to_uint8(ours))
+    np.testing.assert_array_equal(images, image_files.to_uint8(ours))
 
     # The compiled program takes the params on the training shardings, kernels split over fsdp.
     (program,) = sampler.pipe._programs.values()

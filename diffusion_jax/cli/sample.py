@@ -317,13 +317,14 @@ def run_sample(args: argparse.Namespace) -> None:
 def _save_pngs(images, out, is_folder: bool, run: dict, columns: int | None) -> None:
     """The grid at `out`, or in folder `out` one PNG per image (its own seed in its
     metadata) and the grid as grid.png."""
-    from diffusion_jax import pipeline
+    from diffusion_jax import image_files
 
     grid = out
     if is_folder:
         out.mkdir(exist_ok=True)
         for i, (image, seed) in enumerate(zip(images, run["seeds"])):
-            pipeline.save_png(image, out / f"{i:05d}-{seed}.png",
-                              pipeline.png_metadata(run, [seed]))
+            image_files.save_png(image, out / f"{i:05d}-{seed}.png",
+                                 image_files.png_metadata(run, [seed]))
         grid = out / "grid.png"
-    pipeline.save_grid(images, grid, pipeline.png_metadata(run, run["seeds"]), columns=columns)
+    image_files.save_grid(images, grid, image_files.png_metadata(run, run["seeds"]),
+                          columns=columns)

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 from etils import epath
 
-from diffusion_jax import pipeline
+from diffusion_jax import image_files, pipeline
 from diffusion_jax.data import conditions, input_pipeline
 
 log = logging.getLogger("diffusion_jax.train")
@@ -66,7 +66,7 @@ class GridSampler:
         path = self.run.workdir / "samples" / f"step_{step:07d}.png"
         if not self.run.is_main:
             return path
-        grid = pipeline.save_grid(images, path, {
+        grid = image_files.save_grid(images, path, {
             "prompts": list(self.cfg.prompts), "seeds": list(range(n)), "sampler": self.cfg.sampler,
             "steps": self.cfg.steps, "guidance": self.cfg.guidance, "negative_prompt": "",
             "height": int(images.shape[1]), "width": int(images.shape[2]), "ema": True,
