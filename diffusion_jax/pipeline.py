@@ -343,7 +343,8 @@ class StableDiffusion:
         if mode == "inpaint":
             if mask is None:
                 raise ValueError("inpaint needs a mask (white = repaint)")
-            repaint = (image_files.image_array(mask, height, width, "mask", 1) >= 0.5).astype(np.float32)
+            mask_array = image_files.image_array(mask, height, width, "mask", 1)
+            repaint = (mask_array >= 0.5).astype(np.float32)
             inputs["masks"] = np.repeat(repaint[None, ..., None], count, axis=0)
         if init_images is not None and strength == 0:  # no step to run: the init image, exactly
             return Prepared(None, None, {}, count, init_images)

@@ -14,7 +14,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
-from test_sdxl_pipeline import check_pixels, randomize  # noqa: E402
+from test_sdxl_pipeline import check_pixels, our_noise, randomize, right_half_inpaint  # noqa: E402
 from test_t5 import unigram_vocab  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -166,8 +166,6 @@ def test_img2img_matches_diffusers(flux, monkeypatch):
     """FluxImg2ImgPipeline at strength 0.6: the image's latents noised to the first kept
     sigma. Its noise comes from its generator and its image latents from a posterior sample:
     it is given our noise and the posterior mode we encode with."""
-    import sys
-
     from PIL import Image
 
     pipe, ckpt, root = flux
@@ -178,11 +176,7 @@ def test_img2img_matches_diffusers(flux, monkeypatch):
                        str(root / "img2img_init.png"), "--strength", "0.6")
     img2img = diffusers.FluxImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
-    module = sys.modules[type(img2img).__module__]
-    original = module.retrieve_latents
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
-    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None,
-                        sample_mode="sample": original(output, sample_mode="argmax"))
+    our_noise(monkeypatch, img2img, latents)
     expected = img2img(PROMPT, image=Image.fromarray(image), strength=0.6,
                        num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE,
                        width=SIZE, max_sequence_length=T5_TOKENS, output_type="np").images
@@ -193,27 +187,17 @@ def test_inpaint_matches_diffusers(flux, monkeypatch):
     """FluxInpaintPipeline at strength 0.8, the right half repainted: latent blending (its
     transformer reads the 16 packed channels alone), the unmasked half kept on the image's
     path noised to each next sigma. Given our noise and the posterior mode, as img2img."""
-    import sys
-
     from PIL import Image
 
     pipe, ckpt, root = flux
-    image = (np.random.default_rng(5).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[:, SIZE // 2:] = 255
-    Image.fromarray(image).save(root / "inpaint_init.png")
-    Image.fromarray(mask).save(root / "inpaint_mask.png")
+    image, mask = right_half_inpaint(root, SIZE, seed=5)
     latents = _latents(6)
     ours = _sample_cli(root, ckpt, "inpaint", latents, "--init-image",
                        str(root / "inpaint_init.png"), "--mask", str(root / "inpaint_mask.png"),
                        "--strength", "0.8")
     inpaint = diffusers.FluxInpaintPipeline(**pipe.components)
     inpaint.set_progress_bar_config(disable=True)
-    module = sys.modules[type(inpaint).__module__]
-    original = module.retrieve_latents
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
-    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None,
-                        sample_mode="sample": original(output, sample_mode="argmax"))
+    our_noise(monkeypatch, inpaint, latents)
     expected = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
                        strength=0.8, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        height=SIZE, width=SIZE, max_sequence_length=T5_TOKENS,

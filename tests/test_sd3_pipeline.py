@@ -54,7 +54,7 @@ transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.config_files import as_dict  # noqa: E402
 from diffusion_jax.tokenizer import CLIPTokenizer  # noqa: E402
-from test_sdxl_pipeline import check_pixels, randomize  # noqa: E402
+from test_sdxl_pipeline import check_pixels, our_noise, randomize, right_half_inpaint  # noqa: E402
 from test_t5 import unigram_vocab  # noqa: E402
 
 PROMPT = "a photo of an astronaut riding a horse"
@@ -193,18 +193,6 @@ def test_txt2img_matches_diffusers(sd3):
     assert np.abs(plain - expected).max() > 4 * PIXEL_TOLERANCE
 
 
-def _our_noise(monkeypatch, pipe, latents) -> None:
-    """diffusers' img2img draws its noise from its generator and encodes the image with a
-    posterior sample: give it our noise, and the posterior mode we encode with."""
-    import sys
-
-    module = sys.modules[type(pipe).__module__]
-    original = module.retrieve_latents
-    monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
-    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None,
-                        sample_mode="sample": original(output, sample_mode="argmax"))
-
-
 @pytest.mark.xdist_group("sd3_pipeline")
 def test_img2img_matches_diffusers(sd3, monkeypatch):
     """StableDiffusion3Img2ImgPipeline at strength 0.6, with 128 T5 tokens."""
@@ -218,7 +206,7 @@ def test_img2img_matches_diffusers(sd3, monkeypatch):
                        str(root / "img2img_init.png"), "--strength", "0.6",
                        "--max-sequence-length", "128")
     img2img = diffusers.StableDiffusion3Img2ImgPipeline(**pipe.components)
-    _our_noise(monkeypatch, img2img, latents)
+    our_noise(monkeypatch, img2img, latents)
     expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        max_sequence_length=128, output_type="np").images
@@ -277,17 +265,13 @@ def test_inpaint_matches_diffusers(sd3, monkeypatch):
     from PIL import Image
 
     pipe, _, ckpt, root = sd3
-    image = (np.random.default_rng(4).uniform(size=(SIZE, SIZE, 3)) * 255).astype(np.uint8)
-    mask = np.zeros((SIZE, SIZE), np.uint8)
-    mask[:, SIZE // 2:] = 255
-    Image.fromarray(image).save(root / "inpaint_init.png")
-    Image.fromarray(mask).save(root / "inpaint_mask.png")
+    image, mask = right_half_inpaint(root, SIZE, seed=4)
     latents = _latents(5)
     ours = _sample_cli(root, ckpt, "inpaint", latents, "--init-image",
                        str(root / "inpaint_init.png"), "--mask", str(root / "inpaint_mask.png"),
                        "--strength", "0.8")
     inpaint = diffusers.StableDiffusion3InpaintPipeline(**pipe.components)
-    _our_noise(monkeypatch, inpaint, latents)
+    our_noise(monkeypatch, inpaint, latents)
     theirs = inpaint(PROMPT, image=Image.fromarray(image), mask_image=Image.fromarray(mask),
                      negative_prompt=NEGATIVE, strength=0.8, num_inference_steps=STEPS,
                      guidance_scale=GUIDANCE, output_type="latent").images

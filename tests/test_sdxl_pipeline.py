@@ -145,11 +145,24 @@ def test_txt2img_matches_diffusers(sdxl, case):
     check_pixels(case, ours, expected)
 
 
-def _our_noise(monkeypatch, pipe, latents) -> None:
+def our_noise(monkeypatch, pipe, latents) -> None:
     """diffusers' img2img draws its noise from its generator: give it ours (and the mode)."""
     module = sys.modules[type(pipe).__module__]
     monkeypatch.setattr(module, "randn_tensor", lambda shape, **_: torch.from_numpy(latents))
     _posterior_mode(monkeypatch, pipe)
+
+
+def right_half_inpaint(root, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a random uint8 image, a mask repainting its right half), saved in `root` as
+    inpaint_init.png and inpaint_mask.png (what --init-image and --mask read)."""
+    from PIL import Image
+
+    image = (np.random.default_rng(seed).uniform(size=(size, size, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[:, size // 2:] = 255
+    Image.fromarray(image).save(root / "inpaint_init.png")
+    Image.fromarray(mask).save(root / "inpaint_mask.png")
+    return image, mask
 
 
 def _posterior_mode(monkeypatch, pipe) -> None:
@@ -175,7 +188,7 @@ def test_img2img_matches_diffusers(sdxl, monkeypatch):
                        "--crops-coords-top-left", "8", "4")
     img2img = diffusers.StableDiffusionXLImg2ImgPipeline(**base.components)
     img2img.scheduler = _scheduler(base, "euler")
-    _our_noise(monkeypatch, img2img, latents)
+    our_noise(monkeypatch, img2img, latents)
     expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        crops_coords_top_left=(8, 4), output_type="np").images
@@ -210,7 +223,7 @@ def test_refiner_img2img_matches_diffusers(sdxl, monkeypatch):
                        "--init-image", str(root / "refiner_init.png"), "--strength", "0.4",
                        "--aesthetic-score", "7", "--negative-aesthetic-score", "2")
     refiner.scheduler = _scheduler(refiner, "euler")
-    _our_noise(monkeypatch, refiner, latents)
+    our_noise(monkeypatch, refiner, latents)
     expected = refiner(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.4, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        aesthetic_score=7.0, negative_aesthetic_score=2.0,

@@ -20,7 +20,8 @@ import optax
 from diffusion_jax import system
 from diffusion_jax.bench import measure
 from diffusion_jax.bench.models import (LEARNING_RATE, TEXT_TOKENS, WEIGHT_DECAY, _nchw, _result,
-                                        _torch_figures, _torch_model, _torch_warm_median)
+                                        _torch_figures, _torch_model, _torch_warm_median,
+                                        torch_adamw_steps)
 from diffusion_jax.training.state import TrainState, make_train_step
 from diffusion_jax.bench.weights import random_params
 
@@ -173,18 +174,6 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 2, dtype: str = "floa
         target = torch.from_numpy(arrays["target"])
         torch_optimizer = torch.optim.AdamW(module.parameters(), lr=LEARNING_RATE,
                                             weight_decay=WEIGHT_DECAY)
-        torch_losses = []
-
-        def torch_step():
-            loss = torch.nn.functional.mse_loss(run(), target)
-            loss.backward()
-            torch_optimizer.step()
-            torch_optimizer.zero_grad(set_to_none=True)
-            torch_losses.append(loss.item())
-
-        _, torch_s = _torch_warm_median(torch_step, repeats, grad=True)
-        torch_losses = [torch_losses[0], torch_losses[-1]]
-        result.update(_torch_figures(batch, median_s, torch_s), torch_first_loss=torch_losses[0],
-                      torch_last_loss=torch_losses[1],
-                      loss_difference=max(abs(a - b) for a, b in zip(losses, torch_losses)))
+        result.update(torch_adamw_steps(run, target, torch_optimizer, repeats, batch, median_s,
+                                        losses))
     return result

@@ -261,8 +261,9 @@ def _add_peft_lora(module, config: Mapping[str, Any], section: dict, factors: di
     with torch.no_grad():
         for name in names:
             layer = module.get_submodule(name)
-            layer.lora_A["default"].weight.copy_(torch.from_numpy(tensors[f"unet.{name}.lora_A.weight"]))
-            layer.lora_B["default"].weight.copy_(torch.from_numpy(tensors[f"unet.{name}.lora_B.weight"]))
+            for factor in ("lora_A", "lora_B"):
+                getattr(layer, factor)["default"].weight.copy_(
+                    torch.from_numpy(tensors[f"unet.{name}.{factor}.weight"]))
     return [p for p in module.parameters() if p.requires_grad]
 
 
@@ -284,15 +285,28 @@ def _torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch, median
                           for k in ("timesteps", "context"))
     added_cond = {k: torch.tensor(np.asarray(batch_arrays[k])) for k in ("text_embeds", "time_ids")
                   if k in batch_arrays}
-    torch_losses = []
 
-    def step():
+    def forward():
         # Autocast the forward only, as AMP does: with optimizer.step() under CPU autocast
         # too, the bfloat16 updates were lost (the loss barely moved).
         with _autocast(dtype):
-            prediction = module(sample, timesteps, context,
-                                added_cond_kwargs=added_cond or None).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), noise)
+            return module(sample, timesteps, context, added_cond_kwargs=added_cond or None
+                          ).sample.float()
+
+    return torch_adamw_steps(forward, noise, optimizer, repeats, batch, median_s, losses)
+
+
+def torch_adamw_steps(forward, target, optimizer, repeats: int, batch: int, median_s: float,
+                      losses: list[float]) -> dict:
+    """The reference's training step timed: `forward()` -> prediction, MSE against
+    `target`, backward, optimizer step, zero_grad; its figures beside ours, with the first
+    and last losses of both sides (`losses`: ours)."""
+    import torch
+
+    torch_losses = []
+
+    def step():
+        loss = torch.nn.functional.mse_loss(forward(), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
