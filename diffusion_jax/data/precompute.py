@@ -318,7 +318,8 @@ def _encode_shard(plan: ShardPlan, index: int, url: str, encode_fn, text_fn, pre
     ids_keys = prepare.caption_ids.tokenizers
     config, out = plan.data_config, plan.out
     before = {held: c.as_dict() for held, c in counters.items()}
-    # Every shard has its two square files (empty ones too); bucket files where images went.
+    # Every shard writes its square files, empty ones too (the held-out split's and, without
+    # buckets, the training split's); with buckets, a file per bucket its images went to.
     names = [RECORD_FILE.format(config.eval_split, index)]
     if not buckets.enabled(config.buckets):
         names.append(RECORD_FILE.format(config.split, index))
