@@ -34,6 +34,9 @@ from jax.sharding import Mesh
 from diffusion_jax import checkpoint, generate, parallel, program_cache, system, xla_defaults
 from diffusion_jax import image_files
 from diffusion_jax.image_files import KARRAS_SUFFIX
+# Public since before image_files.py (the notebooks and users' scripts call pipeline.save_grid):
+from diffusion_jax.image_files import (a1111_sampler_name, infotext, png_metadata,  # noqa: F401
+                                       save_grid, save_png)
 from diffusion_jax.diffusion import samplers
 from diffusion_jax.diffusion import flow, process
 
