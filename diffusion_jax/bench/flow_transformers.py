@@ -15,14 +15,12 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from diffusion_jax import system
 from diffusion_jax.bench import measure
 from diffusion_jax.bench.models import (LEARNING_RATE, TEXT_TOKENS, WEIGHT_DECAY, _nchw, _result,
                                         _torch_figures, _torch_model, _torch_warm_median,
-                                        torch_adamw_steps)
-from diffusion_jax.training.state import TrainState, make_train_step
+                                        adamw_steps_timed, torch_adamw_steps)
 from diffusion_jax.bench.weights import random_params
 
 SIGMA = 0.5  # mid-trajectory: every modulation path sees a non-trivial time
@@ -142,23 +140,9 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 2, dtype: str = "floa
                                        batch["timesteps"], batch["cond"])
         return jnp.mean(jnp.square(prediction.astype(jnp.float32) - batch["target"])), {}
 
-    batch_arrays = jax.device_put(arrays)
-    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-    step_fn = make_train_step(loss_fn, optimizer, lambda _: LEARNING_RATE, ema_max_decay=None)
-    create_state = lambda params: TrainState.create(
-        params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
-    state_shapes = jax.eval_shape(create_state, params)
-    compiled = measure.compile_timed(step_fn, state_shapes, {}, batch_arrays,
-                                     program_kind="train_step", donate_argnums=(0,))
-    current, losses = [create_state(params)], []
-
-    def step():
-        current[0], metrics = compiled.executable(current[0], {}, batch_arrays)
-        losses.append(metrics["loss"])
-        return current[0]
-
-    _, median_s = measure.warm_median(step, repeats)
-    losses = [float(losses[0]), float(losses[-1])]
+    compiled, median_s, losses, state_shapes = adamw_steps_timed(
+        loss_fn, lambda: params, component.param_shapes(cfg), {}, jax.device_put(arrays),
+        repeats)
     result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
                      median_s=median_s, denoiser=tower.kind, latent_shape=list(x0.shape),
                      trained_params=sum(x.size for x in jax.tree.leaves(state_shapes.params)),
@@ -166,7 +150,7 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 2, dtype: str = "floa
     if compare_torch:
         import torch
 
-        del current  # our params were donated: the reference draws the same ones again
+        # our params were donated: the reference draws the same ones again
         params = random_params(tower.kind, config[tower.name], seed=0)
         module = _torch_model(REFERENCE[tower.kind], cfg, params,
                               buffers=component.torch_ignore).train()

@@ -22,6 +22,7 @@ from diffusion_jax.adapters import lora_export, lora_train
 from diffusion_jax.bench import measure
 from diffusion_jax.bench.weights import random_params
 from diffusion_jax.convert.torch_params import params_to_state_dict
+from diffusion_jax.models import KINDS
 from diffusion_jax.models import unet as unet_lib
 from diffusion_jax.models import vae as vae_lib
 from diffusion_jax.models.layers import REMAT_POLICIES
@@ -142,6 +143,32 @@ def _text_towers(config: Mapping[str, Any], dtype: str, batch: int):
     return models, params, ids
 
 
+def adamw_steps_timed(loss_fn, trained, shapes, frozen, batch_arrays, repeats: int):
+    """(compiled step, median seconds, [first, last] loss, state shapes) of the project's
+    `make_train_step` with optax's AdamW (no EMA), jitted with the state donated.
+    `trained()` draws the trained params (the state takes them over); `shapes` are theirs,
+    so the step compiles from shapes before the state exists: the compiler's memory is free
+    again when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB)."""
+    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    train_step = make_train_step(loss_fn, optimizer, lambda _: LEARNING_RATE, ema_max_decay=None)
+    create_state = lambda params: TrainState.create(
+        params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
+    state_shapes = jax.eval_shape(create_state, shapes)
+    compiled = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
+                                     program_kind="train_step", donate_argnums=(0,))
+    current, losses = [create_state(trained())], []
+
+    def step():
+        current[0], metrics = compiled.executable(current[0], frozen, batch_arrays)
+        losses.append(metrics["loss"])
+        return current[0]
+
+    _, median_s = measure.warm_median(step, repeats)
+    # Losses before the first update and after the last: equal on both sides when the
+    # gradients and AdamW are (the steps repeat one batch).
+    return compiled, median_s, [float(losses[0]), float(losses[-1])], state_shapes
+
+
 def _lora_section(rank: int) -> dict:
     """bench train --lora RANK: PEFT's usual recipe, the U-Net's attention projections with
     alpha = rank (scale 1)."""
@@ -205,40 +232,22 @@ def bench_train(config: Mapping[str, Any], *, batch: int = 8, dtype: str = "floa
         if "text_embeds" in inputs:
             arrays["text_embeds"] = inputs["text_embeds"]
     batch_arrays = jax.device_put(arrays)
-    optimizer = optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     loss_fn = _epsilon_loss(model, text)
-    trained = lambda: random_params("unet", config["unet"], seed=0)
+    trained, shapes = (lambda: random_params("unet", config["unet"], seed=0),
+                       KINDS["unet"].param_shapes(cfg))
     if lora is not None:
         loss_fn, frozen, factors = _lora_setup(config, lora, loss_fn, frozen)
         trained = lambda: jax.tree.map(jnp.asarray, factors)  # fresh: the state is donated
-    train_step = make_train_step(loss_fn, optimizer, lambda _: LEARNING_RATE, ema_max_decay=None)
-    create_state = lambda params: TrainState.create(
-        params, optimizer, jax.random.key_data(jax.random.key(0)), use_ema=False)
-    # Compiled from shapes before the state exists: the compiler's memory is free again
-    # when the state and the step's buffers need it (SD 1.5 is tight in 24 GiB).
-    state_shapes = jax.eval_shape(create_state, jax.eval_shape(trained))
-    compiled = measure.compile_timed(train_step, state_shapes, frozen, batch_arrays,
-                                     program_kind="train_step", donate_argnums=(0,))
-    state = create_state(trained())
-    current, losses = [state], []
-
-    def step():
-        current[0], metrics = compiled.executable(current[0], frozen, batch_arrays)
-        losses.append(metrics["loss"])
-        return current[0]
-
-    _, median_s = measure.warm_median(step, repeats)
-    # Losses before the first update and after the last: equal on both sides when the
-    # gradients and AdamW are (the steps repeat one batch).
-    losses = [float(losses[0]), float(losses[-1])]
+        shapes = jax.eval_shape(trained)
+    compiled, median_s, losses, state_shapes = adamw_steps_timed(loss_fn, trained, shapes,
+                                                                 frozen, batch_arrays, repeats)
     result = _result("train", batch=batch, dtype=dtype, repeats=repeats, compiled=compiled,
                      median_s=median_s,
                      remat=remat, context=context, lora_rank=lora,
                      trained_params=sum(x.size for x in jax.tree.leaves(state_shapes.params)),
                      latent_shape=list(inputs["sample"].shape), first_loss=losses[0],
                      last_loss=losses[1])
-    if compare_torch:
-        del current, state  # our params were donated: the reference draws the same ones again
+    if compare_torch:  # our params were donated: the reference draws the same ones again
         params = random_params("unet", config["unet"], seed=0)
         adapter = None if lora is None else (_lora_section(lora), factors[lora_train.ITEM])
         result.update(_torch_train(cfg, params, batch_arrays, dtype, remat, repeats, batch,
