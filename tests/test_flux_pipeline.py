@@ -218,7 +218,7 @@ def test_the_readme_flux_commands_run(flux, tmp_path, monkeypatch, capsys):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     block = re.search(r"### Flux\.1\n\n```bash\n(.*?)```", readme, re.S)[1]
     commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines()]
-    assert [c[1] for c in commands] == ["params", "convert"] + ["sample"] * 4
+    assert [c[1] for c in commands] == ["params", "convert", "convert"] + ["sample"] * 4
     from diffusion_jax.models import flux as flux_model
 
     monkeypatch.setattr(flux_model.FluxConfig, "sample_size", SIZE // 2)
@@ -227,9 +227,145 @@ def test_the_readme_flux_commands_run(flux, tmp_path, monkeypatch, capsys):
     mask = np.zeros((SIZE, SIZE), np.uint8)
     mask[:, SIZE // 2:] = 255
     Image.fromarray(mask).save(tmp_path / "door_mask.png")
+    import safetensors.numpy
+
+    pipe = flux[0]
+    safetensors.numpy.save_file(bfl_state_dict(
+        {k: v.detach().numpy() for k, v in pipe.transformer.state_dict().items()},
+        pipe.transformer.config), tmp_path / "flux1-dev.safetensors")
     folder = str(flux[2] / "diffusers")
     for words in commands:
         assert cli.main([folder if w == "path/to/FLUX.1-dev" else w for w in words[1:]]) == 0, words
     assert "transformer      11,901,408,320" in capsys.readouterr().out
     for name in ("lighthouse.png", "cfg.png", "lighthouse_2.png", "door.png"):
         assert Image.open(tmp_path / name).size == (SIZE, SIZE)
+
+
+# ----------------------------------------------------------------------------- BFL single files
+# The test's own diffusers -> BFL renaming (the layout of Black Forest Labs' flux1-dev.safetensors),
+# checked against diffusers' own BFL -> diffusers converter, which must give the diffusers
+# state dict back exactly.
+
+_BFL_NAMES = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+              "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+              "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+              "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+              "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+              "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+              "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+_BFL_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+               "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+               "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+               "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+
+
+def bfl_state_dict(sd: dict, config) -> dict:
+    """A diffusers FluxTransformer2DModel state dict (numpy) in BFL's names and fusions."""
+    out, leaves = {}, ("weight", "bias")
+    for ours, theirs in _BFL_NAMES.items():
+        out.update({f"{theirs}.{x}": sd[f"{ours}.{x}"] for x in leaves if f"{ours}.{x}" in sd})
+    shift_scale = lambda v: np.concatenate(np.split(v, 2)[::-1])
+    out.update({f"final_layer.adaLN_modulation.1.{x}": shift_scale(sd[f"norm_out.linear.{x}"])
+                for x in leaves})
+    for i in range(config["num_layers"]):
+        ours, theirs = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for a, b in _BFL_DOUBLE.items():
+            out.update({f"{theirs}{b}.{x}": sd[f"{ours}{a}.{x}"] for x in leaves})
+        for stream, proj in (("img", "attn.to_{}"), ("txt", "attn.add_{}_proj")):
+            for x in leaves:
+                out[f"{theirs}{stream}_attn.qkv.{x}"] = np.concatenate(
+                    [sd[f"{ours}{proj.format(c)}.{x}"] for c in "qkv"])
+            added = "" if stream == "img" else "added_"
+            for c, norm in (("q", "query_norm"), ("k", "key_norm")):
+                out[f"{theirs}{stream}_attn.norm.{norm}.scale"] = sd[f"{ours}attn.norm_{added}{c}.weight"]
+    for i in range(config["num_single_layers"]):
+        ours, theirs = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for x in leaves:
+            out[f"{theirs}linear1.{x}"] = np.concatenate(
+                [sd[f"{ours}{m}.{x}"] for m in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
+            out[f"{theirs}linear2.{x}"] = sd[f"{ours}proj_out.{x}"]
+            out[f"{theirs}modulation.lin.{x}"] = sd[f"{ours}norm.linear.{x}"]
+        out[f"{theirs}norm.query_norm.scale"] = sd[f"{ours}attn.norm_q.weight"]
+        out[f"{theirs}norm.key_norm.scale"] = sd[f"{ours}attn.norm_k.weight"]
+    return out
+
+
+def diffusers_bfl_converter(inner_dim: int):
+    """diffusers' BFL -> diffusers converter, its hard-coded Flux.1 width (3072) set to the
+    tiny model's."""
+    import inspect
+
+    from diffusers.loaders import single_file_utils
+
+    source = inspect.getsource(single_file_utils.convert_flux_transformer_checkpoint_to_diffusers)
+    assert "inner_dim = 3072" in source
+    namespace = dict(vars(single_file_utils))
+    exec(source.replace("inner_dim = 3072", f"inner_dim = {inner_dim}"), namespace)
+    return namespace["convert_flux_transformer_checkpoint_to_diffusers"]
+
+
+def _schnell_shaped(pipe):
+    """A transformer the base lacks (a fine-tune): other weights, no guidance embedder."""
+    config = dict(pipe.transformer.config, guidance_embeds=False)
+    torch.manual_seed(7)
+    transformer = diffusers.FluxTransformer2DModel(**{
+        k: v for k, v in config.items() if not k.startswith("_")})
+    randomize(transformer, scale=0.3)
+    return transformer
+
+
+@GROUP
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "comfyui"])
+def test_a_bfl_single_file_converts_on_a_diffusers_base(flux, tmp_path, prefix):
+    """flux1-*.safetensors (and ComfyUI's prefixed copy) -> convert --base FOLDER: the file's
+    transformer, with the architecture its weights show (schnell's: no guidance), and the
+    base's VAE, text towers, tokenizers and scheduler; export gives diffusers the same."""
+    import safetensors.numpy
+
+    pipe, _, root = flux
+    transformer = _schnell_shaped(pipe)
+    theirs = {k: v.detach().numpy() for k, v in transformer.state_dict().items()}
+    bfl = bfl_state_dict(theirs, transformer.config)
+    back = diffusers_bfl_converter(transformer.config.num_attention_heads
+                                   * transformer.config.attention_head_dim)(
+        {k: torch.from_numpy(v) for k, v in bfl.items()})
+    assert sorted(back) == sorted(theirs)
+    for key, value in back.items():
+        np.testing.assert_array_equal(value.numpy(), theirs[key], err_msg=key)
+
+    safetensors.numpy.save_file({prefix + k: v for k, v in bfl.items()}, tmp_path / "flux1.safetensors")
+    assert cli.main(["convert", "--from", "single-file", str(tmp_path / "flux1.safetensors"),
+                     "--base", str(root / "diffusers"), "--out", str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                     str(tmp_path / "exported")]) == 0
+    again = diffusers.FluxPipeline.from_pretrained(tmp_path / "exported")
+    assert again.transformer.config.guidance_embeds is False
+    expected = dict(_state_dicts(pipe), transformer=theirs)
+    for name, state in _state_dicts(again).items():
+        assert sorted(state) == sorted(expected[name]), name
+        for key, value in state.items():
+            np.testing.assert_array_equal(value, expected[name][key], err_msg=f"{name}.{key}")
+
+
+@GROUP
+def test_bad_bfl_files_are_one_clear_error(flux, tmp_path, capsys):
+    import safetensors.numpy
+
+    from test_convert import assert_one_line_error, run_cli
+
+    pipe, _, root = flux
+    sd = {k: v.detach().numpy() for k, v in pipe.transformer.state_dict().items()}
+    bfl = bfl_state_dict(sd, pipe.transformer.config)
+    path = tmp_path / "flux1.safetensors"
+    convert = ["convert", "--from", "single-file", path, "--out", tmp_path / "ckpt"]
+    safetensors.numpy.save_file(bfl, path)
+    assert_one_line_error(*run_cli(capsys, *convert)[::2], "Flux.1 single file",
+                          "give --base DIR, a diffusers Flux.1 folder")
+    broken = dict(bfl)
+    del broken["double_blocks.0.txt_mlp.2.bias"]
+    broken["double_blocks.0.img_attn.proj.weight"] = broken["double_blocks.0.img_attn.proj.weight"][:, :4]
+    safetensors.numpy.save_file(broken, path)
+    assert_one_line_error(*run_cli(capsys, *convert, "--base", root / "diffusers")[::2],
+                          "does not match a Flux.1 model", "1 missing key(s): double_blocks.0.txt_mlp.2.bias",
+                          "double_blocks.0.img_attn.proj.weight: checkpoint (16, 4)")
+    assert not (tmp_path / "ckpt").exists()

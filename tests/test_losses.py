@@ -4,7 +4,6 @@ the text tower; a system with two text towers gets both towers' ids from the dat
 and its loss traces."""
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax

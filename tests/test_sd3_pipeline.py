@@ -244,9 +244,15 @@ def test_the_readme_sd3_commands_run(sd3, tmp_path, monkeypatch, capsys):
     block = re.search(r"### SD3 and SD3.5\n\n```bash\n(.*?)```", readme, re.S)[1]
     lines = block.replace("\\\n", " ").splitlines()
     commands = [shlex.split(line, comments=True) for line in lines]
-    assert [c[1] for c in commands] == ["params", "convert", "sample", "sample"]
+    assert [c[1] for c in commands] == ["params", "convert", "convert", "sample", "sample"]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ckpt").mkdir()
+    import safetensors.numpy
+
+    pipe = sd3[0]
+    safetensors.numpy.save_file(sai_state_dict(_torch_state(pipe.transformer),
+                                               pipe.transformer.config.num_layers),
+                                tmp_path / "sd3.5_medium.safetensors")
     for words in commands:
         args = [str(sd3[1]) if w == "path/to/stable-diffusion-3-medium-diffusers" else w
                 for w in words[1:]]
@@ -281,3 +287,131 @@ def test_inpaint_matches_diffusers(sd3, monkeypatch):
     with torch.no_grad():
         decoded = pipe.vae.decode(theirs / vae.scaling_factor + vae.shift_factor).sample
     check_pixels("inpaint", ours, pipe.image_processor.postprocess(decoded, output_type="np"))
+
+
+# ----------------------------------------------------------------------------- Stability's single files
+# The test's own diffusers -> Stability renaming (sd3_medium*.safetensors, sd3.5_*.safetensors),
+# checked against diffusers' own converter, which must give the diffusers state dict back.
+
+_SAI_NAMES = {"pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+              "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+              "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+              "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+              "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+              "proj_out": "final_layer.linear"}
+_SAI_BLOCK = {"norm1.linear": "x_block.adaLN_modulation.1", "attn.to_out.0": "x_block.attn.proj",
+              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "attn2.to_out.0": "x_block.attn2.proj", "norm1_context.linear":
+              "context_block.adaLN_modulation.1", "attn.to_add_out": "context_block.attn.proj",
+              "ff_context.net.0.proj": "context_block.mlp.fc1",
+              "ff_context.net.2": "context_block.mlp.fc2"}
+_SAI_NORMS = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q",
+              "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k"}
+
+
+def sai_state_dict(sd: dict, layers: int) -> dict:
+    """A diffusers SD3Transformer2DModel state dict (numpy) in Stability's names."""
+    shift_scale = lambda v: np.concatenate(np.split(v, 2)[::-1])
+    out = {"pos_embed": sd["pos_embed.pos_embed"]}
+    for ours, theirs in _SAI_NAMES.items():
+        out.update({f"{theirs}.{x}": sd[f"{ours}.{x}"] for x in ("weight", "bias")})
+    out.update({f"final_layer.adaLN_modulation.1.{x}": shift_scale(sd[f"norm_out.linear.{x}"])
+                for x in ("weight", "bias")})
+    for i in range(layers):
+        ours, theirs = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == layers - 1
+        for key, value in sd.items():
+            if not key.startswith(ours):
+                continue
+            module, _, leaf = key[len(ours):].rpartition(".")
+            if module in _SAI_BLOCK:
+                swap = last and module == "norm1_context.linear"
+                out[f"{theirs}{_SAI_BLOCK[module]}.{leaf}"] = shift_scale(value) if swap else value
+            elif module in _SAI_NORMS:
+                out[f"{theirs}{_SAI_NORMS[module]}.{leaf}"] = value
+        for fused, projections in (("x_block.attn", "attn.to_{}"),
+                                   ("context_block.attn", "attn.add_{}_proj"),
+                                   ("x_block.attn2", "attn2.to_{}")):
+            for x in ("weight", "bias"):
+                parts = [f"{ours}{projections.format(c)}.{x}" for c in "qkv"]
+                if parts[0] in sd:
+                    out[f"{theirs}{fused}.qkv.{x}"] = np.concatenate([sd[p] for p in parts])
+    return out
+
+
+def _torch_state(model) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.xdist_group("sd3_pipeline")
+def test_a_stability_single_file_converts_on_a_diffusers_base(sd3, tmp_path):
+    """An all-in-one file (model.diffusion_model.*, first_stage_model.*, CLIP-L and CLIP-G
+    under text_encoders.*, no T5, as sd3_medium_incl_clips.safetensors) of an SD3.5
+    Medium-shaped transformer (qk norm, dual attention in block 0) on the SD3 base: the
+    file's towers with their own weights, the base's T5, tokenizers and scheduler."""
+    import copy
+
+    import safetensors.numpy
+    from diffusers.loaders import single_file_utils
+
+    from test_single_file import ldm_vae
+
+    pipe, folder, _, root = sd3
+    config = dict(tiny_sd3_config()["transformer"], qk_norm="rms_norm", dual_attention_layers=(0,))
+    torch.manual_seed(3)
+    transformer = diffusers.SD3Transformer2DModel(**config)
+    vae, clip_l, clip_g = (copy.deepcopy(m) for m in (pipe.vae, pipe.text_encoder,
+                                                      pipe.text_encoder_2))
+    randomize(vae, clip_l, clip_g)
+    randomize(transformer, scale=0.3)
+    theirs = _torch_state(transformer)
+    sai = sai_state_dict(theirs, config["num_layers"])
+    back = single_file_utils.convert_sd3_transformer_checkpoint_to_diffusers(
+        {k: torch.from_numpy(v) for k, v in sai.items()})
+    assert sorted(back) == sorted(theirs)
+    for key, value in back.items():
+        np.testing.assert_array_equal(value.numpy(), theirs[key], err_msg=key)
+
+    state = {"model.diffusion_model." + k: v for k, v in sai.items()}
+    state.update(ldm_vae(_torch_state(vae), pipe.vae.config))
+    for name, model in (("clip_l", clip_l), ("clip_g", clip_g)):
+        state.update({f"text_encoders.{name}.transformer.{k}": v
+                      for k, v in _torch_state(model).items()})
+    safetensors.numpy.save_file(state, tmp_path / "sd35.safetensors")
+    assert cli.main(["convert", "--from", "single-file", str(tmp_path / "sd35.safetensors"),
+                     "--base", str(folder), "--out", str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out",
+                     str(tmp_path / "exported")]) == 0
+    again = diffusers.StableDiffusion3Pipeline.from_pretrained(tmp_path / "exported")
+    assert again.transformer.config.qk_norm == "rms_norm"
+    assert tuple(again.transformer.config.dual_attention_layers) == (0,)
+    expected = dict(_state_dicts(pipe), transformer=theirs, vae=_torch_state(vae),
+                    text_encoder=_torch_state(clip_l), text_encoder_2=_torch_state(clip_g))
+    for name, state in _state_dicts(again).items():
+        assert sorted(state) == sorted(expected[name]), name
+        for key, value in state.items():
+            np.testing.assert_array_equal(value, expected[name][key], err_msg=f"{name}.{key}")
+
+
+@pytest.mark.xdist_group("sd3_pipeline")
+def test_a_single_file_on_a_base_of_another_family_is_refused(sd3, tmp_path, capsys):
+    import safetensors.numpy
+
+    from test_convert import assert_one_line_error, run_cli
+
+    pipe, _, _, root = sd3
+    sai = sai_state_dict(_torch_state(pipe.transformer), pipe.transformer.config.num_layers)
+    safetensors.numpy.save_file(sai, tmp_path / "sd3.safetensors")
+    convert = ["convert", "--from", "single-file", tmp_path / "sd3.safetensors",
+               "--out", tmp_path / "ckpt"]
+    flux_like = tmp_path / "flux"  # a Flux.1 folder's layout: a transformer beside T5
+    for name, config in (("transformer", {}), ("text_encoder_2", {"model_type": "t5"})):
+        (flux_like / name).mkdir(parents=True)
+        (flux_like / name / "config.json").write_text(__import__("json").dumps(config))
+    assert_one_line_error(*run_cli(capsys, *convert, "--base", flux_like)[::2],
+                          "is not a diffusers SD3 folder")
+    assert_one_line_error(*run_cli(capsys, *convert, "--base", root / "diffusers", "--ema")[::2],
+                          "no EMA weights")
+    assert cli.main([str(a) for a in convert] + ["--base", str(root / "diffusers")]) == 0

@@ -12,7 +12,7 @@ from diffusion_jax.cli.common import CHECKPOINT_HELP, config_sections
 def add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert", help="import diffusers or single-file weights as a diffusion_jax checkpoint",
-        description="Read Stable Diffusion 1.x / 2.x, SDXL or SD3 / SD3.5 (diffusers only) "
+        description="Read Stable Diffusion 1.x / 2.x, SDXL, SD3 / SD3.5 or Flux.1 "
                     "weights and write them as a new diffusion_jax checkpoint directory "
                     "(step 0). Everything is read and "
                     "checked in memory first; OUT appears complete or not at all.",
@@ -23,13 +23,18 @@ def add_convert(subparsers) -> None:
                "attention); SDXL -> configs/sdxl_base.py or sdxl_refiner.py. For SD 2.x-base "
                "pass --config configs/sd21_base.py; any section of --config (unet, vae, "
                "text_encoder, schedule, tokenizer, ...) replaces the default and is checked "
-               "against the weights.")
+               "against the weights. A Flux.1 (BFL) or SD3 / SD3.5 (Stability) single file "
+               "needs --base, a diffusers folder of its family: the towers the file lacks, "
+               "the tokenizers and the scheduler come from there; the transformer's "
+               "architecture from the weights.")
     parser.add_argument("--from", dest="source_format", required=True,
                         choices=("diffusers", "single-file"),
                         help="diffusers: a pipeline folder (unet/, vae/, text_encoder/, ...) "
                              "or a ControlNetModel folder; single-file: a CompVis / SGM "
-                             "(A1111, ComfyUI) .safetensors or .ckpt file, or an original "
-                             "ControlNet file (control_*.pth / .safetensors)")
+                             "(A1111, ComfyUI) .safetensors or .ckpt file, a Flux.1 / SD3 "
+                             "file (flux1-dev.safetensors, sd3.5_large.safetensors, with "
+                             "--base), or an original ControlNet file (control_*.pth / "
+                             ".safetensors)")
     parser.add_argument("src", help="the diffusers folder or the single weights file")
     parser.add_argument("--out", required=True,
                         help="new checkpoint directory (must not exist, or be empty)")
@@ -37,6 +42,9 @@ def add_convert(subparsers) -> None:
                                          "(see below); single-file only")
     parser.add_argument("--ema", action="store_true",
                         help="single-file only: take the EMA U-Net weights (model_ema.*)")
+    parser.add_argument("--base", metavar="DIR",
+                        help="Flux.1 / SD3 single files: a diffusers folder of the same family "
+                             "(e.g. FLUX.1-dev) that completes the file's system")
     parser.set_defaults(run=run_convert)
 
 
@@ -44,7 +52,7 @@ def run_convert(args: argparse.Namespace) -> None:
     from diffusion_jax import convert
 
     convert.convert(args.source_format, args.src, args.out,
-                    config=config_sections(args.config), use_ema=args.ema)
+                    config=config_sections(args.config), use_ema=args.ema, base=args.base)
     print(f"wrote checkpoint {args.out}")
 
 

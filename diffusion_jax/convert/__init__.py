@@ -100,33 +100,36 @@ def read_weights_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def import_weights(source_format: str, src: str | os.PathLike, *,
-                   config: Mapping[str, Any] | None = None,
-                   use_ema: bool = False) -> tuple[dict[str, Any], dict]:
+                   config: Mapping[str, Any] | None = None, use_ema: bool = False,
+                   base: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict]:
     """(params by item, checkpoint config) read from `src`; nothing is written.
 
     `config` (sections of a configs/*.py file) is for single files, whose weights cannot say
-    everything (e.g. v-prediction); `use_ema` takes a single file's EMA U-Net weights."""
+    everything (e.g. v-prediction); `use_ema` takes a single file's EMA U-Net weights;
+    `base`, a diffusers folder, completes a Flux.1 / SD3 single file."""
     if source_format == "diffusers":
         from diffusion_jax.convert import diffusers
 
-        if config is not None or use_ema:
-            raise ValueError("--config and --ema apply to --from single-file only: a diffusers "
-                             "folder describes its models in its config.json files")
+        if config is not None or use_ema or base is not None:
+            raise ValueError("--config, --ema and --base apply to --from single-file only: a "
+                             "diffusers folder describes its models in its config.json files")
         return diffusers.read_pipeline(src)
     if source_format == "single-file":
         from diffusion_jax.convert import single_file
 
-        return single_file.read_single_file(src, config=config, use_ema=use_ema)
+        return single_file.read_single_file(src, config=config, use_ema=use_ema, base=base)
     raise ValueError(f"unknown source format {source_format!r}; supported: {list(SOURCE_FORMATS)}")
 
 
 def convert(source_format: str, src: str | os.PathLike, out: str | os.PathLike, *,
-            config: Mapping[str, Any] | None = None, use_ema: bool = False) -> None:
+            config: Mapping[str, Any] | None = None, use_ema: bool = False,
+            base: str | os.PathLike | None = None) -> None:
     """Reads and checks everything in memory, then writes the checkpoint `out` (step 0)."""
     from diffusion_jax import checkpoint
 
     checkpoint.check_new_directory(out)
-    items, checkpoint_config = import_weights(source_format, src, config=config, use_ema=use_ema)
+    items, checkpoint_config = import_weights(source_format, src, config=config, use_ema=use_ema,
+                                              base=base)
     checkpoint.create(out, items, checkpoint_config)
 
 

@@ -28,7 +28,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 from flax import traverse_util
@@ -137,14 +137,16 @@ def _check_class(tower: system_lib.Tower, config_json: Mapping[str, Any], path: 
                          "of Stable Diffusion 1.x / 2.x, SDXL and SD3 pipelines are supported")
 
 
-def read_component(folder: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
-    """(params, normalized config dict) of one tower of a pipeline folder."""
+def read_component(folder: Path, tower: system_lib.Tower,
+                   weights: bool = True) -> tuple[dict | None, dict]:
+    """(params, normalized config dict) of one tower of a pipeline folder (params None
+    without `weights`: its config alone)."""
     if not (folder / tower.name / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a Stable Diffusion diffusers folder: "
                                 f"{folder / tower.name / 'config.json'} does not exist (nor "
                                 "is it a ControlNet folder: a config.json of _class_name "
                                 "ControlNetModel)")
-    return read_model_folder(folder / tower.name, tower)
+    return read_model_folder(folder / tower.name, tower, weights)
 
 
 def read_vae(src: str | os.PathLike) -> tuple[dict, dict]:
@@ -159,8 +161,10 @@ def read_vae(src: str | os.PathLike) -> tuple[dict, dict]:
     return read_model_folder(folder, system_lib.Tower("vae", "vae"))
 
 
-def read_model_folder(component_dir: Path, tower: system_lib.Tower) -> tuple[dict, dict]:
-    """(params, normalized config dict) of a diffusers / transformers model folder."""
+def read_model_folder(component_dir: Path, tower: system_lib.Tower,
+                      weights: bool = True) -> tuple[dict | None, dict]:
+    """(params, normalized config dict) of a diffusers / transformers model folder (params
+    None without `weights`)."""
     component = tower.component
     config_path = component_dir / "config.json"
     config_json = _read_json(config_path)
@@ -169,6 +173,8 @@ def read_model_folder(component_dir: Path, tower: system_lib.Tower) -> tuple[dic
         config = component.config_from_dict(config_json)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{config_path}: {e}") from None
+    if not weights:
+        return None, config.to_dict()
     state_dict = read_state_dict(component_dir)
     if tower.kind == "vae":
         state_dict = rename_legacy_vae_keys(state_dict)
@@ -285,9 +291,11 @@ def read_adapter(folder: Path, system: system_lib.System) -> tuple[dict[str, Any
     return {tower.name: params}, {tower.name: config, system_lib.SYSTEM_SECTION: system.to_dict()}
 
 
-def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
+def read_pipeline(src: str | os.PathLike,
+                  without_weights: Collection[str] = ()) -> tuple[dict[str, Any], dict]:
     """(params by item, checkpoint config) of a diffusers Stable Diffusion folder, or of a
-    ControlNet folder."""
+    ControlNet folder. The towers named in `without_weights` are read for their configs
+    alone (a single file brings their weights)."""
     folder = Path(src)
     if not folder.is_dir():
         raise FileNotFoundError(f"diffusers folder {folder} does not exist")
@@ -297,7 +305,10 @@ def read_pipeline(src: str | os.PathLike) -> tuple[dict[str, Any], dict]:
     _check_model_index(folder, system)
     items, config = {}, {}
     for tower in system.towers:
-        items[tower.name], config[tower.name] = read_component(folder, tower)
+        params, config[tower.name] = read_component(folder, tower,
+                                                    tower.name not in without_weights)
+        if params is not None:
+            items[tower.name] = params
     config["schedule"] = read_schedule(folder)
     kind = PIPELINE_KINDS[system]
     for text in system.text_towers:

@@ -574,17 +574,26 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping
 
 
 def read_single_file(src: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
-                     use_ema: bool = False) -> tuple[dict, dict]:
+                     use_ema: bool = False, base: str | os.PathLike | None = None
+                     ) -> tuple[dict, dict]:
     """(params by item, checkpoint config) of a single-file SD 1.x / 2.x or SDXL checkpoint,
-    or of a ControlNet in its original layout (`controlnet_file`).
+    of a ControlNet in its original layout (`controlnet_file`), or of a Flux.1 / SD3 file
+    completed by the diffusers folder `base` (`flow_file`).
 
     `config` holds configs/*.py sections (unet, vae, text_encoder(_2), schedule,
     tokenizer(_2), pipeline); each one given replaces the family default and must agree
     with the weights. `use_ema` takes the U-Net from the EMA copy (`model_ema.*`)."""
     path = Path(src)
     state_dict = read_weights_file(path)
-    from diffusion_jax.convert import controlnet_file
+    from diffusion_jax.convert import controlnet_file, flow_file
 
+    if flow_file.layout_of(state_dict) is not None:
+        if use_ema:
+            raise ConversionError(f"{path} is a Flux.1 / SD3 file: it has no EMA weights (no --ema)")
+        return flow_file.params_from_state_dict(state_dict, config, path, base)
+    if base is not None:
+        raise ConversionError(f"--base is for Flux.1 and SD3 single files; {path} is not one "
+                              "(a Stable Diffusion 1.x / 2.x / SDXL file holds its whole system)")
     if controlnet_file.prefix_of(state_dict) is not None:  # a ControlNet in the original layout
         if use_ema:
             raise ConversionError(f"{path} is a ControlNet: it has no EMA weights (no --ema)")
