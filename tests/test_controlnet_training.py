@@ -144,8 +144,10 @@ def test_edge_agreement_with_and_without_the_controlnet(runs):
     batch = input_pipeline.make_eval_batches(config.data, text, num_examples=2, batch_size=2)[0]
     prompts = [fashion_mnist.caption(label) for label in batch["label"]]
     options = dict(sampler="ddim", steps=2, guidance=2.0)
-    results = edges.with_and_without_controlnet(root / "base", workdir / "controlnet",
-                                                batch["condition"], prompts, **options)
+    # BENCHMARKS.md's command for the demo's figure, on the tiny run.
+    results = edges.main(["--config", str(TINY_CONTROLNET), "--base", str(root / "base"),
+                          "--controlnet", str(workdir / "controlnet"), "--examples", "2",
+                          "--steps", "2", "--guidance", "2"])
     steered = load(root / "base", controlnet=workdir / "controlnet")
     samples = np.concatenate([steered.txt2img(p, seed=i, output_type="float32",
                                               control_image=c, **options)

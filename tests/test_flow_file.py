@@ -3,7 +3,6 @@
 
 from collections import defaultdict
 
-import numpy as np
 import pytest
 from flax import traverse_util
 

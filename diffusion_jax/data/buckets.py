@@ -142,6 +142,8 @@ def _header_size(path) -> Size | None:
 def image_sizes(source) -> np.ndarray:
     """int [N, 2] (height, width) of every example of `source`, read before training (file
     headers: no decoding). Unreadable files count as square; decoding skips them."""
+    if isinstance(source, input_pipeline.OneCaption):
+        return image_sizes(source.source)
     if isinstance(source, sources.FashionMNISTSource):
         return np.full((len(source), 2), source.image_size, np.int64)
     if isinstance(source, sources.FolderSource):

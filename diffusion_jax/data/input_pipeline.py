@@ -60,6 +60,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.random_flip = True         # random horizontal flip
     c.aesthetic_score = 6.0      # SDXL refiner: the aesthetic score its time_ids carry for every image
     c.caption_dropout = 0.1      # fraction of captions replaced by "" (classifier-free guidance)
+    c.caption = ""               # every image's caption, e.g. DreamBooth's "a photo of sks dog" ("": the source's)
     c.condition = ""             # ControlNet condition image: canny | image_folder | depth_from_file ("": none)
     c.condition_path = ""        # image_folder, depth_from_file: the folder of condition files
     c.canny_low = 100            # canny: OpenCV's hysteresis thresholds
@@ -75,14 +76,44 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
+class OneCaption:
+    """A source whose every example has `caption`."""
+
+    def __init__(self, source, caption: str):
+        self.source, self.caption = source, caption
+        self.read_threads = getattr(source, "read_threads", 1)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        example = self.source[index]
+        if isinstance(example, Skipped):
+            return example
+        conversions = tuple(c for c in example.conversions if c != "missing_caption")
+        return dataclasses.replace(example, caption=self.caption, conversions=conversions)
+
+
 def make_source(data_config, split: str, *, held_out: bool = False):
-    """The source of `split`; `held_out` picks a folder's eval files."""
+    """The source of `split` (every caption `data.caption` where it is set); `held_out`
+    picks a folder's eval files."""
+    source = _source(data_config, split, held_out)
+    if data_config.get("caption"):
+        if data_config.source == "latents":
+            raise ValueError("data.caption sets the captions of images: precomputed latents "
+                             "hold their ids already; precompute with it or train on the images")
+        return OneCaption(source, data_config.caption)
+    return source
+
+
+def _source(data_config, split: str, held_out: bool):
     kind = data_config.source
     if kind == "fashion_mnist":
         return sources.FashionMNISTSource(split, data_config.image_size)
     if kind == "folder":
         return sources.FolderSource(data_config.path, held_out_split=held_out,
-                                    eval_fraction=data_config.eval_fraction)
+                                    eval_fraction=data_config.eval_fraction,
+                                    captioned=not data_config.get("caption"))
     if kind == "tfds":
         return sources.TfdsSource(
             data_config.path, split, image_key=data_config.image_key,
@@ -476,6 +507,8 @@ def make_train_iterator(data_config, text, *, process_index: int = 0, process_co
                    "batch_size": data_config.batch_size // process_count,
                    "process_index": process_index, "process_count": process_count,
                    "num_workers": data_config.num_workers}
+    if data_config.get("caption"):  # absent otherwise, as the condition
+        fingerprint["caption"] = data_config.caption
     if data_config.get("condition"):  # absent otherwise: states saved before it resume alike
         fingerprint["condition"] = conditions.fingerprint(data_config)
     return TrainIterator(dataset, batch_size=data_config.batch_size // process_count,

@@ -211,12 +211,14 @@ class FolderSource:
     (paths relative to the folder) or a `name.txt` beside `name.png`; the file entry wins.
 
     `held_out_split` selects the eval files (`eval_fraction` of them, by path hash); otherwise
-    the rest. Labels are -1.
+    the rest. Labels are -1. `captioned` False: the captions come from elsewhere (data.caption),
+    so images without one are not worth a warning.
     """
 
     read_threads = 4  # PIL decodes without the GIL: threads overlap file reads and decoding
 
-    def __init__(self, path: str, *, held_out_split: bool, eval_fraction: float):
+    def __init__(self, path: str, *, held_out_split: bool, eval_fraction: float,
+                 captioned: bool = True):
         root = Path(path).expanduser()
         if not path:
             raise ValueError("data.source='folder' needs data.path: set --config.data.path=DIR "
@@ -244,7 +246,7 @@ class FolderSource:
         if unknown:
             log.warning("%s: %d captions name no image file here (e.g. %r)", root, len(unknown), unknown[0])
         uncaptioned = sum(1 for f in images if f not in self.captions and f not in self.caption_txt)
-        if uncaptioned:
+        if uncaptioned and captioned:
             log.warning("%s: %d of %d images have no caption; they train with the empty caption "
                         "(captions.jsonl, captions.csv or NAME.txt beside NAME.png)",
                         root, uncaptioned, len(images))

@@ -83,3 +83,52 @@ def with_and_without_controlnet(base: str, controlnet: str, control_images: np.n
         results[f"edge_f1_{name}"] = edge_agreement(control_images, np.concatenate(samples),
                                                     low=low, high=high, tolerance=tolerance)
     return results
+
+
+def held_out_edges(config, count: int) -> tuple[np.ndarray, list[str]]:
+    """(the Canny condition images, the captions) of the first `count` held-out examples of
+    a ControlNet training config's data (the demo's: Fashion-MNIST test images)."""
+    from diffusion_jax import system
+    from diffusion_jax.data import fashion_mnist, input_pipeline
+    from diffusion_jax.training import trainer
+
+    text = system.text_inputs(system.from_config(config), trainer.model_config(config))
+    batch = input_pipeline.make_eval_batches(config.data, text, num_examples=count,
+                                             batch_size=count)[0]
+    captions = [fashion_mnist.caption(label) if label >= 0 else ""
+                for label in batch["label"]]
+    return batch["condition"], captions
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """`python -m diffusion_jax.eval.edges`: the ControlNet demo's figure, edge F1 of samples
+    with and without the ControlNet on held-out condition images and their captions."""
+    import argparse
+    import json
+
+    from diffusion_jax import config_files
+
+    parser = argparse.ArgumentParser(prog="python -m diffusion_jax.eval.edges",
+                                     description=main.__doc__)
+    parser.add_argument("--config", default="controlnet_demo",
+                        help="the ControlNet's training config (its data gives the edges)")
+    parser.add_argument("--base", required=True, help="the base model's checkpoint")
+    parser.add_argument("--controlnet", required=True, help="the ControlNet checkpoint "
+                        "(WORKDIR/controlnet of its run)")
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--sampler", default="ddim")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    args = parser.parse_args(argv)
+    config = config_files.load(args.config)
+    images, captions = held_out_edges(config, args.examples)
+    data = config.data
+    results = with_and_without_controlnet(
+        args.base, args.controlnet, images, captions, low=data.canny_low, high=data.canny_high,
+        sampler=args.sampler, steps=args.steps, guidance=args.guidance)
+    print(json.dumps({"examples": len(images), **results}))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax import system
+from diffusion_jax.adapters import dreambooth
 from diffusion_jax.diffusion import process
 from diffusion_jax.diffusion.process import min_snr_weight  # noqa: F401 (the loss's weighting)
 from diffusion_jax.training import partition
@@ -95,12 +96,15 @@ def control_cond(models: system.Models, towers: Params, x_t: jax.Array, t: jax.A
 
 
 def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess, *,
-                      min_snr_gamma: float = 0.0, offset_noise: float = 0.0) -> LossFn:
+                      min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
+                      prior_loss_weight: float = 0.0) -> LossFn:
     """Batches hold `image` (or precomputed `latents`), the text towers' ids (`input_ids`,
     ...), maybe their precomputed conditioning (`context`, `pooled`, used when the text
     towers are frozen), SDXL's `time_ids` (see `batch_cond`) and, for a system with a
-    ControlNet, its `condition` images; `params` holds the trained towers (the denoiser,
-    maybe text towers, or a ControlNet alone), `frozen` the others."""
+    ControlNet, its `condition` images and, for DreamBooth's prior preservation, the
+    `prior` flag of its class rows (their mean loss weighs `prior_loss_weight`; see
+    adapters/dreambooth.py); `params` holds the trained towers (the denoiser, maybe text
+    towers, or a ControlNet alone), `frozen` the others."""
 
     def loss_fn(params, frozen, batch, rng):
         towers = partition.combine(frozen, params)
@@ -123,12 +127,14 @@ def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess
         prediction = system.denoise(models, towers, x_t, model_t, cond)
         per_example = _mean_per_example(jnp.square(prediction.astype(jnp.float32) - target))
         mse = jnp.mean(per_example)
+        weighted = per_example
         if min_snr_gamma:
-            weight = min_snr_weight(process.snr(noise_process, t), min_snr_gamma,
-                                    noise_process.prediction_type)
-            loss = jnp.mean(weight * per_example)
-        else:
-            loss = mse
-        return loss, {"mse": mse}
+            weighted = per_example * min_snr_weight(process.snr(noise_process, t),
+                                                    min_snr_gamma, noise_process.prediction_type)
+        if dreambooth.PRIOR_KEY in batch:
+            loss, metrics = dreambooth.prior_loss(weighted, per_example,
+                                                  batch[dreambooth.PRIOR_KEY], prior_loss_weight)
+            return loss, {"mse": mse, **metrics}
+        return jnp.mean(weighted), {"mse": mse}
 
     return loss_fn

@@ -22,6 +22,7 @@ from etils import epath
 
 from diffusion_jax import checkpoint, parallel
 from diffusion_jax import system as system_lib
+from diffusion_jax.adapters import dreambooth
 from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.data import sources
 from diffusion_jax.models import count_params
@@ -245,9 +246,11 @@ def _check_mesh(config) -> tuple[int, int]:
         if not stage.steps(config):
             continue
         key, batch = stage.batch_size_key, stage.batch_size(config)
-        if batch % devices:
+        # DreamBooth's steps take as many class rows as instance rows.
+        rows = batch * 2 if stage.name == "diffusion" and dreambooth.section(config) else batch
+        if rows % devices:
             raise _fail(key, batch, f"the global batch must be a multiple of the {devices} "
-                        f"devices (each device takes batch / {devices} rows)")
+                        f"devices (each device takes {rows} / {devices} rows)")
     return shape
 
 
@@ -460,6 +463,7 @@ def check_config(config) -> None:
     _check_final_eval(config)
     _check_controlnet(config)
     _check_mesh(config)
+    dreambooth.check(config)
 
 
 def validate(config, workdir=None) -> int | None:
@@ -503,8 +507,12 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
 
     data, towers = config.data, system_lib.from_config(config)
     batch = STAGE[stage].batch_size(config)
-    shapes = {t.ids_key: jax.ShapeDtypeStruct((batch, config[t.tokenizer].max_length), np.int32)
-              for t in towers.text_towers}
+    shapes = {}
+    if stage == "diffusion" and dreambooth.section(config) is not None:
+        batch *= 2  # the instance rows, then as many class rows
+        shapes[dreambooth.PRIOR_KEY] = jax.ShapeDtypeStruct((batch,), np.float32)
+    shapes.update({t.ids_key: jax.ShapeDtypeStruct((batch, config[t.tokenizer].max_length),
+                                                   np.int32) for t in towers.text_towers})
     shapes["label"] = jax.ShapeDtypeStruct((batch,), np.int32)
     width = system_lib.time_ids_width(towers, config)
     if width:  # SDXL's micro-conditioning, which the data pipeline builds per image

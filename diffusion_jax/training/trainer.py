@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 
 from diffusion_jax import checkpoint, parallel, system, xla_defaults
-from diffusion_jax.adapters import lora_train
+from diffusion_jax.adapters import dreambooth, lora_train
 from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
@@ -84,14 +84,18 @@ def _models(ckpt_config: Mapping[str, Any], dtype, remat_policy: str | None,
                         remat_policy=remat_policy, attention_impl=attention_impl)
 
 
-def _vae_loss(section, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
+def _vae_loss(config, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
+    section = config.vae_training
     return losses.vae_loss_fn(models, section.reconstruction_loss, section.kl_weight)
 
 
-def _diffusion_loss(section, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
+def _diffusion_loss(config, ckpt_config: Mapping[str, Any], models) -> losses.LossFn:
+    section = config.training
+    db = dreambooth.section(config)
+    prior = db["prior_loss_weight"] if db is not None else 0.0
     return losses.diffusion_loss_fn(models, process.from_config(ckpt_config["schedule"]),
                                     min_snr_gamma=section.min_snr_gamma,
-                                    offset_noise=section.offset_noise)
+                                    offset_noise=section.offset_noise, prior_loss_weight=prior)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,7 @@ class Stage:
     name: str  # metrics prefix, summary keys, the `trainer` item's "stage"
     index: int  # its place in the run: offsets its data seed and its rng
     section: str  # its config section: steps, optimizer, `trainable` (and `ema`) rules
-    loss: Callable  # (section, ckpt_config, models) -> LossFn
+    loss: Callable  # (config, ckpt_config, models) -> LossFn
     batch_size_key: str  # the config key of its global batch
     captions: bool  # False: images only (no caption dropout)
     draws_samples: bool  # sample grids every sample_every_steps
@@ -466,7 +470,7 @@ def _stage_setup(config, ckpt_config: Mapping[str, Any], stage: Stage, towers: M
     dtype = jnp.dtype(config.dtype)
     models = _models(ckpt_config, dtype, config.remat_policy or None, attention_impl)
     section = config[stage.section]
-    loss_fn = stage.loss(section, ckpt_config, models)
+    loss_fn = stage.loss(config, ckpt_config, models)
     if lora_train.section(ckpt_config) is not None:
         loss_fn = lora_train.loss_fn(loss_fn, ckpt_config)
     trained, frozen = partition.split(towers, stage.trainable(config))
@@ -570,6 +574,8 @@ def _stage_data(run: Run, stage: Stage, data_state: dict | None):
                                                    data_config.aesthetic_score)
     time_ids = time_ids_for(data_config.image_size)
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if dreambooth.section(run.config) is not None and stage is DIFFUSION:
+        return dreambooth.stage_data(run, data_config, data_state, time_ids, **where)
     if buckets.enabled(data_config.buckets):  # one compile of the step per bucket shape
         iterator = buckets.make_train_iterator(
             data_config, run.text_inputs, **where,
@@ -594,6 +600,8 @@ def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainStat
     """Steps `stage_step`+1 .. the stage's last, with logs, evals, grids and checkpoints."""
     config = run.config
     num_steps, first = stage.steps(config), run.first_step(stage.name)
+    if dreambooth.section(config) is not None:
+        _sync_towers(run, program, state)  # the params the base draws its class images with
     iterator, eval_batches, batch_size = _stage_data(run, stage, data_state)
     eval_fn = jax.jit(make_eval_step(program.loss_fn),
                       compiler_options=xla_defaults.compiler_options(stage.program_kinds[1]))
