@@ -69,7 +69,7 @@ setup(
     # diffusion_jax.configs, so `--config sd15_finetune` works after any install.
     packages=[*find_packages(include=["diffusion_jax", "diffusion_jax.*"]), "diffusion_jax.configs"],
     package_dir={"diffusion_jax.configs": "configs"},
-    package_data={"diffusion_jax": ["assets/*", "assets/fashion_mnist/*"]},
+    package_data={"diffusion_jax": ["assets/*", "assets/fashion_mnist/*", "assets/dreambooth_bag/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={"console_scripts": ["diffusion-jax=diffusion_jax.cli:main"]},

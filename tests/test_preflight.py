@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "flow_demo", "tiny_flow_train",
                     "sd15_finetune", "sdxl_finetune",
                     "sd21_finetune", "tiny_lora_train", "lora_sd15", "lora_sdxl",
-                    "tiny_dreambooth_train", "dreambooth_sd15",
+                    "tiny_dreambooth_train", "dreambooth_sd15", "dreambooth_demo", "tiny_flux_train",
                     "sd21_base_pretrain:256", "sd21_base_pretrain:512", "controlnet_demo",
                     "tiny_controlnet_train")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
@@ -144,10 +144,26 @@ def test_sdxl_latents_that_cannot_train_it_fail_in_one_line(tmp_path, capsys, ch
 
 
 def _stub_checkpoint(path: Path, config) -> Path:
+    """A checkpoint of `config`'s models with stub params; a T5 tower's tokenizer as a
+    converted checkpoint keeps it (its tokenizer.json: a small Unigram model here)."""
     if not path.exists():
+        sections = model_config(config)
+        for tower in system.from_config(config).text_towers:
+            if tower.kind == "t5":
+                sections[tower.tokenizer] = _t5_section(sections[tower.tokenizer]["max_length"])
         checkpoint.save(path, 0, {n: {"stub": np.zeros(1, np.float32)}
-                                  for n in system.from_config(config).names}, model_config(config))
+                                  for n in system.from_config(config).names}, sections)
     return path
+
+
+def _t5_section(max_length: int) -> dict:
+    from tokenizers import Tokenizer, models
+
+    from test_t5 import unigram_vocab
+
+    tokenizer = Tokenizer(models.Unigram(unigram_vocab(), unk_id=2))
+    return {"tokenizer_json": tokenizer.to_str(), "eos_token": "</s>", "pad_token": "<pad>",
+            "max_length": max_length}
 
 
 def _latents_folder(path: Path, config, image_size: int) -> Path:

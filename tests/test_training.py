@@ -33,6 +33,11 @@ TINY_FLOW = REPO / "configs" / "tiny_flow_train.py"  # a rectified-flow MMDiT fo
 # (pytest.ini: --dist loadgroup), so the run is made once, not once per worker.
 SDXL_RUN_GROUP = pytest.mark.xdist_group("tiny_sdxl_run")
 FLOW_RUN_GROUP = pytest.mark.xdist_group("tiny_flow_run")
+TINY_FLUX = REPO / "configs" / "tiny_flux_train.py"  # a Flux.1-shaped transformer, CLIP + T5
+FLUX_RUN_GROUP = pytest.mark.xdist_group("tiny_flux_run")
+# Its T5 tokenizer (no T5 vocabulary ships) and every tower come from init_from:
+# {flux_base}, the flux_base fixture.
+FLUX_FROM_BASE = ("--config.init_from={flux_base}",)
 # The tiny SDXL runs train as SDXL fine-tunes do: on a caption folder of tall and wide images
 # in aspect buckets (one compile per bucket, time_ids from each image's size and crop), so
 # resume and the 8-device curve are checked across bucket switches. {folder}: aspect_folder.
@@ -376,8 +381,33 @@ def aspect_folder(tmp_path_factory) -> Path:
     return root
 
 
-def _in_folder(overrides, folder) -> tuple:
-    return tuple(o.format(folder=folder) for o in overrides)
+def _in_folder(overrides, folder, request=None) -> tuple:
+    """The overrides with {folder} (aspect_folder) and {flux_base} (the flux_base fixture,
+    made only where one asks for it) filled in."""
+    flux_base = (request.getfixturevalue("flux_base")
+                 if request and any("{flux_base}" in o for o in overrides) else None)
+    return tuple(o.format(folder=folder, flux_base=flux_base) for o in overrides)
+
+
+@pytest.fixture(scope="module")
+def flux_base(tmp_path_factory) -> Path:
+    """A checkpoint of configs/tiny_flux_train.py's architecture, random weights, with a
+    small T5 Unigram tokenizer trained here (test_t5.unigram_vocab)."""
+    import transformers
+
+    from diffusion_jax import system
+    from diffusion_jax.tokenizer import T5Tokenizer
+    from test_t5 import unigram_vocab
+
+    root = tmp_path_factory.mktemp("flux_base")
+    transformers.T5Tokenizer(vocab=unigram_vocab(), extra_ids=10).save_pretrained(root / "t5")
+    transformers.AutoTokenizer.from_pretrained(root / "t5").save_pretrained(root / "t5")
+    sections = system.checkpoint_config(load_config_file(TINY_FLUX))
+    sections["tokenizer_2"] = T5Tokenizer.from_pretrained(
+        root / "t5", max_length=sections["tokenizer_2"]["max_length"]).to_section()
+    towers = system.from_config(sections)
+    checkpoint.create(root / "ckpt", system.init_params(towers, sections, seed=3), sections)
+    return root / "ckpt"
 
 
 def _final_params(workdir, names=("unet", "unet_ema", "vae", "optimizer")):
@@ -448,10 +478,12 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
                  marks=SDXL_RUN_GROUP),
     pytest.param(TINY_FLOW, (), ("transformer", "transformer_ema", "vae", "optimizer"), (2, 4),
                  marks=FLOW_RUN_GROUP),
-], ids=["unet", "text_encoder", "sdxl", "flow"])
+    pytest.param(TINY_FLUX, FLUX_FROM_BASE, ("transformer", "transformer_ema", "optimizer"),
+                 (2, 4), marks=FLUX_RUN_GROUP),
+], ids=["unet", "text_encoder", "sdxl", "flow", "flux"])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(
-        finished_run, aspect_folder, tmp_path, config, overrides, items, checkpoints):
-    overrides = _in_folder(overrides, aspect_folder)
+        finished_run, aspect_folder, tmp_path, request, config, overrides, items, checkpoints):
+    overrides = _in_folder(overrides, aspect_folder, request)
     uninterrupted = finished_run(*overrides, config=config)
     workdir = tmp_path / "killed"
     kill_after = int(np.random.default_rng().choice(checkpoints))  # a checkpoint in either stage
@@ -582,10 +614,12 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
 
 @pytest.mark.parametrize("config, overrides", [
     (TINY, ()), pytest.param(TINY_SDXL, SDXL_BUCKETED, marks=SDXL_RUN_GROUP),
-    pytest.param(TINY_FLOW, (), marks=FLOW_RUN_GROUP)], ids=["sd", "sdxl", "flow"])
+    pytest.param(TINY_FLOW, (), marks=FLOW_RUN_GROUP),
+    pytest.param(TINY_FLUX, FLUX_FROM_BASE, marks=FLUX_RUN_GROUP)],
+    ids=["sd", "sdxl", "flow", "flux"])
 def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, aspect_folder, tmp_path,
-                                                        config, overrides):
-    overrides = _in_folder(overrides, aspect_folder)
+                                                        request, config, overrides):
+    overrides = _in_folder(overrides, aspect_folder, request)
     uninterrupted = finished_run(*overrides, config=config)
     workdir = tmp_path / "eight"
     result = subprocess.run(_train_command(workdir, *overrides,
@@ -666,6 +700,40 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(uninterrupte
     from diffusion_jax import pipeline
 
     pipeline.load(ckpts, cache_dir=None)
+
+
+@FLUX_RUN_GROUP
+def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run, flux_base):
+    """configs/tiny_flux_train.py from a tiny Flux checkpoint: the 2x2-packed transformer,
+    CLIP's pooled output and T5's tokens (its tokenizer init_from's) through the same
+    trainer; the train and held-out losses go down and the grid samples with flow_euler."""
+    from PIL import Image
+
+    workdir = finished_run(f"--config.init_from={flux_base}", config=TINY_FLUX)
+    curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [c["loss"] for c in curve if "loss" in c]
+    held_out = [c["eval_loss"] for c in curve if "eval_loss" in c]
+    assert len(train) == len(held_out) == 2 and train[1] < train[0] and held_out[1] < held_out[0]
+    saved = checkpoint.read_config(workdir / "checkpoints")
+    assert system.from_config(saved) == system.FLUX
+    assert saved["tokenizer_2"]["tokenizer_json"] == checkpoint.read_config(
+        flux_base)["tokenizer_2"]["tokenizer_json"]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert Image.open(summary["samples"]).text["sampler"] == "flow_euler"
+
+
+def test_a_t5_tower_without_a_vocabulary_is_refused_before_compiling(tmp_path, capsys):
+    from diffusion_jax import cli
+
+    config = load_config_file(TINY_FLUX)
+    path = tmp_path / "ckpt"  # a checkpoint whose T5 tokenizer section has no tokenizer.json
+    checkpoint.save(path, 0, {n: {"stub": np.zeros(1, np.float32)}
+                              for n in system.from_config(config).names},
+                    trainer.model_config(config))
+    assert cli.main(["train", "--config", str(TINY_FLUX), "--workdir", str(tmp_path / "w"),
+                     f"--config.init_from={path}", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "text_encoder_2 is a T5 tower, whose tokenizer comes from init_from" in err
 
 
 @FLOW_RUN_GROUP

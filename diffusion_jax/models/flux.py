@@ -90,6 +90,11 @@ class FluxConfig:
         return self.joint_attention_dim
 
     @property
+    def input_latent_channels(self) -> int:
+        """The latent channels a token packs 2x2 of (the VAE's latent_channels)."""
+        return self.in_channels // 4
+
+    @property
     def downsampling(self) -> int:
         """Latent sides must be even: the 2x2 packing."""
         return 2

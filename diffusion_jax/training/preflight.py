@@ -137,9 +137,10 @@ def _check_models(config) -> None:
         if max_length > text.max_tokens:
             raise _fail(f"{tower.tokenizer}.max_length", max_length,
                         f"exceeds {tower.name}.max_position_embeddings={text.max_tokens}")
-    if denoiser.in_channels != vae.latent_channels:
+    # Flux's tokens pack 2x2 latent pixels: its in_channels are 4 latent channels each.
+    if getattr(denoiser, "input_latent_channels", denoiser.in_channels) != vae.latent_channels:
         raise _fail(f"{towers.denoiser.name}.in_channels", denoiser.in_channels,
-                    f"must equal {towers.vae.name}.latent_channels={vae.latent_channels} to "
+                    f"must take {towers.vae.name}.latent_channels={vae.latent_channels} to "
                     "train on latents (inpainting U-Nets are sampled, not trained, here)")
     for tower in (towers.denoiser, towers.vae):
         section = config[tower.name]
@@ -477,7 +478,18 @@ def validate(config, workdir=None) -> int | None:
     _check_lora(config, ckpt_config)
     _check_rules(config, ckpt_config)
     check_init_from(config, ckpt_config)
+    _check_t5_vocabularies(config, ckpt_config)
     return None if workdir is None else check_workdir(workdir, ckpt_config)
+
+
+def _check_t5_vocabularies(config, ckpt_config: Mapping[str, Any]) -> None:
+    """A T5 tower's tokenizer comes from init_from (trainer.model_config): none ships."""
+    for tower in system_lib.from_config(ckpt_config).text_towers:
+        if tower.kind == "t5" and "tokenizer_json" not in ckpt_config[tower.tokenizer]:
+            raise _fail("init_from", config.init_from, f"{tower.name} is a T5 tower, whose "
+                        "tokenizer comes from init_from (no T5 vocabulary ships with "
+                        "diffusion_jax), and it has none: set it to a checkpoint converted "
+                        "from a Flux.1 / SD3 folder")
 
 
 # ----------------------------------------------------------------------------- dry run

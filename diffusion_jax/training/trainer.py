@@ -66,11 +66,29 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
     """The checkpoint config: model sections, schedule and tokenizer, as plain JSON values
     (and the `lora` section of a LoRA run, which `export` and `sample` read)."""
     sections = system.checkpoint_config(config)
+    _t5_vocabularies_from_init(config, sections)
     lora = lora_train.section(config)
     if lora is not None:
         sections[lora_train.ITEM] = {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in lora.items()}
     return sections
+
+
+def _t5_vocabularies_from_init(config, sections: dict) -> None:
+    """No T5 vocabulary ships with diffusion_jax: a T5 tower's tokenizer section without one
+    takes init_from's (a converted checkpoint keeps its folder's tokenizer.json), at the
+    config's max_length."""
+    for tower in system.from_config(sections).text_towers:
+        section = sections[tower.tokenizer]
+        if tower.kind != "t5" or "tokenizer_json" in section or not config.get("init_from"):
+            continue
+        try:
+            saved = checkpoint.read_config(config.init_from).get(tower.tokenizer, {})
+        except checkpoint.CheckpointError:
+            continue  # preflight.check_init_from says what is wrong with it
+        if "tokenizer_json" in saved:
+            sections[tower.tokenizer] = {**saved, "max_length": section.get(
+                "max_length", saved.get("max_length"))}
 
 
 def _adapter_items(ckpt_config: Mapping[str, Any]) -> tuple[str, ...]:
