@@ -38,6 +38,9 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
         ema_decay=0.9999,  # max EMA decay, warm-up min(decay, (1+n)/(10+n)) as diffusers; 0: no EMA
         min_snr_gamma=0.0,  # min-SNR-gamma loss weighting (Hang et al. 2023); 0 disables
         offset_noise=0.0,  # strength of per-channel offset noise; 0 disables
+        # Flux.1-dev's distilled guidance, an input of its transformer, during training
+        # (diffusers' train_dreambooth_flux --guidance_scale); other denoisers have none.
+        embedded_guidance=3.5,
         train_text_encoder=False,  # True: the optimizer updates the text tower too
         # Regexes fully matching param paths "tower/sub/.../leaf" (r"unet/.*lora.*" for LoRA):
         # the params the optimizer updates (train_text_encoder adds r"text_encoder/.*") ...

@@ -722,6 +722,29 @@ def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run
     assert Image.open(summary["samples"]).text["sampler"] == "flow_euler"
 
 
+def test_a_dev_shaped_transformer_trains_with_the_embedded_guidance():
+    """Flux.1-dev takes its distilled guidance as an input: the training loss gives it
+    training.embedded_guidance (diffusers' train_dreambooth_flux: --guidance_scale), and
+    another value changes the loss at fixed noise."""
+    from diffusion_jax.diffusion import process
+
+    config = load_config_file(TINY_FLUX)
+    config.transformer.guidance_embeds = True
+    ckpt_config = trainer.model_config(config)
+    rng = np.random.default_rng(0)
+    towers = jax.tree.map(lambda s: np.float32(0.1) * rng.standard_normal(s.shape, np.float32),
+                          system.param_shapes(system.FLUX, ckpt_config))
+    models = system.build(system.FLUX, ckpt_config)
+    noise = process.from_config(ckpt_config["schedule"])
+    batch = {"latents": rng.standard_normal((2, 8, 8, 16)).astype(np.float32),
+             "input_ids": np.zeros((2, 16), np.int32), "input_ids_2": np.zeros((2, 32), np.int32)}
+    trained, frozen = partition.split(towers, (r"transformer/.*",))
+    loss = lambda g: float(losses.diffusion_loss_fn(models, noise, embedded_guidance=g)(
+        trained, frozen, batch, jax.random.key(0))[0])
+    assert np.isfinite(loss(3.5)) and loss(3.5) != loss(1.0)
+    assert config.training.embedded_guidance == 3.5  # base_training's, as diffusers' script
+
+
 def test_a_t5_tower_without_a_vocabulary_is_refused_before_compiling(tmp_path, capsys):
     from diffusion_jax import cli
 

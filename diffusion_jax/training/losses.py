@@ -97,14 +97,17 @@ def control_cond(models: system.Models, towers: Params, x_t: jax.Array, t: jax.A
 
 def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess, *,
                       min_snr_gamma: float = 0.0, offset_noise: float = 0.0,
-                      prior_loss_weight: float = 0.0) -> LossFn:
+                      prior_loss_weight: float = 0.0, embedded_guidance: float = 3.5) -> LossFn:
     """Batches hold `image` (or precomputed `latents`), the text towers' ids (`input_ids`,
     ...), maybe their precomputed conditioning (`context`, `pooled`, used when the text
     towers are frozen), SDXL's `time_ids` (see `batch_cond`) and, for a system with a
     ControlNet, its `condition` images and, for DreamBooth's prior preservation, the
     `prior` flag of its class rows (their mean loss weighs `prior_loss_weight`; see
     adapters/dreambooth.py); `params` holds the trained towers (the denoiser, maybe text
-    towers, or a ControlNet alone), `frozen` the others."""
+    towers, or a ControlNet alone), `frozen` the others. A denoiser that takes its guidance
+    as an input (Flux.1-dev) is given `embedded_guidance` for every row."""
+    denoiser = models[models.system.denoiser.name].config
+    guidance_input = getattr(denoiser, "guidance_input", False)
 
     def loss_fn(params, frozen, batch, rng):
         towers = partition.combine(frozen, params)
@@ -115,6 +118,8 @@ def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess
             x0 = system.encode_latents(models, towers, batch["image"], rng_latent)
         cond = batch_cond(models, towers, params, batch)
         b = x0.shape[0]
+        if guidance_input:
+            cond = {**cond, "guidance": jnp.full((b,), embedded_guidance, jnp.float32)}
         t = process.sample_time(noise_process, rng_t, (b,))
         noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
         if offset_noise:  # Guttenberg 2023: lets the model shift a whole channel's mean

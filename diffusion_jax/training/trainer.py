@@ -113,7 +113,8 @@ def _diffusion_loss(config, ckpt_config: Mapping[str, Any], models) -> losses.Lo
     prior = db["prior_loss_weight"] if db is not None else 0.0
     return losses.diffusion_loss_fn(models, process.from_config(ckpt_config["schedule"]),
                                     min_snr_gamma=section.min_snr_gamma,
-                                    offset_noise=section.offset_noise, prior_loss_weight=prior)
+                                    offset_noise=section.offset_noise, prior_loss_weight=prior,
+                                    embedded_guidance=section.get("embedded_guidance", 3.5))
 
 
 @dataclasses.dataclass(frozen=True)
