@@ -33,6 +33,7 @@ TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "flow_demo", "ti
                     "sd15_finetune", "sdxl_finetune",
                     "sd21_finetune", "tiny_lora_train", "lora_sd15", "lora_sdxl",
                     "tiny_dreambooth_train", "dreambooth_sd15", "dreambooth_demo", "tiny_flux_train",
+                    "tiny_sd3_train",
                     "sd21_base_pretrain:256", "sd21_base_pretrain:512", "controlnet_demo",
                     "tiny_controlnet_train")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",

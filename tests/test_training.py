@@ -389,25 +389,31 @@ def _in_folder(overrides, folder, request=None) -> tuple:
     return tuple(o.format(folder=folder, flux_base=flux_base) for o in overrides)
 
 
-@pytest.fixture(scope="module")
-def flux_base(tmp_path_factory) -> Path:
-    """A checkpoint of configs/tiny_flux_train.py's architecture, random weights, with a
-    small T5 Unigram tokenizer trained here (test_t5.unigram_vocab)."""
+def t5_base(config_path: Path, root: Path) -> Path:
+    """A checkpoint of a T5 system's training config's architecture, random weights, with a
+    small T5 Unigram tokenizer trained here (test_t5.unigram_vocab) as its T5 tokenizer."""
     import transformers
 
     from diffusion_jax import system
     from diffusion_jax.tokenizer import T5Tokenizer
     from test_t5 import unigram_vocab
 
-    root = tmp_path_factory.mktemp("flux_base")
     transformers.T5Tokenizer(vocab=unigram_vocab(), extra_ids=10).save_pretrained(root / "t5")
     transformers.AutoTokenizer.from_pretrained(root / "t5").save_pretrained(root / "t5")
-    sections = system.checkpoint_config(load_config_file(TINY_FLUX))
-    sections["tokenizer_2"] = T5Tokenizer.from_pretrained(
-        root / "t5", max_length=sections["tokenizer_2"]["max_length"]).to_section()
+    sections = system.checkpoint_config(load_config_file(config_path))
     towers = system.from_config(sections)
+    for tower in towers.text_towers:
+        if tower.kind == "t5":
+            sections[tower.tokenizer] = T5Tokenizer.from_pretrained(
+                root / "t5", max_length=sections[tower.tokenizer]["max_length"]).to_section()
     checkpoint.create(root / "ckpt", system.init_params(towers, sections, seed=3), sections)
     return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def flux_base(tmp_path_factory) -> Path:
+    """A checkpoint of configs/tiny_flux_train.py's architecture (see t5_base)."""
+    return t5_base(TINY_FLUX, tmp_path_factory.mktemp("flux_base"))
 
 
 def _final_params(workdir, names=("unet", "unet_ema", "vae", "optimizer")):
@@ -720,6 +726,23 @@ def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run
         flux_base)["tokenizer_2"]["tokenizer_json"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert Image.open(summary["samples"]).text["sampler"] == "flow_euler"
+
+
+def test_an_sd3_shaped_run_fine_tunes_the_transformer_from_its_base(tmp_path):
+    """configs/tiny_sd3_train.py from a tiny SD3 checkpoint: the three text towers'
+    conditioning (CLIP-L and CLIP-G features padded to T5's width, then T5's tokens; both
+    pooled projections) through the same trainer; the losses go down."""
+    base = t5_base(REPO / "configs" / "tiny_sd3_train.py", tmp_path)
+    workdir = tmp_path / "run"
+    result = subprocess.run(_train_command(workdir, f"--config.init_from={base}",
+                                           config=REPO / "configs" / "tiny_sd3_train.py"),
+                            capture_output=True, text=True, cwd=REPO, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [c["loss"] for c in curve if "loss" in c]
+    held_out = [c["eval_loss"] for c in curve if "eval_loss" in c]
+    assert len(train) == len(held_out) == 2 and train[1] < train[0] and held_out[1] < held_out[0]
+    assert system.from_config(checkpoint.read_config(workdir / "checkpoints")) == system.SD3
 
 
 def test_a_dev_shaped_transformer_trains_with_the_embedded_guidance():
