@@ -728,6 +728,51 @@ def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run
     assert Image.open(summary["samples"]).text["sampler"] == "flow_euler"
 
 
+@FLUX_RUN_GROUP
+def test_a_flux_lora_run_exports_factors_that_diffusers_applies_as_we_do(flux_base, tmp_path):
+    """LoRA on the Flux transformer's attention (lora_train.TRANSFORMER_ATTENTION): only the
+    factors train; `export --to peft` and diffusers' FluxPipeline.load_lora_weights on the
+    base exported to diffusers give the transformer output our merged params give."""
+    import torch
+    diffusers = pytest.importorskip("diffusers")
+
+    from diffusion_jax import cli
+    from diffusion_jax.adapters import lora_train
+    from diffusion_jax.configs.tiny_lora_train import lora_sections
+    from diffusion_jax.models import flux
+
+    config = load_config_file(TINY_FLUX)
+    lora_sections(config, rank=2, alpha=4.0, targets=(lora_train.TRANSFORMER_ATTENTION,))
+    config.init_from, config.training.learning_rate = str(flux_base), 1e-2
+    trainer.train(config, tmp_path / "run")
+    base, _ = checkpoint.load(flux_base, items=["transformer"])
+    trained, _ = checkpoint.load(tmp_path / "run" / "checkpoints", items=["transformer", "lora"])
+    jax.tree.map(np.testing.assert_array_equal, trained["transformer"], base["transformer"])
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints"), "--to",
+                     "peft", "--out", str(tmp_path / "lora.safetensors")]) == 0
+    assert cli.main(["export", "--checkpoint", str(flux_base), "--out",
+                     str(tmp_path / "diffusers")]) == 0
+    pipe = diffusers.FluxPipeline.from_pretrained(tmp_path / "diffusers")
+    pipe.load_lora_weights(tmp_path / "lora.safetensors")
+    items, ckpt_config, _ = checkpoint.load_models(tmp_path / "run" / "checkpoints")
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 8, 8, 16)).astype(np.float32)
+    context = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    pooled = rng.standard_normal((1, 16)).astype(np.float32)
+    packed, t = np.asarray(flux.pack_latents(latents)), np.float32([0.6])
+    img_ids, txt_ids = flux.latent_image_ids(4, 4), np.zeros((5, 3), np.float32)
+    model = system.build(system.FLUX, ckpt_config)["transformer"]
+    ours = model.apply({"params": items["transformer"]}, packed, context, pooled, t, img_ids,
+                       txt_ids, None)
+    with torch.no_grad():
+        theirs = pipe.transformer(*map(torch.from_numpy, (packed, context, pooled, t, img_ids,
+                                                          txt_ids))).sample.numpy()
+    lora_free = model.apply({"params": base["transformer"]}, packed, context, pooled, t, img_ids,
+                            txt_ids, None)
+    assert np.abs(np.asarray(ours) - np.asarray(lora_free)).max() > 1e-3  # the factors moved
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
 def test_an_sd3_shaped_run_fine_tunes_the_transformer_from_its_base(tmp_path):
     """configs/tiny_sd3_train.py from a tiny SD3 checkpoint: the three text towers'
     conditioning (CLIP-L and CLIP-G features padded to T5's width, then T5's tokens; both

@@ -32,6 +32,9 @@ ITEM = "lora"  # its item in the params tree and the checkpoint, and its config 
 ATTENTION = r"unet/.*/attn[12]/(to_q|to_k|to_v|to_out_0)"
 FEED_FORWARD = r"unet/.*/ff/(net_0/proj|net_2)"
 TEXT_ATTENTION = r"text_encoder(_2)?/.*/self_attn/(q_proj|k_proj|v_proj|out_proj)"
+# Flux's and SD3's transformers: the image stream's attention projections (SD3.5's second
+# attention too), as diffusers' train_dreambooth_lora_flux / _sd3 target by default.
+TRANSFORMER_ATTENTION = r"transformer/.*/attn2?/(to_q|to_k|to_v|to_out_0)"
 
 
 def default_config() -> ml_collections.ConfigDict:
