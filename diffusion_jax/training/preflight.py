@@ -279,6 +279,8 @@ def _check_latent_buckets(data, meta: dict) -> None:
 
 def _check_data(config) -> None:
     data = config.data
+    if dreambooth.section(config) is not None:  # the instance images, under their prompt
+        data = dreambooth.instance_data(data, dreambooth.section(config))
     if data.source in ("folder", "tfds", "latents") and not data.path:
         raise _fail("data.path", data.path, f"data.source={data.source!r} needs a path "
                     "(an image folder, a tfds name or a precomputed latents folder)")
