@@ -15,6 +15,25 @@ import ml_collections
 from diffusion_jax.configs import flux_schnell, tiny_train
 
 
+def fine_tune_from_init(config: ml_collections.ConfigDict,
+                        family: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tiny flow-transformer fine-tune (tiny_sd3_train.py uses it too): the tiny VAE at
+    16 latent channels with `family`'s latent scaling, every tower from init_from (which
+    holds the T5 tokenizer), the transformer alone trained, four steps."""
+    config.vae.update(dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                           scaling_factor=family.vae.scaling_factor,
+                           shift_factor=family.vae.shift_factor))
+    config.init_from = ""  # required: --config.init_from=CKPT (its T5 tokenizer)
+    config.init_towers = ()  # every tower from init_from
+    config.vae_training.steps = 0  # the VAE comes from init_from
+    config.training.update(dict(trainable=(r"transformer/.*",), min_snr_gamma=0.0,
+                                steps=4, ema_decay=0.99))
+    config.sample.sampler = "flow_euler"
+    config.checkpoint.every_steps = 2
+    config.eval_every_steps = 2
+    return config
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = tiny_train.get_config()
     flux = flux_schnell.get_config()
@@ -29,18 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
         joint_attention_dim=32,  # = text_encoder_2.d_model
         pooled_projection_dim=16,  # = text_encoder.hidden_size
     )
-    config.vae.update(dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                           scaling_factor=flux.vae.scaling_factor,
-                           shift_factor=flux.vae.shift_factor))
     config.text_encoder_2.update(dict(vocab_size=160, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                                       num_heads=4))
     config.tokenizer_2.max_length = 32  # T5 tokens per caption
-    config.init_from = ""  # required: --config.init_from=CKPT (its T5 tokenizer)
-    config.init_towers = ()  # every tower from init_from
-    config.vae_training.steps = 0  # the VAE comes from init_from
-    config.training.update(dict(trainable=(r"transformer/.*",), min_snr_gamma=0.0,
-                                steps=4, ema_decay=0.99))
-    config.sample.sampler = "flow_euler"
-    config.checkpoint.every_steps = 2
-    config.eval_every_steps = 2
-    return config
+    return fine_tune_from_init(config, flux)

@@ -12,6 +12,7 @@ As for Flux, the T5 tokenizer is init_from's, so init_from is required.
 import ml_collections
 
 from diffusion_jax.configs import sd3_medium, tiny_train
+from diffusion_jax.configs.tiny_flux_train import fine_tune_from_init
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -27,8 +28,6 @@ def get_config() -> ml_collections.ConfigDict:
         joint_attention_dim=64,  # = text_encoder_3.d_model
         pooled_projection_dim=8 + 16,  # both CLIPs' projections
         pos_embed_max_size=16)
-    config.vae.update(dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
-                           scaling_factor=sd3.vae.scaling_factor, shift_factor=sd3.vae.shift_factor))
     clip = dict(intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=16)
     config.text_encoder.update(dict(clip, hidden_size=16, projection_dim=8))
@@ -37,12 +36,4 @@ def get_config() -> ml_collections.ConfigDict:
                                       num_heads=2))
     config.tokenizer.max_length = config.tokenizer_2.max_length = 16  # CLIP tokens per caption
     config.tokenizer_3.max_length = 32  # T5 tokens per caption
-    config.init_from = ""  # required: --config.init_from=CKPT (its T5 tokenizer)
-    config.init_towers = ()  # every tower from init_from
-    config.vae_training.steps = 0  # the VAE comes from init_from
-    config.training.update(dict(trainable=(r"transformer/.*",), min_snr_gamma=0.0,
-                                steps=4, ema_decay=0.99))
-    config.sample.sampler = "flow_euler"
-    config.checkpoint.every_steps = 2
-    config.eval_every_steps = 2
-    return config
+    return fine_tune_from_init(config, sd3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffusion_jax import checkpoint, cli, config_files, system
+from diffusion_jax import cli, config_files, system
 from diffusion_jax.adapters import dreambooth
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import losses
@@ -80,11 +80,9 @@ def test_batches_are_the_instance_rows_then_the_class_rows_flagged():
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dreambooth_base") / "ckpt"
-    sections = system.checkpoint_config(config_files.load(str(CONFIG)))
-    checkpoint.create(path, system.init_params(system.from_config(sections), sections, seed=3),
-                      sections)
-    return path
+    from test_lora_train import random_base
+
+    return random_base(CONFIG, tmp_path_factory.mktemp("dreambooth_base") / "ckpt")
 
 
 @pytest.fixture(scope="module")

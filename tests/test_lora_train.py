@@ -33,14 +33,18 @@ SIZE = 32  # the tiny VAE downsamples 4x: 8x8 latents
 BASE_ITEMS = ("unet", "vae", "text_encoder")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A checkpoint of the tiny architecture with random weights: the frozen base."""
-    path = tmp_path_factory.mktemp("lora_base") / "ckpt"
-    sections = system.checkpoint_config(config_files.load(str(CONFIG)))
+def random_base(config_path, path):
+    """A checkpoint at `path` of the config's architecture with random weights (seed 3)."""
+    sections = system.checkpoint_config(config_files.load(str(config_path)))
     checkpoint.create(path, system.init_params(system.from_config(sections), sections, seed=3),
                       sections)
     return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A checkpoint of the tiny architecture with random weights: the frozen base."""
+    return random_base(CONFIG, tmp_path_factory.mktemp("lora_base") / "ckpt")
 
 
 def _train(workdir, base_dir):

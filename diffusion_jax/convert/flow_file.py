@@ -71,6 +71,21 @@ def _swap_halves(value: np.ndarray) -> np.ndarray:
     return np.concatenate([scale, shift], axis=0)
 
 
+def _outside_blocks(module: str, leaf: str, renamed: Mapping[str, str]) -> Source | None:
+    """The source of a param outside the blocks: renamed whole, or the final layer's
+    modulation with its halves swapped; None for a block's param."""
+    if module in renamed:
+        return f"{renamed[module]}.{leaf}", _identity
+    if module == "norm_out.linear":
+        return f"final_layer.adaLN_modulation.1.{leaf}", _swap_halves
+    return None
+
+
+def _stacked(block: str, fused: str, part: int, leaf: str, inner: int) -> Source:
+    """Part `part` of the fused q/k/v projection `fused` of a block."""
+    return f"{block}.{fused}.{leaf}", _rows(part * inner, (part + 1) * inner)
+
+
 # ----------------------------------------------------------------------------- Flux.1
 
 _FLUX_FIXED = {
@@ -104,15 +119,12 @@ def flux_source(key: str, config) -> Source:
     # BFL's RMS norms call their weight `scale`.
     file_leaf = lambda name: "scale" if name.endswith("_norm") else leaf
     inner = config.inner_dim
-    if module in _FLUX_FIXED:
-        return f"{_FLUX_FIXED[module]}.{leaf}", _identity
-    if module == "norm_out.linear":
-        return f"final_layer.adaLN_modulation.1.{leaf}", _swap_halves
+    if outside := _outside_blocks(module, leaf, _FLUX_FIXED):
+        return outside
     if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
         block = f"double_blocks.{m[1]}"
         if m[2] in _FLUX_DOUBLE_QKV:
-            fused, part = _FLUX_DOUBLE_QKV[m[2]]
-            return f"{block}.{fused}.{leaf}", _rows(part * inner, (part + 1) * inner)
+            return _stacked(block, *_FLUX_DOUBLE_QKV[m[2]], leaf, inner)
         if m[2] in _FLUX_DOUBLE:
             name = _FLUX_DOUBLE[m[2]]
             return f"{block}.{name}.{file_leaf(name)}", _identity
@@ -175,16 +187,12 @@ _SD3_QKV.update({f"attn.add_{x}_proj": ("context_block.attn.qkv", i) for i, x in
 def sd3_source(key: str, config) -> Source:
     """Stability's key (and transform) of a diffusers SD3Transformer2DModel state-dict key."""
     module, _, leaf = key.rpartition(".")
-    if module in _SD3_FIXED:
-        return f"{_SD3_FIXED[module]}.{leaf}", _identity
-    if module == "norm_out.linear":
-        return f"final_layer.adaLN_modulation.1.{leaf}", _swap_halves
+    if outside := _outside_blocks(module, leaf, _SD3_FIXED):
+        return outside
     if m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
         block = f"joint_blocks.{m[1]}"
         if m[2] in _SD3_QKV:
-            fused, part = _SD3_QKV[m[2]]
-            inner = config.inner_dim
-            return f"{block}.{fused}.{leaf}", _rows(part * inner, (part + 1) * inner)
+            return _stacked(block, *_SD3_QKV[m[2]], leaf, config.inner_dim)
         if m[2] in _SD3_BLOCK:
             # The last block's text stream ends in a final layer's norm (context_pre_only).
             last = m[2] == "norm1_context.linear" and int(m[1]) == config.num_layers - 1
