@@ -50,7 +50,7 @@ def test_config_files_import_each_other_by_path(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, needles", [
     (["params", "--config", "no/such/config.py"], ["config no/such/config.py: no such file, and not a bundled config name"]),
     (["convert", "--from", "diffusers", "x", "--out", "y", "--config", SD15_CONFIG],
-     ["--config and --ema apply to --from single-file only"]),
+     ["--config, --ema and --base apply to --from single-file only"]),
     (["convert", "--from", "single-file", "no/such/file.safetensors", "--out", "y"],
      ["weights file no/such/file.safetensors does not exist"]),
     # Sampling options are checked before the (here missing) checkpoint is opened.

@@ -62,7 +62,9 @@ NEGATIVE = "blurry, low quality"
 SIZE = 16  # 8x8 latents (the tiny VAE downsamples 2x): 4x4 patches
 # README.md's SD3 commands' (its samples then reuse these tests' compiled programs).
 STEPS, GUIDANCE = 28, 7.0
-PIXEL_TOLERANCE = 2e-3  # the issue's bound
+# The issue's bound: 28 steps at guidance 7 amplify float differences (7.9e-6 here on an idle
+# machine, 1.3e-4 once in CI beside the other worker), which the SDXL tests' 1e-4 would fail.
+PIXEL_TOLERANCE = 2e-3
 
 
 def tiny_sd3_config() -> dict:
@@ -184,7 +186,7 @@ def test_txt2img_matches_diffusers(sd3):
                     num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                     num_images_per_prompt=len(latents), latents=torch.from_numpy(latents),
                     output_type="np").images
-    check_pixels("txt2img", ours, expected)
+    check_pixels("txt2img", ours, expected, PIXEL_TOLERANCE)
     # The T5 prompt moves the pixels well past the tolerance (observed 0.02..0.04: the tiny
     # tokenizer's training varies), so matching above means reading it.
     plain = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
@@ -210,7 +212,7 @@ def test_img2img_matches_diffusers(sd3, monkeypatch):
     expected = img2img(PROMPT, image=Image.fromarray(image), negative_prompt=NEGATIVE,
                        strength=0.6, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                        max_sequence_length=128, output_type="np").images
-    check_pixels("img2img", ours, expected)
+    check_pixels("img2img", ours, expected, PIXEL_TOLERANCE)
 
 
 @pytest.mark.xdist_group("sd3_pipeline")
@@ -286,7 +288,8 @@ def test_inpaint_matches_diffusers(sd3, monkeypatch):
     vae = pipe.vae.config
     with torch.no_grad():
         decoded = pipe.vae.decode(theirs / vae.scaling_factor + vae.shift_factor).sample
-    check_pixels("inpaint", ours, pipe.image_processor.postprocess(decoded, output_type="np"))
+    check_pixels("inpaint", ours, pipe.image_processor.postprocess(decoded, output_type="np"),
+                 PIXEL_TOLERANCE)
 
 
 # ----------------------------------------------------------------------------- Stability's single files
