@@ -23,6 +23,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from diffusion_jax.data import buckets, input_pipeline
+
 ITEM = "dreambooth"  # the config section
 CLASS_IMAGES = "class_images"  # WORKDIR/class_images: the base's class images, NNNNN.png
 PRIOR_KEY = "prior"  # the batch rows' flag: 1.0 for a class image
@@ -51,6 +53,10 @@ def section(config: Mapping[str, Any]) -> dict | None:
     return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
+def step_rows(config, batch_size: int) -> int:
+    """A diffusion step's rows: a DreamBooth run's `batch_size` instance rows are followed
+    by as many class rows."""
+    return 2 * batch_size if section(config) is not None else batch_size
 
 
 def check(config) -> None:
@@ -62,7 +68,7 @@ def check(config) -> None:
     if not db["instance_prompt"].strip():
         raise fail("instance_prompt", "must name the subject with a rare token, e.g. "
                    "'a photo of sks dog'")
-    if buckets_on(config):
+    if buckets.enabled(config.data.buckets):
         raise ValueError("--config.data.buckets: DreamBooth trains at data.image_size (its "
                          "class images are square); set data.buckets.pixels=0")
     if config.data.source != "folder":
@@ -84,12 +90,6 @@ def check(config) -> None:
     for key in ("steps", "sample_batch"):
         if db[key] < 1:
             raise fail(key, "must be >= 1")
-
-
-def buckets_on(config) -> bool:
-    from diffusion_jax.data import buckets
-
-    return buckets.enabled(config.data.buckets)
 
 
 def instance_data(data_config: ml_collections.ConfigDict, db: Mapping[str, Any]
@@ -178,8 +178,6 @@ def stage_data(run, data_config, data_state: dict | None, time_ids, *, process_i
     """(train iterator at `data_state`, held-out batches, global rows per step) of a
     DreamBooth run's diffusion stage; first the class images the workdir lacks, drawn by
     the base."""
-    from diffusion_jax.data import input_pipeline
-
     db = section(run.config)
     where = dict(process_index=process_index, process_count=process_count, time_ids=time_ids)
     draw_class_images(run, lambda: base_params(run, resumed=data_state is not None))
@@ -193,7 +191,7 @@ def stage_data(run, data_config, data_state: dict | None, time_ids, *, process_i
     eval_batches = input_pipeline.make_eval_batches(
         classes, run.text_inputs, num_examples=run.config.eval_examples,
         batch_size=data_config.batch_size, time_ids=time_ids)
-    return iterator, eval_batches, 2 * data_config.batch_size
+    return iterator, eval_batches, step_rows(run.config, data_config.batch_size)
 
 
 class PriorIterator:

@@ -247,8 +247,7 @@ def _check_mesh(config) -> tuple[int, int]:
         if not stage.steps(config):
             continue
         key, batch = stage.batch_size_key, stage.batch_size(config)
-        # DreamBooth's steps take as many class rows as instance rows.
-        rows = batch * 2 if stage.name == "diffusion" and dreambooth.section(config) else batch
+        rows = dreambooth.step_rows(config, batch) if stage.name == "diffusion" else batch
         if rows % devices:
             raise _fail(key, batch, f"the global batch must be a multiple of the {devices} "
                         f"devices (each device takes {rows} / {devices} rows)")
@@ -523,7 +522,7 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     batch = STAGE[stage].batch_size(config)
     shapes = {}
     if stage == "diffusion" and dreambooth.section(config) is not None:
-        batch *= 2  # the instance rows, then as many class rows
+        batch = dreambooth.step_rows(config, batch)  # the instance rows, then the class rows
         shapes[dreambooth.PRIOR_KEY] = jax.ShapeDtypeStruct((batch,), np.float32)
     shapes.update({t.ids_key: jax.ShapeDtypeStruct((batch, config[t.tokenizer].max_length),
                                                    np.int32) for t in towers.text_towers})

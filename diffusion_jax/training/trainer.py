@@ -619,7 +619,7 @@ def _train_steps(run: Run, stage: Stage, program: StageProgram, state: TrainStat
     """Steps `stage_step`+1 .. the stage's last, with logs, evals, grids and checkpoints."""
     config = run.config
     num_steps, first = stage.steps(config), run.first_step(stage.name)
-    if dreambooth.section(config) is not None:
+    if dreambooth.section(config) is not None and stage is DIFFUSION:
         _sync_towers(run, program, state)  # the params the base draws its class images with
     iterator, eval_batches, batch_size = _stage_data(run, stage, data_state)
     eval_fn = jax.jit(make_eval_step(program.loss_fn),
