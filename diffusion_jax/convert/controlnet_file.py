@@ -24,8 +24,8 @@ import numpy as np
 from flax import traverse_util
 
 from diffusion_jax import system as system_lib
-from diffusion_jax.convert.single_file import (HEAD_CHANNELS, _fill_depths, _indices, _shape,
-                                               _torch_shape, infer_encoder, unet_ldm_key)
+from diffusion_jax.convert.single_file import (HEAD_CHANNELS, _fill_depths, _identity, _indices,
+                                               _shape, fetch, infer_encoder, unet_ldm_key)
 from diffusion_jax.convert.torch_params import (ConversionError, key_report, state_dict_to_params,
                                                 torch_key)
 from diffusion_jax.models.controlnet import ControlNetConfig
@@ -118,19 +118,10 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray],
     cfg = config_from_weights(infer_config(state_dict, prefix, path), given.get("controlnet"), path)
     (tower,) = system_lib.CONTROLNET.towers
     template = tower.component.param_shapes(cfg)
-    converted, used, missing, mismatched = {}, set(), [], []
-    for param_path, leaf in traverse_util.flatten_dict(template).items():
-        key = prefix + controlnet_ldm_key(torch_key(param_path), cfg)
-        if key not in state_dict:
-            missing.append(key)
-            continue
-        used.add(key)
-        expected = _torch_shape(param_path, leaf.shape)
-        if tuple(state_dict[key].shape) != expected:
-            mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
-                              f"expects {expected}")
-            continue
-        converted[torch_key(param_path)] = np.asarray(state_dict[key])
+    sources = {path: (prefix + controlnet_ldm_key(torch_key(path), cfg), _identity)
+               for path in traverse_util.flatten_dict(template)}
+    used, missing, mismatched = set(), set(), []
+    converted = fetch(state_dict, sources, template, "", used, missing, mismatched)
     # A v1.0 file's copy of SD itself sits outside the prefix.
     unexpected = sorted(k for k in state_dict if k.startswith(prefix) and k not in used)
     problems = key_report(missing, unexpected, mismatched)

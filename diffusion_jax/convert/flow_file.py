@@ -347,25 +347,13 @@ def _gather(state_dict: Mapping[str, np.ndarray], layout: FlowLayout,
             configs: Mapping[str, Any], prefixes: Mapping[str, str], path: Path) -> dict:
     """Each of the file's towers' params; one ConversionError listing every missing,
     unexpected and mis-shaped key, under the file's own names."""
-    used, missing, mismatched, items = set(), [], [], {}
+    used, missing, mismatched, items = set(), set(), [], {}
     for name, prefix in prefixes.items():
         component = layout.system.tower(name).component
-        template = component.param_shapes(configs[name])
-        flat = traverse_util.flatten_dict(template)
-        converted = {}
-        for param_path, (key, transform) in _sources(name, layout, configs[name], prefix).items():
-            if key not in state_dict:
-                missing.append(key)
-                continue
-            used.add(key)
-            value = transform(np.asarray(state_dict[key]))
-            expected = single_file._torch_shape(param_path, flat[param_path].shape)
-            if tuple(value.shape) != expected:
-                mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
-                                  f"expects a part of shape {expected}")
-                continue
-            converted[torch_key(param_path, component.torch_prefix)] = value
-        items[name] = converted
+        items[name] = single_file.fetch(
+            state_dict, _sources(name, layout, configs[name], prefix),
+            component.param_shapes(configs[name]), component.torch_prefix, used, missing,
+            mismatched, describe=lambda transform, shape: f"a part of shape {shape}")
     unexpected = sorted(key for key in state_dict
                         if key not in used and not _ignored(key, layout, prefixes))
     problems = key_report(missing, unexpected, mismatched)

@@ -502,25 +502,39 @@ def _gather(state_dict: Mapping[str, np.ndarray], configs: Mapping[str, Any], fa
     used, missing, mismatched, converted = set(), set(), [], {}
     for name, config in configs.items():
         component = layout.system.tower(name).component
-        template = traverse_util.flatten_dict(component.param_shapes(config))
-        converted[name] = {}
-        for param_path, (key, transform) in _sources(name, config, layout, use_ema).items():
-            if key not in state_dict:
-                missing.add(key)
-                continue
-            used.add(key)
-            value = transform(np.asarray(state_dict[key]))
-            expected = _torch_shape(param_path, template[param_path].shape)
-            if tuple(value.shape) != expected:
-                mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
-                                  f"expects {_file_shape(transform, expected)}")
-                continue
-            converted[name][torch_key(param_path, component.torch_prefix)] = value
+        converted[name] = fetch(state_dict, _sources(name, config, layout, use_ema),
+                                component.param_shapes(config), component.torch_prefix,
+                                used, missing, mismatched)
     unexpected = sorted(k for k in state_dict if k not in used
                         and not _ignored(k, layout, configs, use_ema))
     problems = key_report(missing, unexpected, mismatched)
     if problems:
         raise ConversionError(f"{path} does not match a {family} model: {problems}")
+    return converted
+
+
+def fetch(state_dict: Mapping[str, np.ndarray], sources: Mapping[tuple, Source], template,
+          torch_prefix: str, used: set, missing: set, mismatched: list,
+          describe: Callable | None = None) -> dict[str, np.ndarray]:
+    """One tower's state dict under diffusers' names, each param fetched from the file by
+    `sources` (Flax path -> (file key, transform)) and checked against `template`'s shape;
+    adds to `used`, `missing` and `mismatched` (report lines, the expected shape as
+    `describe(transform, shape)` gives it: by default the file's, `_file_shape`)."""
+    describe = describe or _file_shape
+    flat = traverse_util.flatten_dict(template)
+    converted = {}
+    for param_path, (key, transform) in sources.items():
+        if key not in state_dict:
+            missing.add(key)
+            continue
+        used.add(key)
+        value = transform(np.asarray(state_dict[key]))
+        expected = _torch_shape(param_path, flat[param_path].shape)
+        if tuple(value.shape) != expected:
+            mismatched.append(f"{key}: checkpoint {tuple(state_dict[key].shape)}, model "
+                              f"expects {describe(transform, expected)}")
+            continue
+        converted[torch_key(param_path, torch_prefix)] = value
     return converted
 
 
