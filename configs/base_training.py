@@ -48,6 +48,10 @@ def add_training_sections(config: ml_collections.ConfigDict) -> ml_collections.C
         ema=(r".*",),  # ... and those of them that keep an EMA copy (with ema_decay > 0)
     )
     config.dtype = "bfloat16"  # compute dtype: float32 | bfloat16 (params stay float32)
+    # The towers no stage trains (a LoRA run's base, a fine-tune's VAE and text tower), on
+    # the devices: float32 | bfloat16 (half their memory). Saved once, as loaded, in
+    # WORKDIR/frozen.
+    config.frozen_dtype = "float32"
     config.remat_policy = ""  # "" (none) or a jax.checkpoint_policies name, per U-Net block
     # Attention kernel: "" the platform's (chunked on CPU, jax.nn.dot_product_attention on
     # GPU / TPU), or chunked | splash (the Pallas TPU kernel) | xla | cudnn.

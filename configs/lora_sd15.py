@@ -26,5 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     ))
     config.data.batch_size = 16  # global
     config.checkpoint.every_steps = 500  # steps between checkpoints
+    config.frozen_dtype = "bfloat16"  # the frozen base on the devices (saved once, float32)
     config.sample_every_steps = 1000  # sample grids during training (and at the end)
     return config

@@ -23,4 +23,5 @@ def get_config() -> ml_collections.ConfigDict:
         warmup_steps=0,  # constant from the first step
     ))
     config.checkpoint.every_steps = 500  # steps between checkpoints
+    config.frozen_dtype = "bfloat16"  # the frozen base on the devices (saved once, float32)
     return config

@@ -17,6 +17,11 @@ system is SD 1.x/2.x's, which every checkpoint before the section existed descri
 state, ...) can sit beside the params in a step: `save` writes any pytree item, `load` reads
 the model items unless asked for others.
 
+A training step may keep the towers no stage trains (a LoRA run's base, a fine-tune's VAE) in
+a sibling checkpoint, written once: its config's `frozen_towers` names them and the folder
+beside DIR that holds them (`WORKDIR/frozen` beside `WORKDIR/checkpoints`); `item_names` and
+`load` read them from there as if the step held them.
+
 `sample`, `export` and `fid` read DIR through `load_models`, which also takes a training
 workdir (its `checkpoints/`) or one step folder `DIR/1000` (`resolve`), and reads only the
 model items, preferring their EMA copies.
@@ -46,6 +51,7 @@ FORMAT_VERSION = 1
 CONFIG_ITEM = "config"
 EMA_SUFFIX = "_ema"
 WORKDIR_CHECKPOINTS = "checkpoints"  # the checkpoint directory inside a training workdir
+FROZEN_KEY = "frozen_towers"  # a step config's {"folder": sibling of DIR, "items": [...]}
 
 
 class CheckpointError(ValueError):
@@ -192,11 +198,29 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> tuple[epath.Pat
     return path, _resolve_step(path, step)
 
 
-def item_names(directory: str | os.PathLike, step: int | None = None) -> list[str]:
-    """Names of the pytree items saved at `step` (default: the latest), config excluded."""
-    directory = as_path(directory)
-    step_dir = directory / str(_resolve_step(directory, step))
+def _saved_items(directory: epath.Path, step: int) -> list[str]:
+    step_dir = directory / str(step)
     return sorted(p.name for p in step_dir.iterdir() if p.is_dir() and p.name != CONFIG_ITEM)
+
+
+def frozen_source(directory: str | os.PathLike, config: Mapping[str, Any]
+                  ) -> tuple[epath.Path, list[str]] | None:
+    """(the checkpoint holding the towers a step keeps elsewhere, their names), or None."""
+    ref = config.get(FROZEN_KEY)
+    if not ref:
+        return None
+    return as_path(directory).parent / ref["folder"], list(ref["items"])
+
+
+def item_names(directory: str | os.PathLike, step: int | None = None) -> list[str]:
+    """Names of the pytree items of `step` (default: the latest), config excluded: those
+    saved in it and the frozen towers it keeps in a sibling checkpoint."""
+    directory = as_path(directory)
+    step = _resolve_step(directory, step)
+    saved = _saved_items(directory, step)
+    frozen = frozen_source(directory, read_config(directory, step)) if (
+        directory / str(step) / CONFIG_ITEM).is_dir() else None
+    return sorted({*saved, *(frozen[1] if frozen else ())})
 
 
 def read_config(directory: str | os.PathLike, step: int | None = None) -> dict:
@@ -226,12 +250,19 @@ def load(directory: str | os.PathLike, step: int | None = None,
     directory = as_path(directory)
     step = _resolve_step(directory, step)
     config = read_config(directory, step)
-    saved = item_names(directory, step)
-    wanted = [n for n in saved if is_model_item(n, config)] if items is None else list(items)
-    absent = [n for n in wanted if n not in saved]
+    saved = _saved_items(directory, step)
+    frozen_dir, frozen = frozen_source(directory, config) or (None, [])
+    wanted = [n for n in (*saved, *frozen) if is_model_item(n, config)
+              ] if items is None else list(items)
+    absent = [n for n in wanted if n not in saved and n not in frozen]
     if absent:
         raise CheckpointError(f"checkpoint {directory} step {step} has no item(s) {absent}; "
-                              f"it holds {saved}")
+                              f"it holds {sorted({*saved, *frozen})}")
+    elsewhere = [n for n in wanted if n not in saved]
+    shared = _load_frozen(directory, step, frozen_dir, elsewhere) if elsewhere else {}
+    wanted = [n for n in wanted if n in saved]
+    if not wanted:
+        return shared, config
     # Each wanted item's metadata from its own folder: the manager's `item_metadata` opens
     # every saved item and warns about each it has no handler for (`trainer`, optimizer).
     step_dir = _orbax_path(directory) / str(step)
@@ -242,7 +273,36 @@ def load(directory: str | os.PathLike, step: int | None = None,
     with _manager(directory, wanted) as manager:
         restored = manager.restore(step, args=ocp.args.Composite(
             **{name: ocp.args.StandardRestore(t) for name, t in templates.items()}))
-    return {name: restored[name] for name in wanted}, config
+    return {**shared, **{name: restored[name] for name in wanted}}, config
+
+
+def frozen_checkpoint(directory: epath.Path, step: int, frozen_dir: epath.Path) -> epath.Path:
+    """The sibling checkpoint a step's frozen towers are in; a clear error when it is gone
+    (a step folder copied without it)."""
+    try:
+        steps(frozen_dir)
+    except CheckpointError:
+        raise CheckpointError(
+            f"checkpoint {directory} step {step} keeps its frozen towers in {frozen_dir}, "
+            f"which is missing or incomplete: copy the run's `{frozen_dir.name}/` folder "
+            f"beside `{directory.name}/` too") from None
+    return frozen_dir
+
+
+def _load_frozen(directory: epath.Path, step: int, frozen_dir: epath.Path,
+                 names: list[str]) -> dict[str, Any]:
+    return load(frozen_checkpoint(directory, step, frozen_dir), items=names)[0]
+
+
+def restore(directory: str | os.PathLike, templates: Mapping[str, Any],
+            step: int | None = None) -> dict[str, Any]:
+    """Pytree items of `step` (default: the latest) shaped and sharded like `templates`
+    (jax.ShapeDtypeStructs with shardings), onto the devices: a resumed run's frozen towers."""
+    directory = as_path(directory)
+    step = _resolve_step(directory, step)
+    with _manager(directory, templates) as manager:
+        return dict(manager.restore(step, args=ocp.args.Composite(
+            **{n: ocp.args.StandardRestore(t) for n, t in templates.items()})))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +340,25 @@ def architecture_differences(saved: Mapping[str, Any], ours: Mapping[str, Any],
                  for f in a.__dataclass_fields__
                  if f not in NOT_ARCHITECTURE and getattr(a, f) != getattr(b, f)]
     return rows
+
+
+def fill_t5_vocabularies(sections: dict, init_from: str | None) -> None:
+    """No T5 vocabulary ships with diffusion_jax: a T5 tower's tokenizer section without one
+    takes init_from's (a converted checkpoint keeps its folder's tokenizer.json), at the
+    section's max_length. What training and precompute tokenize with."""
+    if not init_from:
+        return
+    for tower in system_lib.from_config(sections).text_towers:
+        section = sections[tower.tokenizer]
+        if tower.kind != "t5" or "tokenizer_json" in section:
+            continue
+        try:
+            saved = read_config(init_from).get(tower.tokenizer, {})
+        except CheckpointError:
+            continue  # the preflight says what is wrong with it
+        if "tokenizer_json" in saved:
+            sections[tower.tokenizer] = {**saved, "max_length": section.get(
+                "max_length", saved.get("max_length"))}
 
 
 def initial_params(sections: Mapping[str, Any], *, seed: int, init_from: str = "",

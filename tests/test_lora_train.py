@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffusion_jax import checkpoint, cli, config_files, system
+from diffusion_jax import checkpoint, cli, config_files, parallel, system
 from diffusion_jax.adapters import lora_train
 from diffusion_jax.convert import lora
 from diffusion_jax.training import preflight
@@ -98,6 +98,72 @@ def test_only_the_lora_factors_change(base, run):
     assert sum(x.size for x in moments) == 2 * sum(x.size for x in jax.tree.leaves(trained))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["diffusion_train_step_compilations"] == 1 and "vae_eval_loss" not in summary
+
+
+@RUN_GROUP
+def test_the_frozen_base_is_saved_once_beside_the_steps(base, run):
+    steps = checkpoint.steps(run / "checkpoints")
+    assert steps == [4, 6]  # keep 2 (the best by eval loss, step 6, among them)
+    for step in steps:  # each step holds the factors and the optimizer, not the base again
+        held = sorted(p.name for p in (run / "checkpoints" / str(step)).iterdir() if p.is_dir())
+        assert held == ["config", "lora", "optimizer", "trainer"], held
+        assert checkpoint.read_config(run / "checkpoints", step)["frozen_towers"] == {
+            "folder": "frozen", "items": list(BASE_ITEMS)}
+    assert checkpoint.steps(run / "frozen") == [0]
+    jax.tree.map(np.testing.assert_array_equal, _items(run / "frozen", BASE_ITEMS),
+                 _items(base, BASE_ITEMS))
+    size = lambda path: sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size(run / "checkpoints" / "6") < size(run / "frozen" / "0") / 5
+
+
+@RUN_GROUP
+def test_a_step_folder_copied_without_the_frozen_base_says_what_to_copy(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy" / "checkpoints"
+    shutil.copytree(run / "checkpoints", copy)
+    with pytest.raises(checkpoint.CheckpointError, match=r"keeps its frozen towers in .*frozen, "
+                       r"which is missing or incomplete: copy the run's `frozen/` folder"):
+        checkpoint.load_models(copy / "6")
+
+
+@RUN_GROUP
+def test_a_bfloat16_base_trains_and_the_saved_base_stays_float32(base, run, tmp_path):
+    workdir = tmp_path / "bf16"
+    result = subprocess.run([*_train(workdir, base), "--config.frozen_dtype=bfloat16"],
+                            capture_output=True, text=True, cwd=REPO, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = _items(workdir / "frozen", BASE_ITEMS)
+    jax.tree.map(np.testing.assert_array_equal, saved, _items(base, BASE_ITEMS))
+    assert {x.dtype for x in jax.tree.leaves(saved)} == {np.dtype(np.float32)}
+    # The factors trained against the rounded base: close to, not equal to, the f32 run's.
+    ours, f32 = (_items(w / "checkpoints", ["lora"])["lora"] for w in (workdir, run))
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(ours))
+    differ = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours),
+                                                      jax.tree.leaves(f32))]
+    assert any(differ)
+    rel = max(np.abs(a - b).max() / np.abs(b).max()
+              for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(f32)))
+    assert rel < 0.2, rel
+
+
+def test_the_dry_run_holds_the_frozen_base_in_bfloat16(base):
+    from diffusion_jax.training import frozen, trainer
+
+    config = config_files.load(str(CONFIG))
+    config.init_from, config.frozen_dtype = str(base), "bfloat16"
+    ckpt_config = trainer.model_config(config)
+    assert frozen.names(config, ckpt_config) == BASE_ITEMS
+    towers = frozen.cast(preflight.abstract_towers(ckpt_config), BASE_ITEMS,
+                         frozen.dtype(config))
+    mesh = parallel.make_mesh(config.mesh)
+    program = trainer.stage_program(config, ckpt_config, mesh, "diffusion", towers)
+    assert {x.dtype for x in jax.tree.leaves(program.frozen)} == {np.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(program.trained)} == {np.dtype(np.float32)}
+    # The dry run lowers the step on those shapes (bfloat16 base, float32 factors).
+    report = preflight.compile_stage(config, ckpt_config, mesh, "diffusion", compile=False)
+    assert report["frozen_params"] == sum(x.size for n in BASE_ITEMS
+                                          for x in jax.tree.leaves(towers[n]))
 
 
 @RUN_GROUP

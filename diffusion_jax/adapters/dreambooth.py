@@ -163,13 +163,14 @@ def base_params(run, resumed: bool) -> dict:
     """{tower: params} of the base the run started from: the run's own before its first
     step; on a resumed run, init_from's again (the run's have trained since)."""
     from diffusion_jax import checkpoint
-    from diffusion_jax.training import preflight, trainer
+    from diffusion_jax.training import frozen, preflight, trainer
 
     if not resumed:
         return trainer.sampling_params(run)
     towers = checkpoint.initial_params(run.ckpt_config, seed=run.config.seed,
                                        init_from=run.config.init_from,
                                        from_checkpoint=preflight.init_towers(run.config))
+    towers = frozen.cast(towers, run.frozen, frozen.dtype(run.config))  # as the first draw's
     return {name: towers[name] for name in run.system.names}
 
 

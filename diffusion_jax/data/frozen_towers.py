@@ -41,8 +41,11 @@ def describe(config) -> dict:
 
 
 def text_inputs(config) -> system.TextInputs:
-    """Every text tower's tokenizer: the ids the records hold."""
-    return system.text_inputs(system.from_config(config), config)
+    """Every text tower's tokenizer: the ids the records hold (a T5 tower's vocabulary is
+    init_from's, as in training)."""
+    sections = _sections(config, system.from_config(config).config_sections)
+    checkpoint.fill_t5_vocabularies(sections, config.get("init_from"))
+    return system.text_inputs(system.from_config(config), sections)
 
 
 def time_ids(config):
@@ -57,7 +60,7 @@ def load_params(config) -> dict:
     random init, the very weights a run of this config without init_from starts from (tests;
     warns, as such latents train nothing useful)."""
     names = towers(config)
-    sections = {name: config[name].to_dict() for name in names}
+    sections = _sections(config, names)
     if config.init_from:
         saved = checkpoint.read_config(config.init_from)
         differ = checkpoint.architecture_differences(saved, sections, names)
@@ -69,6 +72,14 @@ def load_params(config) -> dict:
                     "set --config.init_from=CHECKPOINT_DIR for real ones", config.seed)
     return checkpoint.initial_params(sections, seed=config.seed, init_from=config.init_from,
                                      names=names)
+
+
+def _sections(config, names) -> dict:
+    """The `names` sections of the config as dicts, with its system description (a config
+    without one is SD 1.x/2.x's)."""
+    names = (*names, *(["system"] if "system" in config else []))
+    return {name: config[name].to_dict() if hasattr(config[name], "to_dict") else config[name]
+            for name in names}
 
 
 def _on_local_devices(fn, params) -> Callable[[Any], Any]:

@@ -65,6 +65,10 @@ def _check_choices(config) -> None:
     from diffusion_jax.pipeline import parse_sampler
 
     _choice(config, "dtype", DTYPES)
+    if config.get("frozen_dtype"):
+        from diffusion_jax.training import frozen
+
+        _choice(config, "frozen_dtype", frozen.DTYPES)
     if config.remat_policy:
         _choice(config, "remat_policy", ("",) + REMAT_POLICIES)
     if config.get("attention"):
@@ -541,9 +545,9 @@ def batch_shapes(config, stage: str) -> dict[str, jax.ShapeDtypeStruct]:
     shapes["latents"] = jax.ShapeDtypeStruct((batch, height, width, channels), np.float32)
     written = sources.cond_keys(_latents_meta(data))  # the loss then reads them (batch_cond)
     if "context" in written:
-        length = config[towers.text_towers[0].tokenizer].max_length
         shapes["context"] = jax.ShapeDtypeStruct(
-            (batch, length, system_lib.context_width(towers, config)), np.float32)
+            (batch, system_lib.context_length(towers, config),
+             system_lib.context_width(towers, config)), np.float32)
     if "pooled" in written:
         shapes["pooled"] = jax.ShapeDtypeStruct(
             (batch, system_lib.pooled_width(towers, config)), np.float32)
@@ -563,9 +567,11 @@ def _latents_meta(data) -> dict:
 def compile_stage(config, ckpt_config, mesh, stage: str, compile: bool = True,
                   attention_impl: str | None = None) -> dict:
     """Lowers (and compiles) a stage's train step on abstract params and batch; XLA's figures."""
+    from diffusion_jax.training import frozen
     from diffusion_jax.training.trainer import stage_program
 
-    towers = abstract_towers(ckpt_config)
+    towers = frozen.cast(abstract_towers(ckpt_config), frozen.names(config, ckpt_config),
+                         frozen.dtype(config))
     program = stage_program(config, ckpt_config, mesh, stage, towers, attention_impl)
     state = parallel.abstract(program.state_shapes, program.state_sharding)
     frozen = parallel.abstract(program.frozen, program.frozen_sharding)
@@ -598,6 +604,8 @@ def preflight(config, workdir, *, compile: bool = True, for_accelerator: bool = 
     attention_impl = config.get("attention") or ("xla" if for_accelerator else None)
     from diffusion_jax.training.trainer import model_config
 
+    from diffusion_jax.training import frozen
+
     resume = validate(config, workdir)
     ckpt_config = model_config(config)
     mesh = parallel.make_mesh(config.mesh)
@@ -628,6 +636,8 @@ def preflight(config, workdir, *, compile: bool = True, for_accelerator: bool = 
                       "data": f"{config.data.source} {config.data.path}".strip(),
                       "init_from": config.init_from or "random init",
                       "dtype": config.dtype, "remat": config.remat_policy or "none",
+                      "frozen": "+".join(frozen.names(config, ckpt_config)) or "none",
+                      "frozen_dtype": frozen.dtype(config).name,
                       "attention": attention_impl or "platform default"}
     print_report(report)
     return report

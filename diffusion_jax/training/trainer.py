@@ -39,6 +39,7 @@ from diffusion_jax.adapters import dreambooth, lora_train
 from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
+from diffusion_jax.training import frozen as frozen_towers
 from diffusion_jax.training import preflight
 from diffusion_jax.training.optimizer import make_optimizer
 from diffusion_jax.training.progress import Progress
@@ -66,29 +67,12 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
     """The checkpoint config: model sections, schedule and tokenizer, as plain JSON values
     (and the `lora` section of a LoRA run, which `export` and `sample` read)."""
     sections = system.checkpoint_config(config)
-    _t5_vocabularies_from_init(config, sections)
+    checkpoint.fill_t5_vocabularies(sections, config.get("init_from"))
     lora = lora_train.section(config)
     if lora is not None:
         sections[lora_train.ITEM] = {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in lora.items()}
     return sections
-
-
-def _t5_vocabularies_from_init(config, sections: dict) -> None:
-    """No T5 vocabulary ships with diffusion_jax: a T5 tower's tokenizer section without one
-    takes init_from's (a converted checkpoint keeps its folder's tokenizer.json), at the
-    config's max_length."""
-    for tower in system.from_config(sections).text_towers:
-        section = sections[tower.tokenizer]
-        if tower.kind != "t5" or "tokenizer_json" in section or not config.get("init_from"):
-            continue
-        try:
-            saved = checkpoint.read_config(config.init_from).get(tower.tokenizer, {})
-        except checkpoint.CheckpointError:
-            continue  # preflight.check_init_from says what is wrong with it
-        if "tokenizer_json" in saved:
-            sections[tower.tokenizer] = {**saved, "max_length": section.get(
-                "max_length", saved.get("max_length"))}
 
 
 def _adapter_items(ckpt_config: Mapping[str, Any]) -> tuple[str, ...]:
@@ -280,6 +264,7 @@ class Run:
     system: system.System
     towers: dict  # {tower: current params}, the one params tree every stage partitions
     summary: dict
+    frozen: tuple[str, ...] = ()  # towers no stage trains: in WORKDIR/frozen, not each step
     ema: dict = dataclasses.field(default_factory=dict)  # {tower: whole tree, EMA leaves in}
     final_results: dict | None = None  # the evaluators' results at the last step, if run there
     _sampler: Any = None
@@ -306,13 +291,15 @@ class Run:
         nonfinite = int(jax.device_get(state.nonfinite_step))
         if nonfinite >= 0:
             raise self.diverged(stage, nonfinite)
-        pytrees = {**self.towers,
+        pytrees = {**{n: t for n, t in self.towers.items() if n not in self.frozen},
                    **{name + checkpoint.EMA_SUFFIX: tree for name, tree in self.ema.items()},
                    OPT_ITEM: {"opt_state": state.opt_state, "rng": state.rng}}
         trainer = {"stage": stage.name, "stage_step": stage_step,
                    "data": _every_process(data_state),
                    "scaling_factor": self.ckpt_config[self.system.vae.name]["scaling_factor"]}
-        self.checkpointer.save(step, pytrees, {TRAINER_ITEM: trainer}, self.ckpt_config, metrics)
+        self.checkpointer.save(step, pytrees, {TRAINER_ITEM: trainer},
+                               {**self.ckpt_config, **frozen_towers.reference(self.frozen)},
+                               metrics)
 
     def diverged(self, stage: Stage, stage_step: int) -> TrainingDiverged:
         latest = self.checkpointer.latest_step()
@@ -386,7 +373,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     run = Run(config=config, workdir=workdir, mesh=mesh,
               text_inputs=system.text_inputs(towers, ckpt_config), checkpointer=checkpointer,
               writer=writer, stop=_StopSignal(), ckpt_config=ckpt_config, system=towers,
-              towers={}, summary={**previous, "workdir": str(workdir)})
+              towers={}, summary={**previous, "workdir": str(workdir)},
+              frozen=frozen_towers.names(config, ckpt_config))
     start = time.perf_counter()
     try:
         resume = _resume_point(run)
@@ -430,33 +418,61 @@ def _resume_point(run: Run) -> dict | None:
     """Loads the towers (and their EMA copies) from the newest checkpoint, or initialises
     them, and says where the interrupted stage stands; None on a fresh run."""
     step = run.checkpointer.latest_step()
-    shardings = lambda tree: parallel.param_shardings(tree, run.mesh, run.config.mesh.fsdp_min_size)
     if step is None:
-        config = run.config
-        towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
-                                           init_from=config.init_from,
-                                           from_checkpoint=preflight.init_towers(config))
-        if _adapter_items(run.ckpt_config):  # after the towers, as init_params numbers them
-            towers[lora_train.ITEM] = lora_train.init(run.ckpt_config, jax.random.fold_in(
-                jax.random.key(config.seed), len(run.system.towers)))
-        run.towers = parallel.shard_params(towers, shardings(towers))
+        run.towers = _initial_towers(run)
         _latent_scaling_from_init(run)
+        trainer = None
+    else:
+        trainer = _restore_towers(run, step)
+    frozen_towers.save_once(run.workdir, run.towers, run.frozen, run.ckpt_config,
+                            fresh=step is None)
+    run.towers = frozen_towers.cast(run.towers, run.frozen, frozen_towers.dtype(run.config))
+    if trainer is None:
         return None
-    saved = checkpoint.item_names(run.checkpointer.directory, step)
+    log.info("resuming from %s step %d (%s stage, step %d of %d)", run.checkpointer.directory,
+             step, trainer["stage"], trainer["stage_step"], run.stage_steps(trainer["stage"]))
+    return {**trainer, "step": step}
+
+
+def _shardings(run: Run, tree: Any) -> Any:
+    return parallel.param_shardings(tree, run.mesh, run.config.mesh.fsdp_min_size)
+
+
+def _initial_towers(run: Run) -> dict:
+    """The towers of a fresh run, from init_from and the seed, on the devices."""
+    config = run.config
+    towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
+                                       init_from=config.init_from,
+                                       from_checkpoint=preflight.init_towers(config))
+    if _adapter_items(run.ckpt_config):  # after the towers, as init_params numbers them
+        towers[lora_train.ITEM] = lora_train.init(run.ckpt_config, jax.random.fold_in(
+            jax.random.key(config.seed), len(run.system.towers)))
+    return parallel.shard_params(towers, _shardings(run, towers))
+
+
+def _restore_towers(run: Run, step: int) -> dict:
+    """run.towers and run.ema from checkpoint `step` (the frozen towers from the folder its
+    config names); its `trainer` item."""
+    directory = run.checkpointer.directory
+    saved = checkpoint.item_names(directory, step)
     templates = preflight.abstract_towers(run.ckpt_config)
     names = tuple(templates)
     ema_items = {name + checkpoint.EMA_SUFFIX: name for name in names
                  if name + checkpoint.EMA_SUFFIX in saved}
     templates.update({item: templates[name] for item, name in ema_items.items()})
-    restored = run.checkpointer.restore(
-        step, {n: parallel.abstract(t, shardings(t)) for n, t in templates.items()}, [TRAINER_ITEM])
+    abstract = {n: parallel.abstract(t, _shardings(run, t)) for n, t in templates.items()}
+    source = checkpoint.frozen_source(directory, checkpoint.read_config(directory, step))
+    elsewhere = {n: abstract.pop(n) for n in (source[1] if source else ())}
+    restored = run.checkpointer.restore(step, abstract, [TRAINER_ITEM])
+    if elsewhere:
+        restored.update(checkpoint.restore(
+            checkpoint.frozen_checkpoint(directory, step, source[0]), elsewhere))
     run.towers = {name: restored[name] for name in names}
     run.ema = {name: restored[item] for item, name in ema_items.items()}
     trainer = restored[TRAINER_ITEM]
     run.ckpt_config[run.system.vae.name]["scaling_factor"] = trainer["scaling_factor"]
-    log.info("resuming from %s step %d (%s stage, step %d of %d)", run.checkpointer.directory,
-             step, trainer["stage"], trainer["stage_step"], run.stage_steps(trainer["stage"]))
-    return {**trainer, "step": step}
+    return trainer
+
 
 
 # ----------------------------------------------------------------------------- a stage
