@@ -492,6 +492,13 @@ def context_width(system: System, config: Mapping[str, Any]) -> int:
                for run in context_groups(system.text_towers))
 
 
+def context_length(system: System, config: Mapping[str, Any]) -> int:
+    """Tokens of cond["context"]: each run's tokenizer length, the runs one after another
+    (SD3: CLIP's 77 then T5's 256; Flux: T5's 512)."""
+    return sum(config[run[0].tokenizer]["max_length"]
+               for run in context_groups(system.text_towers))
+
+
 def denoiser_config(system: System, config: Mapping[str, Any]):
     return tower_config(system.denoiser, config)
 

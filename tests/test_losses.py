@@ -212,3 +212,62 @@ def test_sdxl_latents_hold_both_towers_pooled_and_sizes_and_train_as_recomputed(
     latents.path = str(tmp_path / "no_sizes")
     with pytest.raises(ValueError, match="holds no image sizes and crops"):
         input_pipeline.make_train_iterator(latents, text, time_ids=time_ids)
+
+
+# ----------------------------------------------------------------------------- flow systems
+
+
+@pytest.mark.parametrize("name", ["tiny_flux_train", "tiny_sd3_train"])
+def test_a_flow_systems_precomputed_t5_context_and_pooled_give_the_recomputed_losses(
+        name, tmp_path):
+    """Flux (CLIP pooled, T5 context) and SD3 (both CLIPs' tokens then T5's, pooled CLIPs):
+    the conditioning precompute stores trains the transformer as the towers would, and the
+    dry run's batch holds it at the shapes the towers give."""
+    import json
+
+    from diffusion_jax import config_files
+    from diffusion_jax.diffusion import process
+    from diffusion_jax.training import preflight, trainer
+    from test_preflight import _t5_section
+
+    config = config_files.load(name)
+    for tower in system.from_config(config).text_towers:
+        if tower.kind == "t5":
+            config[tower.tokenizer] = _t5_section(config[tower.tokenizer].max_length)
+    sections = trainer.model_config(config)
+    described = system.from_config(sections)
+    models = system.build(described, sections)
+    params = system.init_params(described, sections, seed=0)
+    ids = system.text_inputs(described, sections)(CAPTIONS)
+    channels = sections["vae"]["latent_channels"]
+    latents = np.random.default_rng(0).standard_normal((4, 8, 8, channels)).astype(np.float32)
+    batch = {"latents": latents, **ids}
+    loss_fn = losses.diffusion_loss_fn(models, process.from_config(sections["schedule"]))
+    denoiser = described.denoiser.name
+    trained = {denoiser: params[denoiser]}
+    towers = {n: p for n, p in params.items() if n != denoiser}
+    encoded = _curve(loss_fn, trained, towers, batch)
+    cond = {k: np.asarray(v) for k, v in system.encode_text(models, params, ids).items()}
+    assert set(cond) == {"context", "pooled"}
+    precomputed = _curve(loss_fn, trained, {"vae": params["vae"]}, {**batch, **cond})
+    print(name, "loss curve, ids encoded:", encoded, "precomputed:", precomputed)
+    assert np.all(np.diff(encoded) != 0)
+    np.testing.assert_allclose(precomputed, encoded, rtol=1e-6, atol=1e-6)
+
+    (tmp_path / "latents.json").write_text(json.dumps({"cond_keys": ["context", "pooled"]}))
+    config.data.update(dict(source="latents", path=str(tmp_path), batch_size=4))
+    shapes = preflight.batch_shapes(config, "diffusion")
+    assert shapes["context"].shape == cond["context"].shape
+    assert shapes["pooled"].shape == cond["pooled"].shape
+
+
+def _curve(loss_fn, trained, frozen, batch, steps=3):
+    optimizer = optax.adam(1e-3)
+    step = jax.jit(make_train_step(loss_fn, optimizer, lambda _: 1e-3, ema_max_decay=None))
+    state = TrainState.create(trained, optimizer, jax.random.key_data(jax.random.key(0)),
+                              use_ema=False)
+    curve = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, batch)
+        curve.append(float(metrics["loss"]))
+    return np.asarray(curve)

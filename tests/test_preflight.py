@@ -33,7 +33,8 @@ TRAINING_CONFIGS = ("default", "tiny_train", "tiny_sdxl_train", "flow_demo", "ti
                     "sd15_finetune", "sdxl_finetune",
                     "sd21_finetune", "tiny_lora_train", "lora_sd15", "lora_sdxl",
                     "tiny_dreambooth_train", "dreambooth_sd15", "dreambooth_demo", "tiny_flux_train",
-                    "tiny_sd3_train",
+                    "tiny_sd3_train", "flux_dev_finetune", "flux_dev_lora", "sd3_medium_finetune",
+                    "sd3_medium_lora",
                     "sd21_base_pretrain:256", "sd21_base_pretrain:512", "controlnet_demo",
                     "tiny_controlnet_train")
 ARCHITECTURE_CONFIGS = ("sd15", "sd21", "sd21_base", "sdxl_base", "sdxl_refiner", "sdxl_bench", "tiny",
@@ -298,6 +299,22 @@ def test_every_training_config_passes_the_dry_run(tmp_path_factory):
     # No VAE stage in a fine-tune (the VAE comes from init_from); the demo has both.
     assert re.search(r"^  vae +steps", by_name["sd15_finetune"], re.M) is None
     assert re.search(r"^  vae +steps 1\.\.500,", by_name["default"], re.M)
+    # The flow transformers: the released counts; a LoRA trains its factors alone, the whole
+    # base frozen in bfloat16 (a fine-tune: the text towers and the VAE).
+    for name in ("flux_dev_finetune", "flux_dev_lora"):
+        assert "transformer 11,901,408,320" in by_name[name]
+        assert "text_encoder_2 4,762,310,656" in by_name[name]  # T5-XXL
+    assert "trains 11,901,408,320 params" in by_name["flux_dev_finetune"]
+    assert "frozen vae+text_encoder+text_encoder_2, frozen_dtype bfloat16" in by_name[
+        "flux_dev_finetune"]
+    # rank 16 x (3072 + 3072) on to_q, to_k, to_v, to_out of the 19 double-stream blocks and
+    # to_q, to_k, to_v of the 38 single-stream ones
+    assert f"trains {16 * 6144 * (4 * 19 + 3 * 38):,} params" in by_name["flux_dev_lora"]
+    assert "frozen transformer+vae+text_encoder+text_encoder_2, frozen_dtype bfloat16" in \
+        by_name["flux_dev_lora"]
+    assert "trains 2,028,328,000 params" in by_name["sd3_medium_finetune"]
+    # rank 16 x (1536 + 1536) on attn's to_q, to_k, to_v, to_out of SD3 Medium's 24 blocks
+    assert f"trains {16 * 3072 * 4 * 24:,} params" in by_name["sd3_medium_lora"]
 
 
 # ----------------------------------------------------------------------------- the READMEs

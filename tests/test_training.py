@@ -35,9 +35,8 @@ SDXL_RUN_GROUP = pytest.mark.xdist_group("tiny_sdxl_run")
 FLOW_RUN_GROUP = pytest.mark.xdist_group("tiny_flow_run")
 TINY_FLUX = REPO / "configs" / "tiny_flux_train.py"  # a Flux.1-shaped transformer, CLIP + T5
 FLUX_RUN_GROUP = pytest.mark.xdist_group("tiny_flux_run")
-# Its T5 tokenizer (no T5 vocabulary ships) and every tower come from init_from:
-# {flux_base}, the flux_base fixture.
-FLUX_FROM_BASE = ("--config.init_from={flux_base}",)
+TINY_SD3 = REPO / "configs" / "tiny_sd3_train.py"  # an SD3-shaped MMDiT, two CLIPs + T5
+SD3_RUN_GROUP = pytest.mark.xdist_group("tiny_sd3_run")
 # The tiny SDXL runs train as SDXL fine-tunes do: on a caption folder of tall and wide images
 # in aspect buckets (one compile per bucket, time_ids from each image's size and crop), so
 # resume and the 8-device curve are checked across bucket switches. {folder}: aspect_folder.
@@ -45,6 +44,12 @@ SDXL_BUCKETED = ("--config.data.source=folder", "--config.data.path={folder}",
                  "--config.data.eval_fraction=0.4", "--config.data.random_crop=true",
                  "--config.data.buckets.sizes=((40, 24), (24, 40))", "--config.eval_examples=8",
                  "--config.data.seed=5")  # its 4 U-Net batches: tall, tall, wide, tall
+# The flow transformers fine-tune as the real configs do, in the same buckets; their T5
+# tokenizer (no T5 vocabulary ships) and every tower come from init_from: {flux_base} and
+# {sd3_base}, the fixtures of those names.
+FLUX_FROM_BASE = ("--config.init_from={flux_base}", *SDXL_BUCKETED)
+SD3_FROM_BASE = ("--config.init_from={sd3_base}", *SDXL_BUCKETED)
+BASES = ("flux_base", "sd3_base")
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -382,11 +387,11 @@ def aspect_folder(tmp_path_factory) -> Path:
 
 
 def _in_folder(overrides, folder, request=None) -> tuple:
-    """The overrides with {folder} (aspect_folder) and {flux_base} (the flux_base fixture,
-    made only where one asks for it) filled in."""
-    flux_base = (request.getfixturevalue("flux_base")
-                 if request and any("{flux_base}" in o for o in overrides) else None)
-    return tuple(o.format(folder=folder, flux_base=flux_base) for o in overrides)
+    """The overrides with {folder} (aspect_folder) and {flux_base} / {sd3_base} (those
+    fixtures, made only where one asks for them) filled in."""
+    bases = {name: request.getfixturevalue(name) if request and any(
+        f"{{{name}}}" in o for o in overrides) else None for name in BASES}
+    return tuple(o.format(folder=folder, **bases) for o in overrides)
 
 
 def t5_base(config_path: Path, root: Path) -> Path:
@@ -414,6 +419,12 @@ def t5_base(config_path: Path, root: Path) -> Path:
 def flux_base(tmp_path_factory) -> Path:
     """A checkpoint of configs/tiny_flux_train.py's architecture (see t5_base)."""
     return t5_base(TINY_FLUX, tmp_path_factory.mktemp("flux_base"))
+
+
+@pytest.fixture(scope="module")
+def sd3_base(tmp_path_factory) -> Path:
+    """A checkpoint of configs/tiny_sd3_train.py's architecture (see t5_base)."""
+    return t5_base(TINY_SD3, tmp_path_factory.mktemp("sd3_base"))
 
 
 def _final_params(workdir, names=("unet", "unet_ema", "vae", "optimizer")):
@@ -486,7 +497,9 @@ def test_run_writes_checkpoints_samples_and_summary(uninterrupted):
                  marks=FLOW_RUN_GROUP),
     pytest.param(TINY_FLUX, FLUX_FROM_BASE, ("transformer", "transformer_ema", "optimizer"),
                  (2, 4), marks=FLUX_RUN_GROUP),
-], ids=["unet", "text_encoder", "sdxl", "flow", "flux"])
+    pytest.param(TINY_SD3, SD3_FROM_BASE, ("transformer", "transformer_ema", "optimizer"),
+                 (2, 4), marks=SD3_RUN_GROUP),
+], ids=["unet", "text_encoder", "sdxl", "flow", "flux", "sd3"])
 def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(
         finished_run, aspect_folder, tmp_path, request, config, overrides, items, checkpoints):
     overrides = _in_folder(overrides, aspect_folder, request)
@@ -621,8 +634,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp
 @pytest.mark.parametrize("config, overrides", [
     (TINY, ()), pytest.param(TINY_SDXL, SDXL_BUCKETED, marks=SDXL_RUN_GROUP),
     pytest.param(TINY_FLOW, (), marks=FLOW_RUN_GROUP),
-    pytest.param(TINY_FLUX, FLUX_FROM_BASE, marks=FLUX_RUN_GROUP)],
-    ids=["sd", "sdxl", "flow", "flux"])
+    pytest.param(TINY_FLUX, FLUX_FROM_BASE, marks=FLUX_RUN_GROUP),
+    pytest.param(TINY_SD3, SD3_FROM_BASE, marks=SD3_RUN_GROUP)],
+    ids=["sd", "sdxl", "flow", "flux", "sd3"])
 def test_one_and_eight_devices_give_the_same_loss_curve(finished_run, aspect_folder, tmp_path,
                                                         request, config, overrides):
     overrides = _in_folder(overrides, aspect_folder, request)
@@ -709,13 +723,15 @@ def test_a_checkpoint_write_killed_half_way_leaves_the_previous_one(uninterrupte
 
 
 @FLUX_RUN_GROUP
-def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run, flux_base):
+def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run, flux_base,
+                                                                    aspect_folder, request):
     """configs/tiny_flux_train.py from a tiny Flux checkpoint: the 2x2-packed transformer,
     CLIP's pooled output and T5's tokens (its tokenizer init_from's) through the same
-    trainer; the train and held-out losses go down and the grid samples with flow_euler."""
+    trainer, in tall and wide buckets (one compile each); the train and held-out losses go
+    down and the grid samples with flow_euler."""
     from PIL import Image
 
-    workdir = finished_run(f"--config.init_from={flux_base}", config=TINY_FLUX)
+    workdir = finished_run(*_in_folder(FLUX_FROM_BASE, aspect_folder, request), config=TINY_FLUX)
     curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [c["loss"] for c in curve if "loss" in c]
     held_out = [c["eval_loss"] for c in curve if "eval_loss" in c]
@@ -726,6 +742,7 @@ def test_a_flux_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run
         flux_base)["tokenizer_2"]["tokenizer_json"]
     summary = json.loads((workdir / "summary.json").read_text())
     assert Image.open(summary["samples"]).text["sampler"] == "flow_euler"
+    assert summary["diffusion_train_step_compilations"] == 2  # the tall and the wide bucket
 
 
 @FLUX_RUN_GROUP
@@ -773,16 +790,55 @@ def test_a_flux_lora_run_exports_factors_that_diffusers_applies_as_we_do(flux_ba
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def test_an_sd3_shaped_run_fine_tunes_the_transformer_from_its_base(tmp_path):
-    """configs/tiny_sd3_train.py from a tiny SD3 checkpoint: the three text towers'
-    conditioning (CLIP-L and CLIP-G features padded to T5's width, then T5's tokens; both
-    pooled projections) through the same trainer; the losses go down."""
-    base = t5_base(REPO / "configs" / "tiny_sd3_train.py", tmp_path)
-    workdir = tmp_path / "run"
-    result = subprocess.run(_train_command(workdir, f"--config.init_from={base}",
-                                           config=REPO / "configs" / "tiny_sd3_train.py"),
+@FLUX_RUN_GROUP
+def test_a_flux_run_trains_on_latents_precomputed_with_clip_and_t5(flux_base, aspect_folder,
+                                                                   tmp_path):
+    """`diffusion-jax precompute` of a WebDataset shard for a Flux system (the T5 tokenizer
+    init_from's): each record holds the shifted and scaled 16-channel latents, T5's context
+    and CLIP's pooled output at the shapes the preflight's batch gives, and a run trains on
+    them."""
+    from diffusion_jax.data import sources
+    from diffusion_jax.training import preflight
+    from test_webdataset import write_tar
+
+    write_tar(tmp_path / "00000.tar", [(f"{p.stem}.{ext}", p.with_suffix(f".{ext}").read_bytes())
+                                       for p in sorted(aspect_folder.glob("*.png"))
+                                       for ext in ("png", "txt")])
+    out, base = tmp_path / "latents", f"--config.init_from={flux_base}"
+    result = subprocess.run([sys.executable, "-m", "diffusion_jax.cli", "precompute", "--config",
+                             str(TINY_FLUX), base, "--config.data.eval_fraction=0.4",
+                             "--from", "webdataset",
+                             str(tmp_path / "00000.tar"), "--out", str(out)],
                             capture_output=True, text=True, cwd=REPO, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote 32 images from 1 shards" in result.stdout  # (some held out for the eval)
+    assert sorted(json.loads((out / "latents.json").read_text())["cond_keys"]) == [
+        "context", "pooled"]
+    config = load_config_file(TINY_FLUX)
+    apply_overrides(config, [("init_from", str(flux_base)), ("data.source", "latents"),
+                             ("data.path", str(out))])
+    shapes = preflight.batch_shapes(config, "diffusion")
+    record = sources.LatentsSource(str(out), "train")[0]
+    for key in ("latents", "context", "pooled"):
+        assert record[key].shape == shapes[key].shape[1:], key
+    workdir = tmp_path / "run"
+    result = subprocess.run(_train_command(workdir, base, "--config.data.source=latents",
+                                           f"--config.data.path={out}",
+                                           "--config.eval_examples=8", config=TINY_FLUX),
+                            capture_output=True, text=True, cwd=REPO, env=_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    train = [c["loss"] for c in curve if "loss" in c]
+    assert len(train) == 2 and np.all(np.isfinite(train))
+
+
+@SD3_RUN_GROUP
+def test_an_sd3_shaped_run_fine_tunes_the_transformer_from_its_base(finished_run, aspect_folder,
+                                                                    request):
+    """configs/tiny_sd3_train.py from a tiny SD3 checkpoint: the three text towers'
+    conditioning (CLIP-L and CLIP-G features padded to T5's width, then T5's tokens; both
+    pooled projections) through the same trainer, in buckets; the losses go down."""
+    workdir = finished_run(*_in_folder(SD3_FROM_BASE, aspect_folder, request), config=TINY_SD3)
     curve = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [c["loss"] for c in curve if "loss" in c]
     held_out = [c["eval_loss"] for c in curve if "eval_loss" in c]

@@ -1,0 +1,30 @@
+"""LoRA fine-tune of Stable Diffusion 3 Medium at 1024x1024 (diffusers'
+train_dreambooth_lora_sd3 recipe): rank-16 factors of the MMDiT's attention projections, the
+converted base frozen in bfloat16, bf16 compute, remat per block; data from latents
+precomputed with the three text towers.
+
+    diffusion-jax convert --from diffusers path/to/stable-diffusion-3-medium-diffusers --out ckpt/sd3
+    diffusion-jax train --config sd3_medium_lora --workdir runs/sd3-lora \\
+        --config.init_from=ckpt/sd3 --config.data.path=/data/latents/sd3-1024
+    diffusion-jax export --checkpoint runs/sd3-lora --to peft --out lora.safetensors
+"""
+
+import ml_collections
+
+from diffusion_jax.adapters import lora_train
+from diffusion_jax.configs import sd3_medium_finetune
+from diffusion_jax.configs.tiny_lora_train import lora_sections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = sd3_medium_finetune.get_config()
+    lora_sections(config, rank=16, alpha=16.0, targets=(lora_train.TRANSFORMER_ATTENTION,))
+    config.training.update(dict(
+        steps=2_000,  # optimizer steps
+        learning_rate=1e-4,  # diffusers' train_dreambooth_lora_sd3 default
+        warmup_steps=0,  # constant from the first step
+    ))
+    config.data.batch_size = 16  # global
+    config.checkpoint.every_steps = 250  # steps between checkpoints
+    config.sample_every_steps = 500  # sample grids during training (and at the end)
+    return config
