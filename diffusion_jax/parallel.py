@@ -18,6 +18,7 @@ processes' rows into one global array, so a step never moves input data between 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -306,3 +307,19 @@ def describe(params: Any, shardings: Any) -> str:
             f"mesh: {mesh_text}; {sharded} arrays sharded over fsdp, "
             f"{len(pairs) - sharded} replicated\n"
             f"per device: {format_bytes(per_device)} of params")
+
+
+def every_process(value: Any) -> list:
+    """[process 0's value, process 1's, ...] of a JSON value on every process. Orbax writes
+    JSON items from process 0 only, so per-process state (the data iterators) goes in as a
+    list that each process indexes on restore."""
+    if jax.process_count() == 1:
+        return [value]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.asarray([data.size])).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)  # allgather takes one shape everywhere
+    padded[:data.size] = data
+    rows = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]

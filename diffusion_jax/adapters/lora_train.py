@@ -56,6 +56,11 @@ def section(config: Mapping[str, Any]) -> dict | None:
     return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
+def adapter_items(ckpt_config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The params items beside the system's towers: `lora` in a LoRA run."""
+    return (ITEM,) if section(ckpt_config) is not None else ()
+
+
 def scale(lora_section: Mapping[str, Any]) -> float:
     return float(lora_section["alpha"]) / int(lora_section["rank"])
 

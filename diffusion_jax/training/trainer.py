@@ -1,11 +1,12 @@
 """The training loop: stage 1 trains the VAE, stage 2 the latent-diffusion U-Net.
 
 One checkpoint directory (WORKDIR/checkpoints) numbers steps across both stages (the VAE
-stage takes steps 1..N1, the U-Net stage N1+1..N1+N2); every step directory is a complete
-diffusion_jax checkpoint (every tower, `<tower>_ema` for each tower with EMA params, and the
-config) plus what resuming needs (optimizer state, the `trainer` JSON with the stage and the
-data iterator state). A restarted run picks up from the newest step and sees exactly the
-batches and randomness it would have seen.
+stage takes steps 1..N1, the U-Net stage N1+1..N1+N2); every step directory is a
+diffusion_jax checkpoint (the towers a stage trains, `<tower>_ema` for each with EMA params,
+the config, which names the frozen towers saved once in WORKDIR/frozen: frozen.py) plus what
+resuming needs (optimizer state, the `trainer` JSON with the stage and the data iterator
+state). A restarted run picks up from the newest step (starting_point.py) and sees exactly
+the batches and randomness it would have seen.
 
 A stage is a `Stage` record; what it trains, and which of those params keep an EMA copy, are
 regexes over param paths "tower/sub/.../leaf" of the one params tree {tower: params}
@@ -40,6 +41,8 @@ from diffusion_jax.data import buckets, input_pipeline
 from diffusion_jax.diffusion import process
 from diffusion_jax.training import evaluators, losses, partition
 from diffusion_jax.training import frozen as frozen_towers
+from diffusion_jax.training import starting_point
+from diffusion_jax.training.starting_point import TRAINER_ITEM
 from diffusion_jax.training import preflight
 from diffusion_jax.training.optimizer import make_optimizer
 from diffusion_jax.training.progress import Progress
@@ -48,7 +51,6 @@ from diffusion_jax.training.state import TrainState, make_eval_step, make_train_
 
 log = logging.getLogger("diffusion_jax.train")
 
-TRAINER_ITEM = "trainer"
 OPT_ITEM = "optimizer"  # the stage's TrainState minus params/EMA (they are model items)
 
 
@@ -73,11 +75,6 @@ def model_config(config: ml_collections.ConfigDict) -> dict:
         sections[lora_train.ITEM] = {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in lora.items()}
     return sections
-
-
-def _adapter_items(ckpt_config: Mapping[str, Any]) -> tuple[str, ...]:
-    """The params items beside the system's towers: `lora` in a LoRA run."""
-    return (lora_train.ITEM,) if lora_train.section(ckpt_config) is not None else ()
 
 
 def _models(ckpt_config: Mapping[str, Any], dtype, remat_policy: str | None,
@@ -230,22 +227,6 @@ class _StopSignal:
         self.requested = True
 
 
-def _every_process(value: Any) -> list:
-    """[process 0's value, process 1's, ...] of a JSON value on every process. Orbax writes
-    JSON items from process 0 only, so per-process state (the data iterators) goes in as a
-    list that each process indexes on restore."""
-    if jax.process_count() == 1:
-        return [value]
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.asarray([data.size])).ravel()
-    padded = np.zeros(int(lengths.max()), np.uint8)  # allgather takes one shape everywhere
-    padded[:data.size] = data
-    rows = multihost_utils.process_allgather(padded)
-    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths)]
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -295,7 +276,7 @@ class Run:
                    **{name + checkpoint.EMA_SUFFIX: tree for name, tree in self.ema.items()},
                    OPT_ITEM: {"opt_state": state.opt_state, "rng": state.rng}}
         trainer = {"stage": stage.name, "stage_step": stage_step,
-                   "data": _every_process(data_state),
+                   "data": parallel.every_process(data_state),
                    "scaling_factor": self.ckpt_config[self.system.vae.name]["scaling_factor"]}
         self.checkpointer.save(step, pytrees, {TRAINER_ITEM: trainer},
                                {**self.ckpt_config, **frozen_towers.reference(self.frozen)},
@@ -321,7 +302,7 @@ class Run:
 def sampling_params(run: Run) -> dict:
     """{tower: params} to sample and evaluate with: the EMA copy of every tower that has one,
     LoRA factors merged in."""
-    names = (*run.system.names, *_adapter_items(run.ckpt_config))
+    names = (*run.system.names, *lora_train.adapter_items(run.ckpt_config))
     return lora_train.adapted({name: run.ema.get(name, run.towers[name]) for name in names},
                               run.ckpt_config)
 
@@ -362,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         writer = SummaryWriter(str(workdir / "tensorboard"))
     ckpt_config = model_config(config)
     towers = system.from_config(ckpt_config)
-    names = (*towers.names, *_adapter_items(ckpt_config))
+    names = (*towers.names, *lora_train.adapter_items(ckpt_config))
     checkpointer = checkpoint.TrainingCheckpointer(
         workdir / "checkpoints", pytree_items=(
             *names, *(name + checkpoint.EMA_SUFFIX for name in names), OPT_ITEM),
@@ -377,7 +358,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
               frozen=frozen_towers.names(config, ckpt_config))
     start = time.perf_counter()
     try:
-        resume = _resume_point(run)
+        resume = starting_point.start(run)
         for stage in STAGES:
             if stage.steps(config) == 0:
                 continue
@@ -399,80 +380,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         (workdir / "summary.json").write_text(json.dumps(run.summary, indent=2) + "\n")
         print_summary(run.summary)
     return run.summary
-
-
-def _latent_scaling_from_init(run: Run) -> None:
-    """A VAE from init_from that no VAE stage retrains keeps the latent scaling it was
-    trained or converted with (the demo's is measured after its stage 1, not in a config)."""
-    config, vae = run.config, run.system.vae.name
-    if not config.init_from or vae not in preflight.init_towers(config) or \
-            preflight.stage_steps(config)["vae"]:
-        return
-    saved = checkpoint.read_config(config.init_from)[vae]
-    for key in ("scaling_factor", "shift_factor"):
-        if saved.get(key) is not None:
-            run.ckpt_config[vae][key] = saved[key]
-
-
-def _resume_point(run: Run) -> dict | None:
-    """Loads the towers (and their EMA copies) from the newest checkpoint, or initialises
-    them, and says where the interrupted stage stands; None on a fresh run."""
-    step = run.checkpointer.latest_step()
-    if step is None:
-        run.towers = _initial_towers(run)
-        _latent_scaling_from_init(run)
-        trainer = None
-    else:
-        trainer = _restore_towers(run, step)
-    frozen_towers.save_once(run.workdir, run.towers, run.frozen, run.ckpt_config,
-                            fresh=step is None)
-    run.towers = frozen_towers.cast(run.towers, run.frozen, frozen_towers.dtype(run.config))
-    if trainer is None:
-        return None
-    log.info("resuming from %s step %d (%s stage, step %d of %d)", run.checkpointer.directory,
-             step, trainer["stage"], trainer["stage_step"], run.stage_steps(trainer["stage"]))
-    return {**trainer, "step": step}
-
-
-def _shardings(run: Run, tree: Any) -> Any:
-    return parallel.param_shardings(tree, run.mesh, run.config.mesh.fsdp_min_size)
-
-
-def _initial_towers(run: Run) -> dict:
-    """The towers of a fresh run, from init_from and the seed, on the devices."""
-    config = run.config
-    towers = checkpoint.initial_params(run.ckpt_config, seed=config.seed,
-                                       init_from=config.init_from,
-                                       from_checkpoint=preflight.init_towers(config))
-    if _adapter_items(run.ckpt_config):  # after the towers, as init_params numbers them
-        towers[lora_train.ITEM] = lora_train.init(run.ckpt_config, jax.random.fold_in(
-            jax.random.key(config.seed), len(run.system.towers)))
-    return parallel.shard_params(towers, _shardings(run, towers))
-
-
-def _restore_towers(run: Run, step: int) -> dict:
-    """run.towers and run.ema from checkpoint `step` (the frozen towers from the folder its
-    config names); its `trainer` item."""
-    directory = run.checkpointer.directory
-    saved = checkpoint.item_names(directory, step)
-    templates = preflight.abstract_towers(run.ckpt_config)
-    names = tuple(templates)
-    ema_items = {name + checkpoint.EMA_SUFFIX: name for name in names
-                 if name + checkpoint.EMA_SUFFIX in saved}
-    templates.update({item: templates[name] for item, name in ema_items.items()})
-    abstract = {n: parallel.abstract(t, _shardings(run, t)) for n, t in templates.items()}
-    source = checkpoint.frozen_source(directory, checkpoint.read_config(directory, step))
-    elsewhere = {n: abstract.pop(n) for n in (source[1] if source else ())}
-    restored = run.checkpointer.restore(step, abstract, [TRAINER_ITEM])
-    if elsewhere:
-        restored.update(checkpoint.restore(
-            checkpoint.frozen_checkpoint(directory, step, source[0]), elsewhere))
-    run.towers = {name: restored[name] for name in names}
-    run.ema = {name: restored[item] for item, name in ema_items.items()}
-    trainer = restored[TRAINER_ITEM]
-    run.ckpt_config[run.system.vae.name]["scaling_factor"] = trainer["scaling_factor"]
-    return trainer
-
 
 
 # ----------------------------------------------------------------------------- a stage
