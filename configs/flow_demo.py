@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # SD3's rectified flow: shift 1 at this size (SD3 uses 3.0 at 1024x1024).
     config.schedule = dict(num_train_timesteps=1000, shift=1.0, time_sampling="logit_normal",
-                           logit_mean=0.0, logit_std=1.0)
+                           logit_mean=0.0, logit_std=1.0,
+                           loss_weighting="none")  # | sigma_sqrt | cosmap (SD3 paper's)
     config.training.update(dict(
         trainable=(r"transformer/.*",),  # the denoiser (the default's rules name the U-Net)
         min_snr_gamma=0.0,  # SNR weighting is DDPM's; the flow loss is unweighted

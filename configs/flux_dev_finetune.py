@@ -42,6 +42,11 @@ def flow_finetune_sections(config: ml_collections.ConfigDict, *, image_size: int
         min_snr_gamma=0.0,  # SNR weighting is DDPM's; the flow loss is unweighted
         trainable=(r"transformer/.*",),  # the transformer; the text towers and VAE stay frozen
     ))
+    config.schedule.update(dict(  # how training draws times and weighs the loss
+        time_sampling="logit_normal",  # SD3 paper: logit-normal(0, 1) | uniform | mode
+        logit_mean=0.0, logit_std=1.0,
+        loss_weighting="none",  # none | sigma_sqrt | cosmap (the SD3 paper's, as diffusers')
+    ))
     config.frozen_dtype = "bfloat16"  # T5-XXL alone is 19 GB in float32
     config.sample.sampler = "flow_euler"  # diffusers' FlowMatchEulerDiscreteScheduler
     config.sample.steps = 28  # denoising steps of the sample grids

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-from diffusers.training_utils import compute_density_for_timestep_sampling
+from diffusers.training_utils import (compute_density_for_timestep_sampling,
+                                      compute_loss_weighting_for_sd3)
 
 from diffusion_jax.diffusion import flow, process, samplers
 from test_samplers import model_jax, model_torch  # the same toy model as the DDPM samplers
@@ -143,6 +144,32 @@ def test_training_times_follow_the_sd3_densities_then_the_shift(scheme):
     ks = np.max(np.abs(np.searchsorted(ours, grid) - np.searchsorted(theirs, grid))) / count
     assert ks < 0.02  # 1.36 * sqrt(2 / n) = 0.0136 at the 5% level
     assert ours.min() > 0 and ours.max() <= 1
+
+
+@pytest.mark.parametrize("scheme", ["none", "sigma_sqrt", "cosmap"])
+def test_loss_weightings_are_diffusers_sd3_ones_and_the_loss_applies_them(scheme):
+    from diffusion_jax import system
+    from diffusion_jax.configs import tiny_flow_train
+    from diffusion_jax.training import losses
+
+    sigmas = np.linspace(0.001, 1.0, 50, dtype=np.float32)
+    p = process.from_config({**SD3, "loss_weighting": scheme})
+    theirs = compute_loss_weighting_for_sd3(scheme, torch.from_numpy(sigmas)).numpy()
+    np.testing.assert_allclose(process.loss_weight(p, jnp.asarray(sigmas)), theirs, rtol=1e-6)
+    # The training loss: the per-example squared errors times these weights (mse: without).
+    config = tiny_flow_train.get_config()
+    config.schedule.loss_weighting = scheme
+    described = system.from_config(config)
+    models = system.build(described, config)
+    params = system.init_params(described, config, seed=0)
+    loss_fn = losses.diffusion_loss_fn(models, process.from_config(config.schedule.to_dict()))
+    batch = {"latents": np.random.default_rng(0).standard_normal(
+        (8, 8, 8, config.vae.latent_channels)).astype(np.float32),
+        **system.text_inputs(described, config)(["a photo of a bag"] * 8)}
+    loss, metrics = loss_fn({n: params[n] for n in ("transformer",)},
+                            {n: v for n, v in params.items() if n != "transformer"}, batch,
+                            jax.random.key(0))
+    assert (float(loss) == float(metrics["mse"])) == (scheme == "none")
 
 
 @pytest.mark.parametrize("kwargs, message", [

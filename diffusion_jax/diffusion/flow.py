@@ -14,7 +14,9 @@ mu = `resolution_mu(image_seq_len)` chosen per image size, t' = e^mu / (e^mu + (
 Training times (`sample_time`) follow the SD3 paper (Esser et al. 2024, section 3.1):
 u drawn logit-normal (default mean 0, std 1), uniform, or by the "mode" density with scale
 1.29, then shifted as sampling is where the shift is fixed (diffusers' SD3 scripts train on
-the shifted sigmas; its Flux scripts, with dynamic shifting, on unshifted ones).
+the shifted sigmas; its Flux scripts, with dynamic shifting, on unshifted ones). The loss is
+weighted over sigma by `loss_weighting`: "none", "sigma_sqrt" (sigma^-2) or "cosmap"
+(2 / (pi (1 - 2 sigma + 2 sigma^2))), the paper's section 3.1 options as diffusers has them.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from diffusion_jax.diffusion import process
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 TIME_SAMPLINGS = ("logit_normal", "uniform", "mode")
+# The SD3 paper's loss weightings over sigma, as diffusers' compute_loss_weighting_for_sd3.
+LOSS_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 # FlowMatchEulerDiscreteScheduler keys that choose how to sample, not the process.
 _SAMPLER_KEYS = frozenset({"invert_sigmas", "stochastic_sampling", "use_karras_sigmas",
                            "use_exponential_sigmas", "use_beta_sigmas"})
 # Training-time keys (ours: diffusers' training scripts take them as arguments).
-_TRAINING_KEYS = ("time_sampling", "logit_mean", "logit_std", "mode_scale")
+_TRAINING_KEYS = ("time_sampling", "logit_mean", "logit_std", "mode_scale", "loss_weighting")
 
 
 def is_flow_config(section: Mapping[str, Any]) -> bool:
@@ -64,14 +68,18 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    loss_weighting: str = "none"
 
     def __post_init__(self):
         if self.time_shift_type not in TIME_SHIFT_TYPES:
             raise ValueError(f"scheduler config: time_shift_type={self.time_shift_type!r} is not "
                              f"supported; supported: {list(TIME_SHIFT_TYPES)}.")
         if self.time_sampling not in TIME_SAMPLINGS:
-            raise ValueError(f"time_sampling={self.time_sampling!r}: use one of "
+            raise ValueError(f"--config.schedule.time_sampling={self.time_sampling!r}: use one of "
                              f"{list(TIME_SAMPLINGS)}.")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"--config.schedule.loss_weighting={self.loss_weighting!r}: use one of "
+                             f"{list(LOSS_WEIGHTINGS)}.")
         if self.shift <= 0 or self.num_train_timesteps < 2:
             raise ValueError(f"scheduler config: shift={self.shift} must be > 0 and "
                              f"num_train_timesteps={self.num_train_timesteps} >= 2.")
@@ -200,6 +208,16 @@ def _(p: FlowProcess, rng: jax.Array, batch_shape) -> jax.Array:
         t = p.config.shift * t / (1 + (p.config.shift - 1) * t)
     # t = 0 is clean (no signal to learn from the noise); keep times strictly inside (0, 1].
     return jnp.clip(t, 1.0 / p.config.num_train_timesteps, 1.0)
+
+
+@process.loss_weight.register
+def _(p: FlowProcess, t: jax.Array) -> jax.Array:
+    sigma = jnp.asarray(t, jnp.float32)
+    if p.config.loss_weighting == "sigma_sqrt":
+        return sigma ** -2.0
+    if p.config.loss_weighting == "cosmap":
+        return 2.0 / (jnp.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    return jnp.ones_like(sigma)
 
 
 @process.alpha_sigma.register

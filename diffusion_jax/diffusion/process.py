@@ -7,7 +7,8 @@ metadata) with a static `prediction_type`, for which three functions are registe
     alpha_sigma(process, t) -> (alpha, sigma)       the marginal q(x_t | x_0) at any t it defines
     model_time(process, t) -> timestep              what the denoiser is fed as its timestep
 
-and, optionally, `snr(process, t)` where alpha^2 / sigma^2 is not the best way to compute it.
+and, optionally, `snr(process, t)` where alpha^2 / sigma^2 is not the best way to compute it
+and `loss_weight(process, t)`, the training loss's weighting over time (1 by default).
 Everything else (`add_noise`, `training_target`, `snr`, `min_snr_weight`, the conversions
 between a prediction and (x_0, eps)) is written once here over those, and nothing assumes
 alpha^2 + sigma^2 = 1. The registrations are `functools.singledispatch` on the process's class,
@@ -71,6 +72,13 @@ def snr(process: NoiseProcess, t: jax.Array) -> jax.Array:
     """Signal-to-noise ratio alpha(t)^2 / sigma(t)^2."""
     alpha, sigma = alpha_sigma(process, t)
     return jnp.square(alpha) / jnp.square(sigma)
+
+
+@functools.singledispatch
+def loss_weight(process: NoiseProcess, t: jax.Array) -> jax.Array:
+    """Per-example weights of the training loss at times t (1 unless a process's config
+    chooses another weighting; min-SNR is the loss's own option)."""
+    return jnp.ones_like(jnp.asarray(t, jnp.float32))
 
 
 def per_example(v: jax.Array, x: jax.Array) -> jax.Array:

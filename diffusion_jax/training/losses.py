@@ -132,9 +132,9 @@ def diffusion_loss_fn(models: system.Models, noise_process: process.NoiseProcess
         prediction = system.denoise(models, towers, x_t, model_t, cond)
         per_example = _mean_per_example(jnp.square(prediction.astype(jnp.float32) - target))
         mse = jnp.mean(per_example)
-        weighted = per_example
+        weighted = per_example * process.loss_weight(noise_process, t)
         if min_snr_gamma:
-            weighted = per_example * min_snr_weight(process.snr(noise_process, t),
+            weighted = weighted * min_snr_weight(process.snr(noise_process, t),
                                                     min_snr_gamma, noise_process.prediction_type)
         if dreambooth.PRIOR_KEY in batch:
             loss, metrics = dreambooth.prior_loss(weighted, per_example,
