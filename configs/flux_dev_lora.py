@@ -19,15 +19,19 @@ from diffusion_jax.configs import flux_dev_finetune
 from diffusion_jax.configs.tiny_lora_train import lora_sections
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = flux_dev_finetune.get_config()
+def transformer_lora_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The LoRA recipe on a flow transformer's fine-tune (sd3_medium_lora uses it too)."""
     lora_sections(config, rank=16, alpha=16.0, targets=(lora_train.TRANSFORMER_ATTENTION,))
     config.training.update(dict(
         steps=2_000,  # optimizer steps
-        learning_rate=1e-4,  # diffusers' train_dreambooth_lora_flux default
+        learning_rate=1e-4,  # diffusers' train_dreambooth_lora_flux / _sd3 default
         warmup_steps=0,  # constant from the first step
     ))
     config.data.batch_size = 16  # global
     config.checkpoint.every_steps = 250  # steps between checkpoints
     config.sample_every_steps = 500  # sample grids during training (and at the end)
     return config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    return transformer_lora_sections(flux_dev_finetune.get_config())

@@ -11,20 +11,9 @@ precomputed with the three text towers.
 
 import ml_collections
 
-from diffusion_jax.adapters import lora_train
 from diffusion_jax.configs import sd3_medium_finetune
-from diffusion_jax.configs.tiny_lora_train import lora_sections
+from diffusion_jax.configs.flux_dev_lora import transformer_lora_sections
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sd3_medium_finetune.get_config()
-    lora_sections(config, rank=16, alpha=16.0, targets=(lora_train.TRANSFORMER_ATTENTION,))
-    config.training.update(dict(
-        steps=2_000,  # optimizer steps
-        learning_rate=1e-4,  # diffusers' train_dreambooth_lora_sd3 default
-        warmup_steps=0,  # constant from the first step
-    ))
-    config.data.batch_size = 16  # global
-    config.checkpoint.every_steps = 250  # steps between checkpoints
-    config.sample_every_steps = 500  # sample grids during training (and at the end)
-    return config
+    return transformer_lora_sections(sd3_medium_finetune.get_config())

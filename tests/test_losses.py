@@ -34,15 +34,7 @@ def sd():
 def _losses(config, models, trained, frozen, batch, steps=3):
     loss_fn = losses.diffusion_loss_fn(models, Schedule.from_config(config.schedule.to_dict()),
                                        min_snr_gamma=5.0, offset_noise=0.1)
-    optimizer = optax.adam(1e-3)
-    step = jax.jit(make_train_step(loss_fn, optimizer, lambda _: 1e-3, ema_max_decay=None))
-    state = TrainState.create(trained, optimizer, jax.random.key_data(jax.random.key(0)),
-                              use_ema=False)
-    curve = []
-    for _ in range(steps):
-        state, metrics = step(state, frozen, batch)
-        curve.append(float(metrics["loss"]))
-    return np.asarray(curve)
+    return _curve(loss_fn, trained, frozen, batch, steps)
 
 
 def test_precomputed_context_gives_the_recomputed_loss_curve_without_the_text_tower(sd):
